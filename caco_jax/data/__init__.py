@@ -1,0 +1,1 @@
+"""The archive, its TFDS records, and the input pipeline."""

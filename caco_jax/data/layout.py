@@ -1,0 +1,128 @@
+"""Facts of the published CACo archive layout (SPEC section 1), shared by every reader and writer.
+
+An archive holds one folder per location; each location holds one folder per Sentinel-2 acquisition,
+named by the Earth Engine product id, whose first 15 characters are the sensing time. Each acquisition
+folder holds 12 single-band uint8 GeoTIFFs and a ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+
+# All 12 bands in the archive, in the order the `all_bands` records store them.
+BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
+
+# Ground sampling distance of each band in metres.
+BAND_RESOLUTION_M = {
+    "B1": 60, "B2": 10, "B3": 10, "B4": 10, "B5": 20, "B6": 20, "B7": 20,
+    "B8": 10, "B8A": 20, "B9": 60, "B11": 20, "B12": 20,
+}  # fmt: skip
+
+PATCH_SIZE_M = 2640  # a location covers 2.64 km x 2.64 km
+# Pixel size of each resolution group: 264 px at 10 m, 132 px at 20 m, 44 px at 60 m.
+PIXELS_AT_RESOLUTION = {res: PATCH_SIZE_M // res for res in (10, 20, 60)}
+# The bands of each resolution group, in BANDS order.
+BANDS_AT_RESOLUTION = {
+    res: tuple(b for b in BANDS if BAND_RESOLUTION_M[b] == res) for res in (10, 20, 60)
+}
+
+# The paper trains on RGB = (B4, B3, B2).
+RGB_BANDS = ("B4", "B3", "B2")
+
+# SeCo's per-band linear stretch of the uint8 values (min, max), reused unchanged by CACo.
+RGB_STRETCH = {"B4": (0.0, 129.0), "B3": (2.0, 103.0), "B2": (3.0, 88.0)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ACQUISITIONS_PER_WINDOW = 5  # a complete location has 2 x 5 acquisitions
+MIN_ACQUISITIONS_PER_WINDOW = 3  # the official loader draws 3 distinct acquisitions per window
+
+METADATA_FILE = "metadata.json"
+# Earth Engine's Sentinel-2 cloud estimate, the property kept as `cloud` in the records.
+CLOUD_PROPERTY = "CLOUDY_PIXEL_PERCENTAGE"
+
+_PRODUCT_TIME = re.compile(r"^(\d{8}T\d{6})_")
+
+
+def band_file(band: str) -> str:
+    return f"{band}.tif"
+
+
+def band_shape(band: str) -> tuple[int, int]:
+    size = PIXELS_AT_RESOLUTION[BAND_RESOLUTION_M[band]]
+    return (size, size)
+
+
+def is_stray_name(name: str) -> bool:
+    """macOS and editor droppings that appear in hand-made archives and are never data."""
+    return name.startswith(".") or name.startswith("._") or name in ("Thumbs.db", "__MACOSX")
+
+
+def sensing_time(product_id: str) -> datetime.datetime:
+    """The sensing time encoded at the start of an acquisition folder name.
+
+    Raises ValueError naming the folder when the name does not start with ``YYYYMMDDTHHMMSS_``.
+    """
+    match = _PRODUCT_TIME.match(product_id)
+    if match is None:
+        raise ValueError(
+            f"acquisition folder {product_id!r} does not start with a Sentinel-2 sensing time "
+            "'YYYYMMDDTHHMMSS_'"
+        )
+    return datetime.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S")
+
+
+def is_acquisition_name(name: str) -> bool:
+    return _PRODUCT_TIME.match(name) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class GeoBox:
+    """A location's footprint in geographic coordinates (EPSG:4326), as its GeoTIFFs record it."""
+
+    west: float
+    south: float
+    east: float
+    north: float
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """(lat, lon) of the centre."""
+        return ((self.south + self.north) / 2.0, (self.west + self.east) / 2.0)
+
+    @classmethod
+    def around(cls, lat: float, lon: float, size_m: float = PATCH_SIZE_M) -> GeoBox:
+        """The square of `size_m` metres on the ground centred at (lat, lon)."""
+        import math
+
+        half_lat = (size_m / 2.0) / 111_320.0
+        half_lon = (size_m / 2.0) / (111_320.0 * max(math.cos(math.radians(lat)), 1e-6))
+        return cls(lon - half_lon, lat - half_lat, lon + half_lon, lat + half_lat)
+
+
+def write_band_geotiff(path, pixels, box: GeoBox, jpeg_quality: int = 95) -> None:
+    """Writes one band as the published archives store it: a single-band uint8 GeoTIFF written by
+    GDAL, JPEG-compressed, in geographic lat/lon (EPSG:4326) with an affine transform."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_bounds
+
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise ValueError(f"{path}: a band must be a 2-D uint8 array, got {pixels.dtype}{pixels.shape}")
+    height, width = pixels.shape
+    profile = dict(
+        driver="GTiff",
+        height=height,
+        width=width,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:4326",
+        transform=from_bounds(box.west, box.south, box.east, box.north, width, height),
+        compress="JPEG",
+        jpeg_quality=jpeg_quality,
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels, 1)

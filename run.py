@@ -1,0 +1,51 @@
+r"""Runs the tasks a config lists: build the synthetic archive, prepare records, pretrain, evaluate.
+
+  python run.py --config configs/demo.py --workdir workdir/demo
+  python run.py --config configs/caco_r18_100k.py --config.data.archive=/data/caco --workdir ...
+
+Any config value can be overridden with `--config.<key>=<value>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for outputs; default workdir/<config name>.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from caco_jax import config as config_lib
+    from caco_jax import tasks
+
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as error:
+        raise app.UsageError(str(error)) from None
+    workdir = _WORKDIR.value or os.path.join(
+        "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    )
+    os.makedirs(workdir, exist_ok=True)
+    logging.info("workdir: %s", os.path.abspath(workdir))
+    results = {}
+    for name in config.tasks:
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        results[name] = tasks.get(name)(config, workdir) or {}
+        print(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    app.run(main)
