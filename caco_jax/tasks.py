@@ -13,6 +13,14 @@ from collections.abc import Callable
 TASKS: dict[str, str] = {
     "synthesize": "caco_jax.data.synthetic:run_task",
     "prepare": "caco_jax.data.builder:run_task",
+    "pretrain": "caco_jax.train:run_task",
+    "sample_locations": "caco_jax.sampling.task:run_task",
+    "download": "caco_jax.download.task:run_task",
+    "linear_probe": "caco_jax.evaluators.linear_probe:land_cover_task",
+    "eval_eurosat": "caco_jax.evaluators.linear_probe:eurosat_task",
+    "eval_bigearthnet": "caco_jax.evaluators.multilabel:bigearthnet_task",
+    "eval_oscd": "caco_jax.evaluators.change_detection:oscd_task",
+    "convert_weights": "caco_jax.convert:run_task",
 }
 
 

@@ -1,0 +1,375 @@
+"""On-device view construction: augmentation and normalisation of the host's uint8 batches.
+
+Everything here is jit-able and vectorised over the batch (per-image randomness from per-image keys,
+no Python loops over images). The official pipeline (`utkarshmall13/CACo`, torchvision on PIL images)
+is reproduced op by op:
+
+1. stretch: per band ``floor(clip((x - low) / (high - low) * 255, 0, 255)) / 255`` - SeCo's
+   ``normalize`` + ``ToTensor``, done first as the official reader does, so colour ops see the same
+   values (``Normalization``).
+2. A (caco/teco/seco: applied to t1 and t0 at full size, before cropping; moco: after cropping):
+   colour jitter with p=0.8 (brightness, contrast, saturation in [0.6, 1.4], hue in [-0.1, 0.1],
+   applied in a random order per image, as torchvision's ``ColorJitter``), grayscale with p=0.2,
+   Gaussian blur with sigma ~ U[0.1, 2.0] with p=0.5, horizontal flip with p=0.5.
+3. P: torchvision's ``RandomResizedCrop(224, scale=(0.2, 1), ratio=(3/4, 4/3))`` box sampling (10
+   tries, then the centre-crop fallback), resampled like PIL's bilinear resize of the cropped image
+   (triangle filter widened by the downscale factor, i.e. antialiased, weights renormalised inside the
+   crop).
+4. ImageNet mean/std (or the per-band statistics of ``all_bands``).
+
+Views per mode (``make_views``): caco/teco/seco: ``q = P(t0), k0 = P(A(t1)), k1 = P(t2), k2 = P(A(t0))``
+(SPEC section 2); moco: ``q = A(P(t0)), k0 = A(P(t0))`` (pl_bolts' ``Moco2TrainImagenetTransforms``).
+The key of subspace s is always ``k{s}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+
+from caco_jax.data import layout
+
+# The resolution groups of the `all_bands` records and their bands (contract 2 of the brief).
+GROUP_BANDS = {
+    "bands_10m": layout.BANDS_AT_RESOLUTION[10],
+    "bands_20m": layout.BANDS_AT_RESOLUTION[20],
+    "bands_60m": layout.BANDS_AT_RESOLUTION[60],
+}
+FULL_SIZE = layout.PIXELS_AT_RESOLUTION[10]
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """Per-band stretch range of the raw uint8 values, then mean/std of the stretched [0, 1] values."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def rgb(cls) -> Normalization:
+        """SeCo's quantiles for (B4, B3, B2) and the ImageNet statistics (SPEC section 1)."""
+        stretch = [layout.RGB_STRETCH[b] for b in layout.RGB_BANDS]
+        return cls(
+            low=tuple(lo for lo, _ in stretch),
+            high=tuple(hi for _, hi in stretch),
+            mean=layout.IMAGENET_MEAN,
+            std=layout.IMAGENET_STD,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSettings:
+    """`config.augment` as hashable Python values (closed over by jitted code)."""
+
+    crop_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    crop_attempts: int = 10
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    flip_p: float = 0.5
+
+    @classmethod
+    def from_config(cls, config) -> AugmentSettings:
+        a = config.augment
+        return cls(
+            crop_size=int(a.crop_size),
+            crop_scale=tuple(float(v) for v in a.crop_scale),
+            crop_ratio=tuple(float(v) for v in a.crop_ratio),
+            crop_attempts=int(a.crop_attempts),
+            jitter=tuple(float(v) for v in a.jitter),
+            jitter_p=float(a.jitter_p),
+            grayscale_p=float(a.grayscale_p),
+            blur_p=float(a.blur_p),
+            blur_sigma=tuple(float(v) for v in a.blur_sigma),
+            flip_p=float(a.flip_p),
+        )
+
+    @property
+    def blur_radius(self) -> int:
+        """Kernel half-width: 3 sigma of the widest blur (13 taps for sigma <= 2)."""
+        return math.ceil(3.0 * self.blur_sigma[1])
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def merge_band_groups(groups: dict) -> jax.Array:
+    """The `all_bands` groups ([..., h, w, c] each) -> float [..., 264, 264, 12] in layout.BANDS order.
+
+    The 20 m and 60 m groups are upsampled bilinearly (half-pixel centres) to the 10 m grid.
+    """
+    channels = {}
+    for group, bands in GROUP_BANDS.items():
+        x = jnp.asarray(groups[group], jnp.float32)
+        shape = (*x.shape[:-3], FULL_SIZE, FULL_SIZE, x.shape[-1])
+        if x.shape != shape:
+            x = jax.image.resize(x, shape, method="linear")
+        for channel, band in enumerate(bands):
+            channels[band] = x[..., channel]
+    return jnp.stack([channels[b] for b in layout.BANDS], axis=-1)
+
+
+def stretch(raw: jax.Array, norm: Normalization) -> jax.Array:
+    """Raw uint8 values -> [0, 1], quantised to 1/255 as SeCo's reader casts to uint8."""
+    low = jnp.asarray(norm.low, jnp.float32)
+    high = jnp.asarray(norm.high, jnp.float32)
+    scaled = (jnp.asarray(raw, jnp.float32) - low) / (high - low)
+    return jnp.floor(jnp.clip(scaled * 255.0, 0.0, 255.0)) / 255.0
+
+
+def standardize(x: jax.Array, norm: Normalization) -> jax.Array:
+    return (x - jnp.asarray(norm.mean, x.dtype)) / jnp.asarray(norm.std, x.dtype)
+
+
+# ----------------------------------------------------------------------------- colour ops
+# One image [H, W, C] in [0, 1]. torchvision's tensor formulas (F_t.adjust_*); for C != 3 (band
+# subsets) only brightness and contrast have a meaning, the RGB-only ops leave the image unchanged.
+
+
+def _is_rgb(img: jax.Array) -> bool:
+    return img.shape[-1] == 3
+
+
+def grayscale(img: jax.Array) -> jax.Array:
+    """torchvision's rgb_to_grayscale (0.2989 R + 0.587 G + 0.114 B), repeated to 3 channels."""
+    if not _is_rgb(img):
+        return img
+    return jnp.broadcast_to(pix.rgb_to_grayscale(img), img.shape)
+
+
+def _blend(img, other, factor):
+    return jnp.clip(factor * img + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def adjust_brightness(img: jax.Array, factor) -> jax.Array:
+    return _blend(img, jnp.zeros_like(img), factor)
+
+
+def adjust_contrast(img: jax.Array, factor) -> jax.Array:
+    """Blend with the mean grey level of the whole image (the mean of all bands for C != 3)."""
+    mean = jnp.mean(pix.rgb_to_grayscale(img)) if _is_rgb(img) else jnp.mean(img)
+    return _blend(img, mean, factor)
+
+
+def adjust_saturation(img: jax.Array, factor) -> jax.Array:
+    if not _is_rgb(img):
+        return img
+    return _blend(img, pix.rgb_to_grayscale(img), factor)
+
+
+def adjust_hue(img: jax.Array, delta) -> jax.Array:
+    """Rotate the HSV hue by `delta` turns; dm-pix's op is torchvision's ``(h + delta) % 1``."""
+    if not _is_rgb(img):
+        return img
+    return jnp.clip(pix.adjust_hue(img, delta), 0.0, 1.0)
+
+
+JITTER_UNIFORMS = 8
+
+
+def _between(u, low, high):
+    return low + u * (high - low)
+
+
+def color_jitter(u: jax.Array, img: jax.Array, strengths) -> jax.Array:
+    """torchvision ColorJitter: four factors, applied in a random order drawn per image.
+
+    `u` holds JITTER_UNIFORMS uniforms in [0, 1): the four factors, then four that rank the ops.
+    """
+    brightness, contrast, saturation, hue = strengths
+    fb = _between(u[0], max(0.0, 1.0 - brightness), 1.0 + brightness)
+    fc = _between(u[1], max(0.0, 1.0 - contrast), 1.0 + contrast)
+    fs = _between(u[2], max(0.0, 1.0 - saturation), 1.0 + saturation)
+    fh = _between(u[3], -hue, hue)
+    ops = (
+        lambda x: adjust_brightness(x, fb),
+        lambda x: adjust_contrast(x, fc),
+        lambda x: adjust_saturation(x, fs),
+        lambda x: adjust_hue(x, fh),
+    )
+    order = jnp.argsort(u[4:8])  # a uniformly random permutation
+    # A loop (not four unrolled switches) keeps one copy of each op in the compiled program.
+    return jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(order[i], ops, x), img)
+
+
+# ----------------------------------------------------------------------------- blur, flip
+
+
+def gaussian_blur(img: jax.Array, sigma, radius: int) -> jax.Array:
+    """Separable Gaussian of std `sigma`, taps within `radius`, edges replicated (as PIL's blur)."""
+    offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    weights = jnp.exp(-0.5 * jnp.square(offsets / sigma))
+    weights = weights / jnp.sum(weights)
+    height, width = img.shape[:2]
+    padded = jnp.pad(img, ((radius, radius), (0, 0), (0, 0)), mode="edge")
+    img = sum(weights[k] * padded[k : k + height] for k in range(2 * radius + 1))
+    padded = jnp.pad(img, ((0, 0), (radius, radius), (0, 0)), mode="edge")
+    return sum(weights[k] * padded[:, k : k + width] for k in range(2 * radius + 1))
+
+
+AUGMENT_UNIFORMS = JITTER_UNIFORMS + 5
+
+
+def augment_image(u: jax.Array, img: jax.Array, settings: AugmentSettings) -> jax.Array:
+    """The official ``augment``: RandomApply(jitter, 0.8), grayscale 0.2, blur 0.5, flip 0.5.
+
+    `u` holds AUGMENT_UNIFORMS uniforms in [0, 1) (one image's randomness).
+    """
+    apply_jitter, apply_gray, apply_blur, sigma_u, apply_flip = u[JITTER_UNIFORMS:]
+    jittered = color_jitter(u[:JITTER_UNIFORMS], img, settings.jitter)
+    img = jnp.where(apply_jitter < settings.jitter_p, jittered, img)
+    img = jnp.where(apply_gray < settings.grayscale_p, grayscale(img), img)
+    sigma = _between(sigma_u, *settings.blur_sigma)
+    blurred = gaussian_blur(img, sigma, settings.blur_radius)
+    img = jnp.where(apply_blur < settings.blur_p, blurred, img)
+    return jnp.where(apply_flip < settings.flip_p, img[:, ::-1], img)
+
+
+# ----------------------------------------------------------------------------- random resized crop
+
+
+def crop_uniforms(settings: AugmentSettings) -> int:
+    return 2 * settings.crop_attempts + 2
+
+
+def crop_box(u: jax.Array, height: int, width: int, settings: AugmentSettings) -> jax.Array:
+    """torchvision RandomResizedCrop.get_params: int32 (top, left, h, w).
+
+    `u` holds crop_uniforms(settings) uniforms in [0, 1): scale and log-aspect of each try, then the
+    position.
+    """
+    tries = settings.crop_attempts
+    area = float(height * width)
+    target = area * _between(u[:tries], *settings.crop_scale)
+    log_ratio = (math.log(settings.crop_ratio[0]), math.log(settings.crop_ratio[1]))
+    aspect = jnp.exp(_between(u[tries : 2 * tries], *log_ratio))
+    w = jnp.round(jnp.sqrt(target * aspect)).astype(jnp.int32)  # round half to even, like round()
+    h = jnp.round(jnp.sqrt(target / aspect)).astype(jnp.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = jnp.argmax(fits)
+    fallback_h, fallback_w = _centre_crop_size(height, width, settings.crop_ratio)
+    found = jnp.any(fits)
+    h = jnp.where(found, h[first], fallback_h)
+    w = jnp.where(found, w[first], fallback_w)
+    top_random = jnp.floor(u[2 * tries] * (height - h + 1)).astype(jnp.int32)
+    left_random = jnp.floor(u[2 * tries + 1] * (width - w + 1)).astype(jnp.int32)
+    top = jnp.where(found, jnp.minimum(top_random, height - h), (height - h) // 2)
+    left = jnp.where(found, jnp.minimum(left_random, width - w), (width - w) // 2)
+    return jnp.stack([top, left, h, w]).astype(jnp.int32)
+
+
+def _centre_crop_size(height: int, width: int, ratio) -> tuple[int, int]:
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return int(round(width / min(ratio))), width
+    if in_ratio > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
+
+
+def _bilinear_weights(start, length, in_size: int, out_size: int) -> jax.Array:
+    """[out_size, in_size] weights of PIL's bilinear resize of input pixels [start, start + length)."""
+    start = jnp.asarray(start, jnp.float32)
+    length = jnp.asarray(length, jnp.float32)
+    scale = length / out_size
+    support = jnp.maximum(scale, 1.0)  # antialias: the triangle widens when downscaling
+    centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+    pixels = jnp.arange(in_size, dtype=jnp.float32) + 0.5
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(pixels[None, :] - centres[:, None]) / support)
+    inside = (pixels >= start) & (pixels < start + length)
+    weights = weights * inside[None, :]
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def resized_crop(img: jax.Array, box: jax.Array, size: int) -> jax.Array:
+    """Crop `box` (top, left, h, w) of `img` [H, W, C] and resize it to [size, size, C]."""
+    height, width = img.shape[:2]
+    rows = _bilinear_weights(box[0], box[2], height, size)
+    cols = _bilinear_weights(box[1], box[3], width, size)
+    out = jnp.einsum("oh,hwc->owc", rows, img, precision=_HIGHEST)
+    return jnp.einsum("pw,owc->opc", cols, out, precision=_HIGHEST)
+
+
+# ----------------------------------------------------------------------------- batched views
+
+
+# One uniform draw per batch feeds every image's randomness: far cheaper to compile than a key
+# split per image and op.
+
+
+def _augment_batch(key, images, settings):
+    u = jax.random.uniform(key, (images.shape[0], AUGMENT_UNIFORMS))
+    return jax.vmap(lambda ui, x: augment_image(ui, x, settings))(u, images)
+
+
+def _crop_batch(key, images, settings):
+    height, width = images.shape[1:3]
+    u = jax.random.uniform(key, (images.shape[0], crop_uniforms(settings)))
+    boxes = jax.vmap(lambda ui: crop_box(ui, height, width, settings))(u)
+    return jax.vmap(lambda x, b: resized_crop(x, b, settings.crop_size))(images, boxes)
+
+
+def _multi_aug_views(key, acquisitions, settings):
+    """SeCo/CACo: q = P(t0), k0 = P(A(t1)), k1 = P(t2), k2 = P(A(t0))."""
+    t0, t1, t2 = acquisitions[:, 0], acquisitions[:, 1], acquisitions[:, 2]
+    k_augment, k_crop = jax.random.split(key)
+    a_t1, a_t0 = jnp.split(_augment_batch(k_augment, jnp.concatenate([t1, t0]), settings), 2)
+    crops = _crop_batch(k_crop, jnp.concatenate([t0, a_t1, t2, a_t0]), settings)
+    return dict(zip(("q", "k0", "k1", "k2"), jnp.split(crops, 4)))
+
+
+def _moco_views(key, acquisitions, settings):
+    """MoCo v2: two independent A(P(t0)) of one acquisition, A after the crop."""
+    t0 = acquisitions[:, 0]
+    k_crop, k_augment = jax.random.split(key)
+    crops = _crop_batch(k_crop, jnp.concatenate([t0, t0]), settings)
+    views = _augment_batch(k_augment, crops, settings)
+    return dict(zip(("q", "k0"), jnp.split(views, 2)))
+
+
+VIEW_BUILDERS = {
+    "caco": _multi_aug_views,
+    "teco": _multi_aug_views,
+    "seco": _multi_aug_views,
+    "moco": _moco_views,
+}
+
+
+def make_views(
+    key: jax.Array,
+    images,
+    *,
+    mode: str,
+    config,
+    normalization: Normalization | None = None,
+    dtype=jnp.float32,
+) -> dict[str, jax.Array]:
+    """The mode's views of a batch, normalised, NHWC [B, crop, crop, C] each.
+
+    `images` is the pipeline's ``images``: uint8 [B, V, H, W, C], or for ``all_bands`` the dict of
+    resolution groups (merged here into 12 bands in layout.BANDS order). Returns ``q`` and ``k0`` (moco)
+    or ``q, k0, k1, k2`` (caco/teco/seco). `normalization` defaults to the RGB statistics; pass
+    `data.pipeline.normalization(config, source)` for band subsets.
+    """
+    if mode not in VIEW_BUILDERS:
+        raise ValueError(f"unknown training mode {mode!r}; known: {tuple(VIEW_BUILDERS)}")
+    norm = normalization or Normalization.rgb()
+    settings = AugmentSettings.from_config(config)
+    raw = merge_band_groups(images) if isinstance(images, dict) else images
+    if raw.shape[-1] != len(norm.mean):
+        raise ValueError(
+            f"images have {raw.shape[-1]} bands but the normalisation has {len(norm.mean)}"
+        )
+    views = VIEW_BUILDERS[mode](key, stretch(raw, norm), settings)
+    return {name: standardize(view, norm).astype(dtype) for name, view in views.items()}

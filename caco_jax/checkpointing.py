@@ -1,0 +1,144 @@
+"""Orbax checkpoints of a training run: the state, the data iterator's position and the config, per step.
+
+A checkpoint step folder under ``<workdir>/checkpoints/<step>/`` holds three items:
+  ``state``  the whole `TrainState` (every array a resume needs), written asynchronously;
+  ``data``   the grain iterator's state (one JSON file per process), so the input resumes exactly;
+  ``config`` the run's config as JSON, for the record.
+Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save leaves
+the previous checkpoints intact. Restoring goes through an abstract target whose leaves carry the
+shardings of the *current* mesh, so a checkpoint written on N devices restores onto M devices.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+def abstract_target(state_shapes, shardings):
+    """`jax.ShapeDtypeStruct` leaves with the given shardings: where restored arrays should land."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        state_shapes,
+        shardings,
+    )
+
+
+class Checkpointer:
+    """Saves every ``every_steps`` steps (and when forced), keeps the newest ``keep``, restores the latest.
+
+    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the files are
+    written in the background while training goes on. Call `close` (or `wait`) before the process exits.
+    """
+
+    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+        self.every_steps = every_steps
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            # A step's save decision is ours (every_steps, end of run, preemption), not Orbax's.
+            save_interval_steps=1,
+        )
+        self._manager = ocp.CheckpointManager(
+            directory,
+            item_names=(STATE, DATA, CONFIG),
+            options=options,
+        )
+
+    @property
+    def directory(self) -> str:
+        return str(self._manager.directory)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def due(self, step: int) -> bool:
+        return step % self.every_steps == 0
+
+    def save(self, step: int, state, *, data_iterator=None, config=None) -> None:
+        """Starts saving ``state`` (and the iterator position and config) as checkpoint ``step``."""
+        import grain
+
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state, *, data_iterator=None):
+        """The state of checkpoint ``step`` laid out as ``abstract_state`` says; moves the iterator too.
+
+        ``abstract_state`` is a pytree of `jax.ShapeDtypeStruct` with shardings (see `abstract_target`).
+        The iterator is restored in place when given and the checkpoint has its state.
+        """
+        import grain
+
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[STATE]
+
+    def restore_config(self, step: int) -> dict:
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+        return restored[CONFIG]
+
+    def reached_preemption(self, step: int) -> bool:
+        return self._manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (a pod or cluster preemption notice) into a request to save and stop.
+
+    Inside the ``with`` block a SIGTERM no longer kills the process; `should_stop(step)` becomes True at the
+    next step, when the loop saves a checkpoint and exits cleanly. With several processes the stop step is
+    agreed through JAX's preemption sync service (Orbax `reached_preemption`), so every host saves the same step.
+    """
+
+    def __init__(self, manager: Checkpointer):
+        self._manager = manager
+        self._requested = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint at the next step, then stopping.")
+        self._requested.set()
+
+    def request_stop(self) -> None:
+        self._requested.set()
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            # A local flag could differ between hosts; only the synchronised answer is safe.
+            return self._manager.reached_preemption(step)
+        return self._requested.is_set()

@@ -1,0 +1,166 @@
+"""PyTorch ResNet weights -> this project's ResNet -> an encoder export the evaluators load.
+
+Reads (torch is an optional extra: `pip install -r requirements-torch.txt`):
+- the official CACo / SeCo / MoCo `.pth` query-encoder state dicts, whose keys index
+  `nn.Sequential(conv1, bn1, relu, maxpool, layer1..layer4, avgpool, Flatten)`: `0.weight`,
+  `1.running_mean`, `4.0.conv1.weight`, `5.0.downsample.1.running_var`, ...;
+- plain torchvision ResNet state dicts (`conv1.weight`, `layer1.0.conv1.weight`, ...; the classifier
+  `fc.*` is dropped with a note), e.g. the supervised ImageNet weights for the baseline rows;
+- Lightning `.ckpt` files of SeCo/CACo pretraining (`state_dict` with `encoder_q.` keys; the key encoder,
+  heads and queues are dropped with a note).
+Files are opened with `torch.load(weights_only=True)`; a checkpoint that pickles other objects (SeCo's
+hyper-parameters) is refused unless `allow_pickle` says the file is trusted.
+
+Conv weights go from torch's OIHW to flax's HWIO; BatchNorm weight/bias/running_mean/running_var become
+scale/bias/mean/var; `num_batches_tracked` is ignored. Keys the model lacks, or model weights the file
+lacks, are an error listing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import numpy as np
+from flax import nnx, traverse_util
+
+from caco_jax.models import export
+from caco_jax.models.resnet import ARCHITECTURES, ResNet
+
+# Index in the official nn.Sequential -> torchvision name (2 relu, 3 maxpool, 8 avgpool hold no weights).
+SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+# Flax leaf name -> torch parameter name.
+TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+ENCODER_PREFIXES = ("encoder_q.", "model.encoder_q.", "module.encoder_q.", "module.")
+
+
+class ConversionError(ValueError):
+    """A state dict that does not describe a supported ResNet; the message lists the culprits."""
+
+
+def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of a `.pth` / `.ckpt` file as float32 NumPy arrays, keyed as stored (a Lightning
+    checkpoint's `state_dict` is unwrapped)."""
+    import pickle
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.convert.source: no file {path}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
+        if not allow_pickle:
+            raise ConversionError(
+                f"{path} cannot be read with torch.load(weights_only=True) ({str(error).splitlines()[0]}); "
+                "if you trust the file, set config.convert.allow_pickle=True"
+            ) from error
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    return {
+        key: value.detach().to(torch.float32).numpy()
+        for key, value in loaded.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def torchvision_names(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Keys renamed to torchvision's (`layer1.0.conv1.weight`), plus notes on what was dropped."""
+    notes = []
+    for prefix in ENCODER_PREFIXES:
+        if any(key.startswith(prefix) for key in state):
+            dropped = sorted({key.split(".")[0] for key in state if not key.startswith(prefix)})
+            if dropped:
+                notes.append(f"kept the {prefix!r} weights, dropped: {', '.join(dropped)}")
+            state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+            break
+    renamed = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head.isdigit():
+            if head not in SEQUENTIAL_NAMES:
+                raise ConversionError(f"state dict key {key!r}: nn.Sequential index {head} holds no ResNet weights")
+            key = f"{SEQUENTIAL_NAMES[head]}.{rest}"
+        if key.endswith("num_batches_tracked"):
+            continue
+        renamed[key] = value
+    classifier = sorted(key for key in renamed if key.startswith("fc."))
+    if classifier:
+        notes.append(f"dropped the classifier ({', '.join(classifier)})")
+        renamed = {key: value for key, value in renamed.items() if not key.startswith("fc.")}
+    return renamed, notes
+
+
+def infer_depth(state: dict[str, np.ndarray]) -> int:
+    """The torchvision depth whose block type and blocks per stage match the keys."""
+    bottleneck = any(key.endswith("conv3.weight") for key in state)
+    blocks = []
+    for stage in range(1, 5):
+        indices = {int(m.group(1)) for key in state if (m := re.match(rf"layer{stage}\.(\d+)\.", key))}
+        blocks.append(max(indices) + 1 if indices else 0)
+    for depth, (block, counts) in ARCHITECTURES.items():
+        if (block.expansion == 4) == bottleneck and tuple(blocks) == counts:
+            return depth
+    raise ConversionError(
+        f"no torchvision ResNet has {'bottleneck' if bottleneck else 'basic'} blocks {tuple(blocks)} per stage"
+    )
+
+
+def _torch_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path[:-1]) + "." + TORCH_LEAF[path[-1]]
+
+
+def load_into(model: ResNet, state: dict[str, np.ndarray]) -> None:
+    """Copies torchvision-named weights into `model` (params and BatchNorm statistics)."""
+    graph_state = nnx.state(model)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(graph_state))
+    expected = {_torch_name(path): path for path in flat}
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise ConversionError(
+            f"state dict does not match a ResNet-{model.depth}: missing {missing or 'none'}; "
+            f"unknown {unknown or 'none'}"
+        )
+    for name, path in expected.items():
+        value = state[name]
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        if value.shape != flat[path].shape:
+            raise ConversionError(
+                f"state dict key {name!r}: shape {state[name].shape} does not fit {flat[path].shape}"
+            )
+        flat[path] = value
+    nnx.replace_by_pure_dict(graph_state, traverse_util.unflatten_dict(flat))
+    nnx.update(model, graph_state)
+
+
+def convert(path: str, *, depth: int = 0, allow_pickle: bool = False) -> tuple[ResNet, list[str]]:
+    """The ResNet (eval mode) holding the weights of a torch file, and notes on what was dropped."""
+    state, notes = torchvision_names(load_state_dict(path, allow_pickle=allow_pickle))
+    if "conv1.weight" not in state:
+        raise ConversionError(f"{path}: no stem convolution ('conv1.weight' or '0.weight') among {sorted(state)[:8]}")
+    inferred = infer_depth(state)
+    if depth and depth != inferred:
+        raise ConversionError(f"config.convert.depth={depth}, but {path} holds a ResNet-{inferred}")
+    model = ResNet(inferred, rngs=nnx.Rngs(0), in_channels=state["conv1.weight"].shape[1])
+    load_into(model, state)
+    model.eval()
+    return model, notes
+
+
+def run_task(config, workdir: str) -> dict:
+    """Task `convert_weights`: `config.convert.source` -> an encoder export (default `<workdir>/encoder`)."""
+    source = os.path.abspath(config.convert.source)
+    output = os.path.abspath(config.convert.output or os.path.join(workdir, "encoder"))
+    model, notes = convert(source, depth=config.convert.depth, allow_pickle=config.convert.allow_pickle)
+    for note in notes:
+        logging.info("convert: %s", note)
+        print(f"convert: {note}", flush=True)
+    metadata = {"source": source, "converted_by": "caco_jax.convert", "notes": notes}
+    export.save_encoder(output, model, metadata, overwrite=config.convert.overwrite)
+    return {"export": output, "depth": model.depth, "in_channels": model.in_channels, "notes": notes}

@@ -1,0 +1,297 @@
+"""The `caco_geography` TFDS builder: a CACo archive -> array_record records, one per location.
+
+    builder = tfds.builder("caco_geography/rgb", data_dir=DATA_DIR)   # after `import caco_jax`
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=ARCHIVE))
+
+ARCHIVE holds the `.tar.gz`, the `*_part*` files or the extracted folder (see archive.py); nothing is
+extracted. The parent process streams the archive and ships one location's raw bytes at a time to
+worker processes that decode the GeoTIFFs; at most `2 * num_workers` locations are in flight, so
+memory does not grow with the archive (TFDS's own writer buffers at most 1 GB of records before it
+spills them to disk).
+
+Every skipped location and acquisition is written to `skip_report.tsv` beside the records, the
+totals and the source archive go into the dataset's metadata (`metadata.json`), and the build fails,
+leaving no dataset behind, when more than `max_skip_fraction` of the locations are skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import multiprocessing
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from caco_jax.data import archive, layout
+
+SKIP_REPORT = "skip_report.tsv"
+# Where the report of a build that failed for too many skips goes, beside the version folders.
+FAILED_SKIP_REPORT = "skip_report.failed.tsv"
+
+# The pixels of each config: feature name -> bands stacked as its channels, at native resolution.
+PIXEL_GROUPS = {
+    "rgb": {"rgb": layout.RGB_BANDS},
+    "all_bands": {f"bands_{res}m": layout.BANDS_AT_RESOLUTION[res] for res in (10, 20, 60)},
+}
+# Raw uint8 bytes per acquisition; array_record compresses each record (see BENCHMARKS.md).
+PIXEL_ENCODING = tfds.features.Encoding.BYTES
+
+
+class TooManySkipsError(RuntimeError):
+    """More locations were skipped than `max_skip_fraction` allows; no dataset was written."""
+
+
+@dataclasses.dataclass
+class CacoGeographyConfig(tfds.core.BuilderConfig):
+    pixel_groups: dict = dataclasses.field(default_factory=dict)
+
+
+def pixel_features(groups) -> dict:
+    return {
+        name: tfds.features.Tensor(
+            shape=(*layout.band_shape(bands[0]), len(bands)), dtype=np.uint8, encoding=PIXEL_ENCODING
+        )
+        for name, bands in groups.items()
+    }
+
+
+class CacoGeography(tfds.core.GeneratorBasedBuilder):
+    """Locations of a CACo archive (caco10k / 100k / 1m, or the synthetic one), both windows each."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [
+        CacoGeographyConfig(
+            name="rgb",
+            description="B4, B3, B2 at 264x264 (what the paper trains on).",
+            pixel_groups=PIXEL_GROUPS["rgb"],
+        ),
+        CacoGeographyConfig(
+            name="all_bands",
+            description="All 12 bands at their native 10/20/60 m resolutions.",
+            pixel_groups=PIXEL_GROUPS["all_bands"],
+        ),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download a CACo archive (caco10k.tar.gz, the clean_100k/1m geography files, or the four
+    clean_1m_geography_part* files) into one folder and pass that folder (or the file) as
+    manual_dir. Neither `cat` nor extraction is needed; an already extracted folder works too.
+    """
+
+    def __init__(self, *, max_skip_fraction: float = 0.05, num_workers: int = 0, **kwargs):
+        self._max_skip_fraction = max_skip_fraction
+        self._num_workers = num_workers or os.cpu_count() or 1
+        # array_record: random access (tfds.data_source, grain) and no TensorFlow to write or read.
+        kwargs.setdefault("file_format", tfds.core.FileFormat.ARRAY_RECORD)
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        acquisition = {
+            "product_id": tfds.features.Text(doc="acquisition folder name (Earth Engine id)"),
+            "date": tfds.features.Text(doc="sensing time, ISO YYYY-MM-DDTHH:MM:SS"),
+            "window": tfds.features.Scalar(np.int64, doc="0 early, 1 late"),
+            "cloud": tfds.features.Scalar(np.float32, doc="CLOUDY_PIXEL_PERCENTAGE, NaN if unknown"),
+            **pixel_features(self.builder_config.pixel_groups),
+        }
+        return self.dataset_info_from_configs(
+            description=(
+                "CACo (Mall et al., CVPR 2023) pretraining locations: per location its id, centre "
+                "lat/lon and its Sentinel-2 acquisitions in time order, each with its window (early "
+                "/ late), uint8 pixels as stored in the archive's GeoTIFFs and cloud percentage. "
+                "The source archive, counts and skips are in the metadata; skipped locations and "
+                f"acquisitions are listed in {SKIP_REPORT} beside the records."
+            ),
+            features=tfds.features.FeaturesDict(
+                {
+                    "location_id": tfds.features.Text(doc="location folder name"),
+                    "lat": tfds.features.Scalar(np.float32, doc="centre latitude (degrees)"),
+                    "lon": tfds.features.Scalar(np.float32, doc="centre longitude (degrees)"),
+                    "acquisitions": tfds.features.Sequence(acquisition),
+                }
+            ),
+            homepage="https://github.com/utkarshmall13/CACo",
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        source = archive.find_archive(dl_manager.manual_dir)
+        return {"train": self._generate_examples(source)}
+
+    def _generate_examples(self, source: archive.ArchiveSource):
+        groups = self.builder_config.pixel_groups
+        keep = frozenset({layout.METADATA_FILE} | {layout.band_file(b) for g in groups.values() for b in g})
+        progress = archive.ReadProgress()
+        report = SkipReport()
+        locations = archive.read_locations(source, keep, progress)
+        bar = tqdm.tqdm(desc=f"Reading {' + '.join(source.names)}", unit=" locations", mininterval=1)
+        with bar:
+            for decoded in decode_in_workers(locations, groups, self._num_workers):
+                report.add(decoded)
+                if decoded.example is not None:
+                    yield decoded.location_id, decoded.example
+                bar.update(1)
+                if source.total_bytes:
+                    bar.set_postfix(read=f"{progress.bytes_read / source.total_bytes:.0%}", refresh=False)
+        self._finish(source, report)
+
+    def _finish(self, source: archive.ArchiveSource, report: SkipReport) -> None:
+        """Writes the report and provenance, or fails (leaving no dataset) on too many skips."""
+        summary = report.summary()
+        print(f"caco_geography/{self.builder_config.name}: {report.describe()}", flush=True)
+        if not report.num_locations:
+            raise archive.ArchiveError(f"{' + '.join(source.paths)}: no location folders found")
+        if report.num_kept == 0 or report.skipped_fraction > self._max_skip_fraction:
+            failed = self.data_dir_root / self.name / self.builder_config.name / FAILED_SKIP_REPORT
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            report.write(failed)
+            raise TooManySkipsError(
+                f"{' + '.join(source.names)}: skipped {report.num_skipped} of "
+                f"{report.num_locations} locations ({report.skipped_fraction:.1%}), more than "
+                f"max_skip_fraction={self._max_skip_fraction}; reasons: {summary['skip_reasons']}. "
+                f"Report: {failed}. No dataset was written."
+            )
+        report.write(self.data_path / SKIP_REPORT)
+        stale = self.data_dir_root / self.name / self.builder_config.name / FAILED_SKIP_REPORT
+        stale.unlink(missing_ok=True)
+        self.info.metadata.update(
+            source_form=source.form,
+            source_files=list(source.names),
+            source_bytes=source.total_bytes,
+            skip_report=SKIP_REPORT,
+            max_skip_fraction=self._max_skip_fraction,
+            **summary,
+        )
+
+
+class SkipReport:
+    """Every location and acquisition left out or degraded, and why; written as a TSV."""
+
+    COLUMNS = ("location_id", "product_id", "action", "reason")
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.num_locations = 0
+        self.num_kept = 0
+        self.num_acquisitions = 0
+        self.ignored_files = 0
+        self.split_rules = collections.Counter()
+
+    def add(self, decoded: archive.DecodedLocation) -> None:
+        self.num_locations += 1
+        self.ignored_files += decoded.ignored
+        for product_id, action, reason in decoded.issues:
+            self.rows.append((decoded.location_id, product_id, action, reason))
+        if decoded.example is None:
+            self.rows.append((decoded.location_id, "", "location skipped", decoded.skip_reason))
+        else:
+            self.num_kept += 1
+            self.num_acquisitions += len(decoded.example["acquisitions"])
+            self.split_rules[decoded.split_rule] += 1
+
+    @property
+    def num_skipped(self) -> int:
+        return self.num_locations - self.num_kept
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.num_skipped / max(self.num_locations, 1)
+
+    def summary(self) -> dict:
+        kinds = collections.Counter(
+            f"{action}: {reason.split(':')[0]}" for _, _, action, reason in self.rows
+        )
+        return dict(
+            locations_read=self.num_locations,
+            locations_written=self.num_kept,
+            locations_skipped=self.num_skipped,
+            acquisitions_written=self.num_acquisitions,
+            acquisitions_skipped=sum(r[2] == "acquisition skipped" for r in self.rows),
+            ignored_files=self.ignored_files,
+            window_split=dict(self.split_rules),
+            skip_reasons=dict(sorted(kinds.items())),
+        )
+
+    def describe(self) -> str:
+        s = self.summary()
+        return (
+            f"{s['locations_written']} of {s['locations_read']} locations written "
+            f"({s['acquisitions_written']} acquisitions); skipped {s['locations_skipped']} "
+            f"locations and {s['acquisitions_skipped']} acquisitions; "
+            f"{s['ignored_files']} non-data files ignored"
+        )
+
+    def write(self, path) -> None:
+        with open(os.fspath(path), "w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+            writer.writerow(self.COLUMNS)
+            writer.writerows(self.rows)
+
+
+def decode_in_workers(locations, groups, num_workers: int):
+    """`archive.decode_location` over `locations` in worker processes, results in input order, with
+    at most 2 * num_workers locations submitted and not yet consumed."""
+    # forkserver, not fork: the parent may run JAX's threads; the server forks cheap workers.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["caco_jax.data.archive", "rasterio"])
+    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
+    pending = collections.deque()
+    try:
+        for location in locations:
+            pending.append(pool.submit(archive.decode_location, location, groups))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prepared_archive_path(config, workdir: str) -> str:
+    """`config.data.archive`, or when it is "" the synthetic archive the `synthesize` task writes
+    (`config.synthetic.output`, default `<workdir>/synthetic_archive`)."""
+    if config.data.archive:
+        return config.data.archive
+    synthetic = config.synthetic.output or os.path.join(workdir, "synthetic_archive")
+    if not os.path.isdir(synthetic):
+        raise archive.ArchiveError(
+            f"config.data.archive is empty and there is no synthetic archive at {synthetic}: set "
+            "config.data.archive to the folder holding a CACo archive, or run the 'synthesize' task"
+        )
+    return synthetic
+
+
+def run_task(config, workdir: str) -> dict:
+    """Task `prepare`: the archive -> TFDS records under `config.data.data_dir` (default
+    `<workdir>/tfds`). A dataset already prepared there from the same archive is reused."""
+    source = archive.find_archive(prepared_archive_path(config, workdir))
+    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+    builder = CacoGeography(
+        config=config.data.builder_config,
+        data_dir=data_dir,
+        max_skip_fraction=config.data.max_skip_fraction,
+        num_workers=config.data.num_workers,
+    )
+    if builder.is_prepared() and builder.info.metadata.get("source_files") != list(source.names):
+        raise archive.ArchiveError(
+            f"{builder.data_dir} holds records prepared from "
+            f"{builder.info.metadata.get('source_files')}, not {list(source.names)}: delete it or "
+            "set config.data.data_dir to another folder"
+        )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=source.paths[0])
+    )
+    metadata = builder.info.metadata
+    return dict(
+        data_dir=data_dir,
+        dataset=f"{builder.name}/{builder.builder_config.name}",
+        records=os.fspath(builder.data_path),
+        skip_report=os.fspath(builder.data_path / SKIP_REPORT),
+        **{k: metadata[k] for k in ("source_files", "locations_written", "locations_skipped")},
+        acquisitions_written=metadata["acquisitions_written"],
+    )

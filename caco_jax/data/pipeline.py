@@ -1,0 +1,284 @@
+"""The host input pipeline for pretraining: prepared records -> this process's shard of each batch.
+
+The host only reads, decodes, chooses acquisitions (`caco_jax.data.item_sampler`) and stacks uint8
+batches; every augmentation and the normalisation run on the accelerator (`caco_jax.augment`).
+
+Contract (the training step relies on it):
+
+``make_pipeline(config, source, *, mode, global_batch_size, seed, num_epochs=None, process_index=0,
+process_count=1)`` returns a grain ``DatasetIterator`` (``get_state()`` / ``set_state()``, saved by
+Orbax with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``) yielding, for every global
+batch in order, this process's rows as host numpy arrays:
+
+- ``images``: uint8 ``[B, V, H, W, C]``, the item's acquisitions in the order t0, t1, t2 (V = 3 for
+  caco/teco/seco) or t0 alone (V = 1 for moco). For the ``all_bands`` records ``images`` is a dict of
+  the three resolution groups, exactly as the records hold them: ``bands_10m`` ``[B, V, 264, 264, 4]``
+  (B2, B3, B4, B8), ``bands_20m`` ``[B, V, 132, 132, 6]`` (B5, B6, B7, B8A, B11, B12), ``bands_60m``
+  ``[B, V, 44, 44, 2]`` (B1, B9); `augment.make_views` resizes them to 264 on the device.
+- ``item_id``: int32 ``[B]``, the index of the change statistics: ``2 * location_index + window``
+  for caco/teco; ``location_index`` for seco/moco (they keep no change statistics).
+- ``window``: int32 ``[B]``, the item's window for caco/teco; the window of t0 for seco/moco.
+- ``location_index``: int32 ``[B]``, the record index of the location.
+
+B = global_batch_size / process_count. An epoch visits every location once in an order shuffled per
+epoch from `seed`. For caco/teco the global batch holds global_batch_size / 2 locations, each as two
+adjacent rows (2l: window 0, 2l+1: window 1), as the official ``FirstSecondSampler`` does; process p
+receives the rows of locations [p * n / P, (p + 1) * n / P) of the global batch's n locations, so pairs
+are never split and the global batch is the concatenation of the processes' shards in process order
+(what ``jax.make_array_from_process_local_data`` assembles on a 1-D data mesh). The final partial
+batch of an epoch is dropped (the official DataLoader uses ``drop_last=True``):
+``steps_per_epoch = num_locations // (global_batch_size / items_per_location)``. The official MoCo
+baseline iterates over every *acquisition* per epoch; here a MoCo epoch visits every location once with
+one acquisition drawn from all of its acquisitions (about 10x fewer steps per epoch: scale the epochs
+to compare).
+
+Everything random is a pure function of (seed, epoch, location, window), so the batches do not depend
+on the number of worker processes or threads, and a restored iterator state resumes exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from caco_jax.data import item_sampler
+
+if TYPE_CHECKING:  # the pipeline (and its worker processes) never imports JAX
+    from caco_jax.augment import Normalization
+
+ArraysFn = Callable[[Any], dict]
+
+
+def locations_per_batch(mode: str, global_batch_size: int, process_count: int = 1) -> int:
+    """Locations in one global batch; checks that pairs and process shards divide evenly."""
+    per_location = item_sampler.layout(mode).items_per_location
+    if global_batch_size <= 0 or global_batch_size % per_location:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of {per_location} "
+            f"for mode {mode!r} (both windows of a location share a batch)"
+        )
+    locations = global_batch_size // per_location
+    if locations % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} holds {locations} locations, which must divide "
+            f"evenly over process_count={process_count}"
+        )
+    return locations
+
+
+def steps_per_epoch(num_locations: int, mode: str, global_batch_size: int) -> int:
+    """Full global batches per epoch; the last partial batch is dropped (official drop_last=True)."""
+    steps = num_locations // locations_per_batch(mode, global_batch_size)
+    if steps == 0:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} needs more locations than the "
+            f"{num_locations} in the dataset (mode {mode!r})"
+        )
+    return steps
+
+
+class _EpochOrder:
+    """Maps an element index of this process's stream to (epoch, location index)."""
+
+    def __init__(self, num_locations, locations_per_batch, steps, seed, process_index, process_count):
+        self.num_locations = num_locations
+        self.per_process = locations_per_batch // process_count
+        self.locations_per_batch = locations_per_batch
+        self.steps = steps
+        self.seed = seed
+        self.offset = process_index * self.per_process
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        cached = self._cached  # one read: reader threads may replace it concurrently
+        if cached is None or cached[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_locations)
+            cached = self._cached = (epoch, order)
+        return cached[1]
+
+    def __call__(self, element: int) -> tuple[int, int]:
+        epoch, within = divmod(int(element), self.steps * self.per_process)
+        step, slot = divmod(within, self.per_process)
+        position = step * self.locations_per_batch + self.offset + slot
+        return epoch, int(self.permutation(epoch)[position])
+
+
+def _take(pixels, indices):
+    """Selects acquisitions from `pixels` ([T, ...] or a dict of such groups)."""
+    if isinstance(pixels, dict):
+        return {group: np.ascontiguousarray(arr[indices]) for group, arr in pixels.items()}
+    return np.ascontiguousarray(pixels[indices])
+
+
+class _LoadLocation:
+    """Reads one location and draws its items' acquisitions: one grain element per location."""
+
+    def __init__(self, source, order, arrays_fn, mode, seed, acquisition_draws):
+        self.source = source
+        self.order = order
+        self.arrays_fn = arrays_fn
+        self.mode = mode
+        self.seed = seed
+        self.acquisition_draws = acquisition_draws
+        self.windows = range(item_sampler.layout(mode).items_per_location)
+
+    def __call__(self, element: int) -> dict:
+        epoch, location_index = self.order(element)
+        arrays = self.arrays_fn(self.source[location_index])
+        windows = np.asarray(arrays["window"])
+        picks = [
+            item_sampler.draw_acquisitions(
+                windows,
+                mode=self.mode,
+                item_window=window,
+                rng=item_sampler.item_rng(self.seed, epoch, location_index, window),
+                acquisition_draws=self.acquisition_draws,
+                location=f"{location_index} ({arrays.get('location_id', '?')})",
+            )
+            for window in self.windows
+        ]
+        paired = len(self.windows) == 2
+        item_windows = [w if paired else int(windows[p[0]]) for w, p in zip(self.windows, picks)]
+        stacked = [_take(arrays["pixels"], p) for p in picks]
+        if isinstance(stacked[0], dict):
+            images = {g: np.stack([s[g] for s in stacked]) for g in stacked[0]}
+        else:
+            images = np.stack(stacked)
+        return {
+            "images": images,
+            "item_id": np.asarray(
+                [2 * location_index + w if paired else location_index for w in item_windows],
+                np.int32,
+            ),
+            "window": np.asarray(item_windows, np.int32),
+            "location_index": np.full(len(picks), location_index, np.int32),
+        }
+
+
+def _merge_items(batch: dict) -> dict:
+    """[locations, items_per_location, ...] -> [locations * items_per_location, ...]."""
+
+    def merge(x):
+        if isinstance(x, dict):
+            return {k: merge(v) for k, v in x.items()}
+        return x.reshape((x.shape[0] * x.shape[1], *x.shape[2:]))
+
+    return {k: merge(v) for k, v in batch.items()}
+
+
+def _default_arrays_fn() -> ArraysFn:
+    from caco_jax.data import records
+
+    return records.location_arrays
+
+
+def make_pipeline(
+    config,
+    source: Sequence,
+    *,
+    mode: str,
+    global_batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    arrays_fn: ArraysFn | None = None,
+) -> grain.DatasetIterator:
+    """This process's stream of batches (see the module docstring); `num_epochs=None` never ends.
+
+    `source` is a random-access source of records (`records.open_records`), `arrays_fn` turns one
+    record into arrays (default `records.location_arrays`). Reads `config.input`.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    num_locations = len(source)
+    per_batch = locations_per_batch(mode, global_batch_size, process_count)
+    steps = steps_per_epoch(num_locations, mode, global_batch_size)
+    per_process = per_batch // process_count
+    order = _EpochOrder(num_locations, per_batch, steps, seed, process_index, process_count)
+    epoch_elements = steps * per_process
+    if num_epochs is None:
+        total = (sys.maxsize // 2 // epoch_elements) * epoch_elements
+    else:
+        total = num_epochs * epoch_elements
+    load = _LoadLocation(
+        source,
+        order,
+        arrays_fn or _default_arrays_fn(),
+        mode,
+        seed,
+        config.input.acquisition_draws,
+    )
+    dataset = (
+        grain.MapDataset.range(total)
+        .map(load)
+        .batch(per_process, drop_remainder=True)
+        .map(_merge_items)
+    )
+    read_options = grain.ReadOptions(
+        num_threads=config.input.num_threads, prefetch_buffer_size=config.input.prefetch_batches
+    )
+    stream = dataset.to_iter_dataset(read_options)
+    if config.input.num_workers > 0:
+        # grain's workers read absl flags; programs without absl.app (tests, notebooks) have not
+        # parsed them, which is harmless to mark: grain's defaults apply.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        stream = stream.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.input.num_workers)
+        )
+    return iter(stream)
+
+
+def normalization(config, source: Sequence, arrays_fn: ArraysFn | None = None) -> Normalization:
+    """The per-band normalisation `augment.make_views` applies, for `config.data.builder_config`.
+
+    ``rgb``: SeCo's stretch quantiles and ImageNet mean/std (SPEC section 1). ``all_bands``: SeCo
+    publishes no statistics for the other bands, so they are computed from the records, the same way
+    for all 12 bands: the stretch range is the 2nd-98th percentile of each band's raw values, and mean
+    and std are those of the stretched [0, 1] values, over `config.input.stats_locations` locations
+    evenly spaced through the records (deterministic, a few seconds at start-up).
+    """
+    from caco_jax.augment import Normalization
+
+    if config.data.builder_config == "rgb":
+        return Normalization.rgb()
+    arrays_fn = arrays_fn or _default_arrays_fn()
+    count = min(config.input.stats_locations, len(source))
+    picks = np.linspace(0, len(source) - 1, count).round().astype(int)
+    values = []
+    for index in picks:
+        groups = arrays_fn(source[int(index)])["pixels"]
+        values.append(_bands_in_order(groups))
+    stacked = np.concatenate(values, axis=0)  # [N, 12] raw uint8 values
+    low = np.percentile(stacked, 2, axis=0)
+    high = np.maximum(np.percentile(stacked, 98, axis=0), low + 1.0)
+    stretched = np.floor(np.clip((stacked - low) / (high - low), 0.0, 1.0) * 255.0) / 255.0
+    return Normalization(
+        low=tuple(low.tolist()),
+        high=tuple(high.tolist()),
+        mean=tuple(stretched.mean(axis=0).tolist()),
+        std=tuple(np.maximum(stretched.std(axis=0), 1e-3).tolist()),
+    )
+
+
+def _bands_in_order(groups: dict) -> np.ndarray:
+    """Raw pixel values [N, 12] of one location, in `augment.ALL_BANDS_ORDER` (layout.BANDS)."""
+    from caco_jax.augment import GROUP_BANDS
+    from caco_jax.data import layout
+
+    columns = {}
+    for group, bands in GROUP_BANDS.items():
+        arr = np.asarray(groups[group])
+        for channel, band in enumerate(bands):
+            columns[band] = arr[..., channel].reshape(-1)
+    # Subsample the finer groups so each band contributes pixels from the whole area alike.
+    size = min(len(c) for c in columns.values())
+    return np.stack(
+        [columns[b][:: len(columns[b]) // size][:size] for b in layout.BANDS], axis=1
+    ).astype(np.float64)

@@ -1,0 +1,294 @@
+"""Fills an archive with two time windows of Sentinel-2 images for each location of a locations file.
+
+Per location (`download_location`), for each window:
+  1. one search lists the scenes covering the centre with scene cloud below `max_scene_cloud`;
+  2. scenes sensed the same day (overlapping tiles of one pass) are merged, keeping the least cloudy;
+  3. the window is cut into `acquisitions_per_window` equal periods (SeCo spread its 5 dates over a year
+     the same way); each period tries its scenes least cloudy first until one is good, then scenes left
+     anywhere fill missing slots; at most `MAX_TRIES_PER_ACQUISITION` x the target are tried, which
+     bounds the requests spent;
+  4. a try fetches the 60 m bands with QA60 first: a patch with more opaque-cloud/cirrus pixels than
+     `max_patch_cloud_fraction` or any pixel without data is rejected for one request (SeCo's
+     `sampleRectangle` refused masked pixels the same way); a good one then fetches the 10 m and 20 m bands.
+A window with fewer than `min_acquisitions_per_window` good acquisitions fails the location: it is
+reported, never written. `download_all` runs locations in a bounded thread pool, retries transient errors
+with exponential backoff, skips finished locations, and writes a report of every failure and its reason.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import functools
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from caco_jax.data import layout
+from caco_jax.download import footprint, writer
+from caco_jax.download.client import Acquisition, Client, TransientError
+from caco_jax.sampling.files import Site
+
+REFLECTANCE_SCALE = 10_000.0  # Sentinel-2 L2A digital numbers per unit of surface reflectance
+QA_BAND = "QA60"
+QA_CLOUD_BITS = (1 << 10) | (1 << 11)  # opaque clouds, cirrus
+MAX_TRIES_PER_ACQUISITION = 4
+# One request each, in this order: the 60 m group (with QA60) screens the patch before the others.
+FETCH_GROUPS = (
+    (60, (*layout.BANDS_AT_RESOLUTION[60], QA_BAND)),
+    (10, layout.BANDS_AT_RESOLUTION[10]),
+    (20, layout.BANDS_AT_RESOLUTION[20]),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to download; see config.download in caco_jax/config.py."""
+
+    windows: tuple[tuple[datetime.date, datetime.date], ...]
+    acquisitions_per_window: int = 5
+    min_acquisitions_per_window: int = 3
+    max_scene_cloud: float = 10.0
+    max_patch_cloud_fraction: float = 0.0
+    num_workers: int = 8
+    max_retries: int = 5
+    retry_base_seconds: float = 2.0
+    preview: bool = True
+
+
+class LocationFailed(Exception):
+    """A location that cannot be filled; the message says why."""
+
+
+class _Stopped(BaseException):
+    """Raised in workers once the run is being interrupted."""
+
+
+def to_uint8(digital_numbers: np.ndarray) -> np.ndarray:
+    """Surface reflectance x 255, clipped to [0, 255] and truncated (SeCo's `rescale_intensity`)."""
+    reflectance = np.clip(np.asarray(digital_numbers, np.float64) / REFLECTANCE_SCALE, 0.0, 1.0)
+    return (reflectance * 255.0).astype(np.uint8)
+
+
+def cloud_fraction(qa60: np.ndarray) -> float:
+    """The fraction of pixels QA60 flags as opaque cloud or cirrus."""
+    return float(np.mean((np.asarray(qa60).astype(np.int64) & QA_CLOUD_BITS) != 0))
+
+
+def nodata_fraction(digital_numbers: np.ndarray) -> float:
+    """The fraction of pixels that are 0 in every band (outside the swath or masked)."""
+    return float(np.mean(np.all(np.asarray(digital_numbers) == 0, axis=-1)))
+
+
+def choose_acquisitions(
+    candidates: Sequence[Acquisition],
+    start: datetime.date,
+    end: datetime.date,
+    count: int,
+    try_one: Callable[[Acquisition], object | None],
+    max_tries: int,
+) -> list:
+    """Up to `count` results of `try_one` (None = rejected), spread over the window.
+
+    Scenes of the same day are merged (least cloudy kept). The window is cut into `count` equal
+    periods; each period, in time order, tries its scenes least cloudy first until one is accepted;
+    then the scenes left anywhere fill the missing slots, least cloudy first. At most `max_tries`
+    calls of `try_one` are made.
+    """
+    by_day: dict[datetime.date, Acquisition] = {}
+    for acq in sorted(candidates, key=_by_cloud):
+        by_day.setdefault(acq.time.date(), acq)
+    period = (end - start) / count
+    queues: list[list[Acquisition]] = [[] for _ in range(count)]
+    for acq in sorted(by_day.values(), key=_by_cloud):
+        queues[min(max(int((acq.time.date() - start) / period), 0), count - 1)].append(acq)
+    accepted, tries = [], 0
+    for queue in queues:
+        while queue and tries < max_tries:
+            tries += 1
+            result = try_one(queue.pop(0))
+            if result is not None:
+                accepted.append(result)
+                break
+    for acq in sorted((a for queue in queues for a in queue), key=_by_cloud):
+        if len(accepted) == count or tries == max_tries:
+            break
+        tries += 1
+        result = try_one(acq)
+        if result is not None:
+            accepted.append(result)
+    return accepted
+
+
+def _by_cloud(acq: Acquisition):
+    return (acq.cloud, acq.time, acq.product_id)
+
+
+class _Calls:
+    """Client calls with retries on TransientError, exponential backoff with jitter, and a stop flag."""
+
+    def __init__(self, settings: Settings, stop: threading.Event, sleep: Callable = time.sleep):
+        self._settings = settings
+        self._stop = stop
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.retries = 0
+
+    def __call__(self, fn, *args):
+        for attempt in range(self._settings.max_retries + 1):
+            if self._stop.is_set():
+                raise _Stopped()
+            with self._lock:
+                self.requests += 1
+            try:
+                return fn(*args)
+            except TransientError as error:
+                if attempt == self._settings.max_retries:
+                    raise LocationFailed(
+                        f"gave up after {attempt + 1} attempts: {error}"
+                    ) from error
+                with self._lock:
+                    self.retries += 1
+                delay = self._settings.retry_base_seconds * 2**attempt
+                self._sleep(delay * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
+
+
+def download_location(client: Client, site: Site, settings: Settings, call: Callable) -> list:
+    """The images of one location (both windows, time order), or LocationFailed saying why."""
+    grids = footprint.patch_grids(site.lat, site.lon)
+    box = footprint.geobox(grids[10], site.lon)
+    images = []
+    for window, (start, end) in enumerate(settings.windows):
+        candidates = call(
+            client.search, site.lat, site.lon, start, end, settings.max_scene_cloud
+        )
+        rejected = {"cloudy patch": 0, "no data": 0}
+        try_one = functools.partial(_try_acquisition, client, grids, box, settings, call, rejected)
+        found = choose_acquisitions(
+            candidates,
+            start,
+            end,
+            settings.acquisitions_per_window,
+            try_one,
+            max_tries=MAX_TRIES_PER_ACQUISITION * settings.acquisitions_per_window,
+        )
+        if len(found) < settings.min_acquisitions_per_window:
+            raise LocationFailed(
+                f"window {window} ({start}..{end}): {len(found)} usable acquisitions, need "
+                f"{settings.min_acquisitions_per_window} ({len(candidates)} scenes with cloud < "
+                f"{settings.max_scene_cloud:g}%, rejected: "
+                + ", ".join(f"{n} {why}" for why, n in rejected.items())
+                + ")"
+            )
+        images.extend(sorted(found, key=lambda image: image.acquisition.product_id))
+    return images
+
+
+def _try_acquisition(client, grids, box, settings, call, rejected, acq):
+    """The acquisition's Image, or None after counting why it was rejected."""
+    bands, reason = _fetch_patch(client, acq, grids, settings, call)
+    if reason:
+        rejected[reason] += 1
+        return None
+    return writer.Image(acq, bands, box)
+
+
+def _fetch_patch(client, acq, grids, settings, call):
+    """The 12 uint8 bands of one acquisition, or (None, why it was rejected)."""
+    bands = {}
+    for resolution, names in FETCH_GROUPS:
+        grid = grids[resolution]
+        pixels = np.asarray(call(client.fetch, acq, names, grid))
+        if pixels.shape != (grid.size, grid.size, len(names)):
+            raise LocationFailed(
+                f"{acq.product_id}: the client returned {pixels.shape} for bands {list(names)}, "
+                f"expected {(grid.size, grid.size, len(names))}"
+            )
+        if names[-1] == QA_BAND:
+            if cloud_fraction(pixels[..., -1]) > settings.max_patch_cloud_fraction:
+                return None, "cloudy patch"
+            pixels = pixels[..., :-1]
+        if nodata_fraction(pixels) > 0.0:
+            return None, "no data"
+        for i, name in enumerate(names[: pixels.shape[-1]]):
+            bands[name] = to_uint8(pixels[..., i])
+    return bands, None
+
+
+@dataclasses.dataclass
+class Summary:
+    written: int = 0
+    skipped: int = 0  # finished by an earlier run
+    failed: dict = dataclasses.field(default_factory=dict)  # location_id -> reason
+    partials_removed: int = 0
+    requests: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+
+def download_all(
+    client: Client,
+    sites: Sequence[Site],
+    archive_dir: str,
+    settings: Settings,
+    *,
+    progress: bool = True,
+    sleep: Callable = time.sleep,
+) -> Summary:
+    """Downloads every site not yet in `archive_dir`; see the module docstring.
+
+    Ctrl-C (or any BaseException) stops the workers at their next request and propagates; finished
+    locations stay, the unfinished one is never published and the next run starts it again.
+    """
+    from tqdm import tqdm
+
+    start_time = time.perf_counter()
+    os.makedirs(archive_dir, exist_ok=True)
+    summary = Summary(partials_removed=len(writer.remove_partials(archive_dir)))
+    todo = [s for s in sites if not writer.is_complete(archive_dir, s.location_id)]
+    summary.skipped = len(sites) - len(todo)
+    stop = threading.Event()
+    call = _Calls(settings, stop, sleep)
+
+    def work(site: Site) -> None:
+        images = download_location(client, site, settings, call)
+        if stop.is_set():
+            raise _Stopped()
+        writer.write_location(archive_dir, site.location_id, images, preview=settings.preview)
+
+    bar = tqdm(total=len(todo), desc="locations", unit="loc", disable=not progress)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.num_workers)
+    try:
+        futures = {executor.submit(work, site): site for site in todo}
+        for future in concurrent.futures.as_completed(futures):
+            site = futures[future]
+            try:
+                future.result()
+                summary.written += 1
+            except Exception as error:  # a location's failure is reported, never fatal
+                summary.failed[site.location_id] = _reason(error)
+            bar.update(1)
+            bar.set_postfix(written=summary.written, failed=len(summary.failed))
+    except BaseException:
+        stop.set()
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+        executor.shutdown(wait=True)
+        summary.requests, summary.retries = call.requests, call.retries
+        summary.seconds = time.perf_counter() - start_time
+    return summary
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, LocationFailed):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

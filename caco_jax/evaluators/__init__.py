@@ -1,0 +1,8 @@
+"""Downstream evaluation of pretrained encoders: the paper's protocols (SPEC section 4).
+
+- `linear_probe`: EuroSAT linear probe, and the demo's land-cover probe on the synthetic archive.
+- `multilabel`: BigEarthNet-19 multi-label classification, frozen or fine-tuned.
+- `change_detection`: OSCD change detection with the `unet` decoder; `oscd_builder` prepares OSCD.
+- `common`: encoders to compare, TFDS reading, data-parallel feature extraction, reporting.
+- `metrics`: top-1, average precision, precision / recall / F1.
+"""

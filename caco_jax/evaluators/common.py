@@ -1,0 +1,264 @@
+"""What every evaluator shares: the encoders to compare, TFDS datasets read without TensorFlow, data-parallel
+feature extraction, and the metrics file and console table.
+
+Each evaluator compares the same rows: the checkpoint under test (an export written by `save_encoder`, by
+pretraining or by `caco_jax.convert`), a randomly initialised encoder of the same architecture, and, when
+`config.eval.imagenet_checkpoint` names one, a supervised ImageNet encoder converted from a torchvision
+state dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from caco_jax.models import export
+from caco_jax.models.resnet import ResNet
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass
+class Encoder:
+    """One row of an evaluation table."""
+
+    name: str  # "checkpoint", "random" or "imagenet"
+    model: ResNet
+    source: str  # the export directory, or "random init (seed s)"
+
+
+def checkpoint_dir(config, workdir: str) -> str:
+    """The export under test: `config.eval.checkpoint`, else pretraining's `<workdir>/encoder`."""
+    return os.path.abspath(config.eval.checkpoint or os.path.join(workdir, "encoder"))
+
+
+def encoders(config, workdir: str) -> list[Encoder]:
+    """The rows to evaluate, in table order. The random encoder copies the checkpoint's architecture."""
+    directory = checkpoint_dir(config, workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"config.eval.checkpoint: no encoder export at {directory} (pretrain first, convert official "
+            "weights with the convert_weights task, or point --config.eval.checkpoint at an export)"
+        )
+    model, metadata = export.load_encoder(directory)
+    rows = [Encoder("checkpoint", model, directory)]
+    if config.eval.random_baseline:
+        random_model = ResNet(
+            int(metadata["depth"]),
+            rngs=nnx.Rngs(config.eval.seed),
+            in_channels=int(metadata["in_channels"]),
+        )
+        random_model.eval()
+        rows.append(Encoder("random", random_model, f"random init (seed {config.eval.seed})"))
+    if config.eval.imagenet_checkpoint:
+        imagenet_model, _ = export.load_encoder(config.eval.imagenet_checkpoint)
+        rows.append(Encoder("imagenet", imagenet_model, os.path.abspath(config.eval.imagenet_checkpoint)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# TFDS datasets, read as array_record data sources (numpy decoding: no TensorFlow at run time).
+
+
+def open_tfds(data_dir: str, name: str, config_name: str):
+    """The prepared TFDS builder `<data_dir>/<name>/<config_name>/<newest version>`, read from its files
+    (no builder code, no TensorFlow). The data must be in array_record format."""
+    import tensorflow_datasets as tfds
+
+    data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
+    folder = os.path.join(data_dir, name, config_name)
+    versions = []
+    if os.path.isdir(folder):
+        for entry in os.listdir(folder):
+            parts = entry.split(".")
+            if len(parts) == 3 and all(p.isdigit() for p in parts):
+                if os.path.exists(os.path.join(folder, entry, "dataset_info.json")):
+                    versions.append(tuple(int(p) for p in parts))
+    if not versions:
+        raise FileNotFoundError(
+            f"config.eval.data_dir: no prepared TFDS dataset {name}/{config_name} under {data_dir}; "
+            f"prepare it with `tfds build {name}/{config_name} --file_format=array_record "
+            f"--data_dir={data_dir}` (see the README)"
+        )
+    version = ".".join(str(v) for v in max(versions))
+    builder = tfds.builder_from_directory(os.path.join(folder, version))
+    if "array_record" not in str(builder.info.file_format):
+        raise ValueError(
+            f"{name}/{config_name} under {data_dir} is stored as {builder.info.file_format}; caco_jax "
+            "reads array_record without TensorFlow: rebuild with --file_format=array_record"
+        )
+    return builder
+
+
+def read_text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_split_list(path: str) -> list[str]:
+    """Names listed one per line (SeCo's split files and BigEarthNet's patch lists; a CSV keeps its
+    first column)."""
+    with open(path) as f:
+        return [line.split(",")[0].strip() for line in f if line.strip()]
+
+
+def seeded_split(count: int, fraction: float, seed: int, reason: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, evaluation indices): a seeded random `fraction` for training. Warns, since the
+    paper's numbers come from SeCo's fixed split."""
+    warnings.warn(f"{reason}: using a seeded random split ({fraction:.0%} train, seed {seed})", stacklevel=2)
+    order = np.random.default_rng(seed).permutation(count)
+    cut = int(round(count * fraction))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data-parallel encoder passes: the batch is split over every device, the encoder is replicated.
+
+
+def data_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def global_batch_size(requested: int, mesh: Mesh) -> int:
+    """`requested` rounded up to a multiple of the device count."""
+    return math.ceil(requested / mesh.size) * mesh.size
+
+
+def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    if batch.shape[0] == size:
+        return batch
+    padding = np.zeros((size - batch.shape[0], *batch.shape[1:]), batch.dtype)
+    return np.concatenate([batch, padding])
+
+
+def extract_features(
+    model: ResNet,
+    load_batch: Callable[[np.ndarray], np.ndarray],
+    count: int,
+    *,
+    preprocess: Callable[[jax.Array], jax.Array],
+    batch_size: int = 256,
+    description: str = "features",
+) -> np.ndarray:
+    """Pooled features [count, d] of the frozen encoder in eval mode.
+
+    `load_batch(indices)` returns the raw images of those examples (any dtype, NHWC); `preprocess` maps
+    them to the encoder's input inside the compiled function, so only the raw bytes cross to the devices.
+    """
+    mesh = data_mesh()
+    batch_size = global_batch_size(batch_size, mesh)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    @jax.jit
+    def forward(state, images):
+        return nnx.merge(graphdef, state)(preprocess(images))
+
+    features = []
+    for start in tqdm.trange(0, count, batch_size, desc=description, leave=False):
+        indices = np.arange(start, min(start + batch_size, count))
+        images = jax.device_put(pad_batch(load_batch(indices), batch_size), batch_sharding)
+        features.append(np.asarray(forward(state, images))[: indices.size])
+    return np.concatenate(features) if features else np.zeros((0, model.feature_dim), np.float32)
+
+
+def refresh_batch_stats(
+    model: ResNet,
+    load_batch: Callable[[np.ndarray], np.ndarray],
+    count: int,
+    *,
+    preprocess: Callable[[jax.Array], jax.Array],
+    batch_size: int,
+    seed: int,
+) -> None:
+    """One shuffled pass in training mode over `count` examples, updating the BatchNorm running statistics
+    in place (batches of `batch_size`, the last partial one dropped, as the official loaders did).
+
+    This reproduces what the official linear probe did by accident: Lightning kept the "frozen" encoder in
+    training mode, so its statistics drifted to the probe's training set. One pass gives what 100 epochs
+    give: with torch's momentum 0.1 the running averages forget everything older than ~50 batches.
+    """
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    @jax.jit
+    def update(params, batch_stats, images):
+        module = nnx.merge(graphdef, params, batch_stats)
+        module.train()
+        module(preprocess(images))
+        return nnx.state(module, nnx.BatchStat)
+
+    order = np.random.default_rng(seed).permutation(count)
+    for start in tqdm.trange(0, count - batch_size + 1, batch_size, desc="BN stats", leave=False):
+        batch_stats = update(params, batch_stats, load_batch(np.sort(order[start : start + batch_size])))
+    nnx.update(model, batch_stats)
+    model.eval()
+
+
+def as_unit_float(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [0, 1], torchvision's ToTensor: the downstream input of the paper."""
+    return images.astype(jnp.float32) / 255.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def metrics_path(checkpoint: str, task: str) -> str:
+    """`<checkpoint>_<task>.json` beside the export folder (the export itself stays an Orbax checkpoint)."""
+    return f"{checkpoint.rstrip(os.sep)}_{task}.json"
+
+
+def write_metrics(path: str, record: dict) -> str:
+    """Writes the JSON atomically (temporary file, then rename)."""
+    record = {"written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(record, f, indent=2, default=_json_default)
+    os.replace(temporary, path)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def format_table(title: str, rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A plain-text table: one row per encoder, metrics as percentages with two decimals."""
+    header = ["encoder", *columns]
+    body = [
+        [row["encoder"], *(_format_cell(row.get(column)) for column in columns)] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in body]
+    return "\n".join(lines)
+
+
+def _format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{100.0 * value:.2f}"
+    return "-" if value is None else str(value)
+
+
+def report(config, workdir: str, task: str, rows: list[dict], columns: Sequence[str], extra: dict) -> dict:
+    """Prints the table, writes the metrics JSON beside the checkpoint, returns the task's result."""
+    checkpoint = checkpoint_dir(config, workdir)
+    print(format_table(f"{task} (percent)", rows, columns), flush=True)
+    record = {"task": task, "checkpoint": checkpoint, "rows": rows, **extra}
+    path = write_metrics(metrics_path(checkpoint, task), record)
+    return {"metrics_file": path, "rows": rows}

@@ -1,0 +1,208 @@
+"""One pretraining step, written for one device with named-axis collectives, run with `jax.shard_map`.
+
+The mesh is 1-D, ``('data',)``, spanning every device of every host. The state is replicated; the batch is
+split along its rows (each device holds whole locations: rows 2l, 2l+1 never straddle two devices). Per
+device, in the official order:
+
+1. EMA of the key encoder and heads from the query side (parameters only), before any forward pass.
+2. The views of this device's items, augmented on the device (`caco_jax.augment.make_views`).
+3. Key forwards, no gradient, one per key view (each view is its own BatchNorm batch, as in the official
+   loop over ``img_k[i]``); key head s on view v gives ``z_k[s, v]``. Keys are all-gathered: every
+   query sees the negatives of the whole global batch.
+4. CACo only: the change statistics from the KEY encoder's subspace-1 embeddings of the query views and
+   of the k1 views, folded into the running per-item values (every device applies the whole batch).
+5. The query forward and the mode's objective over this device's query rows; gradients. `shard_map`
+   sums the gradients of replicated parameters over devices, so each device differentiates its local
+   mean loss divided by the device count: the sum is the gradient of the global mean, exactly.
+6. SGD on the query side; the gathered keys enqueued in global batch order.
+
+BatchNorm modes (``config.train.bn_mode``):
+  per_device: statistics of each device's rows (the official single-GPU run is this on one device);
+    the running statistics are averaged over devices after the step so that the state stays replicated.
+  sync: statistics over the global batch (``bn_axis_name='data'``); N devices compute exactly what one
+    device computes on the same global batch.
+  shuffle: MoCo's shuffle-BN for the key encoder: each key view's global batch is permuted across
+    devices before the key forward and unpermuted after, so a query and its positive key never share
+    BatchNorm statistics; the query encoder is per device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from caco_jax import change as change_lib
+from caco_jax import momentum
+from caco_jax import queue as queue_lib
+from caco_jax.modes import Mode
+from caco_jax.train_state import Model, TrainState
+
+AXIS = "data"
+BN_MODES = ("per_device", "sync", "shuffle")
+
+
+def gather(x):
+    """All-gathers the rows of ``x`` over the data axis as a value replicated on every device."""
+    return jax.lax.all_gather(x, AXIS, tiled=True, to="invarying")
+
+
+def _local_rows(x, n):
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(AXIS) * n, n, axis=0)
+
+
+def _encode_plain(encoder, images, shuffle_key):
+    del shuffle_key
+    return encoder(images)
+
+
+def _encode_shuffled(encoder, images, shuffle_key):
+    """MoCo's batch_shuffle_ddp / batch_unshuffle_ddp: BatchNorm sees a random slice of the global batch."""
+    n = images.shape[0]
+    everyone = gather(images)
+    order = jax.random.permutation(shuffle_key, everyone.shape[0])
+    features = encoder(_local_rows(everyone[order], n))
+    restored = gather(features)[jnp.argsort(order)]
+    return _local_rows(restored, n)
+
+
+KEY_ENCODERS = {"per_device": _encode_plain, "sync": _encode_plain, "shuffle": _encode_shuffled}
+
+
+def bn_axes(bn_mode: str) -> tuple[str | None, str | None]:
+    """(query, key) `bn_axis_name` of the ResNets for a BatchNorm mode."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    return (AXIS, AXIS) if bn_mode == "sync" else (None, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Everything static the step needs besides the model and the mode."""
+
+    temperature: float
+    key_momentum: float
+    bn_mode: str
+    change_beta: float
+    change_use_ema: bool
+    change_epsilon: float
+
+
+def _replicated_mean(tree):
+    """Per-device values (BatchNorm running statistics in per-device modes) -> their mean everywhere."""
+    return jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), tree)
+
+
+def make_per_device_step(
+    model: Model,
+    mode: Mode,
+    optimizer: optax.GradientTransformation,
+    learning_rate: optax.Schedule,
+    settings: StepSettings,
+    make_views: Callable,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The step for one device's rows. ``make_views(key, images) -> [1 + S, n, h, w, c]`` (q, k0, ...)."""
+    encode_keys = KEY_ENCODERS[settings.bn_mode]
+
+    def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict]:
+        num_devices = jax.lax.axis_size(AXIS)
+        item_ids = batch["item_id"]
+        n = item_ids.shape[0]
+        step_key = jax.random.fold_in(state.rng, state.step)
+        views_key, shuffle_key = jax.random.split(step_key)
+        # Augmentation randomness is a function of (seed, step, item), not of the device layout.
+        views = make_views(views_key, batch["images"], item_ids)
+        query_views, key_views = views[0], views[1:]
+
+        key_params = momentum.ema_update(state.key_params, state.query_params, settings.key_momentum)
+        key_model = model.key(key_params, state.key_stats)
+        key_model.train()
+        shuffle_keys = jax.random.split(shuffle_key, key_views.shape[0] + 1)
+        key_features = jnp.stack(
+            [encode_keys(key_model.encoder, v, k) for v, k in zip(key_views, shuffle_keys[1:])]
+        )
+        z_k = jax.lax.stop_gradient(key_model.heads(key_features))  # [S, S, n, D]
+        z_k_global = gather(z_k.transpose(2, 0, 1, 3)).transpose(1, 2, 0, 3)  # [S, S, N, D]
+        item_ids_global = gather(item_ids)
+
+        change = state.change
+        if mode.tracks_change:
+            query_by_key = key_model.heads(encode_keys(key_model.encoder, query_views, shuffle_keys[0]))
+            statistics = change_lib.change_statistics(
+                query_by_key[1], z_k[1, 1], settings.change_epsilon
+            )
+            running = change_lib.update_running_change(
+                change["running"],
+                item_ids_global,
+                gather(statistics),
+                beta=settings.change_beta,
+                use_ema=settings.change_use_ema,
+            )
+            change = {**change, "running": running}
+        changed = change["labels"][item_ids] if mode.tracks_change else jnp.zeros((n,), bool)
+        key_stats = _replicated_mean(nnx.to_pure_dict(nnx.state(key_model, nnx.BatchStat)))
+
+        def loss_fn(query_params):
+            query_model = model.query(query_params, state.query_stats)
+            query_model.train()
+            z_q = query_model(query_views)  # [S, n, D]
+            loss, metrics = mode.objective(
+                z_q,
+                z_k_global,
+                state.queue["keys"],
+                changed,
+                settings.temperature,
+                jax.lax.axis_index(AXIS) * n,
+            )
+            stats = nnx.to_pure_dict(nnx.state(query_model, nnx.BatchStat))
+            return loss / num_devices, (loss, metrics, stats)
+
+        grads, (loss, metrics, query_stats) = jax.grad(loss_fn, has_aux=True)(state.query_params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.query_params)
+        query_params = optax.apply_updates(state.query_params, updates)
+
+        keys, pointer = mode.enqueue(
+            state.queue["keys"],
+            state.queue["pointer"],
+            queue_lib.keys_to_enqueue(z_k_global),
+            gather(batch["window"]),
+        )
+        loss = jax.lax.pmean(loss, AXIS)
+        metrics = {name: jax.lax.pmean(value, AXIS) for name, value in metrics.items()}
+        metrics["loss"] = loss
+        metrics["learning_rate"] = learning_rate(state.step)
+        metrics["changed_fraction"] = jax.lax.pmean(jnp.mean(changed.astype(jnp.float32)), AXIS)
+        new_state = state.replace(
+            step=state.step + 1,
+            query_params=query_params,
+            query_stats=_replicated_mean(query_stats),
+            key_params=key_params,
+            key_stats=key_stats,
+            opt_state=opt_state,
+            queue={"keys": keys, "pointer": pointer},
+            change=change,
+            all_finite=state.all_finite & jnp.isfinite(loss),
+        )
+        return new_state, metrics
+
+    return step
+
+
+def make_train_step(mesh: jax.sharding.Mesh, per_device_step: Callable) -> Callable:
+    """jit(shard_map(step)): replicated state in and out, the batch split along its rows."""
+    sharded = jax.shard_map(
+        per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P())
+    )
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+    """The 1-D ``('data',)`` mesh over all devices of all hosts (or the given ones)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.sharding.Mesh(devices, (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))

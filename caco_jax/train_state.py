@@ -1,0 +1,121 @@
+"""The training state: one immutable pytree holding everything a resume needs.
+
+Parameters and BatchNorm statistics are kept as pure nested dicts (``nnx.to_pure_dict``), so the state is
+a plain pytree that `jax.shard_map`, optax and Orbax handle without knowing about NNX; `nnx.merge` with the
+static `Model.graphdef` turns them back into modules inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from caco_jax.models.heads import SubspaceHeads
+from caco_jax.models.resnet import ResNet
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ContrastiveModel(nnx.Module):
+    """A ResNet encoder and one projection head per embedding subspace (f_q or f_k of the paper)."""
+
+    def __init__(self, encoder: ResNet, heads: SubspaceHeads):
+        self.encoder = encoder
+        self.heads = heads
+
+    def __call__(self, images):
+        """Images [N, H, W, C] -> L2-normalised embeddings [S, N, out]."""
+        return self.heads(self.encoder(images))
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The static half of a `ContrastiveModel` (its graph) for the query and the key side.
+
+    Both sides share parameter structure; they differ only in the BatchNorm axis (shuffle-BN runs the key
+    encoder per device while the query encoder may be synchronised).
+    """
+
+    query_graphdef: Any
+    key_graphdef: Any
+    encoder_graphdef: Any  # the query encoder alone, for exports
+
+    def query(self, params, stats) -> ContrastiveModel:
+        return nnx.merge(self.query_graphdef, params, stats)
+
+    def key(self, params, stats) -> ContrastiveModel:
+        return nnx.merge(self.key_graphdef, params, stats)
+
+    def encoder(self, params, stats) -> ResNet:
+        return nnx.merge(self.encoder_graphdef, params["encoder"], stats["encoder"])
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes during pretraining. Every leaf is an array, replicated over the mesh."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    rng: jax.Array  # uint32 [2]: the run's root key; per-step keys are folded from it and `step`
+    query_params: Any
+    query_stats: Any  # BatchNorm running statistics of the query encoder
+    key_params: Any  # EMA of query_params
+    key_stats: Any  # the key encoder's own BatchNorm statistics
+    opt_state: Any
+    queue: Any  # the mode's negative queue (see caco_jax/queue.py)
+    change: Any  # per-item running change statistics and labels (see caco_jax/change.py)
+    all_finite: jax.Array  # bool scalar: False once any loss was NaN/Inf (checked on the host)
+
+
+def build_model(
+    depth: int,
+    num_subspaces: int,
+    embedding_dim: int,
+    *,
+    seed: int,
+    compute_dtype: str,
+    query_bn_axis: str | None,
+    key_bn_axis: str | None,
+    in_channels: int = 3,
+) -> tuple[Model, Any, Any]:
+    """The static `Model` and the initial (params, BatchNorm stats) as pure dicts."""
+    dtype = COMPUTE_DTYPES[compute_dtype]
+
+    def make(bn_axis):
+        rngs = nnx.Rngs(seed)
+        encoder = ResNet(depth, rngs=rngs, dtype=dtype, bn_axis_name=bn_axis, in_channels=in_channels)
+        heads = SubspaceHeads(encoder.feature_dim, num_subspaces, embedding_dim, rngs=rngs, dtype=dtype)
+        return ContrastiveModel(encoder, heads)
+
+    query = make(query_bn_axis)
+    query_graphdef, params, stats = nnx.split(query, nnx.Param, nnx.BatchStat)
+    key_graphdef = nnx.split(nnx.eval_shape(lambda: make(key_bn_axis)), nnx.Param, nnx.BatchStat)[0]
+    encoder_graphdef = nnx.split(query.encoder, nnx.Param, nnx.BatchStat)[0]
+    model = Model(query_graphdef, key_graphdef, encoder_graphdef)
+    return model, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def make_optimizer(
+    *,
+    learning_rate: optax.Schedule,
+    momentum: float,
+    weight_decay: float,
+) -> optax.GradientTransformation:
+    """torch.optim.SGD(momentum, weight_decay): the decay is added to the gradient before the momentum."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(learning_rate, momentum=momentum),
+    )
+
+
+def learning_rate_schedule(
+    *, base_learning_rate: float, batch_size: int, steps_per_epoch: int, milestones
+) -> optax.Schedule:
+    """lr = base x batch/256, multiplied by 0.1 at the first step of each milestone epoch."""
+    peak = base_learning_rate * batch_size / 256
+    return optax.piecewise_constant_schedule(
+        peak, {int(epoch) * steps_per_epoch: 0.1 for epoch in milestones}
+    )

@@ -1,0 +1,19 @@
+r"""EuroSAT linear probe (SPEC section 4): frozen encoder, Linear(d, 10), Adam 1e-3, 100 epochs, x0.1 at
+60 and 80, batch 32, 64x64 input in [0, 1]; top-1 on SeCo's validation split.
+
+  python run.py --config configs/eval_eurosat.py --workdir workdir/caco_r18_100k \
+    --config.eval.data_dir=~/tensorflow_datasets --config.eval.split_dir=data/splits
+"""
+
+from caco_jax import config as config_lib
+
+
+def get_config():
+    config = config_lib.base_config()
+    config.tasks = ("eval_eurosat",)
+    config.eval.epochs = 100
+    config.eval.batch_size = 32
+    config.eval.learning_rate = 1e-3
+    config.eval.milestones = (60, 80)
+    config.eval.image_size = 64
+    return config

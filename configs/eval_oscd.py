@@ -1,0 +1,21 @@
+r"""OSCD change detection (SPEC section 4): frozen encoder, |f(x1) - f(x2)| at each stage into a U-Net
+decoder, 96x96 tiles with flips and rot90, BCE, Adam 1e-3 (weight decay 1e-4), lr x0.95 per epoch,
+100 epochs, batch 32; precision / recall / F1 at 0.5 on the 10 test cities.
+
+  python run.py --config configs/eval_oscd.py --workdir workdir/caco_r18_100k \
+    --config.eval.oscd_dir=data/oscd
+"""
+
+from caco_jax import config as config_lib
+
+
+def get_config():
+    config = config_lib.base_config()
+    config.tasks = ("eval_oscd",)
+    config.eval.epochs = 100
+    config.eval.batch_size = 32
+    config.eval.learning_rate = 1e-3
+    config.eval.weight_decay = 1e-4
+    config.eval.lr_decay = 0.95
+    config.eval.tile_size = 96
+    return config

@@ -1,0 +1,196 @@
+"""PyTorch -> JAX weight conversion: a torchvision-layout ResNet written here with plain torch modules
+(no torchvision), random weights and BatchNorm statistics, converted; the JAX model must give the same
+pooled features and stage maps."""
+
+import argparse
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from caco_jax import config as config_lib  # noqa: E402
+from caco_jax import convert  # noqa: E402
+from caco_jax.models import export  # noqa: E402
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = _shortcut(inplanes, planes, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = _shortcut(inplanes, planes * 4, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def _shortcut(inplanes, outplanes, stride):
+    if stride == 1 and inplanes == outplanes:
+        return None
+    return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), nn.BatchNorm2d(outplanes))
+
+
+class TorchResNet(nn.Module):
+    """torchvision's ResNet layout (module names and forward), written out for the test."""
+
+    def __init__(self, block, layers):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = 64
+        for index, (planes, count) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for b in range(count):
+                blocks.append(block(inplanes, planes, 2 if index > 0 and b == 0 else 1))
+                inplanes = planes * block.expansion
+            setattr(self, f"layer{index + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, 1000)
+
+    def stages(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            out.append(x)
+        return torch.flatten(self.avgpool(x), 1), out
+
+
+def random_torch_resnet(depth, seed):
+    torch.manual_seed(seed)
+    block, layers = {18: (BasicBlock, (2, 2, 2, 2)), 50: (Bottleneck, (3, 4, 6, 3))}[depth]
+    model = TorchResNet(block, layers)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):  # non-trivial statistics and affine terms
+                module.running_mean.normal_(0.0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def sequential_state_dict(model):
+    """The official CACo/SeCo layout: nn.Sequential(conv1, bn1, relu, maxpool, layer1..4, avgpool, Flatten)."""
+    sequential = nn.Sequential(
+        model.conv1, model.bn1, model.relu, model.maxpool,
+        model.layer1, model.layer2, model.layer3, model.layer4, model.avgpool, nn.Flatten(),
+    )  # fmt: skip
+    return sequential.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("depth", "layout"), [(18, "torchvision"), (50, "sequential"), (18, "lightning")]
+)
+def test_converted_resnet_matches_torch(tmp_path, depth, layout):
+    model = random_torch_resnet(depth, seed=depth)
+    if layout == "torchvision":
+        state = model.state_dict()
+    elif layout == "sequential":
+        state = sequential_state_dict(model)
+        assert "5.0.downsample.1.running_mean" in state
+    else:  # a Lightning checkpoint of pretraining: query and key encoders, heads, queue
+        encoder = sequential_state_dict(model)
+        state = {"state_dict": {
+            **{f"encoder_q.{k}": v for k, v in encoder.items()},
+            **{f"encoder_k.{k}": v.clone() for k, v in encoder.items()},
+            "heads_q.0.weight": torch.zeros(3, 3),
+            "queue": torch.zeros(128, 16),
+        }}  # fmt: skip
+    path = os.path.join(tmp_path, "weights.pth")
+    torch.save(state, path)
+
+    converted, notes = convert.convert(path)
+    assert converted.depth == depth
+    if layout != "sequential":
+        assert notes  # the classifier or the key encoder was dropped, and said so
+
+    images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        torch_pooled, torch_stages = model.stages(torch.from_numpy(images).permute(0, 3, 1, 2))
+    pooled, stages = converted(jnp.asarray(images), return_stages=True)
+    differences = [np.abs(np.asarray(pooled) - torch_pooled.numpy()).max()]
+    for ours, theirs in zip(stages, torch_stages, strict=True):
+        differences.append(np.abs(np.asarray(ours) - theirs.permute(0, 2, 3, 1).numpy()).max())
+    print(f"ResNet-{depth} {layout}: max abs difference {max(differences):.2e} (float32)")
+    assert max(differences) < 1e-4
+
+
+def test_missing_and_unknown_keys_are_listed(tmp_path):
+    state = random_torch_resnet(18, seed=0).state_dict()
+    del state["layer2.1.bn2.running_var"]
+    state["layer2.1.extra.weight"] = torch.zeros(1)
+    path = os.path.join(tmp_path, "broken.pth")
+    torch.save(state, path)
+    with pytest.raises(convert.ConversionError, match=r"layer2\.1\.bn2\.running_var.*layer2\.1\.extra\.weight"):
+        convert.convert(path)
+
+
+def test_wrong_shape_and_wrong_depth_are_errors(tmp_path):
+    state = random_torch_resnet(18, seed=0).state_dict()
+    path = os.path.join(tmp_path, "r18.pth")
+    torch.save(state, path)
+    with pytest.raises(convert.ConversionError, match="holds a ResNet-18"):
+        convert.convert(path, depth=50)
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    torch.save(state, path)
+    with pytest.raises(convert.ConversionError, match=r"layer1\.0\.conv1\.weight.*shape"):
+        convert.convert(path)
+
+
+def test_pickled_objects_need_allow_pickle(tmp_path):
+    state = {"state_dict": random_torch_resnet(18, seed=0).state_dict(), "hparams": argparse.Namespace(lr=1)}
+    path = os.path.join(tmp_path, "seco.ckpt")
+    torch.save(state, path)
+    with pytest.raises(convert.ConversionError, match="allow_pickle"):
+        convert.convert(path)
+    model, _ = convert.convert(path, allow_pickle=True)
+    assert model.depth == 18
+
+
+def test_convert_task_writes_an_export_the_evaluators_load(tmp_path):
+    path = os.path.join(tmp_path, "r18.pth")
+    torch.save(random_torch_resnet(18, seed=1).state_dict(), path)
+    config = config_lib.base_config()
+    config.tasks = ("convert_weights",)
+    config.convert.source = path
+    config_lib.validate(config)
+    result = convert.run_task(config, str(tmp_path))
+    model, metadata = export.load_encoder(result["export"])
+    assert result["export"] == os.path.join(tmp_path, "encoder")
+    assert metadata["depth"] == 18 and metadata["source"] == path
+    reference, _ = convert.convert(path)
+    images = jnp.ones((1, 32, 32, 3))
+    np.testing.assert_allclose(model(images), reference(images), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,299 @@
+"""The downloader up to the Earth Engine boundary, with a fake client: layout, resume, failures."""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import rasterio
+
+from caco_jax import config as config_lib
+from caco_jax.data import layout
+from caco_jax.download import downloader, footprint, writer
+from caco_jax.download.client import Acquisition, TransientError
+from caco_jax.download.downloader import Settings, choose_acquisitions, download_all
+from caco_jax.download.task import run
+from caco_jax.sampling.files import Site
+
+WINDOWS = ((datetime.date(2019, 1, 1), datetime.date(2020, 1, 1)),
+           (datetime.date(2023, 1, 1), datetime.date(2024, 1, 1)))  # fmt: skip
+SETTINGS = Settings(windows=WINDOWS, num_workers=2, retry_base_seconds=0.0)
+SITES = [
+    Site("000000", 48.85, 2.35),
+    Site("000001", -33.9, 18.6),
+    Site("000002", 65.0, 179.999),  # a square across the antimeridian
+    Site("000003", 35.7, 139.7),
+]
+
+
+class FakeClient:
+    """A scene every 5 days over every site; some cloudy patches, some without data.
+
+    `fail_search` maps location latitudes to the exception their search raises; `scarce` latitudes
+    get only two scenes per window; `transient_every` makes every n-th fetch fail once with a
+    TransientError; `crash_at_fetch` raises KeyboardInterrupt at that fetch (a Ctrl-C mid-location).
+    """
+
+    def __init__(self, fail_search=None, scarce=(), transient_every=0, crash_at_fetch=0):
+        self.fail_search = fail_search or {}
+        self.scarce = set(scarce)
+        self.transient_every = transient_every
+        self.crash_at_fetch = crash_at_fetch
+        self.fetches = 0
+        self.fetched_products = []
+        self._lock = threading.Lock()
+
+    def search(self, lat, lon, start, end, max_cloud):
+        if lat in self.fail_search:
+            raise self.fail_search[lat]
+        scenes = []
+        day = start
+        while day < end:
+            time = datetime.datetime.combine(day, datetime.time(10, 30, 21))
+            tile = f"T{int(lat * 10) % 100:02d}ABC"
+            product_id = f"{time:%Y%m%dT%H%M%S}_{time:%Y%m%dT%H%M%S}_{tile}"
+            cloud = zlib.crc32(product_id.encode()) % 30
+            if cloud < max_cloud:
+                properties = {
+                    "system:index": product_id,
+                    "system:time_start": int(time.replace(tzinfo=datetime.UTC).timestamp() * 1000),
+                    layout.CLOUD_PROPERTY: float(cloud),
+                    "MGRS_TILE": tile[1:],
+                }
+                scenes.append(Acquisition(product_id, time, float(cloud), properties))
+            day += datetime.timedelta(days=5)
+        return scenes[:2] if lat in self.scarce else scenes
+
+    def fetch(self, acquisition, bands, grid):
+        with self._lock:
+            self.fetches += 1
+            count = self.fetches
+            self.fetched_products.append(acquisition.product_id)
+        if count == self.crash_at_fetch:
+            raise KeyboardInterrupt
+        if self.transient_every and count % self.transient_every == 0:
+            raise TransientError("Too Many Requests: rate limit")
+        return np.stack([fake_band(acquisition.product_id, b, grid.size) for b in bands], -1)
+
+
+def fake_kind(product_id):
+    """Every 4th scene's patch is cloudy, every 7th has no data."""
+    h = zlib.crc32(product_id.encode()) // 31
+    return "cloudy" if h % 4 == 0 else "nodata" if h % 7 == 0 else "good"
+
+
+def fake_band(product_id, band, size):
+    kind = fake_kind(product_id)
+    if kind == "nodata":
+        return np.zeros((size, size), np.uint16)
+    if band == downloader.QA_BAND:
+        qa = np.zeros((size, size), np.uint16)
+        if kind == "cloudy":
+            qa[:3, :3] = 1 << 10
+        return qa
+    rng = np.random.default_rng(zlib.crc32(f"{product_id}/{band}".encode()))
+    # Smooth fields (JPEG keeps them) spanning reflectances above 1 (clipped).
+    base = rng.uniform(200, 12_000)
+    ramp = np.linspace(0, 1500, size, dtype=np.float64)
+    return (base + ramp[:, None] + ramp[None, :]).clip(1, 65_535).astype(np.uint16)
+
+
+def _files(folder):
+    """{relative path: sha256} of every file under folder."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def test_reflectance_to_uint8_clips_and_truncates_like_seco():
+    dn = np.array([-5, 0, 39, 40, 5000, 9999, 10_000, 12_000])
+    np.testing.assert_array_equal(
+        downloader.to_uint8(dn), [0, 0, 0, 1, 127, 254, 255, 255]
+    )
+    qa = np.array([[0, 1 << 10], [1 << 11, 1 << 3]])
+    assert downloader.cloud_fraction(qa) == 0.5
+    assert downloader.nodata_fraction(np.array([[[0, 0], [0, 3]]])) == 0.5
+
+
+def test_choice_spreads_over_the_window_and_merges_same_day_scenes():
+    start, end = datetime.date(2019, 1, 1), datetime.date(2020, 1, 1)
+
+    def acq(month, day, cloud, tile="T31UDQ"):
+        t = datetime.datetime(2019, month, day, 10, 30)
+        return Acquisition(f"{t:%Y%m%dT%H%M%S}_{t:%Y%m%dT%H%M%S}_{tile}", t, cloud, {})
+
+    scenes = [acq(1, 5, 8.0), acq(1, 5, 2.0, "T31UDR"), acq(2, 1, 1.0), acq(6, 1, 5.0),
+              acq(6, 20, 3.0), acq(7, 1, 4.0), acq(12, 1, 9.0)]  # fmt: skip
+    bad = {"20190201", "20190620"}  # their patches turn out cloudy
+    tried = []
+
+    def try_one(a):
+        tried.append(a.product_id[:8])
+        return None if a.product_id[:8] in bad else a
+
+    chosen = choose_acquisitions(scenes, start, end, 5, try_one, max_tries=20)
+    # Periods of 73 days: Jan 1-Mar 14 (Feb 1 bad, then Jan 5), Mar 15-May 26 (none),
+    # May 27-Aug 7 (Jun 20 bad, then Jul 1), Aug 8-Oct 19 (none), Oct 20-Dec 31 (Dec 1);
+    # then the rest by cloud (Jun 1). Jan 5 is the less cloudy T31UDR twin.
+    assert tried == ["20190201", "20190105", "20190620", "20190701", "20191201", "20190601"]
+    assert [a.product_id[:8] for a in chosen] == ["20190105", "20190701", "20191201", "20190601"]
+    assert chosen[0].product_id.endswith("T31UDR")
+    tried.clear()
+    assert len(choose_acquisitions(scenes, start, end, 5, try_one, max_tries=3)) == 1
+    assert len(tried) == 3
+
+
+def test_written_layout_is_exactly_the_published_one(tmp_path):
+    client = FakeClient()
+    archive = str(tmp_path / "clean_custom_geography")
+    summary = download_all(client, SITES, archive, SETTINGS, progress=False)
+    assert (summary.written, summary.skipped, summary.failed) == (4, 0, {})
+    assert sorted(os.listdir(archive)) == [s.location_id for s in SITES]
+    for site in SITES:
+        location = os.path.join(archive, site.location_id)
+        folders = sorted(n for n in os.listdir(location) if os.path.isdir(os.path.join(location, n)))
+        previews = sorted(n for n in os.listdir(location) if n.endswith(".tif"))
+        assert previews == [f"{n}.tif" for n in folders]
+        assert len(folders) == 10
+        times = [layout.sensing_time(n).date() for n in folders]
+        assert times == sorted(times)
+        assert all(WINDOWS[0][0] <= t < WINDOWS[0][1] for t in times[:5])
+        assert all(WINDOWS[1][0] <= t < WINDOWS[1][1] for t in times[5:])
+        # Every fifth of a window that has a good scene gives one of the acquisitions.
+        for window, chosen in ((0, times[:5]), (1, times[5:])):
+            start, end = WINDOWS[window]
+            fifth = lambda t: int((t - start) / ((end - start) / 5))  # noqa: B023
+            scenes = client.search(site.lat, site.lon, start, end, SETTINGS.max_scene_cloud)
+            good = {fifth(a.time.date()) for a in scenes if fake_kind(a.product_id) == "good"}
+            assert {fifth(t) for t in chosen} == good
+        grids = footprint.patch_grids(site.lat, site.lon)
+        box = footprint.geobox(grids[10], site.lon)
+        assert box.west < box.east and abs(box.center[0] - site.lat) < 0.001
+        for name in folders:
+            assert fake_kind(name) == "good"
+            folder = os.path.join(location, name)
+            assert sorted(os.listdir(folder)) == sorted(
+                [layout.band_file(b) for b in layout.BANDS] + [layout.METADATA_FILE]
+            )
+            for band in layout.BANDS:
+                with rasterio.open(os.path.join(folder, layout.band_file(band))) as src:
+                    assert (src.driver, src.count, src.dtypes[0]) == ("GTiff", 1, "uint8")
+                    assert src.shape == layout.band_shape(band)
+                    assert src.compression.name == "JPEG" and src.crs.to_epsg() == 4326
+                    np.testing.assert_allclose(
+                        src.bounds, (box.west, box.south, box.east, box.north), atol=1e-9
+                    )
+                    pixels = src.read(1).astype(np.float64)
+                expected = downloader.to_uint8(fake_band(name, band, layout.band_shape(band)[0]))
+                assert np.abs(pixels - expected).mean() < 2.0  # JPEG is lossy
+            with open(os.path.join(folder, layout.METADATA_FILE)) as f:
+                metadata = json.load(f)
+            assert metadata["system:index"] == name and layout.CLOUD_PROPERTY in metadata
+            with rasterio.open(os.path.join(location, f"{name}.tif")) as src:
+                assert (src.count, src.shape) == (3, (264, 264))
+    # Cloudy-patch candidates cost one request (the 60 m screen), good ones three.
+    assert summary.requests == 8 + client.fetches
+
+
+def test_a_failing_location_is_reported_and_not_fatal(tmp_path):
+    client = FakeClient(fail_search={-33.9: ValueError("Image.load: asset not found")}, scarce={35.7})
+    config = config_lib.base_config()
+    config.download.locations = str(tmp_path / "locations.csv")
+    config.download.output = str(tmp_path / "archive" / "clean_custom_geography")
+    config.download.num_workers = 2
+    config_lib.validate(config)
+    with open(config.download.locations, "w") as f:
+        f.write("location_id,lat,lon\n" + "".join(f"{s.location_id},{s.lat},{s.lon}\n" for s in SITES))
+    result = run(client, config, str(tmp_path), progress=False)
+    assert (result["complete"], result["failed"]) == (2, 2)
+    assert sorted(os.listdir(config.download.output)) == ["000000", "000002"]
+    with open(result["report"]) as f:
+        failed = json.load(f)["failed"]
+    assert "asset not found" in failed["000001"]
+    assert "window 0" in failed["000003"] and "2 usable acquisitions, need 3" in failed["000003"]
+    with open(config.download.output + "_download_report.csv") as f:
+        assert f.read().splitlines()[1:] == [f"000001,ValueError: {client.fail_search[-33.9]}",
+                                             f"000003,{failed['000003']}"]  # fmt: skip
+
+
+def test_transient_errors_are_retried_with_exponential_backoff(tmp_path):
+    delays = []
+    client = FakeClient(transient_every=5)
+    settings = dataclasses.replace(SETTINGS, num_workers=1, retry_base_seconds=1.0)
+    summary = download_all(client, SITES[:1], str(tmp_path / "a"), settings, progress=False, sleep=delays.append)
+    assert summary.written == 1 and summary.retries == len(delays) > 0
+    assert all(0.5 <= d <= 1.5 for d in delays)  # first retry of each request: base x [0.5, 1.5]
+
+    class AlwaysBusy(FakeClient):
+        def fetch(self, acquisition, bands, grid):
+            raise TransientError("503 Service Unavailable")
+
+    delays.clear()
+    settings = dataclasses.replace(settings, max_retries=3)
+    summary = download_all(AlwaysBusy(), SITES[:1], str(tmp_path / "b"), settings, progress=False, sleep=delays.append)
+    assert "gave up after 4 attempts" in summary.failed["000000"]
+    assert [round(d / 2**k, 6) >= 0.5 and d / 2**k <= 1.5 for k, d in enumerate(delays)] == [True] * 3
+
+
+def test_resume_after_an_interruption_gives_the_same_archive(tmp_path):
+    clean = str(tmp_path / "clean")
+    download_all(FakeClient(), SITES, clean, SETTINGS, progress=False)
+
+    archive = str(tmp_path / "resumed")
+    serial = dataclasses.replace(SETTINGS, num_workers=1)
+    # Ctrl-C while fetching the second location.
+    with pytest.raises(KeyboardInterrupt):
+        download_all(FakeClient(crash_at_fetch=40), SITES, archive, serial, progress=False)
+    assert os.listdir(archive) == ["000000"]
+    # A crash while writing the third location leaves only a dot-folder that readers ignore.
+    real_write = layout.write_band_geotiff
+    calls = []
+
+    def crashing_write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        real_write(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer.layout, "write_band_geotiff", crashing_write)
+        with pytest.raises(KeyboardInterrupt):
+            download_all(FakeClient(), SITES, archive, serial, progress=False)
+    assert sorted(os.listdir(archive)) == [".partial-000002", "000000", "000001"]
+
+    client = FakeClient()
+    summary = download_all(client, SITES, archive, SETTINGS, progress=False)
+    assert (summary.skipped, summary.written, summary.partials_removed) == (2, 2, 1)
+    # The finished locations were not fetched again: 2 locations x 10 good acquisitions x 3 requests,
+    # plus one screening request per rejected candidate.
+    assert len(client.fetched_products) < 2 * 10 * 3 + 2 * 10
+    assert _files(archive) == _files(clean)
+
+
+def test_bad_download_config_names_the_key():
+    config = config_lib.base_config()
+    config.download.windows = (("2019-01-01", "2020-06-01"), ("2023-01-01", "2024-01-01"))
+    with pytest.raises(config_lib.ConfigError, match="config.download.windows"):
+        config_lib.validate(config)
+    config.download.windows = (("2023-01-01", "2024-01-01"), ("2019-01-01", "2020-01-01"))
+    with pytest.raises(config_lib.ConfigError, match="early window must end first"):
+        config_lib.validate(config)
+    config = config_lib.base_config()
+    config.download.min_acquisitions_per_window = 6
+    with pytest.raises(config_lib.ConfigError, match="config.download.min_acquisitions_per_window"):
+        config_lib.validate(config)
+
+
+def test_the_core_never_imports_earth_engine():
+    import sys
+
+    assert "ee" not in sys.modules

@@ -1,0 +1,203 @@
+"""The host input pipeline: epochs, pairs, acquisition draws, determinism, resume, process shards."""
+
+import numpy as np
+import pytest
+
+from caco_jax import config as config_lib
+from caco_jax.data import item_sampler, pipeline
+
+SIZE = 4  # pixels per side of the fake images
+
+
+class FakeRecords:
+    """A list-like source shaped like the records: pixel (0, 0) encodes (location, acquisition)."""
+
+    def __init__(self, num_locations, windows=(0,) * 5 + (1,) * 5, bands=False):
+        self.num_locations = num_locations
+        self.windows = np.asarray(windows)
+        self.bands = bands
+
+    def __len__(self):
+        return self.num_locations
+
+    def __getitem__(self, index):
+        count = len(self.windows)
+        pixels = np.zeros((count, SIZE, SIZE, 3), np.uint8)
+        pixels[:, 0, 0, 0] = index
+        pixels[:, 0, 0, 1] = np.arange(count)
+        if self.bands:
+            pixels = {
+                "bands_10m": np.repeat(pixels[..., :1], 4, axis=-1),
+                "bands_20m": np.full((count, 2, 2, 6), 100 + index, np.uint8),
+                "bands_60m": np.full((count, 1, 1, 2), 200, np.uint8),
+            }
+        return {"location_id": f"{index:06d}", "pixels": pixels, "window": self.windows}
+
+
+def as_arrays(example):
+    return example
+
+
+def make(source, mode="caco", batch=4, seed=0, epochs=1, workers=0, threads=0, process=(0, 1)):
+    config = config_lib.base_config()
+    config.input.num_workers = workers
+    config.input.num_threads = threads
+    return pipeline.make_pipeline(
+        config,
+        source,
+        mode=mode,
+        global_batch_size=batch,
+        seed=seed,
+        num_epochs=epochs,
+        process_index=process[0],
+        process_count=process[1],
+        arrays_fn=as_arrays,
+    )
+
+
+def decode(batch):
+    """(location, acquisition index) of every row and view, from the encoded pixel."""
+    return batch["images"][:, :, 0, 0, 0], batch["images"][:, :, 0, 0, 1]
+
+
+def test_caco_epoch_visits_every_location_once_with_pairs_side_by_side():
+    source = FakeRecords(11)  # 11 locations, 2 per batch: 5 steps, one location dropped per epoch
+    assert pipeline.steps_per_epoch(11, "caco", 4) == 5
+    batches = list(make(source, epochs=2))
+    assert len(batches) == 10
+    for epoch in (batches[:5], batches[5:]):
+        seen = np.concatenate([b["location_index"][::2] for b in epoch])
+        assert len(set(seen.tolist())) == 10
+    first = np.concatenate([b["location_index"] for b in batches[:5]])
+    second = np.concatenate([b["location_index"] for b in batches[5:]])
+    assert not np.array_equal(first, second)  # reshuffled per epoch
+    for b in batches:
+        assert b["images"].shape == (4, 3, SIZE, SIZE, 3) and b["images"].dtype == np.uint8
+        loc = b["location_index"]
+        np.testing.assert_array_equal(loc[0::2], loc[1::2])
+        np.testing.assert_array_equal(b["window"], [0, 1, 0, 1])
+        np.testing.assert_array_equal(b["item_id"], 2 * loc + b["window"])
+        assert {k: v.dtype for k, v in b.items() if k != "images"} == dict.fromkeys(
+            ("item_id", "window", "location_index"), np.int32
+        )
+        locations, acquisitions = decode(b)
+        np.testing.assert_array_equal(locations, np.repeat(loc[:, None], 3, axis=1))
+        for row in range(4):
+            picks = acquisitions[row]
+            assert len(set(picks.tolist())) == 3  # caco: distinct
+            np.testing.assert_array_equal(source.windows[picks], b["window"][row])
+
+
+def test_draw_rules_per_mode():
+    windows = np.array([0] * 5 + [1] * 5)
+    rng = np.random.default_rng(0)
+    teco_repeats = seco_repeats = 0
+    for _ in range(200):
+        teco = item_sampler.draw_acquisitions(windows, mode="teco", item_window=1, rng=rng)
+        assert (windows[teco] == 1).all() and len(teco) == 3
+        teco_repeats += len(set(teco.tolist())) < 3
+        seco = item_sampler.draw_acquisitions(windows, mode="seco", item_window=0, rng=rng)
+        seco_repeats += len(set(seco.tolist())) < 3
+        distinct = item_sampler.draw_acquisitions(
+            windows, mode="seco", item_window=0, rng=rng, acquisition_draws="distinct"
+        )
+        assert len(set(distinct.tolist())) == 3
+        assert len(item_sampler.draw_acquisitions(windows, mode="moco", item_window=0, rng=rng)) == 1
+    # The official teco/seco code draws with replacement: repeats are common (P ~ 0.52 and 0.28).
+    assert teco_repeats > 50 and seco_repeats > 20
+    with pytest.raises(ValueError, match=r"location 000007: caco needs 3 acquisition\(s\) in window 1"):
+        item_sampler.draw_acquisitions(
+            np.array([0, 0, 0, 1, 1]), mode="caco", item_window=1, rng=rng, location="000007"
+        )
+
+
+@pytest.mark.parametrize("mode", ["seco", "moco"])
+def test_seco_and_moco_one_row_per_location_from_all_acquisitions(mode):
+    source = FakeRecords(8)
+    batches = list(make(source, mode=mode, batch=4))
+    assert len(batches) == 2
+    views = item_sampler.layout(mode).acquisitions_per_item
+    picked = set()
+    for b in batches:
+        assert b["images"].shape == (4, views, SIZE, SIZE, 3)
+        np.testing.assert_array_equal(b["item_id"], b["location_index"])
+        locations, acquisitions = decode(b)
+        np.testing.assert_array_equal(locations[:, 0], b["location_index"])
+        np.testing.assert_array_equal(b["window"], source.windows[acquisitions[:, 0]])
+        picked.update(acquisitions.ravel().tolist())
+    assert sorted(np.concatenate([b["location_index"] for b in batches])) == list(range(8))
+    assert len(picked & {0, 1, 2, 3, 4}) > 0 and len(picked & {5, 6, 7, 8, 9}) > 0
+
+
+def test_reproducible_and_independent_of_threads_and_workers():
+    source = FakeRecords(12)
+    reference = list(make(source, seed=3, epochs=2))
+    for threads, workers in ((4, 0), (0, 2)):
+        other = list(make(source, seed=3, epochs=2, threads=threads, workers=workers))
+        assert len(other) == len(reference)
+        for a, b in zip(reference, other):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    different = list(make(source, seed=4, epochs=2))
+    assert any(
+        not np.array_equal(a["images"], b["images"]) for a, b in zip(reference, different)
+    )
+
+
+def test_iterator_state_resumes_exactly():
+    source = FakeRecords(10)
+    iterator = make(source, epochs=3)
+    for _ in range(7):  # into the second epoch
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(4)]
+    resumed = make(source, epochs=3)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_process_shards_partition_the_global_batch_keeping_pairs():
+    source = FakeRecords(16)
+    whole = list(make(source, batch=8))
+    shards = [list(make(source, batch=8, process=(p, 2))) for p in range(2)]
+    assert len(whole) == len(shards[0]) == len(shards[1]) == 4
+    for step, batch in enumerate(whole):
+        for key in batch:
+            joined = np.concatenate([shards[0][step][key], shards[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+        np.testing.assert_array_equal(shards[1][step]["window"], [0, 1, 0, 1])
+
+
+def test_bad_batch_shapes_are_named():
+    source = FakeRecords(4)
+    with pytest.raises(ValueError, match="global_batch_size=5 must be a positive multiple of 2"):
+        make(source, batch=5)
+    with pytest.raises(ValueError, match="divide evenly over process_count=4"):
+        make(source, batch=4, process=(0, 4))
+    with pytest.raises(ValueError, match="needs more locations than the 4"):
+        make(source, batch=10)
+    short = FakeRecords(2, windows=(0, 0, 0, 1, 1))
+    with pytest.raises(ValueError, match=r"location 0 \(000000\): caco needs 3"):
+        next(make(short, batch=2))
+
+
+def test_all_bands_batches_and_statistics():
+    source = FakeRecords(4, bands=True)
+    batch = next(make(source, batch=4))
+    shapes = {k: v.shape for k, v in batch["images"].items()}
+    assert shapes == {
+        "bands_10m": (4, 3, SIZE, SIZE, 4),
+        "bands_20m": (4, 3, 2, 2, 6),
+        "bands_60m": (4, 3, 1, 1, 2),
+    }
+    config = config_lib.base_config()
+    config.data.builder_config = "all_bands"
+    norm = pipeline.normalization(config, source, arrays_fn=as_arrays)
+    assert len(norm.low) == len(norm.mean) == 12
+    # B1 (60 m) is constant 200: its range is pinned to [200, 201] and it stretches to 0.
+    assert norm.low[0] == 200 and norm.high[0] == 201 and norm.mean[0] == 0
+    config.data.builder_config = "rgb"
+    assert pipeline.normalization(config, source).low == (0.0, 2.0, 3.0)
