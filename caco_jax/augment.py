@@ -1,8 +1,8 @@
 """On-device view construction: augmentation and normalisation of the host's uint8 batches.
 
-Everything here is jit-able and vectorised over the batch (per-image randomness from per-image keys,
-no Python loops over images). The official pipeline (`utkarshmall13/CACo`, torchvision on PIL images)
-is reproduced op by op:
+Everything here is jit-able and vectorised over the batch (per-image randomness, no Python loops
+over images). The official pipeline (`utkarshmall13/CACo`, torchvision on PIL images) is reproduced
+op by op:
 
 1. stretch: per band ``floor(clip((x - low) / (high - low) * 255, 0, 255)) / 255`` - SeCo's
    ``normalize`` + ``ToTensor``, done first as the official reader does, so colour ops see the same
@@ -11,15 +11,15 @@ is reproduced op by op:
    colour jitter with p=0.8 (brightness, contrast, saturation in [0.6, 1.4], hue in [-0.1, 0.1],
    applied in a random order per image, as torchvision's ``ColorJitter``), grayscale with p=0.2,
    Gaussian blur with sigma ~ U[0.1, 2.0] with p=0.5, horizontal flip with p=0.5.
-3. P: torchvision's ``RandomResizedCrop(224, scale=(0.2, 1), ratio=(3/4, 4/3))`` box sampling (10
-   tries, then the centre-crop fallback), resampled like PIL's bilinear resize of the cropped image
-   (triangle filter widened by the downscale factor, i.e. antialiased, weights renormalised inside the
-   crop).
+3. P: torchvision's ``RandomResizedCrop(224, scale=(0.2, 1), ratio=(3/4, 4/3))`` box sampling
+   (10 tries, then the centre-crop fallback), resampled like PIL's bilinear resize of the cropped
+   image (triangle filter widened by the downscale factor, i.e. antialiased, weights renormalised
+   inside the crop).
 4. ImageNet mean/std (or the per-band statistics of ``all_bands``).
 
-Views per mode (``make_views``): caco/teco/seco: ``q = P(t0), k0 = P(A(t1)), k1 = P(t2), k2 = P(A(t0))``
-(SPEC section 2); moco: ``q = A(P(t0)), k0 = A(P(t0))`` (pl_bolts' ``Moco2TrainImagenetTransforms``).
-The key of subspace s is always ``k{s}``.
+Views per mode (``make_views``): caco/teco/seco: ``q = P(t0), k0 = P(A(t1)), k1 = P(t2),
+k2 = P(A(t0))`` (SPEC section 2); moco: ``q = A(P(t0)), k0 = A(P(t0))`` (pl_bolts'
+``Moco2TrainImagenetTransforms``). The key of subspace s is always ``k{s}``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """Per-band stretch range of the raw uint8 values, then mean/std of the stretched [0, 1] values."""
+    """Per-band stretch range of the raw uint8 values; mean/std of the stretched [0, 1] values."""
 
     low: tuple[float, ...]
     high: tuple[float, ...]
@@ -105,16 +105,17 @@ class AugmentSettings:
 
 
 def merge_band_groups(groups: dict) -> jax.Array:
-    """The `all_bands` groups ([..., h, w, c] each) -> float [..., 264, 264, 12] in layout.BANDS order.
+    """The `all_bands` groups ([..., h, w, c] each) -> [..., 264, 264, 12] in layout.BANDS order.
 
-    The 20 m and 60 m groups are upsampled bilinearly (half-pixel centres) to the 10 m grid.
+    The 20 m and 60 m groups are upsampled bilinearly (half-pixel centres) to the 10 m grid and
+    rounded back to integer values, as a uint8 resize would.
     """
     channels = {}
     for group, bands in GROUP_BANDS.items():
         x = jnp.asarray(groups[group], jnp.float32)
         shape = (*x.shape[:-3], FULL_SIZE, FULL_SIZE, x.shape[-1])
         if x.shape != shape:
-            x = jax.image.resize(x, shape, method="linear")
+            x = jnp.round(jax.image.resize(x, shape, method="linear"))
         for channel, band in enumerate(bands):
             channels[band] = x[..., channel]
     return jnp.stack([channels[b] for b in layout.BANDS], axis=-1)
@@ -272,14 +273,14 @@ def crop_box(u: jax.Array, height: int, width: int, settings: AugmentSettings) -
 def _centre_crop_size(height: int, width: int, ratio) -> tuple[int, int]:
     in_ratio = width / height
     if in_ratio < min(ratio):
-        return int(round(width / min(ratio))), width
+        return round(width / min(ratio)), width
     if in_ratio > max(ratio):
-        return height, int(round(height * max(ratio)))
+        return height, round(height * max(ratio))
     return height, width
 
 
 def _bilinear_weights(start, length, in_size: int, out_size: int) -> jax.Array:
-    """[out_size, in_size] weights of PIL's bilinear resize of input pixels [start, start + length)."""
+    """[out_size, in_size] weights of PIL's bilinear resize of the pixels [start, start+length)."""
     start = jnp.asarray(start, jnp.float32)
     length = jnp.asarray(length, jnp.float32)
     scale = length / out_size
@@ -326,7 +327,7 @@ def _multi_aug_views(key, acquisitions, settings):
     k_augment, k_crop = jax.random.split(key)
     a_t1, a_t0 = jnp.split(_augment_batch(k_augment, jnp.concatenate([t1, t0]), settings), 2)
     crops = _crop_batch(k_crop, jnp.concatenate([t0, a_t1, t2, a_t0]), settings)
-    return dict(zip(("q", "k0", "k1", "k2"), jnp.split(crops, 4)))
+    return dict(zip(("q", "k0", "k1", "k2"), jnp.split(crops, 4), strict=True))
 
 
 def _moco_views(key, acquisitions, settings):
@@ -335,7 +336,7 @@ def _moco_views(key, acquisitions, settings):
     k_crop, k_augment = jax.random.split(key)
     crops = _crop_batch(k_crop, jnp.concatenate([t0, t0]), settings)
     views = _augment_batch(k_augment, crops, settings)
-    return dict(zip(("q", "k0"), jnp.split(views, 2)))
+    return dict(zip(("q", "k0"), jnp.split(views, 2), strict=True))
 
 
 VIEW_BUILDERS = {
@@ -358,9 +359,9 @@ def make_views(
     """The mode's views of a batch, normalised, NHWC [B, crop, crop, C] each.
 
     `images` is the pipeline's ``images``: uint8 [B, V, H, W, C], or for ``all_bands`` the dict of
-    resolution groups (merged here into 12 bands in layout.BANDS order). Returns ``q`` and ``k0`` (moco)
-    or ``q, k0, k1, k2`` (caco/teco/seco). `normalization` defaults to the RGB statistics; pass
-    `data.pipeline.normalization(config, source)` for band subsets.
+    resolution groups (merged here into 12 bands in layout.BANDS order). Returns ``q`` and ``k0``
+    (moco) or ``q, k0, k1, k2`` (caco/teco/seco). `normalization` defaults to the RGB statistics;
+    pass `data.pipeline.normalization(config, source)` for band subsets.
     """
     if mode not in VIEW_BUILDERS:
         raise ValueError(f"unknown training mode {mode!r}; known: {tuple(VIEW_BUILDERS)}")

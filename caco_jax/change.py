@@ -2,27 +2,28 @@
 
 What the official code does (``moco2_module.py`` at subspace 1, ``utils/histogram_callback.py``):
 
-- Every CACo step, with no gradient and after that step's EMA update, the KEY encoder (in train mode:
-  BatchNorm normalises with the query batch's own statistics) and key head 1 (the time-invariant
-  subspace) embed the query images: e(q), L2-normalised. e(k1) is key head 1 on the k1 views, i.e.
-  ``z_k[1, 1]`` of the objective. For item i with long-term partner i^1 (rows 2l, 2l+1):
-  d_lt = ||e(q_i) - e(q_{i^1})||, d_st = ||e(q_i) - e(k1_i)||, R = d_lt / (d_st + 1e-4).
+- Every CACo step, with no gradient and after that step's EMA update, the KEY encoder (in train
+  mode: BatchNorm normalises with the query batch's own statistics) and key head 1 (the
+  time-invariant subspace) embed the query images: e(q), L2-normalised. e(k1) is key head 1 on the
+  k1 views, i.e. ``z_k[1, 1]`` of the objective. For item i with long-term partner i^1 (rows 2l,
+  2l+1): d_lt = ||e(q_i) - e(q_{i^1})||, d_st = ||e(q_i) - e(k1_i)||, R = d_lt / (d_st + 1e-4).
   (d_lt is the same number for both items of a location within one step.)
 - Per item (indexed by dataset item id = 2 * location + window) it keeps the triple (d_lt, d_st, R):
   the first visit stores it, later visits store 0.8 * old + 0.2 * new, each of the three separately
   (r is the EMA of ratios, not the ratio of EMAs). The values persist over epochs.
-- At the end of each epoch it fits ``sklearn.mixture.GaussianMixture(n_components=2)`` (all defaults:
-  full covariance, tol 1e-3, reg_covar 1e-6, max_iter 100, n_init 1, k-means init, random_state None)
-  to the r of every item seen so far, labels them with ``gmm.predict``, and calls the component with
-  the higher mean "changed". Never-seen items get label -1, which the loss treats as not changed.
-  Labels from epoch e drive the mask in epoch e+1; in epoch 0 every label is 0 (nothing changed).
-- The diagnostic: per epoch, histograms of d_lt, d_st (bins of 0.02 on [0, 2]) and r (bins of 0.05 on
-  [0, 8]) split by label, saved as ``histogram_caco/histogram_epoch=NNN.png``.
+- At the end of each epoch it fits ``sklearn.mixture.GaussianMixture(n_components=2)`` (all
+  defaults: full covariance, tol 1e-3, reg_covar 1e-6, max_iter 100, n_init 1, k-means init,
+  random_state None) to the r of every item seen so far, labels them with ``gmm.predict``, and calls
+  the component with the higher mean "changed". Never-seen items get label -1, which the loss treats
+  as not changed. Labels from epoch e drive the mask in epoch e+1; in epoch 0 every label is 0
+  (nothing changed).
+- The diagnostic: per epoch, histograms of d_lt, d_st (bins of 0.02 on [0, 2]) and r (bins of 0.05
+  on [0, 8]) split by label, saved as ``histogram_caco/histogram_epoch=NNN.png``.
 
 Deliberate differences: the mixture is seeded (deterministic), non-finite values are excluded with a
 warning, and degenerate inputs (fewer than two usable items, all values equal) label nothing changed
-instead of crashing. The running values live in arrays indexed by item id inside the training state, so
-they survive a resume and are updated on device.
+instead of crashing. The running values live in arrays indexed by item id inside the training state,
+so they survive a resume and are updated on device.
 """
 
 from __future__ import annotations
@@ -90,21 +91,19 @@ def update_running_change(
     *,
     beta: float = 0.8,
     use_ema: bool = True,
-    axis_name=None,
 ) -> RunningChange:
     """Folds one step's statistics into the running values: first visit takes them, later visits
     ``beta * old + (1 - beta) * new`` (``use_ema=False``: the newest value alone).
 
-    ``item_ids`` [n] int (distinct, in [0, num_items)) and ``statistics`` [n, 3] are this device's
-    rows; with ``axis_name`` (inside ``jax.shard_map``, the data axis or a tuple of axes) they are
-    first all-gathered, so every device applies the whole batch and the replicated state stays
-    identical. Without it, pass the global batch.
+    ``item_ids`` [N] int (distinct, in [0, num_items); JAX drops out-of-range writes) and
+    ``statistics`` [N, 3] of the GLOBAL batch: inside ``jax.shard_map`` gather both over the data
+    axes first (``jax.lax.all_gather(..., tiled=True, to="invarying")``), so that every device
+    applies every item, wherever it was computed, and the replicated state stays identical.
     """
     if statistics.shape != (item_ids.shape[0], 3):
-        raise ValueError(f"statistics must be [n, 3] for {item_ids.shape[0]} ids, got {statistics.shape}")
-    if axis_name is not None:
-        item_ids = jax.lax.all_gather(item_ids, axis_name, tiled=True)
-        statistics = jax.lax.all_gather(statistics, axis_name, tiled=True)
+        raise ValueError(
+            f"statistics must be [n, 3] for {item_ids.shape[0]} ids, got {statistics.shape}"
+        )
     statistics = jax.lax.stop_gradient(statistics).astype(running.values.dtype)
     old = running.values[item_ids]
     keep = beta if use_ema else 0.0
@@ -133,7 +132,8 @@ def fit_change_labels(
     Args:
       values: [num_items, 3] running (d_lt, d_st, r), e.g. ``RunningChange.values``.
       seen: [num_items] bool.
-      seed: random_state of the Gaussian mixture (e.g. seed + epoch); the official code leaves it unset.
+      seed: random_state of the Gaussian mixture (e.g. seed + epoch); the official code leaves it
+        unset.
       granularity: "item" (official: one decision per (location, window) item) or "location" (paper
         variant: the mixture is fitted to the per-location mean of its seen items' values and both
         items get the location's label).
@@ -150,7 +150,9 @@ def fit_change_labels(
     values = np.asarray(values, np.float64)
     seen = np.asarray(seen, bool)
     if values.ndim != 2 or values.shape != (seen.shape[0], 3):
-        raise ValueError(f"values must be [num_items, 3] matching seen {seen.shape}, got {values.shape}")
+        raise ValueError(
+            f"values must be [num_items, 3] matching seen {seen.shape}, got {values.shape}"
+        )
     x = values[:, STATISTIC_COLUMNS[statistic]]
     if granularity == "location":
         x, seen = _location_values(x, seen)
@@ -185,8 +187,8 @@ def fit_change_labels(
 def save_change_histograms(path, d_lt, d_st, r, labels, epoch: int) -> float:
     """Writes the official diagnostic (histograms of d_lt, d_st and r split by label) as a PNG.
 
-    Pass the seen items' running values and labels. Values beyond the plotted range (2 for distances,
-    8 for r) are counted in the last bin. Returns the fraction labelled changed.
+    Pass the seen items' running values and labels. Values beyond the plotted range (2 for
+    distances, 8 for r) are counted in the last bin. Returns the fraction labelled changed.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

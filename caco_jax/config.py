@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic.change_fraction = 0.3
     c.synthetic.seed = 0
     c.synthetic.output = ""  # folder the archive is written to; "" = <workdir>/synthetic_archive
+    c.synthetic.form = "folder"  # or "tar.gz" (like caco10k.tar.gz), "parts" (like the 1M set)
 
     # Archive -> records (caco_jax/data/builder.py).
     c.data = ml_collections.ConfigDict()
@@ -173,6 +174,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.tasks: unknown task(s) {unknown}; known: {sorted(tasks.TASKS)}")
     _check(config.synthetic.num_locations >= 2, "synthetic.num_locations", "must be >= 2")
     _check(0.0 <= config.synthetic.change_fraction <= 1.0, "synthetic.change_fraction", "in [0, 1]")
+    _check(
+        config.synthetic.form in ("folder", "tar.gz", "parts"),
+        "synthetic.form",
+        "must be 'folder', 'tar.gz' or 'parts'",
+    )
     _check(
         config.data.builder_config in ("rgb", "all_bands"),
         "data.builder_config",

@@ -6,13 +6,17 @@ Reads (torch is an optional extra: `pip install -r requirements-torch.txt`):
   `1.running_mean`, `4.0.conv1.weight`, `5.0.downsample.1.running_var`, ...;
 - plain torchvision ResNet state dicts (`conv1.weight`, `layer1.0.conv1.weight`, ...; the classifier
   `fc.*` is dropped with a note), e.g. the supervised ImageNet weights for the baseline rows;
-- Lightning `.ckpt` files of SeCo/CACo pretraining (`state_dict` with `encoder_q.` keys; the key encoder,
+- Lightning `.ckpt` files of SeCo/CACo pretraining (`state_dict` with `encoder_q.` keys; the key
+encoder,
   heads and queues are dropped with a note).
-Files are opened with `torch.load(weights_only=True)`; a checkpoint that pickles other objects (SeCo's
+Files are opened with `torch.load(weights_only=True)`; a checkpoint that pickles other objects
+(SeCo's
 hyper-parameters) is refused unless `allow_pickle` says the file is trusted.
 
-Conv weights go from torch's OIHW to flax's HWIO; BatchNorm weight/bias/running_mean/running_var become
-scale/bias/mean/var; `num_batches_tracked` is ignored. Keys the model lacks, or model weights the file
+Conv weights go from torch's OIHW to flax's HWIO; BatchNorm weight/bias/running_mean/running_var
+become
+scale/bias/mean/var; `num_batches_tracked` is ignored. Keys the model lacks, or model weights the
+file
 lacks, are an error listing them.
 """
 
@@ -22,16 +26,31 @@ import logging
 import os
 import re
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
 from caco_jax.models import export
 from caco_jax.models.resnet import ARCHITECTURES, ResNet
 
-# Index in the official nn.Sequential -> torchvision name (2 relu, 3 maxpool, 8 avgpool hold no weights).
-SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+# Index in the official nn.Sequential -> torchvision name (2 relu, 3 maxpool, 8 avgpool hold no
+# weights).
+SEQUENTIAL_NAMES = {
+    "0": "conv1",
+    "1": "bn1",
+    "4": "layer1",
+    "5": "layer2",
+    "6": "layer3",
+    "7": "layer4",
+}
 # Flax leaf name -> torch parameter name.
-TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+TORCH_LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 ENCODER_PREFIXES = ("encoder_q.", "model.encoder_q.", "module.encoder_q.", "module.")
 
 
@@ -53,7 +72,8 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.nd
     except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
         if not allow_pickle:
             raise ConversionError(
-                f"{path} cannot be read with torch.load(weights_only=True) ({str(error).splitlines()[0]}); "
+                f"{path} cannot be read with torch.load(weights_only=True) "
+                f"({str(error).splitlines()[0]}); "
                 "if you trust the file, set config.convert.allow_pickle=True"
             ) from error
         loaded = torch.load(path, map_location="cpu", weights_only=False)
@@ -76,14 +96,18 @@ def torchvision_names(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
             dropped = sorted({key.split(".")[0] for key in state if not key.startswith(prefix)})
             if dropped:
                 notes.append(f"kept the {prefix!r} weights, dropped: {', '.join(dropped)}")
-            state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+            state = {
+                key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)
+            }
             break
     renamed = {}
     for key, value in state.items():
         head, _, rest = key.partition(".")
         if head.isdigit():
             if head not in SEQUENTIAL_NAMES:
-                raise ConversionError(f"state dict key {key!r}: nn.Sequential index {head} holds no ResNet weights")
+                raise ConversionError(
+                    f"state dict key {key!r}: nn.Sequential index {head} holds no ResNet weights"
+                )
             key = f"{SEQUENTIAL_NAMES[head]}.{rest}"
         if key.endswith("num_batches_tracked"):
             continue
@@ -100,13 +124,16 @@ def infer_depth(state: dict[str, np.ndarray]) -> int:
     bottleneck = any(key.endswith("conv3.weight") for key in state)
     blocks = []
     for stage in range(1, 5):
-        indices = {int(m.group(1)) for key in state if (m := re.match(rf"layer{stage}\.(\d+)\.", key))}
+        indices = {
+            int(m.group(1)) for key in state if (m := re.match(rf"layer{stage}\.(\d+)\.", key))
+        }
         blocks.append(max(indices) + 1 if indices else 0)
     for depth, (block, counts) in ARCHITECTURES.items():
         if (block.expansion == 4) == bottleneck and tuple(blocks) == counts:
             return depth
     raise ConversionError(
-        f"no torchvision ResNet has {'bottleneck' if bottleneck else 'basic'} blocks {tuple(blocks)} per stage"
+        f"no torchvision ResNet has {'bottleneck' if bottleneck else 'basic'} blocks "
+        f"{tuple(blocks)} per stage"
     )
 
 
@@ -114,16 +141,20 @@ def _torch_name(path: tuple) -> str:
     return ".".join(str(p) for p in path[:-1]) + "." + TORCH_LEAF[path[-1]]
 
 
-def load_into(model: ResNet, state: dict[str, np.ndarray]) -> None:
-    """Copies torchvision-named weights into `model` (params and BatchNorm statistics)."""
-    graph_state = nnx.state(model)
+def build(depth: int, in_channels: int, state: dict[str, np.ndarray]) -> ResNet:
+    """The ResNet (eval mode) holding torchvision-named weights (params and BatchNorm statistics).
+
+    The model is built abstractly and filled from `state`, so no random initialisation is
+    computed."""
+    abstract = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels))
+    graphdef, graph_state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(graph_state))
     expected = {_torch_name(path): path for path in flat}
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:
         raise ConversionError(
-            f"state dict does not match a ResNet-{model.depth}: missing {missing or 'none'}; "
+            f"state dict does not match a ResNet-{depth}: missing {missing or 'none'}; "
             f"unknown {unknown or 'none'}"
         )
     for name, path in expected.items():
@@ -132,35 +163,45 @@ def load_into(model: ResNet, state: dict[str, np.ndarray]) -> None:
             value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         if value.shape != flat[path].shape:
             raise ConversionError(
-                f"state dict key {name!r}: shape {state[name].shape} does not fit {flat[path].shape}"
+                f"state dict key {name!r}: shape {state[name].shape} "
+                f"does not fit {flat[path].shape}"
             )
-        flat[path] = value
+        flat[path] = jnp.asarray(value, jnp.float32)
     nnx.replace_by_pure_dict(graph_state, traverse_util.unflatten_dict(flat))
-    nnx.update(model, graph_state)
+    model = nnx.merge(graphdef, graph_state)
+    model.eval()
+    return model
 
 
 def convert(path: str, *, depth: int = 0, allow_pickle: bool = False) -> tuple[ResNet, list[str]]:
     """The ResNet (eval mode) holding the weights of a torch file, and notes on what was dropped."""
     state, notes = torchvision_names(load_state_dict(path, allow_pickle=allow_pickle))
     if "conv1.weight" not in state:
-        raise ConversionError(f"{path}: no stem convolution ('conv1.weight' or '0.weight') among {sorted(state)[:8]}")
+        raise ConversionError(
+            f"{path}: no stem convolution ('conv1.weight' or '0.weight') among {sorted(state)[:8]}"
+        )
     inferred = infer_depth(state)
     if depth and depth != inferred:
         raise ConversionError(f"config.convert.depth={depth}, but {path} holds a ResNet-{inferred}")
-    model = ResNet(inferred, rngs=nnx.Rngs(0), in_channels=state["conv1.weight"].shape[1])
-    load_into(model, state)
-    model.eval()
-    return model, notes
+    return build(inferred, state["conv1.weight"].shape[1], state), notes
 
 
 def run_task(config, workdir: str) -> dict:
-    """Task `convert_weights`: `config.convert.source` -> an encoder export (default `<workdir>/encoder`)."""
+    """Task `convert_weights`: `config.convert.source` -> an encoder export (default
+    `<workdir>/encoder`)."""
     source = os.path.abspath(config.convert.source)
     output = os.path.abspath(config.convert.output or os.path.join(workdir, "encoder"))
-    model, notes = convert(source, depth=config.convert.depth, allow_pickle=config.convert.allow_pickle)
+    model, notes = convert(
+        source, depth=config.convert.depth, allow_pickle=config.convert.allow_pickle
+    )
     for note in notes:
         logging.info("convert: %s", note)
         print(f"convert: {note}", flush=True)
     metadata = {"source": source, "converted_by": "caco_jax.convert", "notes": notes}
     export.save_encoder(output, model, metadata, overwrite=config.convert.overwrite)
-    return {"export": output, "depth": model.depth, "in_channels": model.in_channels, "notes": notes}
+    return {
+        "export": output,
+        "depth": model.depth,
+        "in_channels": model.in_channels,
+        "notes": notes,
+    }

@@ -1,44 +1,47 @@
 """The contrastive objectives: CACo, TeCo, SeCo and MoCo v2, as pure jit-able functions.
 
-Shapes (S subspaces, N items in the global batch, n query rows on this device, D embedding width,
-K queue length):
+Shapes (S subspaces, N items in the global batch, n query rows on this device, D embedding width, K
+queue length):
 
 - ``z_q`` [S, n, D]: L2-normalised query embeddings, ``z_q[s]`` from query head s.
-- ``z_k`` [S, S, N, D]: L2-normalised key embeddings of the whole (global) batch, ``z_k[s, v]`` = key
-  head s applied to key view v (CACo/SeCo views: v = 0 time and augmentation differ, v = 1 time only,
-  v = 2 augmentation only).
+- ``z_k`` [S, S, N, D]: L2-normalised key embeddings of the whole (global) batch, ``z_k[s, v]`` =
+  key head s applied to key view v (CACo/SeCo views: v = 0 time and augmentation differ, v = 1 time
+  only, v = 2 augmentation only).
 - ``queue``: CACo/TeCo [S, 2, K/2, D], ``queue[s, h]`` = queued subspace-s keys from window-h items;
   SeCo/MoCo [S, K, D].
 - CACo/TeCo batch layout: rows 2l and 2l+1 are location l's early-window (h=0) and late-window (h=1)
   items (the official ``FirstSecondSampler``).
 
-Each function returns ``(loss, metrics)``: the loss is the sum over subspaces of the mean cross-entropy
-over the given query rows, metrics hold ``loss/subspace{s}`` and ``accuracy/subspace{s}`` (top-1 of the
-positive, a fraction in [0, 1]; the official log is a percentage) for the same rows.
+Each function returns ``(loss, metrics)``: the loss is the sum over subspaces of the mean
+cross-entropy over the given query rows, metrics hold ``loss/subspace{s}`` and
+``accuracy/subspace{s}`` (top-1 of the positive, a fraction in [0, 1]; the official log is a
+percentage) for the same rows.
 
 Data parallelism. Inside ``jax.shard_map`` pass this device's query rows (``z_q`` [S, n, D], and
-``changed`` [n]) with keys all-gathered over the data axes (``z_k`` [S, S, N, D], global batch order),
-and ``query_offset`` = the global row index of the first local query row (``axis_index * n``; it must be
-even, and n even, so that both items of a location sit on one device). Every query then sees the
-in-batch negatives of the whole batch, as in the official single-GPU code (its DDP path would only see
-the local ones), and the ``pmean`` of the per-device losses over equal shards equals the single-device
-loss. Keys and queue carry no gradient (``stop_gradient``), as in the official code.
+``changed`` [n]) with keys all-gathered over the data axes (``z_k`` [S, S, N, D], global batch
+order), and ``query_offset`` = the global row index of the first local query row (``axis_index *
+n``; it must be even, and n even, so that both items of a location sit on one device). Every query
+then sees the in-batch negatives of the whole batch, as in the official single-GPU code (its DDP
+path would only see the local ones), and the ``pmean`` of the per-device losses over equal shards
+equals the single-device loss. Keys and queue carry no gradient (``stop_gradient``), as in the
+official code.
 
-What the official code (``utkarshmall13/CACo``, ``src/models/moco2_module.py``) does, and we reproduce:
+What the official code (``utkarshmall13/CACo``, ``src/models/moco2_module.py``) does, and we
+reproduce:
 
 - Positive of subspace s: key head s on key view s of the same item.
 - CACo negatives of a window-h query, in the official column order: the queued keys from window-h
-  items (the official queue alternates windows column by column: even columns hold early-window keys,
-  odd columns late-window keys, because the pointer advances by the even batch size and row parity is
-  the window; we hold the two halves explicitly); then s=0: the other-window items' k0; s=1: all items'
-  k0, all items' k2, the other-window items' k1; s=2: all items' k0, all items' k1, the other-window
-  items' k2. "All items" includes the query's own item and both windows.
-- Change mask: in that last block (other-window items, ordered by location), the entry of the query's
-  own location (its long-term partner, in subspace s's own view) is removed when the QUERY's item is not
-  labelled changed. The official code adds -1e8 to that logit before dividing by the temperature; we
-  set it to -inf after scaling (exactly zero probability in float32 and bfloat16, never a NaN: the
-  positive is never masked). The same-location other-window k0/k2 (s=1) and k0/k1 (s=2) in the
-  all-items blocks are never masked. All three subspaces are masked.
+  items (the official queue alternates windows column by column: even columns hold early-window
+  keys, odd columns late-window keys, because the pointer advances by the even batch size and row
+  parity is the window; we hold the two halves explicitly); then s=0: the other-window items' k0;
+  s=1: all items' k0, all items' k2, the other-window items' k1; s=2: all items' k0, all items' k1,
+  the other-window items' k2. "All items" includes the query's own item and both windows.
+- Change mask: in that last block (other-window items, ordered by location), the entry of the
+  query's own location (its long-term partner, in subspace s's own view) is removed when the QUERY's
+  item is not labelled changed. The official code adds -1e8 to that logit before dividing by the
+  temperature; we set it to -inf after scaling (exactly zero probability in float32 and bfloat16,
+  never a NaN: the positive is never masked). The same-location other-window k0/k2 (s=1) and k0/k1
+  (s=2) in the all-items blocks are never masked. All three subspaces are masked.
 - TeCo: the same negatives with no mask. The official TeCo puts the other-window block before the
   all-items blocks; that is a permutation of the negatives, so the loss is identical.
 - SeCo: negatives = the whole subspace-s queue; for s > 0 then all items' keys of the other views in
@@ -52,12 +55,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Key views whose every item is a negative in subspace s (CACo, TeCo and SeCo alike), in column order.
+# Key views whose every item is a negative in subspace s (CACo, TeCo and SeCo), in column order.
 ALL_ITEM_NEGATIVE_VIEWS = {0: (), 1: (0, 2), 2: (0, 1)}
 
 
 def _accumulation_dtype(*arrays):
-    """Logits are computed and reduced in at least float32 (bfloat16 inputs get float32 accumulation)."""
+    """Logits are computed and reduced in at least float32 (bfloat16 inputs accumulate in f32)."""
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
@@ -107,7 +110,9 @@ def caco_logits(z_q, z_k, queue, changed, temperature, *, query_offset=0):
     if queue.ndim != 4 or queue.shape[:2] != (num_subspaces, 2) or queue.shape[3] != dim:
         raise ValueError(f"queue must be [S, 2, K/2, D] = [3, 2, K/2, {dim}], got {queue.shape}")
     if changed.shape != (n,):
-        raise ValueError(f"changed must be [n] = [{n}] (one label per query row), got {changed.shape}")
+        raise ValueError(
+            f"changed must be [n] = [{n}] (one label per query row), got {changed.shape}"
+        )
     if n % 2 or num_items % 2:
         raise ValueError(
             f"CACo/TeCo rows come in location pairs: z_q rows ({n}) and z_k items ({num_items}) "
@@ -142,7 +147,7 @@ def caco_loss(z_q, z_k, queue, changed, temperature, *, query_offset=0):
     """CACo: window-aware queues, long-term negatives, and the change mask.
 
     Args:
-      z_q: [3, n, D] query embeddings of this device's rows (rows 2l, 2l+1 = a location's two windows).
+      z_q: [3, n, D] query embeddings of this device's rows (rows 2l, 2l+1: a location's windows).
       z_k: [3, 3, N, D] key embeddings of the global batch, ``z_k[s, v]`` = key head s on view v.
       queue: [3, 2, K/2, D], ``queue[s, h]`` = queued subspace-s keys from window-h items.
       changed: [n] bool, the change label of each query row's item (the long-term partner is a
@@ -169,7 +174,9 @@ def seco_logits(z_q, z_k, queue, temperature, *, query_offset=0):
     _check_shapes(z_q, z_k)
     num_subspaces, n, dim = z_q.shape
     if queue.ndim != 3 or queue.shape[0] != num_subspaces or queue.shape[2] != dim:
-        raise ValueError(f"queue must be [S, K, D] = [{num_subspaces}, K, {dim}], got {queue.shape}")
+        raise ValueError(
+            f"queue must be [S, K, D] = [{num_subspaces}, K, {dim}], got {queue.shape}"
+        )
     z_k = jax.lax.stop_gradient(z_k)
     queue = jax.lax.stop_gradient(queue)
     logits = []
@@ -185,7 +192,7 @@ def seco_logits(z_q, z_k, queue, temperature, *, query_offset=0):
 
 
 def seco_loss(z_q, z_k, queue, temperature, *, query_offset=0):
-    """SeCo: three subspaces, whole-subspace queue [3, K, D], other views of every item as negatives.
+    """SeCo: three subspaces, one queue [3, K, D] each, other views of every item as negatives.
 
     Shapes as ``caco_loss`` except ``queue`` [3, K, D]; no window structure and no change mask.
     """
@@ -199,9 +206,9 @@ def seco_loss(z_q, z_k, queue, temperature, *, query_offset=0):
 def moco_loss(z_q, z_k, queue, temperature, *, query_offset=0):
     """MoCo v2 (one subspace): positive = the other augmented view, negatives = the queue only.
 
-    Shapes keep the subspace axes so that every objective takes the same arguments: ``z_q`` [1, n, D],
-    ``z_k`` [1, 1, N, D], ``queue`` [1, K, D]. In-batch keys are not negatives here, so ``z_k`` may
-    also hold just the local rows (then ``query_offset`` = 0).
+    Shapes keep the subspace axes so that every objective takes the same arguments:
+    ``z_q`` [1, n, D], ``z_k`` [1, 1, N, D], ``queue`` [1, K, D]. In-batch keys are not negatives
+    here, so ``z_k`` may also hold just the local rows (then ``query_offset`` = 0).
     """
     if z_q.shape[0] != 1:
         raise ValueError(f"moco_loss needs 1 subspace: z_q [1, n, D], got shape {z_q.shape}")

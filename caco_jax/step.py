@@ -121,21 +121,34 @@ def make_per_device_step(
         query_views, key_views = views[0], views[1:]
 
         key_params = momentum.ema_update(state.key_params, state.query_params, settings.key_momentum)
-        key_model = model.key(key_params, state.key_stats)
-        key_model.train()
-        shuffle_keys = jax.random.split(shuffle_key, key_views.shape[0] + 1)
-        key_features = jnp.stack(
-            [encode_keys(key_model.encoder, v, k) for v, k in zip(key_views, shuffle_keys[1:])]
+        # The key forwards, one BatchNorm batch per view, as one scanned program (one copy of the
+        # encoder in the compiled step). CACo also embeds the query views with the key encoder.
+        num_keys = key_views.shape[0]
+        key_inputs = jnp.concatenate([key_views, query_views[None]]) if mode.tracks_change else key_views
+
+        def key_forward(stats, inputs):
+            images, shuffle_key = inputs
+            key_model = model.key(key_params, stats)
+            key_model.train()
+            embeddings = key_model.heads(encode_keys(key_model.encoder, images, shuffle_key))
+            return nnx.to_pure_dict(nnx.state(key_model, nnx.BatchStat)), embeddings
+
+        per_device_stats = jax.lax.pcast(state.key_stats, AXIS, to="varying")
+        key_stats, key_embeddings = jax.lax.scan(
+            key_forward,
+            per_device_stats,
+            (key_inputs, jax.random.split(shuffle_key, key_inputs.shape[0])),
         )
-        z_k = jax.lax.stop_gradient(key_model.heads(key_features))  # [S, S, n, D]
+        key_stats = _replicated_mean(key_stats)
+        key_embeddings = jax.lax.stop_gradient(key_embeddings)  # [views, S, n, D]
+        z_k = key_embeddings[:num_keys].transpose(1, 0, 2, 3)  # z_k[s, v]: key head s on view v
         z_k_global = gather(z_k.transpose(2, 0, 1, 3)).transpose(1, 2, 0, 3)  # [S, S, N, D]
         item_ids_global = gather(item_ids)
 
         change = state.change
         if mode.tracks_change:
-            query_by_key = key_model.heads(encode_keys(key_model.encoder, query_views, shuffle_keys[0]))
             statistics = change_lib.change_statistics(
-                query_by_key[1], z_k[1, 1], settings.change_epsilon
+                key_embeddings[num_keys, 1], z_k[1, 1], settings.change_epsilon
             )
             running = change_lib.update_running_change(
                 change["running"],
@@ -146,7 +159,6 @@ def make_per_device_step(
             )
             change = {**change, "running": running}
         changed = change["labels"][item_ids] if mode.tracks_change else jnp.zeros((n,), bool)
-        key_stats = _replicated_mean(nnx.to_pure_dict(nnx.state(key_model, nnx.BatchStat)))
 
         def loss_fn(query_params):
             query_model = model.query(query_params, state.query_stats)

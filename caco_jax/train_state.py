@@ -90,12 +90,20 @@ def build_model(
         heads = SubspaceHeads(encoder.feature_dim, num_subspaces, embedding_dim, rngs=rngs, dtype=dtype)
         return ContrastiveModel(encoder, heads)
 
-    query = make(query_bn_axis)
-    query_graphdef, params, stats = nnx.split(query, nnx.Param, nnx.BatchStat)
-    key_graphdef = nnx.split(nnx.eval_shape(lambda: make(key_bn_axis)), nnx.Param, nnx.BatchStat)[0]
-    encoder_graphdef = nnx.split(query.encoder, nnx.Param, nnx.BatchStat)[0]
-    model = Model(query_graphdef, key_graphdef, encoder_graphdef)
-    return model, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    def graphdef(module):
+        return nnx.split(module, nnx.Param, nnx.BatchStat)[0]
+
+    abstract_query = nnx.eval_shape(lambda: make(query_bn_axis))
+    abstract_key = nnx.eval_shape(lambda: make(key_bn_axis))
+    model = Model(graphdef(abstract_query), graphdef(abstract_key), graphdef(abstract_query.encoder))
+
+    @jax.jit
+    def initial_values():  # one compiled program instead of one dispatch per initialiser
+        _, params, stats = nnx.split(make(query_bn_axis), nnx.Param, nnx.BatchStat)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+    params, stats = initial_values()
+    return model, params, stats
 
 
 def make_optimizer(

@@ -1,4 +1,5 @@
-r"""Official PyTorch weights (CACo/SeCo/MoCo .pth, Lightning .ckpt, torchvision ResNet) -> encoder export.
+r"""Official PyTorch weights (CACo/SeCo/MoCo .pth, Lightning .ckpt, torchvision ResNet) -> encoder
+export.
 
   python run.py --config configs/convert.py --workdir workdir/caco_r18_100k \
     --config.convert.source=resnet18_caco_geo_100k.pth

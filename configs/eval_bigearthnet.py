@@ -1,4 +1,5 @@
-r"""BigEarthNet-19 multi-label classification (SPEC section 4): frozen encoder, Dropout(0.2) + Linear,
+r"""BigEarthNet-19 multi-label classification (SPEC section 4): frozen encoder, Dropout(0.2) +
+Linear,
 multi-label soft-margin loss, Adam 1e-3, 100 epochs, x0.1 at 60 and 80, 128x128 input; micro AP.
 
   python run.py --config configs/eval_bigearthnet.py --workdir workdir/caco_r18_100k \

@@ -29,8 +29,12 @@ def test_multilabel_average_precision_micro_and_macro_match_sklearn():
     targets[0] = 1  # every class has a positive
     scores = rng.random((64, 19)) + 0.5 * targets
     result = metrics.multilabel_average_precision(targets, scores)
-    assert result["micro_ap"] == pytest.approx(skm.average_precision_score(targets, scores, average="micro"))
-    assert result["macro_ap"] == pytest.approx(skm.average_precision_score(targets, scores, average="macro"))
+    assert result["micro_ap"] == pytest.approx(
+        skm.average_precision_score(targets, scores, average="micro")
+    )
+    assert result["macro_ap"] == pytest.approx(
+        skm.average_precision_score(targets, scores, average="macro")
+    )
     assert result["macro_ap_classes"] == 19
 
 

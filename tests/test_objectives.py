@@ -118,7 +118,7 @@ def test_caco_logits_order_and_mask():
 
 
 def test_all_changed_keeps_more_negatives_and_teco_equals_all_changed():
-    z_q, z_k, flat_queue, changed = caco_inputs(3)
+    z_q, z_k, flat_queue, _ = caco_inputs(3)
     q, k, queue = as_f32(z_q, z_k, window_halves(flat_queue))
     masked, _ = caco_loss(q, k, queue, jnp.zeros(8, bool))
     teco, _ = teco_loss(q, k, queue)

@@ -1,4 +1,4 @@
-"""The host input pipeline: epochs, pairs, acquisition draws, determinism, resume, process shards."""
+"""The host input pipeline: epochs, pairs, draws, determinism, resume, process shards."""
 
 import numpy as np
 import pytest
@@ -102,10 +102,14 @@ def test_draw_rules_per_mode():
             windows, mode="seco", item_window=0, rng=rng, acquisition_draws="distinct"
         )
         assert len(set(distinct.tolist())) == 3
-        assert len(item_sampler.draw_acquisitions(windows, mode="moco", item_window=0, rng=rng)) == 1
+        assert (
+            len(item_sampler.draw_acquisitions(windows, mode="moco", item_window=0, rng=rng)) == 1
+        )
     # The official teco/seco code draws with replacement: repeats are common (P ~ 0.52 and 0.28).
     assert teco_repeats > 50 and seco_repeats > 20
-    with pytest.raises(ValueError, match=r"location 000007: caco needs 3 acquisition\(s\) in window 1"):
+    with pytest.raises(
+        ValueError, match=r"location 000007: caco needs 3 acquisition\(s\) in window 1"
+    ):
         item_sampler.draw_acquisitions(
             np.array([0, 0, 0, 1, 1]), mode="caco", item_window=1, rng=rng, location="000007"
         )
@@ -135,12 +139,13 @@ def test_reproducible_and_independent_of_threads_and_workers():
     for threads, workers in ((4, 0), (0, 2)):
         other = list(make(source, seed=3, epochs=2, threads=threads, workers=workers))
         assert len(other) == len(reference)
-        for a, b in zip(reference, other):
+        for a, b in zip(reference, other, strict=True):
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key])
     different = list(make(source, seed=4, epochs=2))
     assert any(
-        not np.array_equal(a["images"], b["images"]) for a, b in zip(reference, different)
+        not np.array_equal(a["images"], b["images"])
+        for a, b in zip(reference, different, strict=True)
     )
 
 

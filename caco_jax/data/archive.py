@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gzip
 import json
 import math
 import os
@@ -53,6 +54,12 @@ class ArchiveSource:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(os.path.basename(os.path.normpath(p)) for p in self.paths)
+
+    @property
+    def label(self) -> str:
+        """The archive's name for messages: the file, the first part (+ how many more), the folder."""
+        more = f" (+{len(self.names) - 1} parts)" if len(self.names) > 1 else ""
+        return self.names[0] + more
 
     @property
     def total_bytes(self) -> int:
@@ -256,20 +263,25 @@ def _read_folder(root: str, keep: frozenset[str]) -> Iterator[Location]:
 def _read_tar(
     source: ArchiveSource, keep: frozenset[str], progress: ReadProgress
 ) -> Iterator[Location]:
-    where = " + ".join(source.names)
+    where = source.label
     with open(source.paths[0], "rb") as first:
         magic = first.read(2)
     if magic != b"\x1f\x8b":
         raise ArchiveError(f"{source.paths[0]}: not a gzip file (starts with {magic!r})")
     stream = _ConcatenatedFiles(source.paths, progress)
+    # GzipFile, not tarfile's own "r|gz": tarfile takes a stream that ends early for the end of the
+    # archive, GzipFile raises EOFError unless the gzip trailer (CRC and length) is reached.
+    uncompressed = gzip.GzipFile(fileobj=stream, mode="rb")
     parser = _TarLayout(where)
     try:
-        with tarfile.open(fileobj=stream, mode="r|gz", bufsize=_STREAM_BUFFER_BYTES) as tar:
+        with tarfile.open(fileobj=uncompressed, mode="r|", bufsize=_STREAM_BUFFER_BYTES) as tar:
             for member in tar:
                 data = None
                 if member.isfile() and parser.wants(member.name, keep):
                     data = tar.extractfile(member).read()
                 yield from parser.add(member.name, member.isdir(), member.isfile(), data)
+        while uncompressed.read(_STREAM_BUFFER_BYTES):  # the padding after the tar's end marker
+            pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
         last = parser.last_complete or "none"
         raise ArchiveError(
@@ -536,7 +548,7 @@ def _decode_acquisition(location, product_id, files, groups):
 
 
 def _centre_lat_lon(transform, width, height, crs) -> tuple[float, float]:
-    x, y = transform * (width / 2.0, height / 2.0)
+    x, y = transform @ (width / 2.0, height / 2.0)
     if crs is not None and not crs.is_geographic:
         from rasterio.warp import transform as reproject
 

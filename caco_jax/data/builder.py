@@ -129,7 +129,7 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
         progress = archive.ReadProgress()
         report = SkipReport()
         locations = archive.read_locations(source, keep, progress)
-        bar = tqdm.tqdm(desc=f"Reading {' + '.join(source.names)}", unit=" locations", mininterval=1)
+        bar = tqdm.tqdm(desc=f"Reading {source.label}", unit=" locations", mininterval=1)
         with bar:
             for decoded in decode_in_workers(locations, groups, self._num_workers):
                 report.add(decoded)
@@ -145,13 +145,13 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
         summary = report.summary()
         print(f"caco_geography/{self.builder_config.name}: {report.describe()}", flush=True)
         if not report.num_locations:
-            raise archive.ArchiveError(f"{' + '.join(source.paths)}: no location folders found")
+            raise archive.ArchiveError(f"{source.paths[0]}: no location folders found")
         if report.num_kept == 0 or report.skipped_fraction > self._max_skip_fraction:
             failed = self.data_dir_root / self.name / self.builder_config.name / FAILED_SKIP_REPORT
             failed.parent.mkdir(parents=True, exist_ok=True)
             report.write(failed)
             raise TooManySkipsError(
-                f"{' + '.join(source.names)}: skipped {report.num_skipped} of "
+                f"{source.label}: skipped {report.num_skipped} of "
                 f"{report.num_locations} locations ({report.skipped_fraction:.1%}), more than "
                 f"max_skip_fraction={self._max_skip_fraction}; reasons: {summary['skip_reasons']}. "
                 f"Report: {failed}. No dataset was written."

@@ -6,14 +6,14 @@ Official behaviour (`utkarshmall13/CACo`, `src/datasets/seco_dataset.py`):
 
 - caco: an item is one (location, window); t0, t1, t2 are 3 *distinct* acquisitions of that window
   (``np.random.choice(paths, 3, replace=False)``).
-- teco: the same items, but the official code draws the 3 *with replacement* (``np.random.choice(paths,
-  3)``), so t0 == t2 and friends happen.
+- teco: the same items, but the official code draws the 3 *with replacement*
+  (``np.random.choice(paths, 3)``), so t0 == t2 and friends happen.
 - seco: an item is a location; 3 draws *with replacement* from all its acquisitions (SeCo's code).
 - moco: one acquisition; both MoCo views are augmentations of it.
 
-`acquisition_draws = "official"` reproduces that; ``"distinct"`` draws 3 distinct acquisitions in every
-mode (the paper's description). Every draw comes from a generator seeded by (seed, epoch, location,
-window), so it does not depend on which worker makes it nor on how many workers there are.
+`acquisition_draws = "official"` reproduces that; ``"distinct"`` draws 3 distinct acquisitions in
+every mode (the paper's description). Every draw comes from a generator seeded by (seed, epoch,
+location, window), so it does not depend on which worker makes it nor on how many workers there are.
 """
 
 from __future__ import annotations
@@ -64,13 +64,15 @@ def draw_acquisitions(
     acquisition_draws: str = "official",
     location: str = "?",
 ) -> np.ndarray:
-    """Indices (into the location's time-ordered acquisitions) of the item's t0, t1, t2 (or t0 alone).
+    """Indices (into the location's time-ordered acquisitions) of the item's t0, t1, t2 (or t0).
 
     `windows` is the window (0 early, 1 late) of each acquisition; `item_window` is ignored when the
     mode draws from all acquisitions. Raises ValueError naming `location` when too few acquisitions.
     """
     if acquisition_draws not in ACQUISITION_DRAWS:
-        raise ValueError(f"acquisition_draws must be one of {ACQUISITION_DRAWS}, got {acquisition_draws!r}")
+        raise ValueError(
+            f"acquisition_draws must be one of {ACQUISITION_DRAWS}, got {acquisition_draws!r}"
+        )
     spec = layout(mode)
     windows = np.asarray(windows)
     if spec.per_window:

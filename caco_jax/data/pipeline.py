@@ -10,11 +10,12 @@ process_count=1)`` returns a grain ``DatasetIterator`` (``get_state()`` / ``set_
 Orbax with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``) yielding, for every global
 batch in order, this process's rows as host numpy arrays:
 
-- ``images``: uint8 ``[B, V, H, W, C]``, the item's acquisitions in the order t0, t1, t2 (V = 3 for
-  caco/teco/seco) or t0 alone (V = 1 for moco). For the ``all_bands`` records ``images`` is a dict of
-  the three resolution groups, exactly as the records hold them: ``bands_10m`` ``[B, V, 264, 264, 4]``
-  (B2, B3, B4, B8), ``bands_20m`` ``[B, V, 132, 132, 6]`` (B5, B6, B7, B8A, B11, B12), ``bands_60m``
-  ``[B, V, 44, 44, 2]`` (B1, B9); `augment.make_views` resizes them to 264 on the device.
+- ``images``: uint8 ``[B, V, H, W, C]``, the item's acquisitions in the order t0, t1, t2 (V = 3
+  for caco/teco/seco) or t0 alone (V = 1 for moco). For the ``all_bands`` records ``images`` is a
+  dict of the three resolution groups, exactly as the records hold them: ``bands_10m``
+  ``[B, V, 264, 264, 4]`` (B2, B3, B4, B8), ``bands_20m`` ``[B, V, 132, 132, 6]`` (B5, B6, B7, B8A,
+  B11, B12), ``bands_60m`` ``[B, V, 44, 44, 2]`` (B1, B9); `augment.make_views` resizes them to 264
+  on the device.
 - ``item_id``: int32 ``[B]``, the index of the change statistics: ``2 * location_index + window``
   for caco/teco; ``location_index`` for seco/moco (they keep no change statistics).
 - ``window``: int32 ``[B]``, the item's window for caco/teco; the window of t0 for seco/moco.
@@ -23,17 +24,17 @@ batch in order, this process's rows as host numpy arrays:
 B = global_batch_size / process_count. An epoch visits every location once in an order shuffled per
 epoch from `seed`. For caco/teco the global batch holds global_batch_size / 2 locations, each as two
 adjacent rows (2l: window 0, 2l+1: window 1), as the official ``FirstSecondSampler`` does; process p
-receives the rows of locations [p * n / P, (p + 1) * n / P) of the global batch's n locations, so pairs
-are never split and the global batch is the concatenation of the processes' shards in process order
-(what ``jax.make_array_from_process_local_data`` assembles on a 1-D data mesh). The final partial
-batch of an epoch is dropped (the official DataLoader uses ``drop_last=True``):
+receives the rows of locations [p * n / P, (p + 1) * n / P) of the global batch's n locations, so
+pairs are never split and the global batch is the concatenation of the processes' shards in process
+order (what ``jax.make_array_from_process_local_data`` assembles on a 1-D data mesh). The final
+partial batch of an epoch is dropped (the official DataLoader uses ``drop_last=True``):
 ``steps_per_epoch = num_locations // (global_batch_size / items_per_location)``. The official MoCo
-baseline iterates over every *acquisition* per epoch; here a MoCo epoch visits every location once with
-one acquisition drawn from all of its acquisitions (about 10x fewer steps per epoch: scale the epochs
-to compare).
+baseline iterates over every *acquisition* per epoch; here a MoCo epoch visits every location once
+with one acquisition drawn from all of its acquisitions (about 10x fewer steps per epoch: scale the
+epochs to compare).
 
-Everything random is a pure function of (seed, epoch, location, window), so the batches do not depend
-on the number of worker processes or threads, and a restored iterator state resumes exactly.
+Everything random is a pure function of (seed, epoch, location, window), so the batches do not
+depend on the number of worker processes or threads, and a restored iterator state resumes exactly.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def locations_per_batch(mode: str, global_batch_size: int, process_count: int = 
 
 
 def steps_per_epoch(num_locations: int, mode: str, global_batch_size: int) -> int:
-    """Full global batches per epoch; the last partial batch is dropped (official drop_last=True)."""
+    """Full global batches per epoch; the last partial batch is dropped (official drop_last)."""
     steps = num_locations // locations_per_batch(mode, global_batch_size)
     if steps == 0:
         raise ValueError(
@@ -85,7 +86,9 @@ def steps_per_epoch(num_locations: int, mode: str, global_batch_size: int) -> in
 class _EpochOrder:
     """Maps an element index of this process's stream to (epoch, location index)."""
 
-    def __init__(self, num_locations, locations_per_batch, steps, seed, process_index, process_count):
+    def __init__(
+        self, num_locations, locations_per_batch, steps, seed, process_index, process_count
+    ):
         self.num_locations = num_locations
         self.per_process = locations_per_batch // process_count
         self.locations_per_batch = locations_per_batch
@@ -143,7 +146,9 @@ class _LoadLocation:
             for window in self.windows
         ]
         paired = len(self.windows) == 2
-        item_windows = [w if paired else int(windows[p[0]]) for w, p in zip(self.windows, picks)]
+        item_windows = [
+            w if paired else int(windows[p[0]]) for w, p in zip(self.windows, picks, strict=True)
+        ]
         stacked = [_take(arrays["pixels"], p) for p in picks]
         if isinstance(stacked[0], dict):
             images = {g: np.stack([s[g] for s in stacked]) for g in stacked[0]}
@@ -239,10 +244,10 @@ def normalization(config, source: Sequence, arrays_fn: ArraysFn | None = None) -
     """The per-band normalisation `augment.make_views` applies, for `config.data.builder_config`.
 
     ``rgb``: SeCo's stretch quantiles and ImageNet mean/std (SPEC section 1). ``all_bands``: SeCo
-    publishes no statistics for the other bands, so they are computed from the records, the same way
-    for all 12 bands: the stretch range is the 2nd-98th percentile of each band's raw values, and mean
-    and std are those of the stretched [0, 1] values, over `config.input.stats_locations` locations
-    evenly spaced through the records (deterministic, a few seconds at start-up).
+    publishes no statistics for the other bands, so they are computed from the records, the same
+    way for all 12 bands: the stretch range is the 2nd-98th percentile of each band's raw values,
+    and mean and std are those of the stretched [0, 1] values, over `config.input.stats_locations`
+    locations evenly spaced through the records (deterministic, a few seconds at start-up).
     """
     from caco_jax.augment import Normalization
 

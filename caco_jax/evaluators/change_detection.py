@@ -1,11 +1,17 @@
 """OSCD change detection (SeCo's `main_oscd.py` protocol, reused by CACo).
 
-The frozen encoder (eval mode) embeds both dates; |f(x1) - f(x2)| at five depths feeds the U-Net decoder
-of `unet.py`. Training: the 14 train cities cut into 96x96 tiles (zero-padded at the borders, as PIL's crop
-did), random horizontal flip and rot90 applied alike to both images and the mask, batch 32 (last partial
-batch dropped), BCE on logits, Adam lr 1e-3 with L2 weight decay 1e-4 (torch's Adam), lr x0.95 per epoch,
-100 epochs. Evaluation: each of the 10 test cities predicted whole, stitched from its tiles, thresholded at
-0.5; precision / recall / F1 of the "changed" class from the pixel counts of all test cities together.
+The frozen encoder (eval mode) embeds both dates; |f(x1) - f(x2)| at five depths feeds the U-Net
+decoder
+of `unet.py`. Training: the 14 train cities cut into 96x96 tiles (zero-padded at the borders, as
+PIL's crop
+did), random horizontal flip and rot90 applied alike to both images and the mask, batch 32 (last
+partial
+batch dropped), BCE on logits, Adam lr 1e-3 with L2 weight decay 1e-4 (torch's Adam), lr x0.95 per
+epoch,
+100 epochs. Evaluation: each of the 10 test cities predicted whole, stitched from its tiles,
+thresholded at
+0.5; precision / recall / F1 of the "changed" class from the pixel counts of all test cities
+together.
 Input: SeCo's per-band quantile stretch of the raw reflectance to uint8, then [0, 1], no mean/std.
 """
 
@@ -38,7 +44,8 @@ def stretch_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def tile(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Cuts [H, W, ...] into [rows * cols, size, size, ...] tiles in row-major order, zero-padding the
+    """Cuts [H, W, ...] into [rows * cols, size, size, ...] tiles in row-major order, zero-padding
+    the
     bottom and right borders; returns the tiles and (rows, cols)."""
     height, width = image.shape[:2]
     rows, cols = math.ceil(height / size), math.ceil(width / size)
@@ -58,7 +65,8 @@ def stitch(tiles: np.ndarray, grid: tuple[int, int], shape: tuple[int, int]) -> 
 
 
 def augment(images_1, images_2, masks, rng: np.random.Generator):
-    """Per example: horizontal flip with p = 0.5, then rotation by a random multiple of 90 degrees, the
+    """Per example: horizontal flip with p = 0.5, then rotation by a random multiple of 90 degrees,
+    the
     same for both dates and the mask (SeCo's RandomFlip + RandomRotation)."""
     out = [np.empty_like(a) for a in (images_1, images_2, masks)]
     for i in range(images_1.shape[0]):
@@ -119,7 +127,9 @@ def train_and_evaluate(encoder, cities, config) -> dict:
     images_1, images_2, masks = training_tiles(cities["train"], size)
     steps_per_epoch = images_1.shape[0] // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"OSCD: {images_1.shape[0]} training tiles, fewer than one batch of {batch_size}")
+        raise ValueError(
+            f"OSCD: {images_1.shape[0]} training tiles, fewer than one batch of {batch_size}"
+        )
 
     encoder.model.eval()
     encoder_graph, encoder_state = nnx.split(encoder.model)
@@ -140,7 +150,9 @@ def train_and_evaluate(encoder, cities, config) -> dict:
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec(common.DATA_AXIS))
-    encoder_state, params, batch_stats = jax.device_put((encoder_state, params, batch_stats), replicated)
+    encoder_state, params, batch_stats = jax.device_put(
+        (encoder_state, params, batch_stats), replicated
+    )
     opt_state = optimizer.init(params)
 
     def differences(encoder_state, x1, x2):
@@ -154,7 +166,9 @@ def train_and_evaluate(encoder, cities, config) -> dict:
         def loss_fn(params):
             model = nnx.merge(train_graph, params, batch_stats)
             logits = model(skips, rngs=nnx.Rngs(dropout=key))
-            return binary_cross_entropy(logits, y.astype(jnp.float32)), nnx.state(model, nnx.BatchStat)
+            return binary_cross_entropy(logits, y.astype(jnp.float32)), nnx.state(
+                model, nnx.BatchStat
+            )
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -191,7 +205,9 @@ def train_and_evaluate(encoder, cities, config) -> dict:
                 jax.device_put(common.pad_batch(t[start:stop], batch_size), batch_sharding)
                 for t in (tiles_1, tiles_2)
             )
-            probabilities.append(np.asarray(predict(encoder_state, params, batch_stats, x1, x2))[: stop - start])
+            probabilities.append(
+                np.asarray(predict(encoder_state, params, batch_stats, x1, x2))[: stop - start]
+            )
         full = stitch(np.concatenate(probabilities), grid, mask.shape)
         city_counts = metrics.binary_counts(full, mask)
         per_city[city] = metrics.precision_recall_f1(city_counts)["f1"]

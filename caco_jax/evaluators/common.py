@@ -1,9 +1,13 @@
-"""What every evaluator shares: the encoders to compare, TFDS datasets read without TensorFlow, data-parallel
+"""What every evaluator shares: the encoders to compare, TFDS datasets read without TensorFlow,
+data-parallel
 feature extraction, and the metrics file and console table.
 
-Each evaluator compares the same rows: the checkpoint under test (an export written by `save_encoder`, by
-pretraining or by `caco_jax.convert`), a randomly initialised encoder of the same architecture, and, when
-`config.eval.imagenet_checkpoint` names one, a supervised ImageNet encoder converted from a torchvision
+Each evaluator compares the same rows: the checkpoint under test (an export written by
+`save_encoder`, by
+pretraining or by `caco_jax.convert`), a randomly initialised encoder of the same architecture,
+and, when
+`config.eval.imagenet_checkpoint` names one, a supervised ImageNet encoder converted from a
+torchvision
 state dict.
 """
 
@@ -45,35 +49,45 @@ def checkpoint_dir(config, workdir: str) -> str:
 
 
 def encoders(config, workdir: str) -> list[Encoder]:
-    """The rows to evaluate, in table order. The random encoder copies the checkpoint's architecture."""
+    """The rows to evaluate, in table order. The random encoder copies the checkpoint's
+    architecture."""
     directory = checkpoint_dir(config, workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
-            f"config.eval.checkpoint: no encoder export at {directory} (pretrain first, convert official "
+            f"config.eval.checkpoint: no encoder export at {directory} (pretrain first, convert "
+            "official "
             "weights with the convert_weights task, or point --config.eval.checkpoint at an export)"
         )
     model, metadata = export.load_encoder(directory)
     rows = [Encoder("checkpoint", model, directory)]
     if config.eval.random_baseline:
-        random_model = ResNet(
-            int(metadata["depth"]),
-            rngs=nnx.Rngs(config.eval.seed),
-            in_channels=int(metadata["in_channels"]),
+        random_model = random_encoder(
+            int(metadata["depth"]), int(metadata["in_channels"]), config.eval.seed
         )
-        random_model.eval()
         rows.append(Encoder("random", random_model, f"random init (seed {config.eval.seed})"))
     if config.eval.imagenet_checkpoint:
         imagenet_model, _ = export.load_encoder(config.eval.imagenet_checkpoint)
-        rows.append(Encoder("imagenet", imagenet_model, os.path.abspath(config.eval.imagenet_checkpoint)))
+        rows.append(
+            Encoder("imagenet", imagenet_model, os.path.abspath(config.eval.imagenet_checkpoint))
+        )
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------
+def random_encoder(depth: int, in_channels: int, seed: int) -> ResNet:
+    """torchvision's random initialisation (eval mode: BatchNorm statistics 0 / 1), computed as one
+    compiled function rather than op by op."""
+    model = nnx.jit(lambda: ResNet(depth, rngs=nnx.Rngs(seed), in_channels=in_channels))()
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
 # TFDS datasets, read as array_record data sources (numpy decoding: no TensorFlow at run time).
 
 
 def open_tfds(data_dir: str, name: str, config_name: str):
-    """The prepared TFDS builder `<data_dir>/<name>/<config_name>/<newest version>`, read from its files
+    """The prepared TFDS builder `<data_dir>/<name>/<config_name>/<newest version>`, read from its
+    files
     (no builder code, no TensorFlow). The data must be in array_record format."""
     import tensorflow_datasets as tfds
 
@@ -88,7 +102,8 @@ def open_tfds(data_dir: str, name: str, config_name: str):
                     versions.append(tuple(int(p) for p in parts))
     if not versions:
         raise FileNotFoundError(
-            f"config.eval.data_dir: no prepared TFDS dataset {name}/{config_name} under {data_dir}; "
+            f"config.eval.data_dir: no prepared TFDS dataset {name}/{config_name} "
+            f"under {data_dir}; "
             f"prepare it with `tfds build {name}/{config_name} --file_format=array_record "
             f"--data_dir={data_dir}` (see the README)"
         )
@@ -96,7 +111,8 @@ def open_tfds(data_dir: str, name: str, config_name: str):
     builder = tfds.builder_from_directory(os.path.join(folder, version))
     if "array_record" not in str(builder.info.file_format):
         raise ValueError(
-            f"{name}/{config_name} under {data_dir} is stored as {builder.info.file_format}; caco_jax "
+            f"{name}/{config_name} under {data_dir} is stored as {builder.info.file_format}; "
+            "caco_jax "
             "reads array_record without TensorFlow: rebuild with --file_format=array_record"
         )
     return builder
@@ -113,16 +129,21 @@ def read_split_list(path: str) -> list[str]:
         return [line.split(",")[0].strip() for line in f if line.strip()]
 
 
-def seeded_split(count: int, fraction: float, seed: int, reason: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, evaluation indices): a seeded random `fraction` for training. Warns, since the
+def seeded_split(
+    count: int, fraction: float, seed: int, reason: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, evaluation indices): a seeded random `fraction` for training. Warns, since
+    the
     paper's numbers come from SeCo's fixed split."""
-    warnings.warn(f"{reason}: using a seeded random split ({fraction:.0%} train, seed {seed})", stacklevel=2)
+    warnings.warn(
+        f"{reason}: using a seeded random split ({fraction:.0%} train, seed {seed})", stacklevel=2
+    )
     order = np.random.default_rng(seed).permutation(count)
-    cut = int(round(count * fraction))
+    cut = round(count * fraction)
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data-parallel encoder passes: the batch is split over every device, the encoder is replicated.
 
 
@@ -153,8 +174,10 @@ def extract_features(
 ) -> np.ndarray:
     """Pooled features [count, d] of the frozen encoder in eval mode.
 
-    `load_batch(indices)` returns the raw images of those examples (any dtype, NHWC); `preprocess` maps
-    them to the encoder's input inside the compiled function, so only the raw bytes cross to the devices.
+    `load_batch(indices)` returns the raw images of those examples (any dtype, NHWC); `preprocess`
+    maps
+    them to the encoder's input inside the compiled function, so only the raw bytes cross to the
+    devices.
     """
     mesh = data_mesh()
     batch_size = global_batch_size(batch_size, mesh)
@@ -184,11 +207,14 @@ def refresh_batch_stats(
     batch_size: int,
     seed: int,
 ) -> None:
-    """One shuffled pass in training mode over `count` examples, updating the BatchNorm running statistics
+    """One shuffled pass in training mode over `count` examples, updating the BatchNorm running
+    statistics
     in place (batches of `batch_size`, the last partial one dropped, as the official loaders did).
 
-    This reproduces what the official linear probe did by accident: Lightning kept the "frozen" encoder in
-    training mode, so its statistics drifted to the probe's training set. One pass gives what 100 epochs
+    This reproduces what the official linear probe did by accident: Lightning kept the "frozen"
+    encoder in
+    training mode, so its statistics drifted to the probe's training set. One pass gives what 100
+    epochs
     give: with torch's momentum 0.1 the running averages forget everything older than ~50 batches.
     """
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -202,22 +228,26 @@ def refresh_batch_stats(
 
     order = np.random.default_rng(seed).permutation(count)
     for start in tqdm.trange(0, count - batch_size + 1, batch_size, desc="BN stats", leave=False):
-        batch_stats = update(params, batch_stats, load_batch(np.sort(order[start : start + batch_size])))
+        batch_stats = update(
+            params, batch_stats, load_batch(np.sort(order[start : start + batch_size]))
+        )
     nnx.update(model, batch_stats)
     model.eval()
 
 
 def as_unit_float(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [0, 1], torchvision's ToTensor: the downstream input of the paper."""
+    """uint8 [0, 255] -> float32 [0, 1], torchvision's ToTensor: the downstream input of the
+    paper."""
     return images.astype(jnp.float32) / 255.0
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reporting.
 
 
 def metrics_path(checkpoint: str, task: str) -> str:
-    """`<checkpoint>_<task>.json` beside the export folder (the export itself stays an Orbax checkpoint)."""
+    """`<checkpoint>_<task>.json` beside the export folder (the export itself stays an Orbax
+    checkpoint)."""
     return f"{checkpoint.rstrip(os.sep)}_{task}.json"
 
 
@@ -245,7 +275,9 @@ def format_table(title: str, rows: Sequence[dict], columns: Sequence[str]) -> st
     ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in body]
+    lines += [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in body
+    ]
     return "\n".join(lines)
 
 
@@ -255,8 +287,11 @@ def _format_cell(value) -> str:
     return "-" if value is None else str(value)
 
 
-def report(config, workdir: str, task: str, rows: list[dict], columns: Sequence[str], extra: dict) -> dict:
-    """Prints the table, writes the metrics JSON beside the checkpoint, returns the task's result."""
+def report(
+    config, workdir: str, task: str, rows: list[dict], columns: Sequence[str], extra: dict
+) -> dict:
+    """Prints the table, writes the metrics JSON beside the checkpoint, returns the task's
+    result."""
     checkpoint = checkpoint_dir(config, workdir)
     print(format_table(f"{task} (percent)", rows, columns), flush=True)
     record = {"task": task, "checkpoint": checkpoint, "rows": rows, **extra}

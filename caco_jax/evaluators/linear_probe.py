@@ -1,17 +1,20 @@
-"""Linear probes on a frozen encoder: EuroSAT (the paper's protocol) and the demo's synthetic land cover.
+"""Linear probes on a frozen encoder: EuroSAT (the paper's protocol) and the demo's synthetic land
+cover.
 
-The encoder is frozen and in eval mode, so its features are computed once and cached; the linear head then
-trains on the cached features with whole epochs compiled as one `lax.scan`, so the paper's 100 epochs take
-seconds. Protocol (SeCo's `main_eurosat.py`, reused by CACo): 64x64 RGB scaled to [0, 1] without mean/std,
-Linear(d, 10), Adam lr 1e-3, batch 32 (last partial batch dropped), 100 epochs, lr x0.1 at epochs 60 and 80,
+The encoder is frozen and in eval mode, so its features are computed once and cached; the linear
+head then
+trains on the cached features with whole epochs compiled as one `lax.scan`, so the paper's 100
+epochs take
+seconds. Protocol (SeCo's `main_eurosat.py`, reused by CACo): 64x64 RGB scaled to [0, 1] without
+mean/std,
+Linear(d, 10), Adam lr 1e-3, batch 32 (last partial batch dropped), 100 epochs, lr x0.1 at epochs
+60 and 80,
 top-1 on SeCo's validation split.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import glob
 import os
 
 import jax
@@ -53,7 +56,8 @@ def softmax_cross_entropy(logits, labels):
 
 
 def multilabel_soft_margin(logits, targets):
-    """torch's MultiLabelSoftMarginLoss: per-class binary cross-entropy on logits, averaged over classes
+    """torch's MultiLabelSoftMarginLoss: per-class binary cross-entropy on logits, averaged over
+    classes
     and batch."""
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
 
@@ -63,7 +67,9 @@ def init_linear(key, in_features: int, out_features: int) -> dict:
     bound = 1.0 / np.sqrt(in_features)
     weight_key, bias_key = jax.random.split(key)
     return {
-        "kernel": jax.random.uniform(weight_key, (in_features, out_features), jnp.float32, -bound, bound),
+        "kernel": jax.random.uniform(
+            weight_key, (in_features, out_features), jnp.float32, -bound, bound
+        ),
         "bias": jax.random.uniform(bias_key, (out_features,), jnp.float32, -bound, bound),
     }
 
@@ -89,12 +95,14 @@ def train_linear_head(
     seed: int,
     description: str = "probe",
 ) -> dict:
-    """Trains Dropout(p) + Linear(d, num_outputs) with Adam on cached features; returns its params."""
+    """Trains Dropout(p) + Linear(d, num_outputs) with Adam on cached features; returns its
+    params."""
     count = features.shape[0]
     steps_per_epoch = count // settings.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{description}: {count} training examples, fewer than one batch of {settings.batch_size}"
+            f"{description}: {count} training examples, fewer than one batch of "
+            f"{settings.batch_size}"
         )
     key = jax.random.key(seed)
     init_key, key = jax.random.split(key)
@@ -117,7 +125,9 @@ def train_linear_head(
             indices, step_key = batch
             x = features[indices]
             x = jnp.where(jax.random.bernoulli(step_key, keep, x.shape), x / keep, 0.0)
-            loss, grads = jax.value_and_grad(lambda p: loss_fn(linear(p, x), targets[indices]))(params)
+            loss, grads = jax.value_and_grad(lambda p: loss_fn(linear(p, x), targets[indices]))(
+                params
+            )
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -156,15 +166,17 @@ def probe_top1(
     }
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # EuroSAT.
 
 
 def load_eurosat(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
     """(images uint8 [N, 64, 64, 3], labels [N], train indices, val indices, split description).
 
-    Reads TFDS `eurosat/rgb` (one `train` split of 27,000 images, `filename` like `Forest_12.jpg`) and
-    splits it with SeCo's `eurosat-train.txt` / `eurosat-val.txt` when `config.eval.split_dir` holds them.
+    Reads TFDS `eurosat/rgb` (one `train` split of 27,000 images, `filename` like `Forest_12.jpg`)
+    and
+    splits it with SeCo's `eurosat-train.txt` / `eurosat-val.txt` when `config.eval.split_dir`
+    holds them.
     """
     builder = common.open_tfds(config.eval.data_dir, "eurosat", "rgb")
     source = builder.as_data_source("train")
@@ -174,7 +186,9 @@ def load_eurosat(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     for i in tqdm.trange(len(source), desc="eurosat", leave=False):
         example = source[i]
         if example["image"].shape != (64, 64, 3):
-            raise ValueError(f"eurosat/rgb example {i}: image shape {example['image'].shape}, not (64, 64, 3)")
+            raise ValueError(
+                f"eurosat/rgb example {i}: image shape {example['image'].shape}, not (64, 64, 3)"
+            )
         images[i] = example["image"]
         labels[i] = example["label"]
         names.append(os.path.splitext(common.read_text(example["filename"]))[0])
@@ -184,7 +198,9 @@ def load_eurosat(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 def _eurosat_split(config, names: list[str]):
     split_dir = config.eval.split_dir
-    files = [os.path.join(split_dir, f"eurosat-{s}.txt") for s in ("train", "val")] if split_dir else []
+    files = (
+        [os.path.join(split_dir, f"eurosat-{s}.txt") for s in ("train", "val")] if split_dir else []
+    )
     if files and all(os.path.exists(f) for f in files):
         index = {name: i for i, name in enumerate(names)}
         splits = []
@@ -193,7 +209,8 @@ def _eurosat_split(config, names: list[str]):
             missing = [name for name in listed if name not in index]
             if missing:
                 raise ValueError(
-                    f"{path}: {len(missing)} listed images are not in eurosat/rgb, e.g. {missing[:5]}"
+                    f"{path}: {len(missing)} listed images are not in eurosat/rgb, "
+                    f"e.g. {missing[:5]}"
                 )
             splits.append(np.array(sorted(index[name] for name in listed), np.int64))
         return splits[0], splits[1], f"SeCo split files in {split_dir}"
@@ -202,9 +219,11 @@ def _eurosat_split(config, names: list[str]):
         if split_dir
         else "config.eval.split_dir is not set"
     )
-    # SeCo's split: 16,200 train and 5,400 val of 27,000 (60 % / 20 %); the rest is its unused test set.
+    # SeCo's split: 16,200 train and 5,400 val of 27,000 (60 % / 20 %); the rest is its unused test
+    # set.
     train, rest = common.seeded_split(len(names), 0.6, config.eval.seed, reason)
-    return train, rest[: int(round(len(names) * 0.2))], f"seeded split (seed {config.eval.seed})"
+    val = rest[: round(len(names) * 0.2)]
+    return train, val, f"seeded split (seed {config.eval.seed})"
 
 
 def eurosat_task(config, workdir: str) -> dict:
@@ -213,6 +232,7 @@ def eurosat_task(config, workdir: str) -> dict:
     settings = HeadSettings.from_config(config.eval)
     rows = []
     for encoder in common.encoders(config, workdir):
+
         def load(indices, subset):
             return images[subset[indices]]
 
@@ -255,48 +275,46 @@ def eurosat_task(config, workdir: str) -> dict:
     return common.report(config, workdir, "eval_eurosat", rows, ("top1", "train_top1"), extra)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The demo: land cover of the synthetic archive's locations.
 
 
-def _ground_truth(config, workdir: str) -> dict[str, int]:
-    folder = config.synthetic.output or os.path.join(workdir, "synthetic_archive")
-    paths = sorted(glob.glob(os.path.join(folder, "*_ground_truth.csv")))
-    if len(paths) != 1:
-        raise FileNotFoundError(
-            f"config.synthetic.output: expected one *_ground_truth.csv in {folder}, found {len(paths)} "
-            "(run the synthesize task first)"
-        )
-    with open(paths[0], newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "land_cover" not in rows[0]:
-        raise ValueError(f"{paths[0]}: no land_cover column")
-    return {row["location_id"]: int(row["land_cover"]) for row in rows}
-
-
 def load_synthetic_land_cover(config, workdir: str):
-    """(images uint8 [M, 264, 264, 3], labels [M], location of each image): every acquisition of every
-    location of the prepared synthetic records, labelled with its location's dominant land cover."""
-    from caco_jax.data import records
+    """(images uint8 [M, 264, 264, 3], labels [M], location index [M]): the early-window
+    acquisitions of
+    every location of the prepared synthetic records, labelled with the location's dominant land
+    cover
+    (contract 1's ground truth describes the early window; changed locations may differ later)."""
+    from caco_jax.data import records, synthetic
 
-    land_cover = _ground_truth(config, workdir)
+    folder = config.synthetic.output or os.path.join(workdir, "synthetic_archive")
+    truth_path = os.path.join(folder, synthetic.ground_truth_name("clean_synthetic_geography"))
+    if not os.path.exists(truth_path):
+        raise FileNotFoundError(
+            f"config.synthetic.output: no {truth_path} (run the synthesize task)"
+        )
+    land_cover = {
+        row.location_id: row.land_cover for row in synthetic.read_ground_truth(truth_path)
+    }
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
     source = records.open_records(data_dir, builder_config="rgb", split="train")
     images, labels, locations = [], [], []
     for i in tqdm.trange(len(source), desc="land cover", leave=False):
         arrays = records.location_arrays(source[i])
-        location_id = common.read_text(arrays["location_id"])
-        if location_id not in land_cover:
-            raise ValueError(f"location {location_id!r} of the records is not in the ground truth CSV")
-        pixels = arrays["pixels"]
-        images.append(pixels)
-        labels += [land_cover[location_id]] * pixels.shape[0]
-        locations += [i] * pixels.shape[0]
+        if arrays["location_id"] not in land_cover:
+            raise ValueError(
+                f"location {arrays['location_id']!r} of the records is not in {truth_path}"
+            )
+        early = arrays["pixels"][arrays["window"] == 0]
+        images.append(early)
+        labels += [land_cover[arrays["location_id"]]] * early.shape[0]
+        locations += [i] * early.shape[0]
     return np.concatenate(images), np.asarray(labels), np.asarray(locations)
 
 
 def pretraining_input(image_size: int):
-    """The pretraining normalisation (SeCo's RGB stretch, then ImageNet mean/std), resized to `image_size`:
+    """The pretraining normalisation (SeCo's RGB stretch, then ImageNet mean/std), resized to
+    `image_size`:
     the demo probes the encoder on the inputs it was trained on."""
     low = np.array([layout.RGB_STRETCH[b][0] for b in layout.RGB_BANDS], np.float32)
     high = np.array([layout.RGB_STRETCH[b][1] for b in layout.RGB_BANDS], np.float32)
@@ -312,8 +330,11 @@ def pretraining_input(image_size: int):
 
 
 def land_cover_task(config, workdir: str) -> dict:
-    """Task `linear_probe`: a linear probe of land cover on the synthetic archive, locations split in
+    """Task `linear_probe`: a linear probe of land cover on the synthetic archive, locations split
+    in
     halves (seeded), so the demo shows whether pretraining beats a random encoder."""
+    from caco_jax.data import synthetic
+
     images, labels, locations = load_synthetic_land_cover(config, workdir)
     num_locations = int(locations.max()) + 1
     train_locations, _ = common.seeded_split(
@@ -321,7 +342,7 @@ def land_cover_task(config, workdir: str) -> dict:
     )
     in_train = np.isin(locations, train_locations)
     train, test = np.flatnonzero(in_train), np.flatnonzero(~in_train)
-    num_classes = int(labels.max()) + 1
+    num_classes = len(synthetic.LAND_COVER_CLASSES)
     settings = HeadSettings.from_config(config.eval)
     preprocess = pretraining_input(config.eval.image_size)
     rows = []

@@ -1,6 +1,8 @@
-"""The downstream metrics of the paper's tables, as small pure NumPy functions over a whole evaluation set.
+"""The downstream metrics of the paper's tables, as small pure NumPy functions over a whole
+evaluation set.
 
-The official code logged these per batch and let Lightning average the batch values; computing them once
+The official code logged these per batch and let Lightning average the batch values; computing them
+once
 over the whole set is exact and independent of the batch size (a documented difference).
 """
 
@@ -14,12 +16,15 @@ def top1_accuracy(logits, labels) -> float:
     logits = np.asarray(logits)
     labels = np.asarray(labels)
     if logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"top1_accuracy: {logits.shape[0]} rows of logits, {labels.shape[0]} labels")
+        raise ValueError(
+            f"top1_accuracy: {logits.shape[0]} rows of logits, {labels.shape[0]} labels"
+        )
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
 def average_precision(targets, scores) -> float:
-    """Area under the precision-recall curve as sklearn's ``average_precision_score`` computes it: the sum
+    """Area under the precision-recall curve as sklearn's ``average_precision_score`` computes it:
+    the sum
     over distinct score thresholds of (recall gain) x precision. 0.0 when there is no positive."""
     targets = np.asarray(targets).reshape(-1).astype(np.float64)
     scores = np.asarray(scores).reshape(-1).astype(np.float64)
@@ -41,12 +46,15 @@ def average_precision(targets, scores) -> float:
 
 
 def multilabel_average_precision(targets, scores) -> dict[str, float]:
-    """Micro AP (all (example, class) pairs pooled: the paper's BigEarthNet number) and macro AP (the mean
+    """Micro AP (all (example, class) pairs pooled: the paper's BigEarthNet number) and macro AP
+    (the mean
     of per-class APs over the classes that have at least one positive; how many is reported)."""
     targets = np.asarray(targets)
     scores = np.asarray(scores)
     if targets.ndim != 2 or targets.shape != scores.shape:
-        raise ValueError(f"multilabel AP: targets {targets.shape} and scores {scores.shape} must be [N, C]")
+        raise ValueError(
+            f"multilabel AP: targets {targets.shape} and scores {scores.shape} must be [N, C]"
+        )
     present = np.flatnonzero(targets.sum(axis=0) > 0)
     per_class = [average_precision(targets[:, c], scores[:, c]) for c in present]
     return {
@@ -57,7 +65,8 @@ def multilabel_average_precision(targets, scores) -> dict[str, float]:
 
 
 def binary_counts(probabilities, targets, threshold: float = 0.5) -> np.ndarray:
-    """(true positives, false positives, false negatives) of ``probabilities >= threshold``, int64, so
+    """(true positives, false positives, false negatives) of ``probabilities >= threshold``, int64,
+    so
     that counts of many images can be summed before the ratios are taken."""
     predicted = np.asarray(probabilities) >= threshold
     actual = np.asarray(targets).astype(bool)
@@ -70,7 +79,8 @@ def binary_counts(probabilities, targets, threshold: float = 0.5) -> np.ndarray:
 
 
 def precision_recall_f1(counts) -> dict[str, float]:
-    """Precision, recall and F1 of the positive class from summed ``binary_counts``; 0 where undefined."""
+    """Precision, recall and F1 of the positive class from summed ``binary_counts``; 0 where
+    undefined."""
     true_positives, false_positives, false_negatives = (int(c) for c in counts)
     precision = _ratio(true_positives, true_positives + false_positives)
     recall = _ratio(true_positives, true_positives + false_negatives)

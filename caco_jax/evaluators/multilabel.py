@@ -1,11 +1,17 @@
 """BigEarthNet multi-label classification (SeCo's `main_bigearthnet.py` protocol, reused by CACo).
 
-TFDS `bigearthnet/rgb` patches (43 CORINE labels) are mapped to the 19-class nomenclature, cloud/snow
-patches are removed when their lists are given, images are resized to 128x128 (bicubic) and scaled to
-[0, 1]. The head is Dropout(0.2) + Linear(d, 19) trained with the multi-label soft-margin loss and Adam for
-100 epochs (lr x0.1 at 60 and 80) on 10 % or 100 % of the training labels; the metric is micro-averaged AP
-on the validation split (macro AP reported beside it, labelled). The frozen mode trains the head on cached
-features; `config.eval.finetune` also trains the encoder (its BatchNorm stays in eval mode, as the official
+TFDS `bigearthnet/rgb` patches (43 CORINE labels) are mapped to the 19-class nomenclature,
+cloud/snow
+patches are removed when their lists are given, images are resized to 128x128 (bicubic) and scaled
+to
+[0, 1]. The head is Dropout(0.2) + Linear(d, 19) trained with the multi-label soft-margin loss and
+Adam for
+100 epochs (lr x0.1 at 60 and 80) on 10 % or 100 % of the training labels; the metric is
+micro-averaged AP
+on the validation split (macro AP reported beside it, labelled). The frozen mode trains the head on
+cached
+features; `config.eval.finetune` also trains the encoder (its BatchNorm stays in eval mode, as the
+official
 `on_train_epoch_start` sets it).
 """
 
@@ -47,7 +53,8 @@ CLASSES_19 = (
     "Marine waters",
 )
 
-# The 43 original labels merged into a 19-class group; labels named like a 19-class group map to it; the
+# The 43 original labels merged into a 19-class group; labels named like a 19-class group map to
+# it; the
 # remaining eleven (airports, burnt areas, ...) have no 19-class counterpart and are dropped.
 MERGED_LABELS = {
     "Continuous urban fabric": "Urban fabric",
@@ -114,9 +121,10 @@ def multi_hot(label_ids, mapping: np.ndarray) -> np.ndarray:
 
 
 def label_subset(count: int, fraction: float, seed: int) -> np.ndarray:
-    """A seeded subset of `round(fraction * count)` distinct training indices (the official subset was
+    """A seeded subset of `round(fraction * count)` distinct training indices (the official subset
+    was
     drawn with replacement, so it held duplicates)."""
-    size = max(1, int(round(fraction * count)))
+    size = max(1, round(fraction * count))
     return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
 
 
@@ -156,7 +164,11 @@ def load_bigearthnet(config) -> BigEarthNet:
     keep = np.array([name not in bad for name in names])
     removed = int((~keep).sum())
 
-    files = [os.path.join(split_dir, f"bigearthnet-{s}.txt") for s in ("train", "val")] if split_dir else []
+    files = (
+        [os.path.join(split_dir, f"bigearthnet-{s}.txt") for s in ("train", "val")]
+        if split_dir
+        else []
+    )
     if files and all(os.path.exists(f) for f in files):
         index = {name: i for i, name in enumerate(names)}
         splits = []
@@ -164,7 +176,9 @@ def load_bigearthnet(config) -> BigEarthNet:
             listed = common.read_split_list(path)
             missing = [name for name in listed if name not in index]
             if missing:
-                raise ValueError(f"{path}: {len(missing)} patches not in bigearthnet/rgb, e.g. {missing[:3]}")
+                raise ValueError(
+                    f"{path}: {len(missing)} patches not in bigearthnet/rgb, e.g. {missing[:3]}"
+                )
             chosen = np.array(sorted(index[name] for name in listed), np.int64)
             splits.append(chosen[keep[chosen]])
         train, val = splits
@@ -172,7 +186,7 @@ def load_bigearthnet(config) -> BigEarthNet:
     else:
         reason = "config.eval.split_dir lacks bigearthnet-train.txt/bigearthnet-val.txt"
         train, rest = common.seeded_split(len(names), 0.6, config.eval.seed, reason)
-        val = rest[: int(round(len(names) * 0.2))]
+        val = rest[: round(len(names) * 0.2)]
         train, val = train[keep[train]], val[keep[val]]
         description = f"seeded split (seed {config.eval.seed})"
     if config.eval.train_fraction < 1.0:
@@ -182,7 +196,8 @@ def load_bigearthnet(config) -> BigEarthNet:
 
 
 def bigearthnet_input(image_size: int):
-    """uint8 RGB -> [0, 1], resized bicubically to `image_size` (torchvision's Resize then ToTensor)."""
+    """uint8 RGB -> [0, 1], resized bicubically to `image_size` (torchvision's Resize then
+    ToTensor)."""
 
     def preprocess(images):
         x = common.as_unit_float(images)
@@ -223,8 +238,10 @@ def frozen_probe(encoder, data: BigEarthNet, config) -> dict:
 
 
 def finetune(encoder, data: BigEarthNet, config) -> dict:
-    """Trains encoder and head together (Adam, `config.eval.finetune_learning_rate`), data-parallel over
-    every device; the encoder's BatchNorm keeps its statistics (eval mode), as in the official code."""
+    """Trains encoder and head together (Adam, `config.eval.finetune_learning_rate`), data-parallel
+    over
+    every device; the encoder's BatchNorm keeps its statistics (eval mode), as in the official
+    code."""
     settings = linear_probe.HeadSettings.from_config(config.eval)
     preprocess = bigearthnet_input(config.eval.image_size)
     mesh = common.data_mesh()
@@ -241,7 +258,8 @@ def finetune(encoder, data: BigEarthNet, config) -> dict:
         "head": linear_probe.init_linear(key, model.feature_dim, len(CLASSES_19)),
     }
     schedule = linear_probe.step_schedule(
-        dataclasses.replace(settings, learning_rate=config.eval.finetune_learning_rate), steps_per_epoch
+        dataclasses.replace(settings, learning_rate=config.eval.finetune_learning_rate),
+        steps_per_epoch,
     )
     optimizer = optax.adam(schedule)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -290,12 +308,15 @@ def finetune(encoder, data: BigEarthNet, config) -> dict:
 
 
 def bigearthnet_task(config, workdir: str) -> dict:
-    """Task `eval_bigearthnet`: frozen probe (default) or full fine-tuning, for every encoder row."""
+    """Task `eval_bigearthnet`: frozen probe (default) or full fine-tuning, for every encoder
+    row."""
     data = load_bigearthnet(config)
     evaluate = finetune if config.eval.finetune else frozen_probe
     rows = []
     for encoder in common.encoders(config, workdir):
-        rows.append({"encoder": encoder.name, "source": encoder.source, **evaluate(encoder, data, config)})
+        rows.append(
+            {"encoder": encoder.name, "source": encoder.source, **evaluate(encoder, data, config)}
+        )
     extra = {
         "mode": "finetune" if config.eval.finetune else "frozen",
         "train_fraction": config.eval.train_fraction,

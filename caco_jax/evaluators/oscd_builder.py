@@ -12,7 +12,8 @@ The download (https://rcdaudt.github.io/oscd/, IEEE DataPort) is three folders o
 
 One example per city: `city`, `image1` / `image2` (uint16 reflectance [H, W, bands]) and `mask`
 (uint8 [H, W], 1 = changed). Pixels are TFDS `Tensor` features with ZLIB encoding and the files are
-array_record, so neither building nor reading needs TensorFlow. Configs: `rgb` = (B04, B03, B02), the
+array_record, so neither building nor reading needs TensorFlow. Configs: `rgb` = (B04, B03, B02),
+the
 bands the paper evaluates; `all_bands` = the 13 bands in band order.
 """
 
@@ -30,7 +31,21 @@ LABEL_FOLDERS = {
     "train": "Onera Satellite Change Detection dataset - Train Labels",
     "test": "Onera Satellite Change Detection dataset - Test Labels",
 }
-ALL_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+ALL_BANDS = (
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B8A",
+    "B09",
+    "B10",
+    "B11",
+    "B12",
+)
 RGB_BANDS = ("B04", "B03", "B02")
 
 
@@ -49,7 +64,8 @@ class Oscd(tfds.core.GeneratorBasedBuilder):
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download the three OSCD archives (Images, Train Labels, Test Labels) from "
-        "https://rcdaudt.github.io/oscd/ and put the zip files or their extracted folders in manual_dir."
+        "https://rcdaudt.github.io/oscd/ and put the zip files or their extracted folders in "
+        "manual_dir."
     )
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -74,7 +90,9 @@ class Oscd(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        folders = locate_folders(os.fspath(dl_manager.manual_dir), os.fspath(dl_manager.download_dir))
+        folders = locate_folders(
+            os.fspath(dl_manager.manual_dir), os.fspath(dl_manager.download_dir)
+        )
         return {
             split: self._generate_examples(folders[IMAGES_FOLDER], folders[labels], split)
             for split, labels in LABEL_FOLDERS.items()
@@ -94,7 +112,8 @@ class Oscd(tfds.core.GeneratorBasedBuilder):
 
 
 def locate_folders(manual_dir: str, scratch_dir: str) -> dict[str, str]:
-    """Path of each of the three OSCD folders: in `manual_dir`, or extracted from its zip file there."""
+    """Path of each of the three OSCD folders: in `manual_dir`, or extracted from its zip file
+    there."""
     located = {}
     for folder in (IMAGES_FOLDER, *LABEL_FOLDERS.values()):
         path = os.path.join(manual_dir, folder)
@@ -103,7 +122,9 @@ def locate_folders(manual_dir: str, scratch_dir: str) -> dict[str, str]:
             continue
         archive = f"{path}.zip"
         if not os.path.exists(archive):
-            raise FileNotFoundError(f"OSCD: neither {folder!r} nor {folder + '.zip'!r} is in {manual_dir}")
+            raise FileNotFoundError(
+                f"OSCD: neither {folder!r} nor {folder + '.zip'!r} is in {manual_dir}"
+            )
         target = os.path.join(scratch_dir, "oscd_extracted")
         try:
             with zipfile.ZipFile(archive) as zipped:
@@ -128,7 +149,8 @@ def city_list(images_dir: str, split: str) -> list[str]:
 
 
 def _band_file(images_dir: str, city: str, date: int, band: str) -> str:
-    """`imgs_<date>_rect/<band>.tif` (all bands on the 10 m grid), else `imgs_<date>/*_<band>.tif`."""
+    """`imgs_<date>_rect/<band>.tif` (all bands on the 10 m grid), else
+    `imgs_<date>/*_<band>.tif`."""
     city_dir = os.path.join(images_dir, city)
     rectified = os.path.join(city_dir, f"imgs_{date}_rect", f"{band}.tif")
     if os.path.exists(rectified):
@@ -136,7 +158,9 @@ def _band_file(images_dir: str, city: str, date: int, band: str) -> str:
     native = sorted(glob.glob(os.path.join(glob.escape(city_dir), f"imgs_{date}", f"*_{band}.tif")))
     if len(native) == 1:
         return native[0]
-    raise FileNotFoundError(f"OSCD city {city!r}: no {band} of date {date} ({rectified} is missing)")
+    raise FileNotFoundError(
+        f"OSCD city {city!r}: no {band} of date {date} ({rectified} is missing)"
+    )
 
 
 def read_bands(images_dir: str, city: str, date: int, bands) -> np.ndarray:
@@ -159,7 +183,8 @@ def read_bands(images_dir: str, city: str, date: int, bands) -> np.ndarray:
 
 
 def read_change_mask(cm_dir: str, city: str) -> np.ndarray:
-    """uint8 [H, W] with 1 = changed, from `cm.png` (what SeCo reads; white = change) or `<city>-cm.tif`
+    """uint8 [H, W] with 1 = changed, from `cm.png` (what SeCo reads; white = change) or
+    `<city>-cm.tif`
     (1 = unchanged, 2 = changed)."""
     png = os.path.join(cm_dir, "cm.png")
     tif = os.path.join(cm_dir, f"{city}-cm.tif")
@@ -181,7 +206,8 @@ def read_change_mask(cm_dir: str, city: str) -> np.ndarray:
 
 
 def prepare(manual_dir: str, data_dir: str, config_name: str = "rgb") -> str:
-    """Builds `<data_dir>/oscd/<config_name>/1.0.0` from the downloaded archive; returns its path."""
+    """Builds `<data_dir>/oscd/<config_name>/1.0.0` from the downloaded archive; returns its
+    path."""
     builder = Oscd(config=config_name, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir))

@@ -1,9 +1,13 @@
 """SeCo's change-detection U-Net decoder (`models/segmentation.py`), used by CACo for OSCD.
 
-The frozen encoder sees both images; at five depths (the stem convolution before its BatchNorm, stride 2,
-and the four ResNet stages, strides 4 to 32) the absolute difference of the two feature maps is a skip
-input. From the deepest, each decoder level upsamples x2 (nearest), reduces channels with a 3x3 conv,
-concatenates the next skip, fuses with a bias-free 3x3 conv, BatchNorm, ReLU and channel dropout (0.3);
+The frozen encoder sees both images; at five depths (the stem convolution before its BatchNorm,
+stride 2,
+and the four ResNet stages, strides 4 to 32) the absolute difference of the two feature maps is a
+skip
+input. From the deepest, each decoder level upsamples x2 (nearest), reduces channels with a 3x3
+conv,
+concatenates the next skip, fuses with a bias-free 3x3 conv, BatchNorm, ReLU and channel dropout
+(0.3);
 a last x2 upsampling and a 1x1 conv give one change logit per input pixel.
 """
 
@@ -15,7 +19,8 @@ from flax import nnx
 
 from caco_jax.models.resnet import BatchNorm, ResNet
 
-# torch's default Conv2d initialisation (kaiming_uniform with a=sqrt(5)): uniform in +-1/sqrt(fan_in).
+# torch's default Conv2d initialisation (kaiming_uniform with a=sqrt(5)): uniform in
+# +-1/sqrt(fan_in).
 torch_conv_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -35,8 +40,10 @@ def _torch_conv(in_channels, out_channels, kernel_size, *, use_bias, rngs):
 
 
 def skip_features(encoder: ResNet, images) -> list[jax.Array]:
-    """[stem conv (stride 2), c2, c3, c4, c5] of the encoder, the official `feature_indices=(0, 4, 5, 6, 7)`
-    of `nn.Sequential(conv1, bn1, relu, maxpool, layer1..layer4)`. Uses the contract's submodule names;
+    """[stem conv (stride 2), c2, c3, c4, c5] of the encoder, the official `feature_indices=(0, 4,
+    5, 6, 7)`
+    of `nn.Sequential(conv1, bn1, relu, maxpool, layer1..layer4)`. Uses the contract's submodule
+    names;
     the stem output is taken before BatchNorm, as index 0 of the official Sequential is."""
     stem = encoder.conv1(images)
     x = nnx.relu(encoder.bn1(stem))
@@ -62,7 +69,8 @@ def upsample2(x):
 
 
 class ChangeDecoder(nnx.Module):
-    """The decoder over `skip_channels` = (stem, c2, c3, c4, c5) widths, e.g. (64, 64, 128, 256, 512)."""
+    """The decoder over `skip_channels` = (stem, c2, c3, c4, c5) widths, e.g. (64, 64, 128, 256,
+    512)."""
 
     def __init__(self, skip_channels, *, rngs: nnx.Rngs, dropout_rate: float = 0.3):
         levels = len(skip_channels) - 1
@@ -84,7 +92,8 @@ class ChangeDecoder(nnx.Module):
         self.head = _torch_conv(skip_channels[0], 1, 1, use_bias=True, rngs=rngs)
 
     def __call__(self, skips: list[jax.Array], *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Change logits [N, H, W] at twice the resolution of the first skip; `rngs` (stream `dropout`)
+        """Change logits [N, H, W] at twice the resolution of the first skip; `rngs` (stream
+        `dropout`)
         is needed in training mode only."""
         x = skips[-1]
         for i in reversed(range(len(skips) - 1)):

@@ -1,0 +1,146 @@
+"""Cost of the contrastive objectives per step, next to one encoder forward pass, in the same run.
+
+What it measures (defaults = the official setting: batch N = 256 items, embedding D = 128,
+K = 16384 queued keys per subspace, ResNet-18 at 224 x 224):
+
+- each objective's forward + backward with respect to the queries (``jax.value_and_grad`` of the
+  loss in ``z_q``, jitted; keys and queue are constants, as in training);
+- one forward pass of ``caco_jax.models.resnet.ResNet`` (train-mode BatchNorm, as every training
+  forward) at the same batch;
+- FLOPs of both from XLA's ``compile().cost_analysis()``.
+
+Wall times are the median of ``--repeats`` runs after one warm-up (compilation excluded), with
+``block_until_ready``. Prints the machine, then a table and the ratios. Run:
+
+    .venv/bin/python benchmarks/objectives.py [--batch 256 --image-size 224 --repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from caco_jax import objectives
+from caco_jax.models.resnet import ResNet
+
+
+def unit(key, shape):
+    x = jax.random.normal(key, shape, jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def flops_of(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def measure(fn, args, repeats):
+    """(compiled FLOPs, median seconds, all seconds) of a jitted fn on args."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return flops_of(compiled), statistics.median(times), times
+
+
+def objective_cases(batch, dim, queue_size, temperature=0.07):
+    keys = jax.random.split(jax.random.key(0), 6)
+    z_q = unit(keys[0], (3, batch, dim))
+    z_k = unit(keys[1], (3, 3, batch, dim))
+    window_queue = unit(keys[2], (3, 2, queue_size // 2, dim))
+    plain_queue = unit(keys[3], (3, queue_size, dim))
+    changed = jax.random.bernoulli(keys[4], 0.3, (batch,))
+
+    def grad_of(loss_fn):
+        return jax.value_and_grad(lambda q, *rest: loss_fn(q, *rest)[0])
+
+    return {
+        "caco_loss": (
+            grad_of(lambda q, k, w, c: objectives.caco_loss(q, k, w, c, temperature)),
+            (z_q, z_k, window_queue, changed),
+        ),
+        "teco_loss": (
+            grad_of(lambda q, k, w: objectives.teco_loss(q, k, w, temperature)),
+            (z_q, z_k, window_queue),
+        ),
+        "seco_loss": (
+            grad_of(lambda q, k, p: objectives.seco_loss(q, k, p, temperature)),
+            (z_q, z_k, plain_queue),
+        ),
+        "moco_loss": (
+            grad_of(lambda q, k, p: objectives.moco_loss(q, k, p, temperature)),
+            (z_q[:1], z_k[:1, :1], plain_queue[:1]),
+        ),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--queue-size", type=int, default=16384)
+    parser.add_argument("--depth", type=int, default=18)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; jax {jax.__version__} on {jax.devices()[0]}"
+    )
+    print(
+        f"setting: N={args.batch}, D={args.dim}, K={args.queue_size}, "
+        f"ResNet-{args.depth} at {args.image_size}x{args.image_size}, median of {args.repeats}"
+    )
+
+    model = ResNet(args.depth, rngs=nnx.Rngs(0))
+    model.train()
+    graphdef, state = nnx.split(model)
+
+    def encoder_forward(state, images):
+        return nnx.merge(graphdef, state)(images)
+
+    images = jax.random.normal(
+        jax.random.key(1), (args.batch, args.image_size, args.image_size, 3), jnp.float32
+    )
+    enc_flops, enc_time, enc_times = measure(encoder_forward, (state, images), args.repeats)
+    del images
+
+    rows = [("encoder forward", enc_flops, enc_time, enc_times)]
+    for name, (fn, fn_args) in objective_cases(args.batch, args.dim, args.queue_size).items():
+        rows.append((f"{name} fwd+bwd", *measure(fn, fn_args, args.repeats)))
+
+    print(f"\n{'what':<22}{'GFLOP':>10}{'median ms':>12}{'x encoder time':>16}{'x enc FLOPs':>13}")
+    for name, flops, seconds, _ in rows:
+        print(
+            f"{name:<22}{flops / 1e9:>10.2f}{seconds * 1e3:>12.1f}"
+            f"{seconds / enc_time:>16.4f}{flops / enc_flops:>13.4f}"
+        )
+    print("\nall times (ms):")
+    for name, _, _, times in rows:
+        print(f"  {name:<22}" + " ".join(f"{1e3 * t:.1f}" for t in times))
+    caco = next(r for r in rows if r[0].startswith("caco"))
+    print(
+        f"\ncaco_loss fwd+bwd / encoder forward: time {100 * caco[2] / enc_time:.2f} %, "
+        f"FLOPs {100 * caco[1] / enc_flops:.2f} % "
+        f"(a training step runs 1 query forward+backward and 3-4 key forwards)"
+    )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    np.testing.assert_(np.isfinite(caco[2]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Reading the archive (caco_jax/data/archive.py): input forms, layout, window split, bad input."""
+
+import datetime
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import rasterio
+
+from caco_jax.data import archive, layout
+
+RGB_KEEP = frozenset({layout.METADATA_FILE, *(layout.band_file(b) for b in layout.RGB_BANDS)})
+RGB_GROUPS = {"rgb": layout.RGB_BANDS}
+EARLY = [datetime.datetime(2017, 3, 1) + datetime.timedelta(days=40 * i) for i in range(5)]
+LATE = [datetime.datetime(2021, 4, 2) + datetime.timedelta(days=35 * i) for i in range(5)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures shared with test_builder.py.
+
+
+def synthetic_folder(tmp_path_factory) -> str:
+    """The colleague-made synthetic archive (3 locations, folder form), made once per session."""
+    from caco_jax.data import synthetic
+
+    output = tmp_path_factory.getbasetemp() / "caco_synthetic"
+    path = output / "clean_synthetic_geography"
+    if not path.exists():
+        synthetic.write_archive(os.fspath(output), num_locations=3, seed=0)
+    return os.fspath(path)
+
+
+def product_id(time: datetime.datetime, index: int = 0) -> str:
+    return f"{time:%Y%m%dT%H%M%S}_{time:%Y%m%dT%H%M%S}_T31UDQ_{index:04d}_48923_8339"
+
+
+def write_location(root, location_id, times, *, bands=layout.RGB_BANDS, seed=0, cloud=12.5):
+    """A location folder with one acquisition per time (only `bands`), a preview beside each."""
+    rng = np.random.default_rng(seed)
+    box = layout.GeoBox.around(45.0 + seed, 7.0 - seed)
+    for i, time in enumerate(times):
+        folder = os.path.join(root, location_id, product_id(time, i))
+        os.makedirs(folder)
+        for band in bands:
+            pixels = rng.integers(0, 200, size=layout.band_shape(band), dtype=np.uint8)
+            layout.write_band_geotiff(os.path.join(folder, layout.band_file(band)), pixels, box)
+        with open(os.path.join(folder, layout.METADATA_FILE), "w") as f:
+            json.dump({layout.CLOUD_PROPERTY: cloud + i, "SPACECRAFT_NAME": "Sentinel-2A"}, f)
+        with open(folder + ".tif", "wb") as f:  # the RGB preview sibling, to be ignored
+            f.write(b"preview")
+
+
+def pack_tar_gz(folder, destination, *, top=True, order=None) -> str:
+    """Packs `folder` like `tar -czf` (sorted members), with or without its top folder."""
+    arc_root = os.path.basename(folder) if top else ""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in [*dirnames, *sorted(filenames)]:
+            paths.append(os.path.join(dirpath, name))
+    paths.sort()
+    if order is not None:
+        paths = order(paths)
+    with tarfile.open(destination, "w:gz", compresslevel=1) as tar:
+        for path in paths:
+            arcname = os.path.join(arc_root, os.path.relpath(path, folder))
+            tar.add(path, arcname=arcname, recursive=False)
+    return destination
+
+
+def split_parts(path, num_parts=4) -> list[str]:
+    """Cuts a file byte-wise into `<stem>_part0..` like the published 1M archive."""
+    data = open(path, "rb").read()
+    stem = path.removesuffix(".tar.gz")
+    size = -(-len(data) // num_parts)
+    names = []
+    for i in range(num_parts):
+        names.append(f"{stem}_part{i}")
+        with open(names[-1], "wb") as f:
+            f.write(data[i * size : (i + 1) * size])
+    os.remove(path)
+    return names
+
+
+def decode_all(path, keep=RGB_KEEP, groups=RGB_GROUPS):
+    source = archive.find_archive(path)
+    return [archive.decode_location(loc, groups) for loc in archive.read_locations(source, keep)]
+
+
+def as_comparable(decoded):
+    """Everything a record holds, as plain values, to compare across input forms."""
+    out = []
+    for d in decoded:
+        example = d.example
+        acquisitions = [
+            {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
+            for a in example["acquisitions"]
+        ]
+        out.append((d.location_id, float(example["lat"]), float(example["lon"]), repr(acquisitions)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The window split.
+
+
+def test_complete_location_takes_the_five_newest_as_late_window_like_the_official_loader():
+    # Uneven gaps on purpose: a complete location is split by count, not by gap.
+    times = [*EARLY[:4], LATE[0] - datetime.timedelta(days=900), *LATE]
+    assert archive.assign_windows(times) == [0] * 5 + [1] * 5
+
+
+def test_incomplete_location_is_split_at_the_largest_time_gap():
+    assert archive.assign_windows(EARLY[:4] + LATE[:4]) == [0] * 4 + [1] * 4
+    # Counting 5 from the end would have put an early acquisition into the late window.
+    assert archive.assign_windows(EARLY[:3] + LATE[:4]) == [0] * 3 + [1] * 4
+    assert archive.assign_windows(EARLY + LATE[:1]) == [0] * 5 + [1]
+    assert archive.assign_windows(EARLY + LATE + LATE[:1]) == [0] * 5 + [1] * 6
+    assert archive.assign_windows(EARLY[:1]) == [0]
+    assert archive.assign_windows([]) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Input forms and the layout.
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return synthetic_folder(tmp_path_factory)
+
+
+def test_every_input_form_gives_the_same_locations(synthetic, tmp_path):
+    folder = decode_all(synthetic)
+    # The manual dir holds the top folder and the ground truth CSV beside it.
+    assert as_comparable(decode_all(os.path.dirname(synthetic))) == as_comparable(folder)
+    tar_gz = pack_tar_gz(synthetic, os.fspath(tmp_path / "clean_synthetic_geography.tar.gz"))
+    assert as_comparable(decode_all(tar_gz)) == as_comparable(folder)
+    flat = pack_tar_gz(synthetic, os.fspath(tmp_path / "flat.tar.gz"), top=False)
+    assert as_comparable(decode_all(flat)) == as_comparable(folder)
+    os.remove(flat)
+    parts = split_parts(tar_gz)
+    assert archive.find_archive(tmp_path).form == "parts"
+    assert as_comparable(decode_all(tmp_path)) == as_comparable(folder)
+    assert as_comparable(decode_all(parts[2])) == as_comparable(folder)
+    assert [d.location_id for d in folder] == ["000000", "000001", "000002"]
+
+
+def test_pixels_dates_and_centre_match_what_rasterio_reads_from_the_files(synthetic):
+    groups = {"bands_20m": layout.BANDS_AT_RESOLUTION[20], "rgb": layout.RGB_BANDS}
+    keep = frozenset({layout.METADATA_FILE} | {layout.band_file(b) for g in groups.values() for b in g})
+    decoded = decode_all(synthetic, keep, groups)[1]
+    location = os.path.join(synthetic, decoded.location_id)
+    product_ids = sorted(d for d in os.listdir(location) if not d.endswith(".tif"))
+    acquisitions = decoded.example["acquisitions"]
+    assert [a["product_id"] for a in acquisitions] == product_ids
+    assert [a["window"] for a in acquisitions] == [0] * 5 + [1] * 5
+    for acquisition in acquisitions:
+        folder = os.path.join(location, acquisition["product_id"])
+        for feature, bands in groups.items():
+            for c, band in enumerate(bands):
+                with rasterio.open(os.path.join(folder, layout.band_file(band))) as ds:
+                    np.testing.assert_array_equal(acquisition[feature][..., c], ds.read(1))
+        metadata = json.load(open(os.path.join(folder, layout.METADATA_FILE)))
+        assert acquisition["cloud"] == np.float32(metadata[layout.CLOUD_PROPERTY])
+        expected_date = layout.sensing_time(acquisition["product_id"]).isoformat()
+        assert acquisition["date"] == expected_date and len(expected_date) == 19
+    with rasterio.open(os.path.join(location, product_ids[0], "B4.tif")) as ds:
+        west, south, east, north = ds.bounds
+    assert decoded.example["lat"] == pytest.approx((south + north) / 2, abs=1e-5)
+    assert decoded.example["lon"] == pytest.approx((west + east) / 2, abs=1e-5)
+    assert decoded.example["acquisitions"][0]["bands_20m"].shape == (132, 132, 6)
+
+
+def test_stray_files_previews_and_macos_folders_are_ignored(tmp_path):
+    clean, messy = tmp_path / "clean" / "archive", tmp_path / "messy" / "archive"
+    for root in (clean, messy):
+        write_location(root, "000000", EARLY + LATE)
+    for stray in (".DS_Store", "._000000", "Thumbs.db", "README.txt"):
+        (messy / stray).write_bytes(b"x")
+    location = messy / "000000"
+    (location / ".DS_Store").write_bytes(b"x")
+    (location / "notes.txt").write_bytes(b"x")
+    (location / "__MACOSX").mkdir()
+    acquisition = location / product_id(EARLY[0], 0)
+    (acquisition / "._B4.tif").write_bytes(b"x")
+    (acquisition / "B4.tif.aux.xml").write_bytes(b"x")
+    (messy.parent / "__MACOSX" / "archive" / "000000").mkdir(parents=True)
+    expected = as_comparable(decode_all(clean))
+    assert as_comparable(decode_all(messy)) == expected
+    tar = pack_tar_gz(os.fspath(messy), os.fspath(tmp_path / "messy.tar.gz"))
+    decoded = decode_all(tar)
+    assert as_comparable(decoded) == expected
+    # 10 previews + notes.txt + B4.tif.aux.xml; stray names are not even counted.
+    assert decoded[0].ignored == 12
+
+
+def test_metadata_missing_or_corrupt_gives_unknown_cloud(tmp_path):
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE)
+    folders = sorted((root / "000000").iterdir())
+    folders = [f for f in folders if f.is_dir()]
+    (folders[0] / layout.METADATA_FILE).unlink()
+    (folders[1] / layout.METADATA_FILE).write_text("{not json")
+    (decoded,) = decode_all(root)
+    clouds = [a["cloud"] for a in decoded.example["acquisitions"]]
+    assert np.isnan(clouds[0]) and np.isnan(clouds[1]) and clouds[2] == np.float32(14.5)
+    assert decoded.issues == [
+        (folders[1].name, "cloud unknown", decoded.issues[0][2]),
+    ]
+    assert decoded.issues[0][2].startswith("metadata.json unreadable")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: counted skips with reasons, or clear errors.
+
+
+def test_unreadable_and_missing_bands_skip_the_acquisition_then_the_location(tmp_path):
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE, seed=1)
+    write_location(root, "000001", EARLY + LATE, seed=2)
+    write_location(root, "000002", EARLY[:2] + LATE, seed=3)
+    good = [f for f in sorted((root / "000000").iterdir()) if f.is_dir()]
+    (good[0] / "B4.tif").write_bytes(b"II*\x00 this is not a GeoTIFF")
+    (good[6] / "B3.tif").unlink()
+    bad = [f for f in sorted((root / "000001").iterdir()) if f.is_dir()]
+    for folder in bad[:3]:
+        (folder / "B2.tif").write_bytes((folder / "B2.tif").read_bytes()[:300])  # truncated
+    kept, skipped, too_few = decode_all(root)
+
+    assert [a["product_id"] for a in kept.example["acquisitions"]] == [
+        f.name for f in good if f not in (good[0], good[6])
+    ]
+    assert [a["window"] for a in kept.example["acquisitions"]] == [0] * 4 + [1] * 4
+    (first, action_1, reason_1), (second, action_2, reason_2) = kept.issues
+    assert (first, action_1) == (good[0].name, "acquisition skipped")
+    assert reason_1.startswith("unreadable band B4")
+    assert (second, action_2, reason_2) == (good[6].name, "acquisition skipped", "missing band B3")
+
+    assert skipped.example is None
+    assert [i[0] for i in skipped.issues] == [f.name for f in bad[:3]]
+    assert all(i[2].startswith("unreadable band B2") for i in skipped.issues)
+    assert skipped.skip_reason == (
+        "too few acquisitions: 2 early, 5 late (need >= 3 per window; 3 of 10 acquisitions unusable)"
+    )
+    assert too_few.example is None and too_few.split_rule == "largest gap"
+    assert too_few.skip_reason == "too few acquisitions: 2 early, 5 late (need >= 3 per window)"
+
+
+def test_wrong_band_shape_skips_the_acquisition(tmp_path):
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE)
+    folder = next(f for f in sorted((root / "000000").iterdir()) if f.is_dir())
+    box = layout.GeoBox.around(45.0, 7.0)
+    layout.write_band_geotiff(folder / "B4.tif", np.zeros((132, 132), np.uint8), box)
+    (decoded,) = decode_all(root)
+    assert decoded.issues == [
+        (folder.name, "acquisition skipped", "band B4 is uint8(132, 132), expected uint8(264, 264)")
+    ]
+
+
+def test_empty_location_folder_is_a_skip(tmp_path):
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE)
+    (root / "000001").mkdir()
+    for path in (root, pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "a.tar.gz"))):
+        decoded = decode_all(path)
+        assert [(d.location_id, d.skip_reason) for d in decoded] == [
+            ("000000", ""),
+            ("000001", "no acquisition folders"),
+        ]
+
+
+def test_truncated_archive_is_an_error_naming_the_file_and_how_far_it_got(tmp_path):
+    root = tmp_path / "archive"
+    for i in range(4):
+        write_location(root, f"{i:06d}", EARLY + LATE, seed=i)
+    tar = pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "caco10k.tar.gz"))
+    data = open(tar, "rb").read()
+    with open(tar, "wb") as f:
+        f.write(data[: len(data) * 6 // 10])
+    source = archive.find_archive(tar)
+    seen = []
+    with pytest.raises(archive.ArchiveError) as error:
+        for location in archive.read_locations(source, RGB_KEEP):
+            seen.append(location.location_id)
+    message = str(error.value)
+    assert "caco10k.tar.gz: truncated or corrupt archive" in message
+    assert f"of {len(data) * 6 // 10:,} compressed bytes" in message
+    assert f"after {len(seen)} complete locations (last: {seen[-1]})" in message
+    assert 1 <= len(seen) <= 2  # the partial location was not yielded
+
+
+def test_missing_part_and_ambiguous_folder_are_errors(tmp_path):
+    root = tmp_path / "src" / "clean_1m_geography"
+    write_location(root, "000000", EARLY + LATE)
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    tar = pack_tar_gz(os.fspath(root), os.fspath(parts_dir / "clean_1m_geography.tar.gz"))
+    parts = split_parts(tar)
+    os.remove(parts[2])
+    with pytest.raises(archive.ArchiveError, match=r"clean_1m_geography_part\*.*missing \[2\]"):
+        archive.find_archive(parts_dir)
+    pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "src" / "caco10k.tar.gz"))
+    with pytest.raises(archive.ArchiveError, match="several archives.*caco10k.tar.gz.*folder"):
+        archive.find_archive(tmp_path / "src")
+    with pytest.raises(archive.ArchiveError, match="no CACo archive found"):
+        archive.find_archive(tmp_path / "src" / "clean_1m_geography" / "000000")
+    (tmp_path / "fake.tar.gz").write_bytes(b"not gzip")
+    with pytest.raises(archive.ArchiveError, match="fake.tar.gz: not a gzip file"):
+        list(archive.read_locations(archive.find_archive(tmp_path / "fake.tar.gz"), RGB_KEEP))
+
+
+def test_a_location_split_across_the_tar_stream_is_an_error_naming_it(tmp_path):
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE, seed=0)
+    write_location(root, "000001", EARLY + LATE, seed=1)
+
+    def interleave(paths):  # 000001's members in the middle of 000000's
+        first = [p for p in paths if "/000000" in p]
+        second = [p for p in paths if "/000001" in p]
+        return [p for p in paths if p not in first + second] + first[:20] + second + first[20:]
+
+    tar = pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "a.tar.gz"), order=interleave)
+    with pytest.raises(archive.ArchiveError, match="location 000000 continues after other locations"):
+        list(archive.read_locations(archive.find_archive(tar), RGB_KEEP))
+
+
+def test_tar_without_directory_entries_is_read(tmp_path):
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE)
+    with_dirs = pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "a.tar.gz"))
+    files_only = tmp_path / "b.tar.gz"
+    with tarfile.open(with_dirs) as src, tarfile.open(files_only, "w:gz") as dst:
+        for member in src.getmembers():
+            if member.isfile():
+                dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
+    assert as_comparable(decode_all(files_only)) == as_comparable(decode_all(root))

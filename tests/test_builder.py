@@ -1,0 +1,243 @@
+"""The caco_geography TFDS builder (caco_jax/data/builder.py) and reading its records (records.py)."""
+
+import csv
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tracemalloc
+
+import numpy as np
+import pytest
+import rasterio
+import tensorflow_datasets as tfds
+from test_archive import (
+    EARLY,
+    LATE,
+    RGB_GROUPS,
+    RGB_KEEP,
+    pack_tar_gz,
+    split_parts,
+    synthetic_folder,
+    write_location,
+)
+
+from caco_jax import config as config_lib
+from caco_jax.data import archive, builder, layout, records
+
+
+def prepare(manual_dir, data_dir, config="rgb", **kwargs):
+    prepared = builder.CacoGeography(
+        config=config, data_dir=os.fspath(data_dir), num_workers=2, **kwargs
+    )
+    prepared.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+    )
+    return prepared
+
+
+def all_records(data_dir, config="rgb"):
+    source = records.open_records(os.fspath(data_dir), config)
+    return sorted(
+        (records.location_arrays(source[i]) for i in range(len(source))),
+        key=lambda r: r["location_id"],
+    )
+
+
+def assert_same_records(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], dict):
+                for group in x[key]:
+                    np.testing.assert_array_equal(x[key][group], y[key][group])
+            else:
+                np.testing.assert_array_equal(x[key], y[key])
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return synthetic_folder(tmp_path_factory)
+
+
+@pytest.fixture
+def faulty_archive(tmp_path):
+    """5 locations: one too short, one with an unreadable band in an otherwise good location."""
+    root = tmp_path / "faulty" / "clean_10k_geography"
+    for i in range(4):
+        write_location(root, f"{i:06d}", EARLY + LATE, seed=i)
+    write_location(root, "000004", EARLY[:2] + LATE, seed=4)
+    bad = next(f for f in sorted((root / "000001").iterdir()) if f.is_dir())
+    (bad / "B3.tif").write_bytes(b"garbage")
+    return root, bad.name
+
+
+def test_every_input_form_gives_identical_records_and_run_task_uses_the_synthetic_archive(
+    synthetic, tmp_path
+):
+    config = config_lib.base_config()
+    config.synthetic.output = os.path.dirname(synthetic)  # as the `synthesize` task leaves it
+    config.data.num_workers = 2
+    result = builder.run_task(config, os.fspath(tmp_path / "work"))
+    data_dir = tmp_path / "work" / "tfds"
+    assert result["locations_written"] == 3 and result["source_files"] == [
+        "clean_synthetic_geography"
+    ]
+    assert os.path.exists(result["skip_report"])
+    folder = all_records(data_dir)
+    assert [r["location_id"] for r in folder] == ["000000", "000001", "000002"]
+    assert all(r["pixels"].shape == (10, 264, 264, 3) for r in folder)
+
+    tar_dir = tmp_path / "tar"
+    tar_dir.mkdir()
+    pack_tar_gz(synthetic, os.fspath(tar_dir / "clean_synthetic_geography.tar.gz"))
+    prepared = prepare(tar_dir, tmp_path / "tfds_tar")
+    assert prepared.info.metadata["source_form"] == "tar.gz"
+    assert_same_records(all_records(tmp_path / "tfds_tar"), folder)
+    split_parts(os.fspath(tar_dir / "clean_synthetic_geography.tar.gz"))
+    prepared = prepare(tar_dir, tmp_path / "tfds_parts")
+    assert prepared.info.metadata["source_files"] == [
+        f"clean_synthetic_geography_part{i}" for i in range(4)
+    ]
+    assert_same_records(all_records(tmp_path / "tfds_parts"), folder)
+
+    # Prepared data is reused, but never silently for another archive.
+    assert builder.run_task(config, os.fspath(tmp_path / "work")) == result
+    config.data.archive = os.fspath(tar_dir)
+    with pytest.raises(archive.ArchiveError, match="prepared from.*delete it"):
+        builder.run_task(config, os.fspath(tmp_path / "work"))
+    config.data.archive = ""
+    config.synthetic.output = os.fspath(tmp_path / "nothing")
+    with pytest.raises(archive.ArchiveError, match="config.data.archive is empty"):
+        builder.run_task(config, os.fspath(tmp_path / "work"))
+
+
+def test_all_bands_records_hold_every_band_at_native_resolution(synthetic, tmp_path):
+    prepare(synthetic, tmp_path, config="all_bands")
+    record = all_records(tmp_path, "all_bands")[2]
+    location = os.path.join(synthetic, record["location_id"])
+    folders = sorted(d for d in os.listdir(location) if not d.endswith(".tif"))
+    assert record["window"].tolist() == [0] * 5 + [1] * 5
+    assert record["date"][0] == layout.sensing_time(folders[0]).isoformat()
+    for res in (10, 20, 60):
+        pixels = record["pixels"][f"bands_{res}m"]
+        size = layout.PIXELS_AT_RESOLUTION[res]
+        assert pixels.shape == (10, size, size, len(layout.BANDS_AT_RESOLUTION[res]))
+        for t in (0, 9):
+            for c, band in enumerate(layout.BANDS_AT_RESOLUTION[res]):
+                path = os.path.join(location, folders[t], layout.band_file(band))
+                with rasterio.open(path) as ds:
+                    np.testing.assert_array_equal(pixels[t, ..., c], ds.read(1))
+
+
+def test_skips_are_reported_beside_the_records_and_in_the_metadata(faulty_archive, tmp_path, capsys):
+    root, bad_acquisition = faulty_archive
+    prepared = prepare(root.parent, tmp_path, max_skip_fraction=0.25)
+    with open(prepared.data_path / builder.SKIP_REPORT) as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows[0] == ["location_id", "product_id", "action", "reason"]
+    assert rows[1][:3] == ["000001", bad_acquisition, "acquisition skipped"]
+    assert rows[1][3].startswith("unreadable band B3")
+    assert rows[2] == [
+        "000004",
+        "",
+        "location skipped",
+        "too few acquisitions: 2 early, 5 late (need >= 3 per window)",
+    ]
+    assert len(rows) == 3
+    metadata = tfds.builder_from_directory(prepared.data_path).info.metadata
+    assert metadata["source_files"] == ["clean_10k_geography"]
+    assert (metadata["locations_read"], metadata["locations_written"]) == (5, 4)
+    assert (metadata["acquisitions_written"], metadata["acquisitions_skipped"]) == (39, 1)
+    assert metadata["ignored_files"] == 47  # the previews
+    assert metadata["skip_reasons"] == {
+        "acquisition skipped: unreadable band B3": 1,
+        "location skipped: too few acquisitions": 1,
+    }
+    assert "4 of 5 locations written (39 acquisitions); skipped 1 locations" in capsys.readouterr().out
+    lengths = [len(records.location_arrays(r)["window"]) for r in records.open_records(tmp_path)]
+    assert sorted(lengths) == [9, 10, 10, 10]
+
+
+def test_too_many_skips_fail_the_build_and_leave_only_the_report(faulty_archive, tmp_path):
+    root, _ = faulty_archive
+    with pytest.raises(builder.TooManySkipsError, match=r"skipped 1 of 5 locations \(20.0%\)"):
+        prepare(root.parent, tmp_path, max_skip_fraction=0.1)
+    config_dir = tmp_path / "caco_geography" / "rgb"
+    assert sorted(os.listdir(config_dir)) == [builder.FAILED_SKIP_REPORT]
+    assert "too few acquisitions" in (config_dir / builder.FAILED_SKIP_REPORT).read_text()
+    assert not builder.CacoGeography(config="rgb", data_dir=os.fspath(tmp_path)).is_prepared()
+    with pytest.raises(FileNotFoundError, match="no prepared caco_geography/rgb records"):
+        records.open_records(os.fspath(tmp_path))
+    prepare(root.parent, tmp_path, max_skip_fraction=0.2)
+    assert sorted(os.listdir(config_dir)) == ["1.0.0"]
+
+
+def test_truncated_archive_fails_without_leaving_a_dataset(tmp_path):
+    root = tmp_path / "src" / "caco"
+    for i in range(4):
+        write_location(root, f"{i:06d}", EARLY + LATE, seed=i)
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    tar = pack_tar_gz(os.fspath(root), os.fspath(manual / "caco10k.tar.gz"))
+    data = open(tar, "rb").read()
+    open(tar, "wb").write(data[: len(data) // 2])
+    with pytest.raises(archive.ArchiveError, match="caco10k.tar.gz: truncated or corrupt archive"):
+        prepare(manual, tmp_path / "tfds")
+    assert os.listdir(tmp_path / "tfds" / "caco_geography" / "rgb") == []
+
+
+def test_records_read_through_tfds_data_source_and_grain_without_tensorflow(synthetic, tmp_path):
+    import grain
+
+    prepare(synthetic, tmp_path)
+    source = tfds.data_source("caco_geography/rgb", data_dir=os.fspath(tmp_path), download=False)
+    dataset = grain.MapDataset.source(source).map(records.location_arrays)
+    ids = sorted(dataset[i]["location_id"] for i in range(len(dataset)))
+    assert ids == ["000000", "000001", "000002"]
+    assert dataset[1]["pixels"].dtype == np.uint8
+    assert "tensorflow" not in sys.modules
+
+
+def test_importing_caco_jax_registers_the_builder_and_stays_light():
+    code = (
+        "import sys, caco_jax, tensorflow_datasets as tfds; "
+        "assert 'caco_geography' in tfds.list_builders(with_community_datasets=False); "
+        "heavy = [m for m in ('jax', 'rasterio', 'grain', 'tensorflow') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(__file__) + "/..")
+
+
+def replicated_tar(location_dir, num_locations, destination):
+    """A tar.gz of `num_locations` copies of one location folder (cheap to make at any size)."""
+    files = []
+    for dirpath, _, filenames in os.walk(location_dir):
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            files.append((os.path.relpath(path, location_dir), open(path, "rb").read()))
+    with tarfile.open(destination, "w:gz", compresslevel=1) as tar:
+        for i in range(num_locations):
+            for relative, data in sorted(files):
+                info = tarfile.TarInfo(f"caco/{i:06d}/{relative}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return destination
+
+
+def test_peak_memory_of_streaming_does_not_grow_with_the_archive(tmp_path):
+    write_location(tmp_path / "one", "000000", EARLY + LATE)
+    peaks = {}
+    for n in (20, 80):
+        tar = replicated_tar(tmp_path / "one" / "000000", n, tmp_path / f"a{n}.tar.gz")
+        locations = archive.read_locations(archive.find_archive(tar), RGB_KEEP)
+        tracemalloc.start()
+        count = sum(1 for _ in builder.decode_in_workers(locations, RGB_GROUPS, num_workers=2))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert count == n
+    location_bytes = 10 * 264 * 264 * 3  # one decoded location
+    assert peaks[80] < 1.3 * peaks[20] + location_bytes
+    assert peaks[80] < 12 * location_bytes  # far below the 80 locations streamed

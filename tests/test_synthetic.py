@@ -1,0 +1,344 @@
+"""The synthetic archive: published layout and formats, determinism, forms, ground truth, change."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import itertools
+import json
+import os
+import re
+import tarfile
+
+import ml_collections
+import numpy as np
+import pytest
+import rasterio
+from rasterio.enums import Compression
+
+from caco_jax.data import layout, synthetic
+
+NAME = "clean_synthetic_geography"
+ACQUISITION_NAME = re.compile(r"^\d{8}T\d{6}_\d{8}T\d{6}_T(\d{2}[A-Z]{3})_\d{4}_\d{5}_\d{4}$")
+
+
+def _acquisitions(location_dir):
+    return sorted(
+        a for a in os.listdir(location_dir) if os.path.isdir(os.path.join(location_dir, a))
+    )
+
+
+def _read(path):
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def _all_files(root):
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory):
+    """A complete location (2 x 5 acquisitions), as the published archives have them."""
+    output = tmp_path_factory.mktemp("complete")
+    path = synthetic.write_archive(str(output), num_locations=1, seed=7)
+    return path, synthetic.plan_locations(1, seed=7)
+
+
+@pytest.fixture(scope="module")
+def changes(tmp_path_factory):
+    """Six short locations (2 x 3 acquisitions), half of them changed, all land covers present."""
+    output = tmp_path_factory.mktemp("changes")
+    path = synthetic.write_archive(
+        str(output), num_locations=6, seed=3, change_fraction=0.5, acquisitions_per_window=(3, 3)
+    )
+    truth = synthetic.read_ground_truth(os.path.join(output, f"{NAME}_ground_truth.csv"))
+    return path, truth
+
+
+def test_layout_is_the_published_one(complete):
+    root, plans = complete
+    assert os.path.basename(root) == NAME
+    assert sorted(os.listdir(root)) == [".DS_Store", "._000000", "000000"]
+    for plan in plans:
+        location_dir = os.path.join(root, plan.location_id)
+        acquisitions = _acquisitions(location_dir)
+        assert len(acquisitions) == 10
+        expected = {*acquisitions, *(f"{a}.tif" for a in acquisitions)}
+        strays = {".DS_Store"} if plan.index == 0 else set()
+        assert set(os.listdir(location_dir)) == expected | strays
+        tiles = {ACQUISITION_NAME.match(a).group(1) for a in acquisitions}
+        assert tiles == {synthetic._mgrs_tile(plan.lat, plan.lon)}
+        box = layout.GeoBox.around(plan.lat, plan.lon)
+        for acquisition in acquisitions:
+            folder = os.path.join(location_dir, acquisition)
+            assert sorted(os.listdir(folder)) == sorted(
+                [layout.band_file(b) for b in layout.BANDS] + [layout.METADATA_FILE]
+            )
+            for band in layout.BANDS:
+                with rasterio.open(os.path.join(folder, layout.band_file(band))) as src:
+                    assert src.driver == "GTiff"
+                    assert (src.count, src.dtypes[0]) == (1, "uint8")
+                    assert src.shape == layout.band_shape(band)
+                    assert src.compression == Compression.jpeg
+                    assert src.crs.to_epsg() == 4326
+                    centre = (
+                        (src.bounds.bottom + src.bounds.top) / 2,
+                        (src.bounds.left + src.bounds.right) / 2,
+                    )
+                    np.testing.assert_allclose(centre, (plan.lat, plan.lon), atol=1e-9)
+                    np.testing.assert_allclose(
+                        tuple(src.bounds), (box.west, box.south, box.east, box.north), atol=1e-12
+                    )
+            with rasterio.open(folder + ".tif") as preview:
+                assert (preview.count, preview.dtypes[0], preview.shape) == (3, "uint8", (264, 264))
+                assert preview.crs.to_epsg() == 4326
+
+
+def test_windows_and_metadata(complete):
+    root, plans = complete
+    for plan in plans:
+        acquisitions = _acquisitions(os.path.join(root, plan.location_id))
+        times = [layout.sensing_time(a) for a in acquisitions]
+        assert times == sorted(times) and len(set(times)) == 10
+        early, late = times[:5], times[5:]
+        assert early[-1] - early[0] <= datetime.timedelta(days=365)
+        assert late[-1] - late[0] <= datetime.timedelta(days=365)
+        for before, after in zip(early, late, strict=True):  # about four years apart
+            assert abs((after - before).days - 4 * 365) <= 45
+        assert min(b - a for a, b in itertools.pairwise(early)) >= datetime.timedelta(days=60)
+        for acquisition, when in zip(acquisitions, times, strict=True):
+            path = os.path.join(root, plan.location_id, acquisition, layout.METADATA_FILE)
+            with open(path) as f:
+                metadata = json.load(f)
+            assert metadata["system:index"] == acquisition
+            start = datetime.datetime.fromtimestamp(
+                metadata["system:time_start"] / 1000, datetime.UTC
+            )
+            assert start.replace(tzinfo=None) == when
+            tile = ACQUISITION_NAME.match(acquisition).group(1)
+            assert metadata["MGRS_TILE"] == tile
+            assert re.fullmatch(
+                rf"S2[AB]_MSIL2A_{when:%Y%m%dT%H%M%S}_N\d{{4}}_R\d{{3}}_T{tile}_\d{{8}}T\d{{6}}",
+                metadata["PRODUCT_ID"],
+            )
+            assert 0.0 <= metadata[layout.CLOUD_PROPERTY] <= 100.0
+
+
+def test_mgrs_tiles_of_known_places():
+    assert synthetic._mgrs_tile(48.8566, 2.3522) == "31UDQ"  # Paris, as in SPEC's example
+    assert synthetic._mgrs_tile(-33.8688, 151.2093) == "56HLH"  # Sydney
+    assert synthetic._mgrs_tile(40.7128, -74.0060) == "18TWL"  # New York
+
+
+def test_forms_extract_to_the_same_files_and_are_deterministic(tmp_path):
+    kwargs = dict(num_locations=1, seed=1, acquisitions_per_window=(2, 1))
+    folder = synthetic.write_archive(str(tmp_path / "folder"), form="folder", **kwargs)
+    packed = synthetic.write_archive(str(tmp_path / "tar"), form="tar.gz", **kwargs)
+    again = synthetic.write_archive(str(tmp_path / "again"), form="tar.gz", num_workers=2, **kwargs)
+    synthetic.write_archive(str(tmp_path / "parts"), form="parts", **kwargs)
+    other_seed = synthetic.write_archive(
+        str(tmp_path / "seed2"), form="tar.gz", **{**kwargs, "seed": 2}
+    )
+
+    def read_bytes(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    assert packed.endswith(f"{NAME}.tar.gz")
+    assert read_bytes(packed) == read_bytes(again)
+    assert read_bytes(packed) != read_bytes(other_seed)
+    parts = sorted(p for p in os.listdir(tmp_path / "parts") if "_part" in p)
+    assert parts == [f"{NAME}_part{i}" for i in range(4)]
+    joined = b"".join(read_bytes(tmp_path / "parts" / p) for p in parts)
+    assert joined == read_bytes(packed)
+
+    with tarfile.open(packed) as tar:
+        members = tar.getmembers()
+        assert members[0].name == NAME and members[0].isdir()
+        assert all(m.name == NAME or m.name.startswith(NAME + "/") for m in members)
+        assert {m.mtime for m in members} == {members[0].mtime}
+        tar.extractall(tmp_path / "extracted", filter="data")
+    assert _all_files(tmp_path / "extracted" / NAME) == _all_files(folder)
+    truth = [f"{d}/{NAME}_ground_truth.csv" for d in ("folder", "tar", "parts")]
+    assert len({read_bytes(tmp_path / t) for t in truth}) == 1
+
+
+def test_ground_truth_counts_follow_the_arguments(tmp_path):
+    for num_locations, fraction in ((10, 0.3), (64, 0.3), (7, 0.0), (5, 1.0), (9, 0.5)):
+        plans = synthetic.plan_locations(num_locations, seed=4, change_fraction=fraction)
+        assert sum(p.changed for p in plans) == round(fraction * num_locations)
+        counts = np.bincount([p.land_cover for p in plans], minlength=5)
+        assert counts.max() - counts.min() <= 1
+        for p in plans:
+            assert (p.change_type in synthetic.CHANGES_FOR_COVER[p.land_cover]) == p.changed
+            assert -85 < p.lat < 85 and -180 <= p.lon < 180
+    assert synthetic.plan_locations(30, seed=0) == synthetic.plan_locations(30, seed=0)
+    assert synthetic.plan_locations(30, seed=0) != synthetic.plan_locations(30, seed=1)
+
+
+def test_ground_truth_file_matches_the_archive(changes):
+    root, truth = changes
+    assert [t.location_id for t in truth] == sorted(d for d in os.listdir(root) if d.isdigit())
+    assert sum(t.changed for t in truth) == 3
+    assert {t.land_cover for t in truth} == set(range(len(synthetic.LAND_COVER_CLASSES)))
+    assert {t.change_type for t in truth if not t.changed} == {synthetic.NO_CHANGE}
+    with open(os.path.join(os.path.dirname(root), f"{NAME}_ground_truth.csv")) as f:
+        assert f.readline().strip() == "location_id,changed,change_type,land_cover"
+
+
+def _window_medians(location_dir, bands=("B2", "B3", "B4", "B8")):
+    """Per window, the per-pixel median over its acquisitions (clouds drop out), [bands, H, W]."""
+    acquisitions = _acquisitions(location_dir)
+    half = len(acquisitions) // 2
+    medians = []
+    for window in (acquisitions[:half], acquisitions[half:]):
+        stack = [
+            [_read(os.path.join(location_dir, a, layout.band_file(b))) for b in bands]
+            for a in window
+        ]
+        medians.append(np.median(np.asarray(stack, np.float32), axis=0))
+    return medians
+
+
+def test_changed_locations_differ_more_between_windows(changes):
+    root, truth = changes
+    changed_share = {}
+    for t in truth:
+        early, late = _window_medians(os.path.join(root, t.location_id))
+        distance = np.sqrt(((late - early) ** 2).sum(axis=0))
+        changed_share[t.location_id] = float(np.mean(distance > 25))
+    changed = [changed_share[t.location_id] for t in truth if t.changed]
+    unchanged = [changed_share[t.location_id] for t in truth if not t.changed]
+    assert min(changed) > 0.06
+    assert max(unchanged) < 0.04
+    assert min(changed) > max(unchanged)
+
+
+def test_values_look_like_sentinel2(changes):
+    root, truth = changes
+    stretch_ok = 0
+    for t in truth:
+        location_dir = os.path.join(root, t.location_id)
+        early, _ = _window_medians(location_dir, ("B3", "B4", "B8"))
+        b3, b4, b8 = np.median(early.reshape(3, -1), axis=1)
+        if t.land_cover == synthetic.FOREST:
+            assert b8 > 3 * b4  # vegetation: red edge
+        if t.land_cover == synthetic.WATER:
+            assert b8 < b3  # water: dark in the near infrared
+        for acquisition in _acquisitions(location_dir):
+            with open(os.path.join(location_dir, acquisition, layout.METADATA_FILE)) as f:
+                cloud = json.load(f)[layout.CLOUD_PROPERTY]
+            blue = _read(os.path.join(location_dir, acquisition, "B2.tif"))
+            bright = 100 * float(np.mean(blue > 90))
+            assert bright <= cloud + 0.5  # only clouds are that bright
+            if cloud > 0:
+                assert bright >= 0.2 * cloud
+                continue
+            for band, (low, high) in layout.RGB_STRETCH.items():
+                pixels = _read(os.path.join(location_dir, acquisition, layout.band_file(band)))
+                assert np.percentile(pixels, 1) >= low and np.percentile(pixels, 99) <= high
+            stretch_ok += 1
+    assert stretch_ok >= 10
+
+
+def test_acquisition_counts_and_stray_files_are_options(tmp_path):
+    root = synthetic.write_archive(
+        str(tmp_path),
+        num_locations=2,
+        acquisitions_per_window=(1, 1),
+        acquisitions_by_location={1: (2, 0)},
+        stray_files=False,
+    )
+    assert sorted(os.listdir(root)) == ["000000", "000001"]
+    assert len(_acquisitions(os.path.join(root, "000000"))) == 2
+    assert len(_acquisitions(os.path.join(root, "000001"))) == 2
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="form"):
+        synthetic.write_archive(str(tmp_path), num_locations=2, form="zip")
+    with pytest.raises(ValueError, match="acquisitions_by_location"):
+        synthetic.write_archive(
+            str(tmp_path), num_locations=2, acquisitions_by_location={5: (1, 1)}
+        )
+    with pytest.raises(ValueError, match="acquisitions_per_window"):
+        synthetic.write_archive(str(tmp_path), num_locations=2, acquisitions_per_window=(5,))
+    with pytest.raises(ValueError, match="change_fraction"):
+        synthetic.write_archive(str(tmp_path), num_locations=2, change_fraction=1.5)
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
+    kwargs = dict(num_locations=1, acquisitions_per_window=(1, 1), form="tar.gz")
+    path = synthetic.write_archive(str(tmp_path), **kwargs)
+    with pytest.raises(FileExistsError, match=r"tar\.gz"):
+        synthetic.write_archive(str(tmp_path), **kwargs)
+    synthetic.write_archive(str(tmp_path), seed=5, overwrite=True, **kwargs)
+    assert sorted(os.listdir(tmp_path)) == [f"{NAME}.tar.gz", f"{NAME}_ground_truth.csv"]
+    assert os.path.getsize(path) > 0
+
+
+def _config(output, num_locations=2):
+    config = ml_collections.ConfigDict()
+    config.synthetic = ml_collections.ConfigDict(
+        dict(num_locations=num_locations, change_fraction=0.5, seed=0, output=output, form="folder")
+    )
+    return config
+
+
+@pytest.fixture
+def one_acquisition_per_window(monkeypatch):
+    """run_task's own logic does not need full locations: keep its archives tiny."""
+    monkeypatch.setattr(
+        synthetic,
+        "write_archive",
+        functools.partial(synthetic.write_archive, acquisitions_per_window=(1, 1)),
+    )
+
+
+@pytest.mark.usefixtures("one_acquisition_per_window")
+def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path):
+    output = str(tmp_path / "archive")
+    first = synthetic.run_task(_config(output), str(tmp_path))
+    assert first["written"] and first["num_locations"] == 2 and first["num_changed"] == 1
+    assert first["archive"] == os.path.join(output, NAME)
+    again = synthetic.run_task(_config(output), str(tmp_path))
+    assert not again["written"] and again["archive"] == first["archive"]
+
+    with pytest.raises(ValueError, match="other settings"):
+        synthetic.run_task(_config(output, num_locations=3), str(tmp_path))
+    other_seed = _config(output)
+    other_seed.synthetic.seed = 1
+    with pytest.raises(ValueError, match="seed=1"):
+        synthetic.run_task(other_seed, str(tmp_path))
+
+    # An interrupted write leaves no ground truth: the archive is written again from scratch.
+    os.remove(first["ground_truth"])
+    os.remove(os.path.join(first["archive"], ".DS_Store"))
+    os.makedirs(os.path.join(output, ".synthetic-staging-clean_synthetic_geography-x1y2"))
+    redone = synthetic.run_task(_config(output), str(tmp_path))
+    assert redone["written"]
+    assert os.path.exists(os.path.join(first["archive"], ".DS_Store"))
+    assert sorted(os.listdir(output)) == [NAME, f"{NAME}_ground_truth.csv"]
+
+    # Another form replaces the archive instead of leaving two side by side.
+    as_tar = _config(output)
+    as_tar.synthetic.form = "tar.gz"
+    assert synthetic.run_task(as_tar, str(tmp_path))["written"]
+    assert sorted(os.listdir(output)) == [f"{NAME}.tar.gz", f"{NAME}_ground_truth.csv"]
+
+
+@pytest.mark.usefixtures("one_acquisition_per_window")
+def test_run_task_default_output_is_in_the_workdir(tmp_path):
+    config = _config("", num_locations=2)
+    config.synthetic.form = "parts"
+    result = synthetic.run_task(config, str(tmp_path))
+    assert result["archive"] == os.path.join(tmp_path, "synthetic_archive", f"{NAME}_part0")
+    assert result["written"]
