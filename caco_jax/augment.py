@@ -39,7 +39,6 @@ GROUP_BANDS = {
     "bands_20m": layout.BANDS_AT_RESOLUTION[20],
     "bands_60m": layout.BANDS_AT_RESOLUTION[60],
 }
-FULL_SIZE = layout.PIXELS_AT_RESOLUTION[10]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -110,10 +109,11 @@ def merge_band_groups(groups: dict) -> jax.Array:
     The 20 m and 60 m groups are upsampled bilinearly (half-pixel centres) to the 10 m grid and
     rounded back to integer values, as a uint8 resize would.
     """
+    height, width = groups["bands_10m"].shape[-3:-1]
     channels = {}
     for group, bands in GROUP_BANDS.items():
         x = jnp.asarray(groups[group], jnp.float32)
-        shape = (*x.shape[:-3], FULL_SIZE, FULL_SIZE, x.shape[-1])
+        shape = (*x.shape[:-3], height, width, x.shape[-1])
         if x.shape != shape:
             x = jnp.round(jax.image.resize(x, shape, method="linear"))
         for channel, band in enumerate(bands):
@@ -149,24 +149,51 @@ def grayscale(img: jax.Array) -> jax.Array:
     return jnp.broadcast_to(pix.rgb_to_grayscale(img), img.shape)
 
 
-def _blend(img, other, factor):
-    return jnp.clip(factor * img + (1.0 - factor) * other, 0.0, 1.0)
+# Brightness, contrast and saturation are each a blend clip(a x + b mean(gray(x)) + c gray(x)) with
+# coefficients (a, b, c) from the factor, so that `color_jitter` can apply whichever of them its
+# random order puts in a slot without computing all three.
+
+
+def _gray(img: jax.Array) -> jax.Array:
+    """[H, W, 1] grey level: luma for RGB, the band mean otherwise (only its image mean is used)."""
+    if _is_rgb(img):
+        return pix.rgb_to_grayscale(img)
+    return jnp.mean(img, axis=-1, keepdims=True)
+
+
+def _blend_op(img: jax.Array, coefficients: jax.Array) -> jax.Array:
+    gray = _gray(img)
+    a, b, c = coefficients[0], coefficients[1], coefficients[2]
+    return jnp.clip(a * img + b * jnp.mean(gray) + c * gray, 0.0, 1.0)
+
+
+def _brightness(factor, img) -> jax.Array:
+    """Blend with black."""
+    return jnp.stack([factor, 0.0, 0.0])
+
+
+def _contrast(factor, img) -> jax.Array:
+    """Blend with the mean grey level of the whole image (the mean of all bands for C != 3)."""
+    return jnp.stack([factor, 1.0 - factor, 0.0])
+
+
+def _saturation(factor, img) -> jax.Array:
+    """Blend with the grey image (the identity for C != 3)."""
+    if not _is_rgb(img):
+        return jnp.array([1.0, 0.0, 0.0])
+    return jnp.stack([factor, 0.0, 1.0 - factor])
 
 
 def adjust_brightness(img: jax.Array, factor) -> jax.Array:
-    return _blend(img, jnp.zeros_like(img), factor)
+    return _blend_op(img, _brightness(factor, img))
 
 
 def adjust_contrast(img: jax.Array, factor) -> jax.Array:
-    """Blend with the mean grey level of the whole image (the mean of all bands for C != 3)."""
-    mean = jnp.mean(pix.rgb_to_grayscale(img)) if _is_rgb(img) else jnp.mean(img)
-    return _blend(img, mean, factor)
+    return _blend_op(img, _contrast(factor, img))
 
 
 def adjust_saturation(img: jax.Array, factor) -> jax.Array:
-    if not _is_rgb(img):
-        return img
-    return _blend(img, pix.rgb_to_grayscale(img), factor)
+    return _blend_op(img, _saturation(factor, img))
 
 
 def adjust_hue(img: jax.Array, delta) -> jax.Array:
@@ -193,15 +220,21 @@ def color_jitter(u: jax.Array, img: jax.Array, strengths) -> jax.Array:
     fc = _between(u[1], max(0.0, 1.0 - contrast), 1.0 + contrast)
     fs = _between(u[2], max(0.0, 1.0 - saturation), 1.0 + saturation)
     fh = _between(u[3], -hue, hue)
-    ops = (
-        lambda x: adjust_brightness(x, fb),
-        lambda x: adjust_contrast(x, fc),
-        lambda x: adjust_saturation(x, fs),
-        lambda x: adjust_hue(x, fh),
-    )
-    order = jnp.argsort(u[4:8])  # a uniformly random permutation
-    # A loop (not four unrolled switches) keeps one copy of each op in the compiled program.
-    return jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(order[i], ops, x), img)
+    order = jnp.argsort(u[4:8])  # a uniformly random permutation: 0 bri, 1 con, 2 sat, 3 hue
+    # Blend coefficients per op (row 3: the identity); the costly hue shift runs once, between the
+    # slots before and after its position.
+    identity = jnp.array([1.0, 0.0, 0.0])
+    table = jnp.stack([_brightness(fb, img), _contrast(fc, img), _saturation(fs, img), identity])
+    hue_position = jnp.argmax(order == 3)
+    for slot in range(3):  # positions 0 .. hue_position - 1
+        op = jnp.where(slot < hue_position, order[slot], 3)
+        img = _blend_op(img, table[op])
+    img = adjust_hue(img, fh)
+    for slot in range(3):  # positions hue_position + 1 .. 3
+        position = hue_position + 1 + slot
+        op = jnp.where(position <= 3, order[jnp.minimum(position, 3)], 3)
+        img = _blend_op(img, table[op])
+    return img
 
 
 # ----------------------------------------------------------------------------- blur, flip
@@ -279,27 +312,37 @@ def _centre_crop_size(height: int, width: int, ratio) -> tuple[int, int]:
     return height, width
 
 
-def _bilinear_weights(start, length, in_size: int, out_size: int) -> jax.Array:
-    """[out_size, in_size] weights of PIL's bilinear resize of the pixels [start, start+length)."""
+def _bilinear_taps(start, length, in_size: int, out_size: int) -> tuple[jax.Array, jax.Array]:
+    """PIL's bilinear resize of the pixels [start, start + length) to `out_size` pixels, as taps.
+
+    Returns (indices, weights), both [out_size, taps]: output pixel o is
+    sum_k weights[o, k] * input[indices[o, k]]. PIL's filter is a triangle widened by the downscale
+    factor (antialiasing) whose weights are renormalised over the pixels inside the crop. A few taps
+    per output pixel (not a dense [out, in] matrix) keep the cost linear in the image size.
+    """
     start = jnp.asarray(start, jnp.float32)
     length = jnp.asarray(length, jnp.float32)
     scale = length / out_size
     support = jnp.maximum(scale, 1.0)  # antialias: the triangle widens when downscaling
+    taps = math.ceil(2.0 * max(in_size / out_size, 1.0)) + 2  # enough for the widest crop
     centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
-    pixels = jnp.arange(in_size, dtype=jnp.float32) + 0.5
-    weights = jnp.maximum(0.0, 1.0 - jnp.abs(pixels[None, :] - centres[:, None]) / support)
-    inside = (pixels >= start) & (pixels < start + length)
-    weights = weights * inside[None, :]
-    return weights / jnp.sum(weights, axis=1, keepdims=True)
+    first = jnp.floor(centres - support - 0.5)
+    positions = first[:, None] + jnp.arange(taps, dtype=jnp.float32)[None, :]
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(positions + 0.5 - centres[:, None]) / support)
+    inside = (positions >= start) & (positions < start + length)
+    weights = jnp.where(inside, weights, 0.0)
+    weights = weights / jnp.sum(weights, axis=1, keepdims=True)
+    indices = jnp.clip(positions, 0, in_size - 1).astype(jnp.int32)
+    return indices, weights
 
 
 def resized_crop(img: jax.Array, box: jax.Array, size: int) -> jax.Array:
     """Crop `box` (top, left, h, w) of `img` [H, W, C] and resize it to [size, size, C]."""
     height, width = img.shape[:2]
-    rows = _bilinear_weights(box[0], box[2], height, size)
-    cols = _bilinear_weights(box[1], box[3], width, size)
-    out = jnp.einsum("oh,hwc->owc", rows, img, precision=_HIGHEST)
-    return jnp.einsum("pw,owc->opc", cols, out, precision=_HIGHEST)
+    row_index, row_weight = _bilinear_taps(box[0], box[2], height, size)
+    col_index, col_weight = _bilinear_taps(box[1], box[3], width, size)
+    rows = jnp.einsum("ok,okwc->owc", row_weight, img[row_index], precision=_HIGHEST)
+    return jnp.einsum("pk,opkc->opc", col_weight, rows[:, col_index], precision=_HIGHEST)
 
 
 # ----------------------------------------------------------------------------- batched views

@@ -120,6 +120,7 @@ def caco_logits(z_q, z_k, queue, changed, temperature, *, query_offset=0):
         )
     z_k = jax.lax.stop_gradient(z_k)
     queue = jax.lax.stop_gradient(queue)
+    changed = changed.astype(bool)  # ~ on 0/1 integers would flip bits, not truth values
 
     # Query row 2l + h is (local location l, window h).
     pair_location = query_offset // 2 + jnp.arange(n // 2)  # global location of each local pair

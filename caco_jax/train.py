@@ -185,7 +185,8 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
 
 
 def replicate(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """A replicated copy of ``tree`` on the mesh (a copy: the step donates its input state)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False)
 
 
 def global_batch(local_batch: dict, mesh) -> dict:

@@ -99,7 +99,9 @@ def as_comparable(decoded):
             {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
             for a in example["acquisitions"]
         ]
-        out.append((d.location_id, float(example["lat"]), float(example["lon"]), repr(acquisitions)))
+        out.append(
+            (d.location_id, float(example["lat"]), float(example["lon"]), repr(acquisitions))
+        )
     return out
 
 
@@ -150,7 +152,9 @@ def test_every_input_form_gives_the_same_locations(synthetic, tmp_path):
 
 def test_pixels_dates_and_centre_match_what_rasterio_reads_from_the_files(synthetic):
     groups = {"bands_20m": layout.BANDS_AT_RESOLUTION[20], "rgb": layout.RGB_BANDS}
-    keep = frozenset({layout.METADATA_FILE} | {layout.band_file(b) for g in groups.values() for b in g})
+    keep = frozenset(
+        {layout.METADATA_FILE} | {layout.band_file(b) for g in groups.values() for b in g}
+    )
     decoded = decode_all(synthetic, keep, groups)[1]
     location = os.path.join(synthetic, decoded.location_id)
     product_ids = sorted(d for d in os.listdir(location) if not d.endswith(".tif"))
@@ -243,7 +247,8 @@ def test_unreadable_and_missing_bands_skip_the_acquisition_then_the_location(tmp
     assert [i[0] for i in skipped.issues] == [f.name for f in bad[:3]]
     assert all(i[2].startswith("unreadable band B2") for i in skipped.issues)
     assert skipped.skip_reason == (
-        "too few acquisitions: 2 early, 5 late (need >= 3 per window; 3 of 10 acquisitions unusable)"
+        "too few acquisitions: 2 early, 5 late "
+        "(need >= 3 per window; 3 of 10 acquisitions unusable)"
     )
     assert too_few.example is None and too_few.split_rule == "largest gap"
     assert too_few.skip_reason == "too few acquisitions: 2 early, 5 late (need >= 3 per window)"
@@ -304,12 +309,12 @@ def test_missing_part_and_ambiguous_folder_are_errors(tmp_path):
     with pytest.raises(archive.ArchiveError, match=r"clean_1m_geography_part\*.*missing \[2\]"):
         archive.find_archive(parts_dir)
     pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "src" / "caco10k.tar.gz"))
-    with pytest.raises(archive.ArchiveError, match="several archives.*caco10k.tar.gz.*folder"):
+    with pytest.raises(archive.ArchiveError, match=r"several archives.*caco10k\.tar\.gz.*folder"):
         archive.find_archive(tmp_path / "src")
     with pytest.raises(archive.ArchiveError, match="no CACo archive found"):
         archive.find_archive(tmp_path / "src" / "clean_1m_geography" / "000000")
     (tmp_path / "fake.tar.gz").write_bytes(b"not gzip")
-    with pytest.raises(archive.ArchiveError, match="fake.tar.gz: not a gzip file"):
+    with pytest.raises(archive.ArchiveError, match=r"fake\.tar\.gz: not a gzip file"):
         list(archive.read_locations(archive.find_archive(tmp_path / "fake.tar.gz"), RGB_KEEP))
 
 
@@ -324,7 +329,9 @@ def test_a_location_split_across_the_tar_stream_is_an_error_naming_it(tmp_path):
         return [p for p in paths if p not in first + second] + first[:20] + second + first[20:]
 
     tar = pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "a.tar.gz"), order=interleave)
-    with pytest.raises(archive.ArchiveError, match="location 000000 continues after other locations"):
+    with pytest.raises(
+        archive.ArchiveError, match="location 000000 continues after other locations"
+    ):
         list(archive.read_locations(archive.find_archive(tar), RGB_KEEP))
 
 

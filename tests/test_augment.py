@@ -128,16 +128,21 @@ def np_pil_bilinear(img, size):
 
 def test_each_colour_op_matches_torchvision():
     x = jnp.asarray(IMAGE)
+    ops = {
+        name: jax.jit(lambda f, op=op: op(x, f))
+        for name, op in (
+            ("brightness", augment.adjust_brightness),
+            ("contrast", augment.adjust_contrast),
+            ("saturation", augment.adjust_saturation),
+            ("hue", augment.adjust_hue),
+        )
+    }
     for f in (0.6, 1.0, 1.37):
-        np.testing.assert_allclose(
-            augment.adjust_brightness(x, f), np_brightness(IMAGE, f), atol=1e-6
-        )
-        np.testing.assert_allclose(augment.adjust_contrast(x, f), np_contrast(IMAGE, f), atol=1e-6)
-        np.testing.assert_allclose(
-            augment.adjust_saturation(x, f), np_saturation(IMAGE, f), atol=1e-6
-        )
+        np.testing.assert_allclose(ops["brightness"](f), np_brightness(IMAGE, f), atol=1e-6)
+        np.testing.assert_allclose(ops["contrast"](f), np_contrast(IMAGE, f), atol=1e-6)
+        np.testing.assert_allclose(ops["saturation"](f), np_saturation(IMAGE, f), atol=1e-6)
     for delta in (-0.1, -0.03, 0.0, 0.08):
-        np.testing.assert_allclose(augment.adjust_hue(x, delta), np_hue(IMAGE, delta), atol=1e-5)
+        np.testing.assert_allclose(ops["hue"](delta), np_hue(IMAGE, delta), atol=1e-5)
     gray = np.asarray(augment.grayscale(x))
     np.testing.assert_allclose(gray, np.repeat(np_gray(IMAGE)[..., None], 3, -1), atol=1e-6)
 
@@ -151,12 +156,31 @@ def test_band_subsets_keep_brightness_and_contrast_only():
     np.testing.assert_allclose(augment.adjust_contrast(bands, 0.5), expected, atol=1e-6)
 
 
-def test_augment_image_applies_jitter_in_the_drawn_order_then_gray_blur_flip():
+def test_colour_jitter_applies_the_ops_in_the_drawn_order():
+    # Factors: brightness 1.2, contrast 0.7, saturation 1.3, hue 0.05.
+    factors = [0.75, 0.125, 0.875, 0.75]
+    ops = {
+        0: lambda x: np_brightness(x, 1.2),
+        1: lambda x: np_contrast(x, 0.7),
+        2: lambda x: np_saturation(x, 1.3),
+        3: lambda x: np_hue(x, 0.05),
+    }
+    jitter = jax.jit(lambda u: augment.color_jitter(u, jnp.asarray(IMAGE), (0.4, 0.4, 0.4, 0.1)))
+    for ranks in ([0.5, 0.9, 0.3, 0.1], [0.1, 0.9, 0.3, 0.5], [0.2, 0.1, 0.3, 0.9]):
+        want = IMAGE.astype(np.float64)
+        for op in np.argsort(ranks):
+            want = ops[op](want)
+        got = jitter(jnp.asarray(factors + ranks, jnp.float32))
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_augment_image_applies_jitter_then_gray_blur_flip():
     settings = augment.AugmentSettings()
-    # Factors: brightness 1.2, contrast 0.7, saturation 1.3, hue 0.05; the ranks order them
-    # hue, saturation, brightness, contrast; then jitter, gray, blur (sigma 1.05), flip all apply.
+    # Jitter as above (order hue, saturation, brightness, contrast); then gray, blur (sigma 1.05)
+    # and flip all apply.
     u = np.array([0.75, 0.125, 0.875, 0.75, 0.5, 0.9, 0.3, 0.1, 0.1, 0.1, 0.1, 0.5, 0.1])
-    got = augment.augment_image(jnp.asarray(u, jnp.float32), jnp.asarray(IMAGE), settings)
+    augment_image = jax.jit(lambda v: augment.augment_image(v, jnp.asarray(IMAGE), settings))
+    got = augment_image(jnp.asarray(u, jnp.float32))
     want = np_hue(IMAGE, 0.05)
     want = np_saturation(want, 1.3)
     want = np_brightness(want, 1.2)
@@ -166,7 +190,7 @@ def test_augment_image_applies_jitter_in_the_drawn_order_then_gray_blur_flip():
     np.testing.assert_allclose(got, want, atol=2e-5)
     # Probabilities above the thresholds: the image passes unchanged.
     skip = jnp.asarray([*u[:8].tolist(), 0.95, 0.95, 0.95, 0.5, 0.95], jnp.float32)
-    np.testing.assert_array_equal(augment.augment_image(skip, jnp.asarray(IMAGE), settings), IMAGE)
+    np.testing.assert_array_equal(augment_image(skip), IMAGE)
 
 
 def test_gaussian_blur_matches_reference():
@@ -275,7 +299,7 @@ def test_all_bands_groups_are_merged_to_twelve_bands():
         "bands_60m": jnp.full((2, 1, 2, 2, 2), 60, jnp.uint8),
     }
     merged = np.asarray(augment.merge_band_groups(groups))
-    assert merged.shape == (2, 1, 264, 264, 12)
+    assert merged.shape == (2, 1, 12, 12, 12)  # on the 10 m grid
     # layout.BANDS: B1 B2 B3 B4 B5 B6 B7 B8 B8A B9 B11 B12
     np.testing.assert_allclose(merged[0, 0, 5, 7], [60, 10, 10, 10, 20, 20, 20, 10, 20, 60, 20, 20])
     norm = augment.Normalization(
@@ -286,7 +310,7 @@ def test_all_bands_groups_are_merged_to_twelve_bands():
         lambda k, x: augment.make_views(k, x, mode="moco", config=config, normalization=norm)
     )(jax.random.key(0), groups)
     assert sorted(views) == ["k0", "q"]
-    # MoCo: both views come from the one acquisition (resized here from 264 to the 16 px crop).
+    # MoCo: both views come from the one acquisition (12 px, resized to the 16 px crop).
     assert views["q"].shape == views["k0"].shape == (2, 16, 16, 12)
     np.testing.assert_allclose(views["q"], views["k0"], atol=1e-6)
     np.testing.assert_allclose(

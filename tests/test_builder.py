@@ -1,4 +1,4 @@
-"""The caco_geography TFDS builder (caco_jax/data/builder.py) and reading its records (records.py)."""
+"""The caco_geography TFDS builder (data/builder.py) and reading its records (data/records.py)."""
 
 import csv
 import io
@@ -106,11 +106,11 @@ def test_every_input_form_gives_identical_records_and_run_task_uses_the_syntheti
     # Prepared data is reused, but never silently for another archive.
     assert builder.run_task(config, os.fspath(tmp_path / "work")) == result
     config.data.archive = os.fspath(tar_dir)
-    with pytest.raises(archive.ArchiveError, match="prepared from.*delete it"):
+    with pytest.raises(archive.ArchiveError, match=r"prepared from.*delete it"):
         builder.run_task(config, os.fspath(tmp_path / "work"))
     config.data.archive = ""
     config.synthetic.output = os.fspath(tmp_path / "nothing")
-    with pytest.raises(archive.ArchiveError, match="config.data.archive is empty"):
+    with pytest.raises(archive.ArchiveError, match=r"config\.data\.archive is empty"):
         builder.run_task(config, os.fspath(tmp_path / "work"))
 
 
@@ -132,7 +132,9 @@ def test_all_bands_records_hold_every_band_at_native_resolution(synthetic, tmp_p
                     np.testing.assert_array_equal(pixels[t, ..., c], ds.read(1))
 
 
-def test_skips_are_reported_beside_the_records_and_in_the_metadata(faulty_archive, tmp_path, capsys):
+def test_skips_are_reported_beside_the_records_and_in_the_metadata(
+    faulty_archive, tmp_path, capsys
+):
     root, bad_acquisition = faulty_archive
     prepared = prepare(root.parent, tmp_path, max_skip_fraction=0.25)
     with open(prepared.data_path / builder.SKIP_REPORT) as f:
@@ -156,7 +158,9 @@ def test_skips_are_reported_beside_the_records_and_in_the_metadata(faulty_archiv
         "acquisition skipped: unreadable band B3": 1,
         "location skipped: too few acquisitions": 1,
     }
-    assert "4 of 5 locations written (39 acquisitions); skipped 1 locations" in capsys.readouterr().out
+    assert (
+        "4 of 5 locations written (39 acquisitions); skipped 1 locations" in capsys.readouterr().out
+    )
     lengths = [len(records.location_arrays(r)["window"]) for r in records.open_records(tmp_path)]
     assert sorted(lengths) == [9, 10, 10, 10]
 
@@ -184,7 +188,9 @@ def test_truncated_archive_fails_without_leaving_a_dataset(tmp_path):
     tar = pack_tar_gz(os.fspath(root), os.fspath(manual / "caco10k.tar.gz"))
     data = open(tar, "rb").read()
     open(tar, "wb").write(data[: len(data) // 2])
-    with pytest.raises(archive.ArchiveError, match="caco10k.tar.gz: truncated or corrupt archive"):
+    with pytest.raises(
+        archive.ArchiveError, match=r"caco10k\.tar\.gz: truncated or corrupt archive"
+    ):
         prepare(manual, tmp_path / "tfds")
     assert os.listdir(tmp_path / "tfds" / "caco_geography" / "rgb") == []
 
@@ -193,7 +199,9 @@ def test_records_read_through_tfds_data_source_and_grain_without_tensorflow(synt
     import grain
 
     prepare(synthetic, tmp_path)
-    source = tfds.data_source("caco_geography/rgb", data_dir=os.fspath(tmp_path), download=False)
+    source = tfds.data_source(
+        "caco_geography/rgb", split="train", data_dir=os.fspath(tmp_path), download=False
+    )
     dataset = grain.MapDataset.source(source).map(records.location_arrays)
     ids = sorted(dataset[i]["location_id"] for i in range(len(dataset)))
     assert ids == ["000000", "000001", "000002"]

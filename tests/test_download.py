@@ -123,9 +123,7 @@ def _files(folder):
 
 def test_reflectance_to_uint8_clips_and_truncates_like_seco():
     dn = np.array([-5, 0, 39, 40, 5000, 9999, 10_000, 12_000])
-    np.testing.assert_array_equal(
-        downloader.to_uint8(dn), [0, 0, 0, 1, 127, 254, 255, 255]
-    )
+    np.testing.assert_array_equal(downloader.to_uint8(dn), [0, 0, 0, 1, 127, 254, 255, 255])
     qa = np.array([[0, 1 << 10], [1 << 11, 1 << 3]])
     assert downloader.cloud_fraction(qa) == 0.5
     assert downloader.nodata_fraction(np.array([[[0, 0], [0, 3]]])) == 0.5
@@ -148,12 +146,13 @@ def test_choice_spreads_over_the_window_and_merges_same_day_scenes():
         return None if a.product_id[:8] in bad else a
 
     chosen = choose_acquisitions(scenes, start, end, 5, try_one, max_tries=20)
-    # Periods of 73 days: Jan 1-Mar 14 (Feb 1 bad, then Jan 5), Mar 15-May 26 (none),
-    # May 27-Aug 7 (Jun 20 bad, then Jul 1), Aug 8-Oct 19 (none), Oct 20-Dec 31 (Dec 1);
-    # then the rest by cloud (Jun 1). Jan 5 is the less cloudy T31UDR twin.
-    assert tried == ["20190201", "20190105", "20190620", "20190701", "20191201", "20190601"]
-    assert [a.product_id[:8] for a in chosen] == ["20190105", "20190701", "20191201", "20190601"]
-    assert chosen[0].product_id.endswith("T31UDR")
+    # Periods of 73 days: Jan 1-Mar 14 (Feb 1, then Jan 5), Mar 15-May 26 (none), May 27-Aug 7
+    # (Jun 20, then Jul 1, then Jun 1), Aug 8-Oct 19 (none), Oct 20-Dec 31 (Dec 1). Round 1 tries
+    # the least cloudy of each, round 2 the next of the two whose first was bad; then the rest by
+    # cloud. Jan 5 is the less cloudy T31UDR twin.
+    assert tried == ["20190201", "20190620", "20191201", "20190105", "20190701", "20190601"]
+    assert [a.product_id[:8] for a in chosen] == ["20191201", "20190105", "20190701", "20190601"]
+    assert chosen[1].product_id.endswith("T31UDR")
     tried.clear()
     assert len(choose_acquisitions(scenes, start, end, 5, try_one, max_tries=3)) == 1
     assert len(tried) == 3
@@ -168,7 +167,9 @@ def test_written_layout_is_exactly_the_published_one(tmp_path):
     assert sorted(os.listdir(archive)) == [s.location_id for s in sites]
     for site in sites:
         location = os.path.join(archive, site.location_id)
-        folders = sorted(n for n in os.listdir(location) if os.path.isdir(os.path.join(location, n)))
+        folders = sorted(
+            n for n in os.listdir(location) if os.path.isdir(os.path.join(location, n))
+        )
         previews = sorted(n for n in os.listdir(location) if n.endswith(".tif"))
         assert previews == [f"{n}.tif" for n in folders]
         assert len(folders) == 10
@@ -180,7 +181,9 @@ def test_written_layout_is_exactly_the_published_one(tmp_path):
         for window, chosen in ((0, times[:5]), (1, times[5:])):
             start, end = WINDOWS[window]
             scenes = client.search(site.lat, site.lon, start, end, SETTINGS.max_scene_cloud)
-            good = {_fifth(a.time.date(), window) for a in scenes if fake_kind(a.product_id) == "good"}
+            good = {
+                _fifth(a.time.date(), window) for a in scenes if fake_kind(a.product_id) == "good"
+            }
             assert {_fifth(t, window) for t in chosen} == good
         grids = footprint.patch_grids(site.lat, site.lon)
         box = footprint.geobox(grids[10], site.lon)
@@ -195,7 +198,10 @@ def test_written_layout_is_exactly_the_published_one(tmp_path):
                 with rasterio.open(os.path.join(folder, layout.band_file(band))) as src:
                     assert (src.driver, src.count, src.dtypes[0]) == ("GTiff", 1, "uint8")
                     assert src.shape == layout.band_shape(band)
-                    assert src.compression == rasterio.enums.Compression.jpeg and src.crs.to_epsg() == 4326
+                    assert (
+                        src.compression == rasterio.enums.Compression.jpeg
+                        and src.crs.to_epsg() == 4326
+                    )
                     np.testing.assert_allclose(
                         src.bounds, (box.west, box.south, box.east, box.north), atol=1e-9
                     )
@@ -212,21 +218,27 @@ def test_written_layout_is_exactly_the_published_one(tmp_path):
 
 
 def test_a_failing_location_is_reported_and_not_fatal(tmp_path):
-    client = FakeClient(fail_search={-33.9: ValueError("Image.load: asset not found")}, scarce={35.7})
+    client = FakeClient(
+        fail_search={-33.9: ValueError("Image.load: asset not found")}, scarce={35.7}
+    )
     config = config_lib.base_config()
     config.download.locations = str(tmp_path / "locations.csv")
     config.download.output = str(tmp_path / "archive" / "clean_custom_geography")
     config.download.num_workers = 2
     config_lib.validate(config)
     with open(config.download.locations, "w") as f:
-        f.write("location_id,lat,lon\n" + "".join(f"{s.location_id},{s.lat},{s.lon}\n" for s in SITES))
+        f.write(
+            "location_id,lat,lon\n" + "".join(f"{s.location_id},{s.lat},{s.lon}\n" for s in SITES)
+        )
     result = run(client, config, str(tmp_path), progress=False)
     assert (result["complete"], result["failed"]) == (2, 2)
     assert sorted(os.listdir(config.download.output)) == ["000000", "000002"]
     with open(result["report"]) as f:
         failed = json.load(f)["failed"]
     assert "asset not found" in failed["000001"]
-    assert failed["000003"].startswith("window 0 (2019-01-01..2020-01-01): 1 usable acquisitions, need 3")
+    assert failed["000003"].startswith(
+        "window 0 (2019-01-01..2020-01-01): 1 usable acquisitions, need 3"
+    )
     assert "2 scenes with cloud < 10%, rejected: 1 cloudy patch" in failed["000003"]
     with open(config.download.output + "_download_report.csv", newline="") as f:
         assert list(csv.reader(f)) == [
@@ -240,7 +252,9 @@ def test_transient_errors_are_retried_with_exponential_backoff(tmp_path):
     delays = []
     client = FakeClient(transient_every=5)
     settings = dataclasses.replace(SETTINGS, num_workers=1, retry_base_seconds=1.0)
-    summary = download_all(client, SITES[:1], str(tmp_path / "a"), settings, progress=False, sleep=delays.append)
+    summary = download_all(
+        client, SITES[:1], str(tmp_path / "a"), settings, progress=False, sleep=delays.append
+    )
     assert summary.written == 1 and summary.retries == len(delays) > 0
     assert all(0.5 <= d <= 1.5 for d in delays)  # first retry of each request: base x [0.5, 1.5]
 
@@ -250,9 +264,13 @@ def test_transient_errors_are_retried_with_exponential_backoff(tmp_path):
 
     delays.clear()
     settings = dataclasses.replace(settings, max_retries=3)
-    summary = download_all(AlwaysBusy(), SITES[:1], str(tmp_path / "b"), settings, progress=False, sleep=delays.append)
+    summary = download_all(
+        AlwaysBusy(), SITES[:1], str(tmp_path / "b"), settings, progress=False, sleep=delays.append
+    )
     assert "gave up after 4 attempts" in summary.failed["000000"]
-    assert [round(d / 2**k, 6) >= 0.5 and d / 2**k <= 1.5 for k, d in enumerate(delays)] == [True] * 3
+    assert [round(d / 2**k, 6) >= 0.5 and d / 2**k <= 1.5 for k, d in enumerate(delays)] == [
+        True
+    ] * 3
 
 
 def test_resume_after_an_interruption_gives_the_same_archive(tmp_path):
@@ -293,14 +311,16 @@ def test_resume_after_an_interruption_gives_the_same_archive(tmp_path):
 def test_bad_download_config_names_the_key():
     config = config_lib.base_config()
     config.download.windows = (("2019-01-01", "2020-06-01"), ("2023-01-01", "2024-01-01"))
-    with pytest.raises(config_lib.ConfigError, match="config.download.windows"):
+    with pytest.raises(config_lib.ConfigError, match=r"config\.download\.windows"):
         config_lib.validate(config)
     config.download.windows = (("2023-01-01", "2024-01-01"), ("2019-01-01", "2020-01-01"))
     with pytest.raises(config_lib.ConfigError, match="early window must end first"):
         config_lib.validate(config)
     config = config_lib.base_config()
     config.download.min_acquisitions_per_window = 6
-    with pytest.raises(config_lib.ConfigError, match="config.download.min_acquisitions_per_window"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config\.download\.min_acquisitions_per_window"
+    ):
         config_lib.validate(config)
 
 
@@ -316,7 +336,7 @@ def test_a_downloaded_archive_goes_through_the_builder(tmp_path):
     archive = str(tmp_path / "archive" / "clean_custom_geography")
     sites = SITES[:2]
     download_all(FakeClient(), sites, archive, SETTINGS, progress=False)
-    # What an interrupted write leaves (a full-looking location in a dot-folder) never reaches records.
+    # What an interrupted write leaves (a full-looking dot-folder) never reaches the records.
     shutil.copytree(os.path.join(archive, "000000"), os.path.join(archive, ".partial-000002"))
 
     config = config_lib.base_config()
@@ -344,3 +364,98 @@ def test_a_downloaded_archive_goes_through_the_builder(tmp_path):
         assert arrays["pixels"].shape == (10, 264, 264, 3)
         with rasterio.open(os.path.join(archive, site.location_id, folders[0], "B4.tif")) as src:
             np.testing.assert_array_equal(arrays["pixels"][0, ..., 0], src.read(1))
+
+
+class _FakeEarthEngine:
+    """Just enough of the `ee` module to check the requests EarthEngineClient builds (no network)."""
+
+    def __init__(self):
+        self.calls = []
+        self.data = self
+        fake = self
+
+        class Chain:
+            def __init__(self, *args):
+                fake.calls.append((type(self).__name__, args))
+
+            def __getattr__(self, name):
+                return lambda *args: (fake.calls.append((name, args)), self)[1]
+
+            def getInfo(self):
+                fake.calls.append(("getInfo", ()))
+                return fake.info
+
+        self.ImageCollection = type("ImageCollection", (Chain,), {})
+        self.Image = type("Image", (Chain,), {})
+        self.Geometry = type("Geometry", (), {"Point": staticmethod(lambda xy: ("Point", xy))})
+        self.Filter = type("Filter", (), {"lt": staticmethod(lambda k, v: ("lt", k, v))})
+
+    def Initialize(self, project=None, url=None):
+        self.calls.append(("Initialize", (project, url)))
+
+    def computePixels(self, request):
+        self.calls.append(("computePixels", request))
+        size = request["grid"]["dimensions"]["width"]
+        names = ("B1", "B9", "QA60")
+        return np.zeros((size, size), dtype=[(n, "<u2") for n in names])
+
+
+def test_earth_engine_client_builds_the_expected_requests(monkeypatch):
+    import sys
+
+    from caco_jax.download import earth_engine
+
+    fake = _FakeEarthEngine()
+    fake.info = {
+        "features": [
+            {
+                "id": "COPERNICUS/S2_SR_HARMONIZED/20190105T103021_20190105T103302_T31UDQ",
+                "properties": {
+                    "system:index": "20190105T103021_20190105T103302_T31UDQ",
+                    "system:time_start": 1546684221000,
+                    "CLOUDY_PIXEL_PERCENTAGE": 3.5,
+                },
+            }
+        ]
+    }
+    monkeypatch.setitem(sys.modules, "ee", fake)
+    client = earth_engine.EarthEngineClient("COPERNICUS/S2_SR_HARMONIZED", project="my-project")
+    assert fake.calls[0] == ("Initialize", ("my-project", earth_engine.HIGH_VOLUME_URL))
+    (acq,) = client.search(48.85, 2.35, WINDOWS[0][0], WINDOWS[0][1], 10.0)
+    assert acq.product_id == "20190105T103021_20190105T103302_T31UDQ"
+    assert acq.time == datetime.datetime(2019, 1, 5, 10, 30, 21) and acq.cloud == 3.5
+    assert acq.properties["system:id"].endswith(acq.product_id)
+    names = [name for name, _ in fake.calls]
+    assert names[1:] == ["ImageCollection", "filterBounds", "filterDate", "filter", "sort", "limit",
+                         "getInfo"]  # fmt: skip
+    assert fake.calls[2][1] == (("Point", [2.35, 48.85]),)
+    assert fake.calls[3][1] == ("2019-01-01", "2020-01-01")
+    assert fake.calls[4][1] == (("lt", "CLOUDY_PIXEL_PERCENTAGE", 10.0),)
+
+    grid = footprint.patch_grids(48.85, 2.35)[60]
+    pixels = client.fetch(acq, ("B1", "B9", "QA60"), grid)
+    assert pixels.shape == (44, 44, 3)
+    request = fake.calls[-1][1]
+    assert request["fileFormat"] == "NUMPY_NDARRAY" and request["grid"]["crsCode"] == "EPSG:32631"
+    assert request["grid"]["affineTransform"] == {
+        "scaleX": 60, "shearX": 0, "translateX": grid.west,
+        "shearY": 0, "scaleY": -60, "translateY": grid.north,
+    }  # fmt: skip
+    assert ("Image", (f"COPERNICUS/S2_SR_HARMONIZED/{acq.product_id}",)) in fake.calls
+    assert ("unmask", (0,)) in fake.calls
+
+
+def test_earth_engine_errors_are_sorted_into_transient_and_permanent():
+    from caco_jax.download import earth_engine
+
+    def failing(message):
+        def fn():
+            raise RuntimeError(message)
+
+        return fn
+
+    for message in ("Too Many Requests: rate exceeded", "Computation timed out.", "503 Backend"):
+        with pytest.raises(TransientError):
+            earth_engine._translate_errors(failing(message))
+    with pytest.raises(RuntimeError, match="Image.load"):
+        earth_engine._translate_errors(failing("Image.load: Image asset not found."))

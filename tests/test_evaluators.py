@@ -132,7 +132,9 @@ def test_linear_head_learns_separable_features():
     labels = rng.integers(0, 4, 256)
     features = rng.normal(size=(256, 8)).astype(np.float32)
     features[np.arange(256), labels] += 4.0
-    settings = linear_probe.HeadSettings(epochs=10, batch_size=32, milestones=(6, 8))
+    settings = linear_probe.HeadSettings(
+        epochs=10, batch_size=32, learning_rate=0.05, milestones=(6, 8)
+    )
     result = linear_probe.probe_top1(
         (features[:192], labels[:192]),
         (features[192:], labels[192:]),
@@ -159,7 +161,14 @@ def test_eurosat_probe_with_seco_split_files_writes_metrics(encoder_dir, tmp_pat
     (split_dir / "eurosat-train.txt").write_text("\n".join(n for n in names if n[-5] in "1234"))
     (split_dir / "eurosat-val.txt").write_text("\n".join(n for n in names if n[-5] in "56"))
     config = eval_config(
-        encoder_dir, tmp_path, split_dir=str(split_dir), batch_size=8, random_baseline=True
+        encoder_dir,
+        tmp_path,
+        split_dir=str(split_dir),
+        batch_size=8,
+        learning_rate=0.01,
+        epochs=20,
+        milestones=(15,),
+        random_baseline=True,
     )
 
     result = linear_probe.eurosat_task(config, str(tmp_path))
@@ -176,12 +185,12 @@ def test_eurosat_probe_with_seco_split_files_writes_metrics(encoder_dir, tmp_pat
 
     (split_dir / "eurosat-val.txt").write_text("Forest_99.jpg\n")
     with pytest.raises(ValueError, match="Forest_99"):
-        linear_probe.eurosat_task(config, str(tmp_path))
-
-    config = eval_config(encoder_dir, tmp_path, batch_size=8, update_bn_stats=True)
+        linear_probe.load_eurosat(config)
+    config.eval.split_dir = ""
     with pytest.warns(UserWarning, match="seeded random split"):
-        linear_probe.eurosat_task(config, str(tmp_path))
-    assert read_metrics(encoder_dir, "eval_eurosat")["update_bn_stats"] is True
+        _, _, train, val, description = linear_probe.load_eurosat(config)
+    assert (train.size, val.size) == (36, 12) and not set(train) & set(val)
+    assert description.startswith("seeded split")
 
 
 def test_refresh_batch_stats_moves_running_statistics_to_the_data():
@@ -225,7 +234,9 @@ def test_label_subset_is_seeded_and_without_duplicates():
 
 
 def test_bigearthnet_frozen_and_finetuned(encoder_dir, tmp_path):
-    FakeBigEarthNet(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    FakeBigEarthNet(
+        data_dir=str(tmp_path / "tfds"), file_format="array_record"
+    ).download_and_prepare()
     split_dir = tmp_path / "splits"
     split_dir.mkdir()
     names = [f"S2A_MSIL2A_20170613T101031_{n}_48" for n in range(24)]

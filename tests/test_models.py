@@ -140,6 +140,27 @@ def test_batchnorm_matches_torch_semantics():
     np.testing.assert_allclose(y_eval, (x - stats[0]) / np.sqrt(stats[1] + 1e-5), rtol=1e-5)
     np.testing.assert_array_equal(bn.mean[...], stats[0])  # eval mode leaves the statistics alone
     np.testing.assert_array_equal(bn.var[...], stats[1])
+    bn(jnp.zeros((1, 1, 1, 6)))  # one value per channel is fine with running statistics
+    bn.train()
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn(jnp.zeros((1, 1, 1, 6)))
+
+
+def test_batchnorm_gradients_flow_through_the_batch_statistics():
+    bn = BatchNorm(3)
+    x = images((4, 2, 2, 3), seed=9)
+    weights = images((4, 2, 2, 3), seed=10)
+
+    def loss(bn, x):
+        return jnp.sum(bn(x) * weights)
+
+    grad_bn, grad_x = nnx.grad(loss, argnums=(0, 1))(bn, x)
+    # The output is invariant to a per-channel shift of the input, so those gradients sum to 0.
+    np.testing.assert_allclose(grad_x.sum(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    x_hat = (x - x.mean((0, 1, 2))) / jnp.sqrt(x.var((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(grad_bn.scale[...], (x_hat * weights).sum((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(grad_bn.bias[...], weights.sum((0, 1, 2)), rtol=1e-5)
+    assert np.abs(np.asarray(bn.mean[...])).max() > 0  # the running statistics still moved
 
 
 def test_train_mode_uses_batch_statistics_eval_mode_running_ones():
@@ -227,7 +248,9 @@ def test_subspace_heads_are_independent_and_normalised():
     np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
     assert not np.allclose(z[0], z[1], atol=1e-2)  # each subspace has its own head
     single = heads.heads[2](features[1]).astype(jnp.float32)
-    np.testing.assert_allclose(z[2, 1], single / jnp.linalg.norm(single, axis=-1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(
+        z[2, 1], single / jnp.linalg.norm(single, axis=-1, keepdims=True), atol=1e-6
+    )
 
 
 def test_export_round_trip(tmp_path):
@@ -240,7 +263,13 @@ def test_export_round_trip(tmp_path):
     directory = save_encoder(tmp_path / "encoder", model, {"source": "test", "step": 7})
 
     loaded, metadata = load_encoder(directory)
-    assert metadata == {"source": "test", "step": 7, "arch": "resnet", "depth": 18, "in_channels": 3}
+    assert metadata == {
+        "source": "test",
+        "step": 7,
+        "arch": "resnet",
+        "depth": 18,
+        "in_channels": 3,
+    }
     np.testing.assert_array_equal(forward(loaded, x)[0], expected)
     assert loaded.bn1.use_running_average  # evaluators get a frozen-statistics encoder
 
@@ -254,6 +283,7 @@ def test_export_round_trip(tmp_path):
         save_encoder(directory, model, {})
     with pytest.raises(ValueError, match="contradicts"):
         save_encoder(tmp_path / "other", model, {"depth": 50})
+    (tmp_path / "encoder.incoming").mkdir()  # left by a crash during an earlier swap
     multispectral = ResNet(18, rngs=nnx.Rngs(2), in_channels=13)
     save_encoder(directory, multispectral, {"step": 8}, overwrite=True)
     reloaded, metadata = load_encoder(directory)
@@ -263,8 +293,11 @@ def test_export_round_trip(tmp_path):
     ):
         np.testing.assert_array_equal(ours, theirs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder"]  # no temporary leftovers
-    with pytest.raises(FileNotFoundError, match="not an encoder export"):
+    with pytest.raises(FileNotFoundError, match="not a complete encoder export"):
         load_encoder(tmp_path / "missing")
+    (directory / "metadata").rmtree()
+    with pytest.raises(FileNotFoundError, match="not a complete encoder export"):
+        load_encoder(directory)
 
 
 def torch_resnet18_forward(torch, state, x, training):
@@ -294,7 +327,9 @@ def torch_resnet18_forward(torch, state, x, training):
             y = F.relu(bn(p["bn1"], s["bn1"], conv(p["conv1"], x, stride, 1)))
             y = bn(p["bn2"], s["bn2"], conv(p["conv2"], y, 1, 1))
             if "downsample" in p:
-                x = bn(p["downsample"][1], s["downsample"][1], conv(p["downsample"][0], x, stride, 0))
+                x = bn(
+                    p["downsample"][1], s["downsample"][1], conv(p["downsample"][0], x, stride, 0)
+                )
             x = F.relu(y + x)
     return x.mean(dim=(2, 3))
 

@@ -125,6 +125,8 @@ def test_all_changed_keeps_more_negatives_and_teco_equals_all_changed():
     all_changed, _ = caco_loss(q, k, queue, jnp.ones(8, bool))
     _, ref = reference_caco_rows(z_q, z_k, flat_queue, np.ones(8, bool), TEMPERATURE, range(8))
     np.testing.assert_allclose(teco, all_changed, rtol=1e-6)
+    as_integers, _ = caco_loss(q, k, queue, jnp.ones(8, jnp.int32))  # 0/1 labels work too
+    np.testing.assert_allclose(as_integers, all_changed, rtol=1e-6)
     np.testing.assert_allclose(teco, ref.mean(axis=0).sum(), rtol=1e-5)
     assert teco > masked  # an extra negative can only raise the cross-entropy
 

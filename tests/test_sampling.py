@@ -1,4 +1,4 @@
-"""Change-aware location sampling: distances, sea rejection, reproducibility, edge geography, files."""
+"""Change-aware location sampling: distances, sea rejection, reproducibility, geography, files."""
 
 import csv
 import json
@@ -42,7 +42,9 @@ def test_city_list_is_the_10000_most_populous(world_cities):
     again = most_populous_cities()
     np.testing.assert_array_equal(again.name, world_cities.name)
     europe = most_populous_cities(50, region=(-10.0, 35.0, 30.0, 60.0))
-    assert np.all((europe.lon >= -10) & (europe.lon <= 30) & (europe.lat >= 35) & (europe.lat <= 60))
+    assert np.all(
+        (europe.lon >= -10) & (europe.lon <= 30) & (europe.lat >= 35) & (europe.lat <= 60)
+    )
     with pytest.raises(ValueError, match="inside region"):
         most_populous_cities(10, region=(0.0, 0.0, 0.01, 0.01))
 
@@ -54,7 +56,9 @@ def test_destination_moves_by_the_offset_length_in_its_direction(lat, lon):
     east, north = rng.normal(0.0, SIGMA_M, size=(2, 200))
     lat2, lon2 = geodesy.destination(np.full(200, lat), np.full(200, lon), east, north)
     assert np.all((lon2 >= -180) & (lon2 < 180)) and np.all(np.abs(lat2) <= 90)
-    np.testing.assert_allclose(geodesy.distance_m(lat, lon, lat2, lon2), np.hypot(east, north), atol=0.01)
+    np.testing.assert_allclose(
+        geodesy.distance_m(lat, lon, lat2, lon2), np.hypot(east, north), atol=0.01
+    )
     if abs(lat) < 80:  # away from the poles, north is north and east is east
         up, _ = geodesy.destination(lat, lon, 0.0, 1000.0)
         _, right = geodesy.destination(lat, lon, 1000.0, 0.0)
@@ -64,7 +68,9 @@ def test_destination_moves_by_the_offset_length_in_its_direction(lat, lon):
 @pytest.mark.parametrize("sigma_m", [5_000.0, 50_000.0])
 def test_distance_from_the_city_follows_a_rayleigh_law(sigma_m):
     # Inland cities at several latitudes (Madrid, Moscow, Denver, Ulaanbaatar, Brasilia).
-    cities = _cities((40.42, -3.70), (55.75, 37.62), (39.74, -104.99), (47.92, 106.92), (-15.79, -47.88))
+    cities = _cities(
+        (40.42, -3.70), (55.75, 37.62), (39.74, -104.99), (47.92, 106.92), (-15.79, -47.88)
+    )
     locations = sample_locations(3000, cities, sigma_m=sigma_m, seed=1, reject_sea=False)
     distance = locations.distance_m
     assert stats.kstest(distance, stats.rayleigh(scale=sigma_m).cdf).pvalue > 0.01
@@ -125,7 +131,9 @@ def test_region_and_minimum_spacing(world_cities):
     assert np.all((locations.lon >= -10) & (locations.lon <= 30))
     assert np.all((locations.lat >= 35) & (locations.lat <= 60))
     i, j = np.triu_indices(len(locations), k=1)
-    pairwise = geodesy.distance_m(locations.lat[i], locations.lon[i], locations.lat[j], locations.lon[j])
+    pairwise = geodesy.distance_m(
+        locations.lat[i], locations.lon[i], locations.lat[j], locations.lon[j]
+    )
     assert pairwise.min() >= 3_740.0
     assert locations.counts["too_close"] > 0
 
@@ -168,9 +176,9 @@ def test_task_writes_csv_geojson_and_map(tmp_path):
 def test_bad_sampling_config_names_the_key():
     config = config_lib.base_config()
     config.sampling.region = (10.0, 50.0, 20.0, 40.0)
-    with pytest.raises(config_lib.ConfigError, match="config.sampling.region"):
+    with pytest.raises(config_lib.ConfigError, match=r"config\.sampling\.region"):
         config_lib.validate(config)
     config = config_lib.base_config()
     config.sampling.sigma_km = 0.0
-    with pytest.raises(config_lib.ConfigError, match="config.sampling.sigma_km"):
+    with pytest.raises(config_lib.ConfigError, match=r"config\.sampling\.sigma_km"):
         config_lib.validate(config)

@@ -2,11 +2,11 @@
 
 One entry point, `find_archive(path)`, accepts a single `.tar.gz`, the ordered `*_part*` files of
 a split archive (read as ONE stream: their byte concatenation is the tar.gz, so no concatenated copy
-is made), or an already extracted folder, with or without its enclosing top folder. `read_locations`
-then yields one `Location` (the raw bytes of the files a config needs) at a time: nothing is extracted
-to disk and only the location being read is held in memory. `decode_location` turns those bytes into
-pixels, dates and windows; it runs in worker processes (see builder.py), so it takes and returns
-picklable values only.
+is made), or an already extracted folder, with or without its enclosing top folder.
+`read_locations` then yields one `Location` (the raw bytes of the files a config needs) at a time:
+nothing is extracted to disk and only the location being read is held in memory. `decode_location`
+turns those bytes into pixels, dates and windows; it runs in worker processes (see builder.py), so
+it takes and returns picklable values only.
 
 A tar location is complete when the stream moves past its folder. The published tars are written
 folder by folder; a location whose members are not contiguous is an error naming it, never a silent
@@ -57,7 +57,7 @@ class ArchiveSource:
 
     @property
     def label(self) -> str:
-        """The archive's name for messages: the file, the first part (+ how many more), the folder."""
+        """The archive's name for messages: the file, the first part (+ how many) or the folder."""
         more = f" (+{len(self.names) - 1} parts)" if len(self.names) > 1 else ""
         return self.names[0] + more
 

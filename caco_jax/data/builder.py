@@ -4,8 +4,8 @@
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=ARCHIVE))
 
-ARCHIVE holds the `.tar.gz`, the `*_part*` files or the extracted folder (see archive.py); nothing is
-extracted. The parent process streams the archive and ships one location's raw bytes at a time to
+ARCHIVE holds the `.tar.gz`, the `*_part*` files or the extracted folder (see archive.py); nothing
+is extracted. The parent process streams the archive and ships one location's raw bytes at a time to
 worker processes that decode the GeoTIFFs; at most `2 * num_workers` locations are in flight, so
 memory does not grow with the archive (TFDS's own writer buffers at most 1 GB of records before it
 spills them to disk).
@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import multiprocessing
 import os
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -55,18 +56,20 @@ class CacoGeographyConfig(tfds.core.BuilderConfig):
 def pixel_features(groups) -> dict:
     return {
         name: tfds.features.Tensor(
-            shape=(*layout.band_shape(bands[0]), len(bands)), dtype=np.uint8, encoding=PIXEL_ENCODING
+            shape=(*layout.band_shape(bands[0]), len(bands)),
+            dtype=np.uint8,
+            encoding=PIXEL_ENCODING,
         )
         for name, bands in groups.items()
     }
 
 
 class CacoGeography(tfds.core.GeneratorBasedBuilder):
-    """Locations of a CACo archive (caco10k / 100k / 1m, or the synthetic one), both windows each."""
+    """The locations of a CACo archive (10k, 100k, 1m or the synthetic one), both windows each."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [
+    RELEASE_NOTES: ClassVar = {"1.0.0": "First release."}
+    BUILDER_CONFIGS: ClassVar = [
         CacoGeographyConfig(
             name="rgb",
             description="B4, B3, B2 at 264x264 (what the paper trains on).",
@@ -96,14 +99,17 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
             "product_id": tfds.features.Text(doc="acquisition folder name (Earth Engine id)"),
             "date": tfds.features.Text(doc="sensing time, ISO YYYY-MM-DDTHH:MM:SS"),
             "window": tfds.features.Scalar(np.int64, doc="0 early, 1 late"),
-            "cloud": tfds.features.Scalar(np.float32, doc="CLOUDY_PIXEL_PERCENTAGE, NaN if unknown"),
+            "cloud": tfds.features.Scalar(
+                np.float32, doc="CLOUDY_PIXEL_PERCENTAGE, NaN if unknown"
+            ),
             **pixel_features(self.builder_config.pixel_groups),
         }
         return self.dataset_info_from_configs(
             description=(
-                "CACo (Mall et al., CVPR 2023) pretraining locations: per location its id, centre "
-                "lat/lon and its Sentinel-2 acquisitions in time order, each with its window (early "
-                "/ late), uint8 pixels as stored in the archive's GeoTIFFs and cloud percentage. "
+                "CACo (Mall et al., CVPR 2023) pretraining locations: per location its id, "
+                "centre lat/lon and its Sentinel-2 acquisitions in time order, each with its "
+                "window (early / late), uint8 pixels as stored in the archive's GeoTIFFs and "
+                "cloud percentage. "
                 "The source archive, counts and skips are in the metadata; skipped locations and "
                 f"acquisitions are listed in {SKIP_REPORT} beside the records."
             ),
@@ -125,7 +131,9 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, source: archive.ArchiveSource):
         groups = self.builder_config.pixel_groups
-        keep = frozenset({layout.METADATA_FILE} | {layout.band_file(b) for g in groups.values() for b in g})
+        keep = frozenset(
+            {layout.METADATA_FILE} | {layout.band_file(b) for g in groups.values() for b in g}
+        )
         progress = archive.ReadProgress()
         report = SkipReport()
         locations = archive.read_locations(source, keep, progress)
@@ -137,7 +145,9 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
                     yield decoded.location_id, decoded.example
                 bar.update(1)
                 if source.total_bytes:
-                    bar.set_postfix(read=f"{progress.bytes_read / source.total_bytes:.0%}", refresh=False)
+                    bar.set_postfix(
+                        read=f"{progress.bytes_read / source.total_bytes:.0%}", refresh=False
+                    )
         self._finish(source, report)
 
     def _finish(self, source: archive.ArchiveSource, report: SkipReport) -> None:

@@ -8,7 +8,6 @@ into the numpy arrays the input pipeline needs.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from caco_jax.data import builder as builder_lib
 
@@ -35,7 +34,9 @@ def location_arrays(example) -> dict:
     {"bands_10m": [T, 264, 264, 4], "bands_20m": [T, 132, 132, 6], "bands_60m": [T, 44, 44, 2]}}.
     """
     acquisitions = example["acquisitions"]
-    groups = [name for name in ("rgb", "bands_10m", "bands_20m", "bands_60m") if name in acquisitions]
+    groups = [
+        name for name in ("rgb", "bands_10m", "bands_20m", "bands_60m") if name in acquisitions
+    ]
     pixels = {name: np.asarray(acquisitions[name], np.uint8) for name in groups}
     return {
         "location_id": _text(example["location_id"]),

@@ -65,23 +65,14 @@ CHANGES_FOR_COVER = {
 NO_CHANGE = "none"
 GROUND_TRUTH_COLUMNS = ("location_id", "changed", "change_type", "land_cover")
 
-SIZE = layout.PIXELS_AT_RESOLUTION[
-    10
-]  # everything is rendered at 10 m, coarser bands block-averaged
+# Everything is rendered at 10 m; the coarser bands are block averages.
+SIZE = layout.PIXELS_AT_RESOLUTION[10]
 _BAND_INDEX = {band: i for i, band in enumerate(layout.BANDS)}
 
 # Surface reflectance of the materials a pixel mixes, per band in layout.BANDS order
 # (B1 B2 B3 B4 B5 B6 B7 B8 B8A B9 B11 B12); typical Sentinel-2 L2A values.
-_MATERIALS = (
-    "green_vegetation",
-    "dry_vegetation",
-    "soil",
-    "water",
-    "concrete",
-    "asphalt",
-    "tile_roof",
-)
-GREEN, DRY, SOIL, WATER_M, CONCRETE, ASPHALT, TILE = range(len(_MATERIALS))
+_MATERIALS = ("green_vegetation", "dry_vegetation", "soil", "water", "concrete", "asphalt", "tiles")
+GREEN, DRY, SOIL, OPEN_WATER, CONCRETE, ASPHALT, TILES = range(len(_MATERIALS))
 _SPECTRA = np.array(
     [
         [0.030, 0.030, 0.062, 0.032, 0.095, 0.250, 0.320, 0.360, 0.380, 0.300, 0.180, 0.085],
@@ -115,21 +106,8 @@ _SOLAR_IRRADIANCE = {
     "S2B": (1874.3, 1959.75, 1824.93, 1512.79, 1425.78, 1291.13, 1175.57, 1041.28, 953.93, 817.58,
             365.41, 247.08, 87.75),
 }  # fmt: skip
-_IRRADIANCE_BANDS = (
-    "B1",
-    "B2",
-    "B3",
-    "B4",
-    "B5",
-    "B6",
-    "B7",
-    "B8",
-    "B8A",
-    "B9",
-    "B10",
-    "B11",
-    "B12",
-)
+# Earth Engine's per-band properties cover all 13 Sentinel-2 bands, B10 (cirrus) included.
+_ALL_S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -314,7 +292,6 @@ def _change_region(rng: np.random.Generator, classes: np.ndarray, change_type: s
 class _Surface:
     """Per-pixel parameters of one window's surface; an acquisition adds season, sky and noise."""
 
-    classes: np.ndarray  # [H, W] int8 land cover
     static: np.ndarray  # [materials, H, W] abundances that do not follow the seasons
     vegetation: np.ndarray  # [H, W] share of the pixel that is (seasonal) vegetation
     green_base: np.ndarray  # greenness g = base + amp * exp(-(days from peak / width)^2)
@@ -323,6 +300,8 @@ class _Surface:
     green_width: np.ndarray  # days
     dry_share: np.ndarray  # of the non-green vegetation, the share that is dry litter (rest: soil)
     brightness: np.ndarray  # [H, W] multiplicative texture
+    peak_day: float  # mid-summer of the location's hemisphere
+    seasonality: float  # 1 at mid latitudes, less near the equator
 
 
 @dataclasses.dataclass
@@ -381,7 +360,7 @@ def _class_layers(rng: np.random.Generator, peak_day: float) -> _ClassLayers:
     cumulative = np.cumsum(mix, axis=1)[blocks]  # [H, W, 4]
     building = rng.random((SIZE // 3, SIZE // 3), dtype=np.float32).repeat(3, 0).repeat(3, 1)
     material = np.sum(building[..., None] > cumulative, axis=-1).clip(0, 3)
-    for code, target in enumerate((CONCRETE, ASPHALT, TILE)):
+    for code, target in enumerate((CONCRETE, ASPHALT, TILES)):
         static[BUILT_UP, target] = material == code
     static[BUILT_UP][:, street] = 0.0
     static[BUILT_UP, ASPHALT][street] = 0.85
@@ -391,7 +370,7 @@ def _class_layers(rng: np.random.Generator, peak_day: float) -> _ClassLayers:
     brightness[BUILT_UP] = 1.0 + 0.12 * _smooth_noise(rng, 88)
 
     # Water: uniform, a little texture; turbidity varies per acquisition.
-    static[WATER, WATER_M] = 1.0
+    static[WATER, OPEN_WATER] = 1.0
     brightness[WATER] = 1.0 + 0.03 * _smooth_noise(rng, 20)
 
     # Bare soil: soil of varying tone with sparse grass that greens up briefly.
@@ -410,11 +389,24 @@ _CROP_PEAK_SHIFT = np.array([0.0, -75.0, -30.0, 0.0], np.float32)
 _CROP_WIDTH = np.array([45.0, 50.0, 100.0, 60.0], np.float32)
 
 
-def _sow_crops(layers: _ClassLayers, rng: np.random.Generator, peak_day: float) -> None:
-    """Draws a crop per parcel (crop rotation: each window draws anew); parcel borders are grass."""
-    fields = layers.fields
-    num_fields = int(fields.max()) + 1
+_ROTATED_SHARE = 0.4  # of the parcels, those with another crop four years later
+
+
+def _draw_crops(rng: np.random.Generator, layers: _ClassLayers, previous=None) -> np.ndarray:
+    """A crop per parcel; given the previous window's crops, a share of the parcels rotates."""
+    num_fields = int(layers.fields.max()) + 1
     crop = rng.choice(len(_CROP_PROBABILITY), size=num_fields, p=_CROP_PROBABILITY)
+    if previous is None:
+        return crop
+    return np.where(rng.random(num_fields) < _ROTATED_SHARE, crop, previous)
+
+
+def _sow_crops(
+    layers: _ClassLayers, crop: np.ndarray, rng: np.random.Generator, peak_day: float
+) -> None:
+    """Sets each parcel's crop calendar, sowing dates varying by year; parcel borders are grass."""
+    fields = layers.fields
+    num_fields = len(crop)
     peak = peak_day + _CROP_PEAK_SHIFT[crop] + rng.normal(0.0, 15.0, num_fields).astype(np.float32)
     width = _CROP_WIDTH[crop] * rng.uniform(0.8, 1.2, num_fields).astype(np.float32)
     border = np.zeros(fields.shape, bool)
@@ -428,7 +420,11 @@ def _sow_crops(layers: _ClassLayers, rng: np.random.Generator, peak_day: float) 
 
 
 def _surface(
-    layers: _ClassLayers, classes: np.ndarray, fine_texture: np.ndarray, seasonality: float
+    layers: _ClassLayers,
+    classes: np.ndarray,
+    fine_texture: np.ndarray,
+    peak_day: float,
+    seasonality: float,
 ) -> _Surface:
     index = classes[None].astype(np.intp)
 
@@ -438,7 +434,6 @@ def _surface(
     static = np.take_along_axis(layers.static, index[:, None].repeat(len(_MATERIALS), 1), axis=0)
     amp = pick(layers.amp)
     return _Surface(
-        classes=classes,
         static=static[0],
         vegetation=pick(layers.vegetation),
         # Near the equator the seasons are weaker; the mean greenness stays.
@@ -448,6 +443,8 @@ def _surface(
         green_width=pick(layers.width),
         dry_share=pick(layers.dry),
         brightness=pick(layers.brightness) * fine_texture,
+        peak_day=peak_day,
+        seasonality=seasonality,
     )
 
 
@@ -458,8 +455,7 @@ def _surface(
 class _Acquisition:
     product_id: str
     sensing: datetime.datetime
-    window: int
-    spacecraft: str
+    spacecraft: str  # "S2A" or "S2B"
 
 
 def _acquisition_times(
@@ -607,10 +603,10 @@ def _metadata(
         "system:time_start": _millis(sensing),
         "system:version": int(_millis(generated) * 1000 + rng.integers(1000)),
     }
-    for band in ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"):
+    for band in _ALL_S2_BANDS:
         properties[f"MEAN_INCIDENCE_AZIMUTH_ANGLE_{band}"] = round(float(rng.uniform(100, 110)), 6)
         properties[f"MEAN_INCIDENCE_ZENITH_ANGLE_{band}"] = round(float(rng.uniform(2, 11)), 6)
-    for band, value in zip(_IRRADIANCE_BANDS, _SOLAR_IRRADIANCE[sc], strict=True):
+    for band, value in zip(_ALL_S2_BANDS, _SOLAR_IRRADIANCE[sc], strict=True):
         properties[f"SOLAR_IRRADIANCE_{band}"] = value
     return dict(sorted(properties.items()))
 
@@ -629,18 +625,23 @@ def _render(
     surface: _Surface, when: datetime.datetime, rng: np.random.Generator
 ) -> tuple[np.ndarray, dict]:
     """Surface reflectance [12, SIZE, SIZE] of one acquisition and its pixel percentages."""
-    green = surface.vegetation * _greenness(surface, when.timetuple().tm_yday)
+    day = when.timetuple().tm_yday
+    green = surface.vegetation * _greenness(surface, day)
     brown = surface.vegetation - green
     abundance = surface.static.copy()
     abundance[GREEN] += green
     abundance[DRY] += brown * surface.dry_share
     abundance[SOIL] += brown * (1.0 - surface.dry_share)
     turbidity = rng.uniform(0.0, 0.12)
-    abundance[SOIL] += turbidity * abundance[WATER_M]
-    abundance[WATER_M] *= 1.0 - turbidity
+    abundance[SOIL] += turbidity * abundance[OPEN_WATER]
+    abundance[OPEN_WATER] *= 1.0 - turbidity
 
     reflectance = (_SPECTRA.T @ abundance.reshape(len(_MATERIALS), -1)).reshape(-1, SIZE, SIZE)
-    gain = (1.0 + rng.normal(0.0, 0.04)) * (1.0 + rng.normal(0.0, 0.015, len(layout.BANDS)))
+    # A low winter sun leaves more shade than the atmospheric correction removes.
+    winter = 0.5 * (1.0 - math.cos(2.0 * math.pi * (day - surface.peak_day) / 365.0))
+    illumination = 1.0 - 0.08 * surface.seasonality * winter
+    band_gain = 1.0 + rng.normal(0.0, 0.015, len(layout.BANDS))
+    gain = illumination * (1.0 + rng.normal(0.0, 0.04)) * band_gain
     reflectance *= surface.brightness[None] * gain[:, None, None].astype(np.float32)
     reflectance += (rng.uniform(0.0, 0.015) * _HAZE)[:, None, None]
 
@@ -665,10 +666,10 @@ def _render(
         "dark": _percent((abundance[ASPHALT] > 0.5) & clear),
         "vegetation": _percent((green > 0.5) & clear),
         "not_vegetated": _percent(
-            ((abundance[SOIL] + abundance[CONCRETE] + abundance[TILE] + abundance[DRY]) > 0.5)
+            ((abundance[SOIL] + abundance[CONCRETE] + abundance[TILES] + abundance[DRY]) > 0.5)
             & clear
         ),
-        "water": _percent((abundance[WATER_M] > 0.5) & clear),
+        "water": _percent((abundance[OPEN_WATER] > 0.5) & clear),
     }
     return reflectance, percentages
 
@@ -729,20 +730,21 @@ def _write_preview(path: str, rgb: np.ndarray, box: layout.GeoBox) -> None:
         dst.write(stretched)
 
 
-def _write_location(root: str, plan: LocationPlan, seed: int) -> int:
-    """Renders and writes one location folder; returns its number of acquisitions."""
+def _write_location(root: str, plan: LocationPlan, seed: int) -> None:
+    """Renders and writes one location folder."""
     import rasterio
     import threadpoolctl
 
     # The matrix products are small: BLAS threads only contend (10x slower on a busy machine).
     # One GDAL environment for all files saves setting one up per file.
     with threadpoolctl.threadpool_limits(1), rasterio.Env():
-        return _render_location(root, plan, seed)
+        _render_location(root, plan, seed)
 
 
-def _render_location(root: str, plan: LocationPlan, seed: int) -> int:
+def _render_location(root: str, plan: LocationPlan, seed: int) -> None:
     rng = _rng(seed, plan.index, "surface")
-    seasonality = float(np.clip((abs(plan.lat) - 10.0) / 25.0, 0.25, 1.0))
+    # Weaker seasons near the equator, where wet and dry seasons still change the vegetation.
+    seasonality = float(np.clip((abs(plan.lat) - 5.0) / 20.0, 0.6, 1.0))
     peak_day = 195.0 if plan.lat >= 0 else 12.0  # mid-summer greenness peak
     early = _land_cover_map(rng, plan.land_cover)
     late = early.copy()
@@ -751,9 +753,11 @@ def _render_location(root: str, plan: LocationPlan, seed: int) -> int:
     fine_texture = 1.0 + 0.03 * rng.standard_normal((SIZE, SIZE), dtype=np.float32)
     layers = _class_layers(rng, peak_day)
     surfaces = []
+    crop = None
     for classes in (early, late):
-        _sow_crops(layers, rng, peak_day)
-        surfaces.append(_surface(layers, classes, fine_texture, seasonality))
+        crop = _draw_crops(rng, layers, crop)
+        _sow_crops(layers, crop, rng, peak_day)
+        surfaces.append(_surface(layers, classes, fine_texture, peak_day, seasonality))
 
     meta_rng = _rng(seed, plan.index, "metadata")
     tile = _mgrs_tile(plan.lat, plan.lon)
@@ -766,9 +770,7 @@ def _render_location(root: str, plan: LocationPlan, seed: int) -> int:
         granule = sensing + datetime.timedelta(seconds=int(meta_rng.integers(60, 400)))
         suffix = "_".join(str(int(meta_rng.integers(lo, hi))) for lo, hi in _SUFFIX_RANGES)
         product_id = f"{sensing:%Y%m%dT%H%M%S}_{granule:%Y%m%dT%H%M%S}_T{tile}_{suffix}"
-        acquisition = _Acquisition(
-            product_id, sensing, window, str(meta_rng.choice(["S2A", "S2B"]))
-        )
+        acquisition = _Acquisition(product_id, sensing, str(meta_rng.choice(["S2A", "S2B"])))
         pixel_rng = _rng(seed, plan.index, f"acquisition{number}")
         reflectance, percentages = _render(surfaces[window], sensing, pixel_rng)
         bands = _to_bands(reflectance, pixel_rng)
@@ -781,7 +783,6 @@ def _render_location(root: str, plan: LocationPlan, seed: int) -> int:
             json.dump(metadata, f)
         rgb = np.stack([bands[b] for b in layout.RGB_BANDS])
         _write_preview(folder + ".tif", rgb, box)
-    return len(times)
 
 
 # The three numbers that end the published acquisition folder names (e.g. `..._2197_48923_8339`).

@@ -1,7 +1,8 @@
 """The boundary between the downloader and an imagery service: a small protocol and its data types.
 
-Everything that decides what to download, checks it and writes it lives on this side and is tested with a
-fake client; `caco_jax.download.earth_engine.EarthEngineClient` is the thin real implementation.
+Everything that decides what to download, checks it and writes it lives on this side and is tested
+with a fake client; `caco_jax.download.earth_engine.EarthEngineClient` is the thin real
+implementation.
 """
 
 from __future__ import annotations
@@ -60,9 +61,7 @@ class Client(Protocol):
         """Scenes covering (lat, lon), sensed in [start, end), with scene cloud < max_cloud."""
         ...
 
-    def fetch(
-        self, acquisition: Acquisition, bands: Sequence[str], grid: PixelGrid
-    ) -> np.ndarray:
+    def fetch(self, acquisition: Acquisition, bands: Sequence[str], grid: PixelGrid) -> np.ndarray:
         """The raw digital numbers (reflectance x 10000) of `bands` on `grid`: [size, size, bands].
         Pixels without data (outside the swath, masked) are 0 in every band."""
         ...

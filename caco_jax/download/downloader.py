@@ -1,18 +1,21 @@
-"""Fills an archive with two time windows of Sentinel-2 images for each location of a locations file.
+"""Fills an archive with two time windows of Sentinel-2 images for each location of a file.
 
 Per location (`download_location`), for each window:
   1. one search lists the scenes covering the centre with scene cloud below `max_scene_cloud`;
-  2. scenes sensed the same day (overlapping tiles of one pass) are merged, keeping the least cloudy;
-  3. the window is cut into `acquisitions_per_window` equal periods (SeCo spread its 5 dates over a year
-     the same way); each period tries its scenes least cloudy first until one is good, then scenes left
-     anywhere fill missing slots; at most `MAX_TRIES_PER_ACQUISITION` x the target are tried, which
-     bounds the requests spent;
+  2. scenes sensed the same day (overlapping tiles of one pass) are merged, keeping the least
+     cloudy;
+  3. the window is cut into `acquisitions_per_window` equal periods (SeCo spread its 5 dates over a
+     year the same way); in rounds, each period still lacking a good scene tries its next least
+     cloudy scene, then scenes left anywhere fill missing slots; at most
+     `MAX_TRIES_PER_ACQUISITION` x the target are tried, which bounds the requests spent;
   4. a try fetches the 60 m bands with QA60 first: a patch with more opaque-cloud/cirrus pixels than
      `max_patch_cloud_fraction` or any pixel without data is rejected for one request (SeCo's
-     `sampleRectangle` refused masked pixels the same way); a good one then fetches the 10 m and 20 m bands.
+     `sampleRectangle` refused masked pixels the same way); a good one then fetches the 10 m and 20
+     m bands.
 A window with fewer than `min_acquisitions_per_window` good acquisitions fails the location: it is
-reported, never written. `download_all` runs locations in a bounded thread pool, retries transient errors
-with exponential backoff, skips finished locations, and writes a report of every failure and its reason.
+reported, never written. `download_all` runs locations in a bounded thread pool, retries transient
+errors with exponential backoff, skips finished locations, and writes a report of every failure and
+its reason.
 """
 
 from __future__ import annotations
@@ -96,9 +99,10 @@ def choose_acquisitions(
     """Up to `count` results of `try_one` (None = rejected), spread over the window.
 
     Scenes of the same day are merged (least cloudy kept). The window is cut into `count` equal
-    periods; each period, in time order, tries its scenes least cloudy first until one is accepted;
-    then the scenes left anywhere fill the missing slots, least cloudy first. At most `max_tries`
-    calls of `try_one` are made.
+    periods; in rounds, each period that has no accepted scene yet tries its next scene, least
+    cloudy first, so that one rainy season cannot use up the tries of the others; then the scenes
+    left anywhere fill the missing slots, least cloudy first. At most `max_tries` calls of `try_one`
+    are made.
     """
     by_day: dict[datetime.date, Acquisition] = {}
     for acq in sorted(candidates, key=_by_cloud):
@@ -108,13 +112,17 @@ def choose_acquisitions(
     for acq in sorted(by_day.values(), key=_by_cloud):
         queues[min(max(int((acq.time.date() - start) / period), 0), count - 1)].append(acq)
     accepted, tries = [], 0
-    for queue in queues:
-        while queue and tries < max_tries:
+    unfilled = [queue for queue in queues if queue]
+    while unfilled and tries < max_tries:  # rounds over the periods that still lack a good scene
+        for queue in list(unfilled):
+            if tries == max_tries:
+                break
             tries += 1
             result = try_one(queue.pop(0))
             if result is not None:
                 accepted.append(result)
-                break
+            if result is not None or not queue:
+                unfilled.remove(queue)
     for acq in sorted((a for queue in queues for a in queue), key=_by_cloud):
         if len(accepted) == count or tries == max_tries:
             break
@@ -130,12 +138,12 @@ def _by_cloud(acq: Acquisition):
 
 
 class _Calls:
-    """Client calls with retries on TransientError, exponential backoff with jitter, and a stop flag."""
+    """Client calls with retries on TransientError (exponential backoff, jitter) and a stop flag."""
 
-    def __init__(self, settings: Settings, stop: threading.Event, sleep: Callable = time.sleep):
+    def __init__(self, settings: Settings, stop: threading.Event, sleep: Callable | None = None):
         self._settings = settings
         self._stop = stop
-        self._sleep = sleep
+        self._sleep = sleep or stop.wait  # a backoff pause ends at once when the run is stopped
         self._lock = threading.Lock()
         self.requests = 0
         self.retries = 0
@@ -166,9 +174,7 @@ def download_location(client: Client, site: Site, settings: Settings, call: Call
     box = footprint.geobox(grids[10], site.lon)
     images = []
     for window, (start, end) in enumerate(settings.windows):
-        candidates = call(
-            client.search, site.lat, site.lon, start, end, settings.max_scene_cloud
-        )
+        candidates = call(client.search, site.lat, site.lon, start, end, settings.max_scene_cloud)
         rejected = {"cloudy patch": 0, "no data": 0}
         try_one = functools.partial(_try_acquisition, client, grids, box, settings, call, rejected)
         found = choose_acquisitions(
@@ -240,7 +246,7 @@ def download_all(
     settings: Settings,
     *,
     progress: bool = True,
-    sleep: Callable = time.sleep,
+    sleep: Callable | None = None,
 ) -> Summary:
     """Downloads every site not yet in `archive_dir`; see the module docstring.
 

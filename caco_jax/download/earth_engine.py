@@ -7,8 +7,8 @@ Authentication is the user's own (`earthengine authenticate` or application defa
 this module never reads, prints or logs credentials. Requests go to the high-volume endpoint, which
 Earth Engine recommends for many small parallel `computePixels` calls.
 
-Requests per call: `search` = 1 (`getInfo` of the filtered collection, with every scene's properties);
-`fetch` = 1 (`ee.data.computePixels` of the bands on the given grid, as a NumPy array).
+Requests per call: `search` = 1 (`getInfo` of the filtered collection, with every scene's
+properties); `fetch` = 1 (`ee.data.computePixels` of the bands on the given grid, as a NumPy array).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from caco_jax.download.client import Acquisition, PixelGrid, TransientError
 
 HIGH_VOLUME_URL = "https://earthengine-highvolume.googleapis.com"
 MAX_SCENES_PER_SEARCH = 500  # one year over one point is at most ~300 scenes (overlapping tiles)
-# Error messages Earth Engine uses for conditions that pass: quotas, rate limits, overload, timeouts.
+# Error messages of conditions that pass: quotas, rate limits, overload, timeouts.
 _TRANSIENT_MARKERS = (
     "too many",
     "rate limit",
@@ -44,14 +44,15 @@ _TRANSIENT_MARKERS = (
 
 
 class EarthEngineClient:
-    """Searches and fetches one Earth Engine image collection (default COPERNICUS/S2_SR_HARMONIZED)."""
+    """Searches and fetches one Earth Engine image collection (e.g. COPERNICUS/S2_SR_HARMONIZED)."""
 
     def __init__(self, collection: str, project: str = "", high_volume: bool = True):
         try:
             import ee
         except ImportError as error:
             raise ImportError(
-                "the downloader needs the Earth Engine API: pip install -r requirements-earthengine.txt"
+                "the downloader needs the Earth Engine API: "
+                "pip install -r requirements-earthengine.txt"
             ) from error
         self._ee = ee
         self._collection = collection

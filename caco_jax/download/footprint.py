@@ -1,10 +1,10 @@
 """Where a location's pixels come from: one 2.64 km square on the Sentinel-2 pixel grid.
 
-A location uses the UTM zone of its centre for every acquisition and every band, so all its images are
-pixel-aligned across time. The square's top-left corner is snapped to a multiple of 60 m, as Sentinel-2
-tile origins are, so that the 10, 20 and 60 m grids (264, 132 and 44 px) coincide with the native pixels
-of scenes in that zone and nothing is resampled. The GeoTIFFs record the square's lat/lon bounding box,
-as the published archives do (geographic CRS with an affine transform).
+A location uses the UTM zone of its centre for every acquisition and every band, so all its images
+are pixel-aligned across time. The square's top-left corner is snapped to a multiple of 60 m, as
+Sentinel-2 tile origins are, so that the 10, 20 and 60 m grids (264, 132 and 44 px) coincide with
+the native pixels of scenes in that zone and nothing is resampled. The GeoTIFFs record the square's
+lat/lon bounding box, as the published archives do (geographic CRS with an affine transform).
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def geobox(grid: PixelGrid, lon_hint: float) -> layout.GeoBox:
     from rasterio.warp import transform
 
     west, south, east, north = grid.bounds
-    lons, lats = transform(grid.crs, "EPSG:4326", [west, east, east, west], [north, north, south, south])
+    lons, lats = transform(
+        grid.crs, "EPSG:4326", [west, east, east, west], [north, north, south, south]
+    )
     lons = lon_hint + (np.asarray(lons) - lon_hint + 180.0) % 360.0 - 180.0
     return layout.GeoBox(float(min(lons)), float(min(lats)), float(max(lons)), float(max(lats)))

@@ -1,9 +1,9 @@
 """Task `download`: fills an archive for the locations file, then writes a report of what failed.
 
-Reads `config.download.locations` (default: the `sample_locations` task's CSV in this workdir) and writes
-the archive to `config.download.output` (default `<workdir>/archive/clean_custom_geography`), ready
-for `prepare` with `config.data.archive` = its parent folder. The report goes beside the archive
-(`<archive>_download_report.json` and `.csv`), never inside it.
+Reads `config.download.locations` (default: the `sample_locations` task's CSV in this workdir) and
+writes the archive to `config.download.output` (default `<workdir>/archive/clean_custom_geography`),
+ready for `prepare` with `config.data.archive` = its parent folder. The report goes beside the
+archive (`<archive>_download_report.json` and `.csv`), never inside it.
 """
 
 from __future__ import annotations

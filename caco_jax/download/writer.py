@@ -1,8 +1,9 @@
 """Writes a downloaded location in the published archive layout (SPEC section 1), atomically.
 
-A location is written into `<archive>/.partial-<location_id>/` and renamed to `<archive>/<location_id>/`
-only once every file is written and flushed to disk, so a location folder that exists is complete, and an
-interrupted one is a dot-folder that readers ignore and the next run replaces.
+A location is written into `<archive>/.partial-<location_id>/` and renamed to
+`<archive>/<location_id>/` only once every file is written and flushed to disk, so a location folder
+that exists is complete, and an interrupted one is a dot-folder that readers ignore and the next run
+replaces.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ state dict.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caco_jax.models import export
@@ -74,9 +75,29 @@ def encoders(config, workdir: str) -> list[Encoder]:
 
 
 def random_encoder(depth: int, in_channels: int, seed: int) -> ResNet:
-    """torchvision's random initialisation (eval mode: BatchNorm statistics 0 / 1), computed as one
-    compiled function rather than op by op."""
-    model = nnx.jit(lambda: ResNet(depth, rngs=nnx.Rngs(seed), in_channels=in_channels))()
+    """A ResNet with torchvision's random initialisation, in eval mode: convolutions normal with
+    variance 2 / fan_out (`resnet.conv_init`), BatchNorm scale 1, bias 0, statistics 0 / 1.
+
+    Drawn with NumPy into an abstract model: compiling the initialisers costs far more than drawing.
+    """
+    abstract = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    fill = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 1.0}
+
+    def draw(path, leaf):
+        name = path[-1]
+        if name == "kernel":
+            height, width, _, out_channels = leaf.shape
+            std = np.sqrt(2.0 / (out_channels * height * width))
+            return jnp.asarray(rng.normal(0.0, std, leaf.shape), jnp.float32)
+        return jnp.full(leaf.shape, fill[name], jnp.float32)
+
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(
+        state, traverse_util.unflatten_dict({path: draw(path, leaf) for path, leaf in flat.items()})
+    )
+    model = nnx.merge(graphdef, state)
     model.eval()
     return model
 
@@ -109,7 +130,7 @@ def open_tfds(data_dir: str, name: str, config_name: str):
         )
     version = ".".join(str(v) for v in max(versions))
     builder = tfds.builder_from_directory(os.path.join(folder, version))
-    if "array_record" not in str(builder.info.file_format):
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
         raise ValueError(
             f"{name}/{config_name} under {data_dir} is stored as {builder.info.file_format}; "
             "caco_jax "
@@ -185,17 +206,19 @@ def extract_features(
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-    @jax.jit
-    def forward(state, images):
-        return nnx.merge(graphdef, state)(preprocess(images))
-
     features = []
     for start in tqdm.trange(0, count, batch_size, desc=description, leave=False):
         indices = np.arange(start, min(start + batch_size, count))
         images = jax.device_put(pad_batch(load_batch(indices), batch_size), batch_sharding)
-        features.append(np.asarray(forward(state, images))[: indices.size])
+        pooled = _pooled_features(graphdef, preprocess, state, images)
+        features.append(np.asarray(pooled)[: indices.size])
     return np.concatenate(features) if features else np.zeros((0, model.feature_dim), np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _pooled_features(graphdef, preprocess, state, images):
+    # Module level, keyed by (graphdef, preprocess): every encoder row of a table reuses one compile.
+    return nnx.merge(graphdef, state)(preprocess(images))
 
 
 def refresh_batch_stats(

@@ -15,6 +15,7 @@ top-1 on SeCo's validation split.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -85,6 +86,37 @@ def step_schedule(settings: HeadSettings, steps_per_epoch: int) -> optax.Schedul
     )
 
 
+def head_optimizer(settings: HeadSettings, steps_per_epoch: int) -> optax.GradientTransformation:
+    return optax.adam(step_schedule(settings, steps_per_epoch))
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "settings", "steps_per_epoch"))
+def train_head_epoch(
+    params, opt_state, features, targets, key, *, loss_fn, settings, steps_per_epoch
+):
+    """One epoch over the cached features as a `lax.scan`: a seeded shuffle cut into full batches (the
+    last partial batch dropped, as the official loaders did), dropout on the features, Adam steps.
+    Returns (params, opt_state, mean loss)."""
+    optimizer = head_optimizer(settings, steps_per_epoch)
+    keep = 1.0 - settings.dropout
+    order_key, dropout_key = jax.random.split(key)
+    batches = jax.random.permutation(order_key, features.shape[0])
+    batches = batches[: steps_per_epoch * settings.batch_size].reshape(steps_per_epoch, -1)
+    step_keys = jax.random.split(dropout_key, steps_per_epoch)
+
+    def step(carry, batch):
+        params, opt_state = carry
+        indices, step_key = batch
+        x = features[indices]
+        x = jnp.where(jax.random.bernoulli(step_key, keep, x.shape), x / keep, 0.0)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(linear(p, x), targets[indices]))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (batches, step_keys))
+    return params, opt_state, losses.mean()
+
+
 def train_linear_head(
     features: np.ndarray,
     targets: np.ndarray,
@@ -95,8 +127,7 @@ def train_linear_head(
     seed: int,
     description: str = "probe",
 ) -> dict:
-    """Trains Dropout(p) + Linear(d, num_outputs) with Adam on cached features; returns its
-    params."""
+    """Trains Dropout(p) + Linear(d, num_outputs) with Adam on cached features; returns its params."""
     count = features.shape[0]
     steps_per_epoch = count // settings.batch_size
     if steps_per_epoch == 0:
@@ -107,37 +138,21 @@ def train_linear_head(
     key = jax.random.key(seed)
     init_key, key = jax.random.split(key)
     params = init_linear(init_key, features.shape[1], num_outputs)
-    optimizer = optax.adam(step_schedule(settings, steps_per_epoch))
-    opt_state = optimizer.init(params)
+    opt_state = head_optimizer(settings, steps_per_epoch).init(params)
     features = jnp.asarray(features, jnp.float32)
     targets = jnp.asarray(targets)
-    keep = 1.0 - settings.dropout
-
-    @jax.jit
-    def run_epoch(params, opt_state, features, targets, key):
-        order_key, dropout_key = jax.random.split(key)
-        batches = jax.random.permutation(order_key, count)[: steps_per_epoch * settings.batch_size]
-        batches = batches.reshape(steps_per_epoch, settings.batch_size)
-        step_keys = jax.random.split(dropout_key, steps_per_epoch)
-
-        def step(carry, batch):
-            params, opt_state = carry
-            indices, step_key = batch
-            x = features[indices]
-            x = jnp.where(jax.random.bernoulli(step_key, keep, x.shape), x / keep, 0.0)
-            loss, grads = jax.value_and_grad(lambda p: loss_fn(linear(p, x), targets[indices]))(
-                params
-            )
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (batches, step_keys))
-        return params, opt_state, losses.mean()
-
     progress = tqdm.trange(settings.epochs, desc=description, leave=False)
     for epoch in progress:
-        epoch_key = jax.random.fold_in(key, epoch)
-        params, opt_state, loss = run_epoch(params, opt_state, features, targets, epoch_key)
+        params, opt_state, loss = train_head_epoch(
+            params,
+            opt_state,
+            features,
+            targets,
+            jax.random.fold_in(key, epoch),
+            loss_fn=loss_fn,
+            settings=settings,
+            steps_per_epoch=steps_per_epoch,
+        )
         progress.set_postfix(loss=f"{float(loss):.4f}")
     return jax.device_get(params)
 
@@ -312,6 +327,7 @@ def load_synthetic_land_cover(config, workdir: str):
     return np.concatenate(images), np.asarray(labels), np.asarray(locations)
 
 
+@functools.cache
 def pretraining_input(image_size: int):
     """The pretraining normalisation (SeCo's RGB stretch, then ImageNet mean/std), resized to
     `image_size`:

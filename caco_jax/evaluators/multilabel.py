@@ -18,6 +18,7 @@ official
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -195,6 +196,7 @@ def load_bigearthnet(config) -> BigEarthNet:
     return BigEarthNet(source, targets, train, val, description, removed)
 
 
+@functools.cache
 def bigearthnet_input(image_size: int):
     """uint8 RGB -> [0, 1], resized bicubically to `image_size` (torchvision's Resize then
     ToTensor)."""

@@ -1,15 +1,14 @@
 """Export and import of a pretrained encoder alone, for evaluators that need no training state.
 
-An export is one Orbax checkpoint directory with two items: ``state`` = {"params", "batch_stats"} as
-plain nested dicts of float32 arrays (keyed like the NNX state: ``layer1/0/conv1/kernel``), and
-``metadata``, a JSON dict holding what rebuilds the encoder (``arch``, ``depth``, ``in_channels``) and
-whatever the caller adds (source, step, method, ...). Orbax writes into a temporary directory and
-renames it when complete, so a crash never leaves a half-written export under the final name.
+An export is one Orbax checkpoint directory with two items: ``state`` = {"params", "batch_stats"}
+as plain nested dicts of float32 arrays (keyed like the NNX state: ``layer1/0/conv1/kernel``), and
+``metadata``, a JSON dict holding what rebuilds the encoder (``arch``, ``depth``, ``in_channels``)
+and whatever the caller adds (source, step, method, ...). Orbax writes into a temporary directory
+and renames it when complete, so a crash never leaves a half-written export under the final name.
 """
 
 import json
 import os
-import uuid
 
 import jax
 import jax.numpy as jnp
@@ -35,45 +34,53 @@ def encoder_state(model: ResNet) -> dict:
     }
 
 
-def save_encoder(directory, model: ResNet, metadata: dict, *, overwrite: bool = False) -> epath.Path:
+def save_encoder(
+    directory, model: ResNet, metadata: dict, *, overwrite: bool = False
+) -> epath.Path:
     """Writes ``model``'s params and BatchNorm statistics plus ``metadata`` to ``directory``.
 
-    With ``overwrite``, an existing export is replaced only once the new one is complete (written
-    beside it, then swapped in by renames). Call from every process in a multi-process run.
+    With ``overwrite``, an existing export is replaced only once the new one is complete: it is
+    written to ``<directory>.incoming``, then swapped in by renames (a crash between the two renames
+    leaves the new export complete under ``.incoming`` and the old one under ``.retired``). Call
+    from every process in a multi-process run.
     """
     directory = epath.Path(os.path.abspath(os.fspath(directory)))
     build = {"arch": ARCH, "depth": model.depth, "in_channels": model.in_channels}
     for key, value in build.items():
         if key in metadata and metadata[key] != value:
             raise ValueError(
-                f"save_encoder: metadata[{key!r}] = {metadata[key]!r} contradicts the model ({value!r})"
+                f"save_encoder: metadata[{key!r}] = {metadata[key]!r} contradicts the model "
+                f"({value!r})"
             )
     record = {**metadata, **build}
     try:
         json.dumps(record)
     except TypeError as error:
         raise ValueError(f"save_encoder: metadata must be JSON-serialisable: {error}") from error
-    if directory.exists() and not overwrite:
+    replacing = directory.exists()
+    if replacing and not overwrite:
         raise FileExistsError(f"save_encoder: {directory} already exists (pass overwrite=True)")
 
-    target = directory.parent / f"{directory.name}.new-{uuid.uuid4().hex[:8]}" if overwrite else directory
-    # Processes must agree on the temporary name: take process 0's.
-    if overwrite and jax.process_count() > 1:
-        target = directory.parent / ocp.multihost.broadcast_one_to_all(str(target.name))
+    # Replacing: write the new export beside the old one, then swap them by renames. Fixed names
+    # (not random ones) so that every process agrees on them.
+    staging = directory.parent / f"{directory.name}.incoming"
+    retired = directory.parent / f"{directory.name}.retired"
+    primary = jax.process_index() == 0
+    if replacing and primary:
+        for leftover in (staging, retired):  # from a crash in an earlier swap
+            if leftover.exists():
+                leftover.rmtree()
     _checkpointer().save(
-        target,
+        staging if replacing else directory,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(encoder_state(model)),
             metadata=ocp.args.JsonSave(record),
         ),
     )
-    if target != directory and jax.process_index() == 0:
-        retired = directory.parent / f"{directory.name}.old-{uuid.uuid4().hex[:8]}"
-        if directory.exists():
-            directory.rename(retired)
-        target.rename(directory)
-        if retired.exists():
-            retired.rmtree()
+    if replacing and primary:
+        directory.rename(retired)
+        staging.rename(directory)
+        retired.rmtree()
     ocp.multihost.sync_global_processes("caco_jax.save_encoder")
     return directory
 
@@ -81,9 +88,12 @@ def save_encoder(directory, model: ResNet, metadata: dict, *, overwrite: bool = 
 def read_metadata(directory) -> dict:
     """The metadata JSON of an export, checked for the keys that rebuild the encoder."""
     directory = epath.Path(os.path.abspath(os.fspath(directory)))
-    if not (directory / "metadata").exists() or not (directory / "state").exists():
+    if not all((directory / item).exists() for item in ("metadata", "state")) or (
+        not ocp.utils.is_checkpoint_finalized(directory)
+    ):
         raise FileNotFoundError(
-            f"load_encoder: {directory} is not an encoder export (no 'state' and 'metadata' items)"
+            f"load_encoder: {directory} is not a complete encoder export "
+            "(needs the finalised Orbax items 'state' and 'metadata')"
         )
     metadata = _checkpointer().restore(
         directory, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())

@@ -50,8 +50,8 @@ class ProjectionHead(nnx.Module):
 class SubspaceHeads(nnx.Module):
     """One ``ProjectionHead`` per embedding subspace, all applied to the same features.
 
-    ``heads(features)`` maps features [..., d] to L2-normalised float32 embeddings [S, ..., out], so a
-    stack of views [V, N, d] gives [S, V, N, out] in one call.
+    ``heads(features)`` maps features [..., d] to L2-normalised float32 embeddings [S, ..., out],
+    so a stack of views [V, N, d] gives [S, V, N, out] in one call.
     """
 
     def __init__(

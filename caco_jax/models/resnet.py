@@ -1,11 +1,11 @@
 """torchvision's ResNet-18/34/50/101/152 in Flax NNX, without the classifier.
 
-The layout, padding, initialisation and BatchNorm semantics are torchvision's (``resnet{depth}()`` with
-``zero_init_residual=False``, ResNet v1.5: the stride of a bottleneck sits on its 3x3 convolution), and the
-submodule names are torchvision's too (``conv1, bn1, layer1..layer4``; blocks ``conv1, bn1, conv2, bn2
-[, conv3, bn3][, downsample]``; ``downsample`` = [1x1 conv, BatchNorm]), so a PyTorch state dict maps onto
-the NNX state one key at a time (``layer2.0.downsample.1.running_var`` -> ``layer2/0/downsample/1/var``).
-Images are NHWC.
+The layout, padding, initialisation and BatchNorm semantics are torchvision's
+(``resnet{depth}()`` with ``zero_init_residual=False``; ResNet v1.5: the stride of a bottleneck sits
+on its 3x3 convolution), and so are the submodule names (``conv1, bn1, layer1..layer4``; blocks
+``conv1, bn1, conv2, bn2[, conv3, bn3][, downsample]``; ``downsample`` = [1x1 conv, BatchNorm]).
+A PyTorch state dict therefore maps onto the NNX state one key at a time
+(``layer2.0.downsample.1.running_var`` -> ``layer2/0/downsample/1/var``). Images are NHWC.
 """
 
 import math
@@ -22,13 +22,14 @@ conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 class BatchNorm(nnx.Module):
     """``torch.nn.BatchNorm2d`` over the channel axis of NHWC inputs, statistics in float32.
 
-    Differs from ``nnx.BatchNorm`` where torch differs: the running variance is updated with the unbiased
-    batch variance, the variance is computed in two passes, and the normalisation runs in float32 (the
-    running statistics are never rounded to the compute dtype). ``momentum`` is the decay of the running
-    averages (flax's convention): 0.9 here is torch's ``momentum=0.1``.
+    Differs from ``nnx.BatchNorm`` where torch differs: the running variance is updated with the
+    unbiased batch variance, the variance is computed in two passes, and the normalisation runs in
+    float32 (the running statistics are never rounded to the compute dtype). ``momentum`` is the
+    decay of the running averages (flax's convention): 0.9 here is torch's ``momentum=0.1``.
 
-    With ``axis_name`` set, the batch statistics are averaged over that named mesh axis (synchronised
-    BatchNorm inside ``jax.shard_map``); every shard must hold the same number of examples.
+    With ``axis_name`` set, the batch statistics are averaged over that named mesh axis
+    (synchronised BatchNorm inside ``jax.shard_map``); every shard must hold the same number of
+    examples.
     """
 
     def __init__(
@@ -57,6 +58,11 @@ class BatchNorm(nnx.Module):
         if self.axis_name is not None:
             mean = jax.lax.pmean(mean, self.axis_name)
             count *= jax.lax.axis_size(self.axis_name)
+        if count < 2:  # torch refuses this too: the unbiased variance needs two values
+            raise ValueError(
+                f"BatchNorm in training mode needs more than one value per channel, got input "
+                f"shape {x.shape}; use eval mode or a larger batch"
+            )
         var = jnp.mean(jnp.square(x - mean), axis=reduce_axes)
         if self.axis_name is not None:
             var = jax.lax.pmean(var, self.axis_name)
@@ -68,10 +74,12 @@ class BatchNorm(nnx.Module):
             mean, var = self.mean[...], self.var[...]
         else:
             mean, var, count = self._batch_stats(x32)
-            unbiased_var = var * (count / max(count - 1, 1))
+            unbiased_var = var * (count / (count - 1))
             decay = self.momentum
             self.mean[...] = jax.lax.stop_gradient(decay * self.mean[...] + (1 - decay) * mean)
-            self.var[...] = jax.lax.stop_gradient(decay * self.var[...] + (1 - decay) * unbiased_var)
+            self.var[...] = jax.lax.stop_gradient(
+                decay * self.var[...] + (1 - decay) * unbiased_var
+            )
         scale = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
         shift = self.bias[...] - mean * scale
         return (x32 * scale + shift).astype(self.dtype)
@@ -95,7 +103,7 @@ def conv(in_channels, out_channels, kernel_size, stride, *, dtype, rngs):
 
 
 def downsample_or_none(in_channels, out_channels, stride, *, dtype, bn_axis_name, rngs):
-    """torchvision's projection shortcut (1x1 conv with the block's stride, BatchNorm) when needed."""
+    """torchvision's projection shortcut (1x1 conv with the block stride, BatchNorm), if needed."""
     if stride == 1 and in_channels == out_channels:
         return None
     return nnx.List(
@@ -132,7 +140,7 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """1x1 reduce, 3x3 (carrying the stride, as torchvision's v1.5), 1x1 expand (ResNet-50/101/152)."""
+    """1x1 reduce, 3x3 carrying the stride (torchvision's v1.5), 1x1 expand (ResNet-50/101/152)."""
 
     expansion = 4
 
@@ -218,12 +226,16 @@ class ResNet(nnx.Module):
         self.bn1 = BatchNorm(64, dtype=dtype, axis_name=bn_axis_name)
         channels = 64
         stages = []
-        for stage, (width, num_blocks) in enumerate(zip(STAGE_WIDTHS, blocks_per_stage, strict=True)):
+        for stage, (width, num_blocks) in enumerate(
+            zip(STAGE_WIDTHS, blocks_per_stage, strict=True)
+        ):
             blocks = []
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
                 blocks.append(
-                    block(channels, width, stride, dtype=dtype, bn_axis_name=bn_axis_name, rngs=rngs)
+                    block(
+                        channels, width, stride, dtype=dtype, bn_axis_name=bn_axis_name, rngs=rngs
+                    )
                 )
                 channels = width * block.expansion
             stages.append(nnx.List(blocks))
@@ -232,7 +244,8 @@ class ResNet(nnx.Module):
     def __call__(self, x, return_stages: bool = False):
         """Pooled float32 features [N, feature_dim]; with ``return_stages`` also the stage outputs.
 
-        The stages [c2, c3, c4, c5] (strides 4, 8, 16, 32, widths ``stage_dims``) are in the compute dtype.
+        The stages [c2, c3, c4, c5] (strides 4, 8, 16, 32; widths ``stage_dims``) are in the
+        compute dtype.
         """
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(

