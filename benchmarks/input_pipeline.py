@@ -17,7 +17,8 @@ present), then measures, one after the other on one core:
 3. the on-device replacement of (2)'s augmentation: jitted `augment.make_views` on this machine's
    CPU (XLA), time per batch.
 
-Prints items/s per core for (1) and (2) and their ratio, and (3)'s time per batch.
+Prints, for each, items per second of wall time and per CPU-second (process CPU time over all its
+threads: the per-core cost, robust to other processes sharing the machine), and the ratio (1)/(2).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import math
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 
@@ -51,7 +51,19 @@ def prepare(workdir: str, num_locations: int) -> tuple[str, str]:
     return archive_dir, config.data.data_dir
 
 
-def time_grain(data_dir: str, batch: int, epochs: int, threads: int) -> tuple[float, int]:
+class Timer:
+    """Wall time and this process's CPU time (all threads) of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+def time_grain(data_dir: str, batch: int, epochs: int, threads: int) -> tuple[Timer, int]:
     from caco_jax import config as config_lib
     from caco_jax.data import pipeline, records
 
@@ -64,15 +76,16 @@ def time_grain(data_dir: str, batch: int, epochs: int, threads: int) -> tuple[fl
     )
     next(iterator)  # opens the files; not counted
     items = 0
-    start = time.perf_counter()
-    for b in iterator:
-        items += len(b["item_id"])
-    return items / (time.perf_counter() - start), items
+    with Timer() as timer:
+        for b in iterator:
+            items += len(b["item_id"])
+    return timer, items
 
 
-# ----------------------------------------------------------------------------- the original approach
+# ------------------------------------------------------------------------- the original approach
 
 QUANTILES = {"B4": (0.0, 129.0), "B3": (2.0, 103.0), "B2": (3.0, 88.0)}
+ORIGINAL_RNG = np.random.default_rng(0)
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -143,24 +156,24 @@ def original_item(location_dir: str, window: int):
         (e.path for e in os.scandir(location_dir) if e.is_dir()), reverse=True
     )  # newest first, as the official code sorts; [:5] is the late window
     paths = acquisitions[:5] if window == 1 else acquisitions[5:]
-    t0, t1, t2 = (read_image(p) for p in np.random.choice(paths, 3, replace=False))
+    t0, t1, t2 = (read_image(p) for p in ORIGINAL_RNG.choice(paths, 3, replace=False))
     views = [pil_preprocess(v) for v in (t0, pil_augment(t1), t2, pil_augment(t0))]
     return views
 
 
-def time_original(archive_dir: str, num_items: int) -> tuple[float, int]:
+def time_original(archive_dir: str, num_items: int) -> tuple[Timer, int]:
     locations = sorted(e.path for e in os.scandir(archive_dir) if e.is_dir())
     original_item(locations[0], 0)  # warm-up (imports, file cache of the first location)
-    start = time.perf_counter()
-    for index in range(num_items):
-        original_item(locations[(index // 2) % len(locations)], index % 2)
-    return num_items / (time.perf_counter() - start), num_items
+    with Timer() as timer:
+        for index in range(num_items):
+            original_item(locations[(index // 2) % len(locations)], index % 2)
+    return timer, num_items
 
 
-# ----------------------------------------------------------------------------- on-device augmentation
+# ----------------------------------------------------------------------- on-device augmentation
 
 
-def time_device_augment(batch: int, repeats: int) -> tuple[float, float]:
+def time_device_augment(batch: int, repeats: int) -> tuple[Timer, float]:
     import jax
     import jax.numpy as jnp
 
@@ -175,12 +188,12 @@ def time_device_augment(batch: int, repeats: int) -> tuple[float, float]:
     start = time.perf_counter()
     jax.block_until_ready(make(jax.random.key(0), images))
     compile_s = time.perf_counter() - start
-    times = []
+    timers = []
     for step in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(make(jax.random.key(step + 1), images))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), compile_s
+        with Timer() as timer:
+            jax.block_until_ready(make(jax.random.key(step + 1), images))
+        timers.append(timer)
+    return sorted(timers, key=lambda t: t.wall)[len(timers) // 2], compile_s
 
 
 def machine() -> str:
@@ -210,25 +223,33 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"data: {args.locations} synthetic locations x 10 acquisitions, 264x264 RGB, mode caco")
 
-    grain_rate, grain_items = time_grain(data_dir, args.batch, args.epochs, threads=0)
-    original_rate, original_items = time_original(archive_dir, args.original_items)
-    grain2_rate, _ = time_grain(data_dir, args.batch, args.epochs, threads=2)
-    print(
-        f"(1) caco_jax grain pipeline, 1 core (no threads/workers): {grain_rate:8.1f} items/s "
-        f"({grain_items} items, batches of {args.batch})"
-    )
-    print(f"    same, 2 reader threads:                              {grain2_rate:8.1f} items/s")
-    print(
-        f"(2) original: rasterio GeoTIFFs + 4 views on the host, 1 core: {original_rate:8.1f} "
-        f"items/s ({original_items} items)"
-    )
-    print(f"    ratio (1)/(2): {grain_rate / original_rate:.1f}x more items per core")
+    def rates(timer, items):
+        return f"{items / timer.wall:7.1f} items/s wall, {items / timer.cpu:7.1f} items/CPU-s"
 
-    per_batch, compile_s = time_device_augment(args.augment_batch, args.augment_repeats)
+    grain_timer, grain_items = time_grain(data_dir, args.batch, args.epochs, threads=0)
+    original_timer, original_items = time_original(archive_dir, args.original_items)
+    threaded_timer, _ = time_grain(data_dir, args.batch, args.epochs, threads=2)
     print(
-        f"(3) on-device make_views (caco, 4 views of 224x224 from 264x264) on XLA:CPU: "
-        f"{per_batch * 1e3:.0f} ms per batch of {args.augment_batch} items "
-        f"({args.augment_batch / per_batch:.1f} items/s; compile {compile_s:.1f} s; median of "
+        f"(1) caco_jax grain pipeline, in-process, no reader threads: "
+        f"{rates(grain_timer, grain_items)} ({grain_items} items, batches of {args.batch})"
+    )
+    print(
+        f"    same, 2 reader threads:                                "
+        f"{rates(threaded_timer, grain_items)}"
+    )
+    print(
+        f"(2) original, rasterio + 4 views on the host (PIL):          "
+        f"{rates(original_timer, original_items)} ({original_items} items)"
+    )
+    per_core = (grain_items / grain_timer.cpu) / (original_items / original_timer.cpu)
+    wall = (grain_items / grain_timer.wall) / (original_items / original_timer.wall)
+    print(f"    ratio (1)/(2): {per_core:.1f}x per CPU-second, {wall:.1f}x wall")
+
+    timer, compile_s = time_device_augment(args.augment_batch, args.augment_repeats)
+    print(
+        f"(3) on-device make_views (caco: 4 views 224x224 from 264x264), XLA:CPU: "
+        f"{timer.wall * 1e3:.0f} ms wall, {timer.cpu:.1f} CPU-s per batch of {args.augment_batch} "
+        f"items = {rates(timer, args.augment_batch)} (compile {compile_s:.1f} s, median of "
         f"{args.augment_repeats})"
     )
 

@@ -70,7 +70,7 @@ def main(argv):
                 config=config, data_dir=data_dir, num_workers=_NUM_WORKERS.value
             )
             prepared.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=tar_path)
+                download_config=tfds.download.DownloadConfig(manual_dir=folder)
             )
             seconds = time.perf_counter() - start
             written = prepared.info.metadata["locations_written"]

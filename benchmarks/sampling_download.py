@@ -65,8 +65,8 @@ class _Fake:
         pixels = np.repeat((ramp[:, None] + ramp[None, :])[..., None], len(bands), -1).astype(
             np.uint16
         )
-        if bands[-1] == downloader.QA_BAND:
-            pixels[..., -1] = (1 << 10) if cloudy else 0
+        if bands[-1] == "SCL":
+            pixels[..., -1] = 9 if cloudy else 4
         with self._lock:
             self.requests += 1
             self.bytes += pixels.nbytes

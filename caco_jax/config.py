@@ -122,7 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.download.acquisitions_per_window = 5
     c.download.min_acquisitions_per_window = 3  # fewer and the location is reported as failed
     c.download.max_scene_cloud = 10.0  # CLOUDY_PIXEL_PERCENTAGE of the whole scene (SeCo: 10)
-    c.download.max_patch_cloud_fraction = 0.0  # QA60 cloud/cirrus pixels allowed in the patch
+    c.download.max_patch_cloud_fraction = 0.0  # cloudy pixels allowed in the patch
+    # Per-pixel clouds: "scl" (L2A scene classes: shadow, cloud, cirrus) or SeCo's "qa60" (empty in
+    # scenes processed between January 2022 and February 2024).
+    c.download.cloud_mask = "scl"
     c.download.num_workers = 8  # locations in flight = concurrent Earth Engine requests
     c.download.max_retries = 5  # per request, on transient errors (quota, timeouts, 5xx)
     c.download.retry_base_seconds = 2.0  # backoff 2, 4, 8, ... seconds, with jitter
@@ -335,6 +338,7 @@ def _validate_download(d: ml_collections.ConfigDict) -> None:
     _check(
         0 <= d.max_patch_cloud_fraction <= 1, "download.max_patch_cloud_fraction", "in [0, 1]"
     )
+    _check(d.cloud_mask in ("scl", "qa60"), "download.cloud_mask", "must be 'scl' or 'qa60'")
     _check(d.num_workers >= 1, "download.num_workers", "must be >= 1")
     _check(d.max_retries >= 0, "download.max_retries", "must be >= 0")
     _check(d.retry_base_seconds >= 0, "download.retry_base_seconds", "must be >= 0")

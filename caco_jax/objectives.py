@@ -68,7 +68,8 @@ def _dot(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=_accumulation_dtype(a, b))
 
 
-def _check_shapes(z_q, z_k, *, num_subspaces=None):
+def _check_shapes(z_q, z_k, query_offset, *, num_subspaces=None, pairs=False):
+    """Static checks; a traced ``query_offset`` is the caller's contract (documented above)."""
     if z_q.ndim != 3:
         raise ValueError(f"z_q must be [S, n, D], got shape {z_q.shape}")
     s, n, d = z_q.shape
@@ -76,8 +77,19 @@ def _check_shapes(z_q, z_k, *, num_subspaces=None):
         raise ValueError(f"z_q has {s} subspaces, this objective needs {num_subspaces}")
     if z_k.ndim != 4 or z_k.shape[:2] != (s, s) or z_k.shape[3] != d:
         raise ValueError(f"z_k must be [S, S, N, D] = [{s}, {s}, N, {d}], got shape {z_k.shape}")
-    if z_k.shape[2] < n:
-        raise ValueError(f"z_k holds {z_k.shape[2]} items, fewer than the {n} query rows of z_q")
+    num_items = z_k.shape[2]
+    if pairs and (n % 2 or num_items % 2):
+        raise ValueError(
+            f"CACo/TeCo rows come in location pairs: z_q rows ({n}) and z_k items ({num_items}) "
+            "must be even"
+        )
+    if isinstance(query_offset, int) and not (
+        0 <= query_offset <= num_items - n and (query_offset % 2 == 0 or not pairs)
+    ):
+        raise ValueError(
+            f"query_offset {query_offset} does not place the {n} query rows inside the {num_items} "
+            "key items" + (" at an even row" if pairs else "")
+        )
 
 
 def _local_rows(x, query_offset, n):
@@ -104,7 +116,7 @@ def caco_logits(z_q, z_k, queue, changed, temperature, *, query_offset=0):
 
     Column 0 is the positive. See the module docstring for shapes and the negative sets.
     """
-    _check_shapes(z_q, z_k, num_subspaces=3)
+    _check_shapes(z_q, z_k, query_offset, num_subspaces=3, pairs=True)
     num_subspaces, n, dim = z_q.shape
     num_items = z_k.shape[2]
     if queue.ndim != 4 or queue.shape[:2] != (num_subspaces, 2) or queue.shape[3] != dim:
@@ -112,11 +124,6 @@ def caco_logits(z_q, z_k, queue, changed, temperature, *, query_offset=0):
     if changed.shape != (n,):
         raise ValueError(
             f"changed must be [n] = [{n}] (one label per query row), got {changed.shape}"
-        )
-    if n % 2 or num_items % 2:
-        raise ValueError(
-            f"CACo/TeCo rows come in location pairs: z_q rows ({n}) and z_k items ({num_items}) "
-            "must be even"
         )
     z_k = jax.lax.stop_gradient(z_k)
     queue = jax.lax.stop_gradient(queue)
@@ -172,7 +179,7 @@ def teco_loss(z_q, z_k, queue, temperature, *, query_offset=0):
 
 def seco_logits(z_q, z_k, queue, temperature, *, query_offset=0):
     """Per-subspace SeCo logits [n, 1 + K + ...] in the official column order; column 0 positive."""
-    _check_shapes(z_q, z_k)
+    _check_shapes(z_q, z_k, query_offset)
     num_subspaces, n, dim = z_q.shape
     if queue.ndim != 3 or queue.shape[0] != num_subspaces or queue.shape[2] != dim:
         raise ValueError(

@@ -4,7 +4,7 @@ r"""Downloads a new CACo archive from Earth Engine for a locations file, in the 
   python run.py --config configs/sample_locations.py --workdir workdir/my_dataset
   python run.py --config configs/download.py --workdir workdir/my_dataset \
       --config.download.project=my-cloud-project
-  python run.py --config configs/demo.py --workdir workdir/my_dataset \
+  python run.py --config configs/download.py --workdir workdir/my_dataset \
       --config.tasks="('prepare',)" --config.data.archive=workdir/my_dataset/archive
 
 Rerunning the same command resumes: finished locations are skipped, interrupted ones redone.

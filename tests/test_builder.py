@@ -92,10 +92,15 @@ def test_every_input_form_gives_identical_records_and_run_task_uses_the_syntheti
 
     tar_dir = tmp_path / "tar"
     tar_dir.mkdir()
-    pack_tar_gz(synthetic, os.fspath(tar_dir / "clean_synthetic_geography.tar.gz"))
-    prepared = prepare(tar_dir, tmp_path / "tfds_tar")
-    assert prepared.info.metadata["source_form"] == "tar.gz"
+    tar = pack_tar_gz(synthetic, os.fspath(tar_dir / "clean_synthetic_geography.tar.gz"))
+    config.data.archive, config.data.data_dir = tar, os.fspath(tmp_path / "tfds_tar")
+    assert builder.run_task(config, os.fspath(tmp_path / "work"))["locations_written"] == 3
+    metadata = tfds.builder_from_directory(
+        tmp_path / "tfds_tar/caco_geography/rgb/1.0.0"
+    ).info.metadata
+    assert metadata["source_form"] == "tar.gz"
     assert_same_records(all_records(tmp_path / "tfds_tar"), folder)
+    config.data.archive, config.data.data_dir = "", ""
     split_parts(os.fspath(tar_dir / "clean_synthetic_geography.tar.gz"))
     prepared = prepare(tar_dir, tmp_path / "tfds_parts")
     assert prepared.info.metadata["source_files"] == [

@@ -93,11 +93,12 @@ def fake_band(product_id, band, size):
     kind = fake_kind(product_id)
     if kind == "nodata":
         return np.zeros((size, size), np.uint16)
-    if band == downloader.QA_BAND:
-        qa = np.zeros((size, size), np.uint16)
+    if band in ("SCL", "QA60"):
+        clear, cloud = (4, 9) if band == "SCL" else (0, 1 << 10)
+        mask = np.full((size, size), clear, np.uint16)
         if kind == "cloudy":
-            qa[:3, :3] = 1 << 10
-        return qa
+            mask[:3, :3] = cloud
+        return mask
     rng = np.random.default_rng(zlib.crc32(f"{product_id}/{band}".encode()))
     # Smooth fields (JPEG keeps them) spanning reflectances above 1 (clipped).
     base = rng.uniform(200, 12_000)
@@ -124,8 +125,17 @@ def _files(folder):
 def test_reflectance_to_uint8_clips_and_truncates_like_seco():
     dn = np.array([-5, 0, 39, 40, 5000, 9999, 10_000, 12_000])
     np.testing.assert_array_equal(downloader.to_uint8(dn), [0, 0, 0, 1, 127, 254, 255, 255])
-    qa = np.array([[0, 1 << 10], [1 << 11, 1 << 3]])
-    assert downloader.cloud_fraction(qa) == 0.5
+    qa60 = np.array([[0, 1 << 10], [1 << 11, 1 << 3]])
+    assert downloader.cloud_fraction(downloader.CLOUD_MASKS["qa60"], qa60) == 0.5
+    scl = np.array([[3, 4, 5, 6, 7], [8, 9, 10, 11, 2]])
+    assert downloader.cloud_fraction(downloader.CLOUD_MASKS["scl"], scl) == 0.4
+    # The group with the cloud band is fetched first, so a cloudy patch costs one request.
+    assert downloader.fetch_groups(downloader.CLOUD_MASKS["scl"]) == [
+        (20, ("B5", "B6", "B7", "B8A", "B11", "B12", "SCL")),
+        (10, ("B2", "B3", "B4", "B8")),
+        (60, ("B1", "B9")),
+    ]
+    assert downloader.fetch_groups(downloader.CLOUD_MASKS["qa60"])[0] == (60, ("B1", "B9", "QA60"))
     assert downloader.nodata_fraction(np.array([[[0, 0], [0, 3]]])) == 0.5
 
 
@@ -213,7 +223,7 @@ def test_written_layout_is_exactly_the_published_one(tmp_path):
             assert metadata["system:index"] == name and layout.CLOUD_PROPERTY in metadata
             with rasterio.open(os.path.join(location, f"{name}.tif")) as src:
                 assert (src.count, src.shape) == (3, (264, 264))
-    # Cloudy-patch candidates cost one request (the 60 m screen), good ones three.
+    # Cloudy-patch candidates cost one request (the 20 m group with SCL), good ones three.
     assert summary.requests == 2 * len(sites) + client.fetches
 
 
@@ -225,6 +235,7 @@ def test_a_failing_location_is_reported_and_not_fatal(tmp_path):
     config.download.locations = str(tmp_path / "locations.csv")
     config.download.output = str(tmp_path / "archive" / "clean_custom_geography")
     config.download.num_workers = 2
+    config.download.cloud_mask = "qa60"  # SeCo's cloud band, screened with the 60 m group
     config_lib.validate(config)
     with open(config.download.locations, "w") as f:
         f.write(
@@ -367,7 +378,7 @@ def test_a_downloaded_archive_goes_through_the_builder(tmp_path):
 
 
 class _FakeEarthEngine:
-    """Just enough of the `ee` module to check the requests EarthEngineClient builds (no network)."""
+    """Just enough of the `ee` module to check the requests EarthEngineClient builds."""
 
     def __init__(self):
         self.calls = []
@@ -457,5 +468,5 @@ def test_earth_engine_errors_are_sorted_into_transient_and_permanent():
     for message in ("Too Many Requests: rate exceeded", "Computation timed out.", "503 Backend"):
         with pytest.raises(TransientError):
             earth_engine._translate_errors(failing(message))
-    with pytest.raises(RuntimeError, match="Image.load"):
+    with pytest.raises(RuntimeError, match=r"Image\.load"):
         earth_engine._translate_errors(failing("Image.load: Image asset not found."))

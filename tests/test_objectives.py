@@ -251,6 +251,10 @@ def test_bad_shapes_name_the_argument():
         objectives.caco_loss(q, k, queue, jnp.asarray(changed[:4]), TEMPERATURE)
     with pytest.raises(ValueError, match="even"):
         objectives.caco_loss(q[:, :3], k, queue, jnp.asarray(changed[:3]), TEMPERATURE)
+    with pytest.raises(ValueError, match="query_offset"):
+        objectives.caco_loss(q[:, :4], k, queue, jnp.asarray(changed[:4]), 0.1, query_offset=3)
+    with pytest.raises(ValueError, match="query_offset"):
+        objectives.caco_loss(q[:, :4], k, queue, jnp.asarray(changed[:4]), 0.1, query_offset=6)
     with pytest.raises(ValueError, match="z_k"):
         objectives.seco_loss(q, k[:2], queue[:, 0], TEMPERATURE)
     with pytest.raises(ValueError, match="1 subspace"):

@@ -1,5 +1,7 @@
 """The host input pipeline: epochs, pairs, draws, determinism, resume, process shards."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -206,3 +208,33 @@ def test_all_bands_batches_and_statistics():
     assert norm.low[0] == 200 and norm.high[0] == 201 and norm.mean[0] == 0
     config.data.builder_config = "rgb"
     assert pipeline.normalization(config, source).low == (0.0, 2.0, 3.0)
+
+
+def test_prepared_records_end_to_end(tmp_path_factory):
+    """The real records (synthetic archive -> builder) through the default `location_arrays`."""
+    import tensorflow_datasets as tfds
+    from test_archive import synthetic_folder
+
+    from caco_jax.data import builder, records
+
+    data_dir = os.fspath(tmp_path_factory.mktemp("pipeline_tfds"))
+    builder.CacoGeography(config="rgb", data_dir=data_dir, num_workers=1).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=synthetic_folder(tmp_path_factory))
+    )
+    source = records.open_records(data_dir, "rgb")
+    config = config_lib.base_config()
+    batches = list(
+        pipeline.make_pipeline(
+            config, source, mode="caco", global_batch_size=2, seed=0, num_epochs=1
+        )
+    )
+    assert len(batches) == len(source) == 3
+    for batch in batches:
+        arrays = records.location_arrays(source[int(batch["location_index"][0])])
+        assert batch["images"].shape == (2, 3, 264, 264, 3)
+        for row, window in enumerate(batch["window"]):
+            for view in batch["images"][row]:
+                matches = [
+                    t for t, pixels in enumerate(arrays["pixels"]) if np.array_equal(pixels, view)
+                ]
+                assert len(matches) == 1 and arrays["window"][matches[0]] == window

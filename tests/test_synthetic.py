@@ -247,6 +247,24 @@ def test_values_look_like_sentinel2(changes):
     assert stretch_ok >= 10
 
 
+def test_vegetation_follows_the_seasons(changes):
+    root, truth = changes
+    vegetated = [t for t in truth if t.land_cover in (synthetic.FOREST, synthetic.CROPLAND)]
+    assert vegetated
+    for t in vegetated:
+        location_dir = os.path.join(root, t.location_id)
+        acquisitions = _acquisitions(location_dir)
+        ndvi = []
+        for acquisition in acquisitions[: len(acquisitions) // 2]:  # the early window
+            red, nir = (
+                _read(os.path.join(location_dir, acquisition, f"{b}.tif")).astype(np.float32)
+                for b in ("B4", "B8")
+            )
+            ndvi.append(float(np.median((nir - red) / (nir + red + 1e-6))))
+        assert min(ndvi) > 0.3
+        assert max(ndvi) - min(ndvi) > 0.05, ndvi
+
+
 def test_acquisition_counts_and_stray_files_are_options(tmp_path):
     root = synthetic.write_archive(
         str(tmp_path),

@@ -68,9 +68,9 @@ def fake_batch(seed=0):
 def one_step(config, num_devices, batch):
     mesh = step_lib.data_mesh(jax.devices()[:num_devices])
     run = train.setup(config, NUM_LOCATIONS, mesh=mesh)
-    state = train.replicate(run.initial_state, mesh)
-    new_state, metrics = run.train_step(state, train.global_batch(batch, mesh))
-    return jax.device_get(run.initial_state), jax.device_get(new_state), jax.device_get(metrics)
+    initial = jax.device_get(run.initial_state)
+    new_state, metrics = run.train_step(train.replicate(initial, mesh), train.global_batch(batch, mesh))
+    return initial, jax.device_get(new_state), jax.device_get(metrics)
 
 
 @pytest.fixture(scope="module")

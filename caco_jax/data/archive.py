@@ -272,14 +272,12 @@ def _read_tar(
     # GzipFile, not tarfile's own "r|gz": tarfile takes a stream that ends early for the end of the
     # archive, GzipFile raises EOFError unless the gzip trailer (CRC and length) is reached.
     uncompressed = gzip.GzipFile(fileobj=stream, mode="rb")
-    parser = _TarLayout(where)
+    parser = _TarLayout(where, keep)
     try:
         with tarfile.open(fileobj=uncompressed, mode="r|", bufsize=_STREAM_BUFFER_BYTES) as tar:
             for member in tar:
-                data = None
-                if member.isfile() and parser.wants(member.name, keep):
-                    data = tar.extractfile(member).read()
-                yield from parser.add(member.name, member.isdir(), member.isfile(), data)
+                read = lambda member=member: tar.extractfile(member).read()
+                yield from parser.add(member.name, member.isdir(), member.isfile(), read)
         while uncompressed.read(_STREAM_BUFFER_BYTES):  # the padding after the tar's end marker
             pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
@@ -304,8 +302,9 @@ class _TarLayout:
     the top folders (if any) are learnt from the first acquisition and must then stay the same.
     """
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, keep: frozenset[str]):
         self._where = where
+        self._keep = keep
         self._prefix: tuple[str, ...] | None = None
         self._leading_dirs: list[tuple[str, ...]] = []
         self._current: Location | None = None
@@ -318,12 +317,8 @@ class _TarLayout:
         parts = tuple(p for p in name.split("/") if p not in ("", "."))
         return None if any(layout.is_stray_name(p) for p in parts) else parts
 
-    def wants(self, name: str, keep: frozenset[str]) -> bool:
-        """Whether to read a member's bytes (where it belongs is checked in `add`)."""
-        parts = self._components(name)
-        return bool(parts) and parts[-1] in keep
-
-    def add(self, name: str, is_dir: bool, is_file: bool, data: bytes | None) -> Iterator[Location]:
+    def add(self, name: str, is_dir: bool, is_file: bool, read) -> Iterator[Location]:
+        """Files the config needs are read (`read()` returns their bytes); others are skipped."""
         parts = self._components(name)
         if not parts:
             return
@@ -354,10 +349,10 @@ class _TarLayout:
                 location.ignored += 1
         elif k == len(parts) - 2 and is_file:
             files = location.acquisitions.setdefault(parts[k], {})
-            if data is None:
-                location.ignored += _is_unknown_file(parts[-1])
+            if parts[-1] in self._keep:
+                files[parts[-1]] = read()
             else:
-                files[parts[-1]] = data
+                location.ignored += _is_unknown_file(parts[-1])
         elif not is_dir:
             location.ignored += 1
 

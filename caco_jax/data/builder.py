@@ -87,8 +87,18 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
     manual_dir. Neither `cat` nor extraction is needed; an already extracted folder works too.
     """
 
-    def __init__(self, *, max_skip_fraction: float = 0.05, num_workers: int = 0, **kwargs):
+    def __init__(
+        self,
+        *,
+        max_skip_fraction: float = 0.05,
+        num_workers: int = 0,
+        archive_path: str | None = None,
+        **kwargs,
+    ):
+        """`archive_path` (a file or folder, see `archive.find_archive`) replaces manual_dir, which
+        TFDS requires to be a folder."""
         self._max_skip_fraction = max_skip_fraction
+        self._archive_path = archive_path
         self._num_workers = num_workers or os.cpu_count() or 1
         # array_record: random access (tfds.data_source, grain) and no TensorFlow to write or read.
         kwargs.setdefault("file_format", tfds.core.FileFormat.ARRAY_RECORD)
@@ -126,7 +136,7 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        source = archive.find_archive(dl_manager.manual_dir)
+        source = archive.find_archive(self._archive_path or dl_manager.manual_dir)
         return {"train": self._generate_examples(source)}
 
     def _generate_examples(self, source: archive.ArchiveSource):
@@ -286,6 +296,7 @@ def run_task(config, workdir: str) -> dict:
         data_dir=data_dir,
         max_skip_fraction=config.data.max_skip_fraction,
         num_workers=config.data.num_workers,
+        archive_path=source.paths[0],
     )
     if builder.is_prepared() and builder.info.metadata.get("source_files") != list(source.names):
         raise archive.ArchiveError(
@@ -293,9 +304,7 @@ def run_task(config, workdir: str) -> dict:
             f"{builder.info.metadata.get('source_files')}, not {list(source.names)}: delete it or "
             "set config.data.data_dir to another folder"
         )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=source.paths[0])
-    )
+    builder.download_and_prepare()
     metadata = builder.info.metadata
     return dict(
         data_dir=data_dir,

@@ -100,6 +100,15 @@ _CLOUDY_ACQUISITION_PROBABILITY = 0.25
 _STAGING_PREFIX = ".synthetic-staging-"  # hidden: readers skip it as a stray name
 _TAR_MTIME = int(datetime.datetime(2023, 6, 18, tzinfo=datetime.UTC).timestamp())  # CVPR 2023
 
+# The three numbers that end the published acquisition folder names (e.g. `..._2197_48923_8339`).
+_SUFFIX_RANGES = ((1000, 10000), (10000, 100000), (1000, 10000))
+
+# Written into real archives by macOS; readers must skip them.
+_STRAY_FILES = {
+    ".DS_Store": b"\x00\x00\x00\x01Bud1" + bytes(2040),
+    "._000000": b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4),
+}
+
 _SOLAR_IRRADIANCE = {
     "S2A": (1913.57, 1941.63, 1822.61, 1512.79, 1425.56, 1288.32, 1163.19, 1036.39, 955.19, 813.04,
             367.15, 245.59, 85.25),
@@ -333,10 +342,10 @@ def _class_layers(rng: np.random.Generator, peak_day: float) -> _ClassLayers:
     brightness = np.ones((n, *shape), np.float32)
 
     # Forest: a closed canopy of crowns a few pixels wide; the deciduous share sets the seasons.
-    deciduous = rng.uniform(0.1, 0.9)
+    deciduous = rng.uniform(0.2, 1.0)
     vegetation[FOREST] = np.clip(0.93 + 0.04 * _smooth_noise(rng, 12), 0.0, 1.0)
     static[FOREST, SOIL] = 1.0 - vegetation[FOREST]
-    base[FOREST], amp[FOREST], dry[FOREST] = 1.0 - 0.6 * deciduous, 0.6 * deciduous, 0.9
+    base[FOREST], amp[FOREST], dry[FOREST] = 1.0 - 0.85 * deciduous, 0.85 * deciduous, 0.8
     brightness[FOREST] = 1.0 + 0.14 * _smooth_noise(rng, 66) + 0.06 * _smooth_noise(rng, 8)
 
     # Cropland: parcels 120-500 m wide in staggered rows; each window draws its crop calendars.
@@ -492,19 +501,20 @@ def _mgrs_tile(lat: float, lon: float) -> str:
 
 
 def _solar_angles(lat: float, when: datetime.datetime) -> tuple[float, float]:
-    """(zenith, azimuth) in degrees at about 10:30 local solar time: plausible metadata."""
+    """(zenith, azimuth clockwise from north) in degrees at the ~10:30 local solar time overpass."""
     day = when.timetuple().tm_yday
     declination = math.radians(23.44) * math.sin(2.0 * math.pi * (284 + day) / 365.0)
-    hour_angle = math.radians(-22.5)
+    hour_angle = math.radians(-22.5)  # 1.5 h before noon
     phi = math.radians(lat)
     cos_zenith = math.sin(phi) * math.sin(declination) + math.cos(phi) * math.cos(
         declination
     ) * math.cos(hour_angle)
-    zenith = math.acos(max(-1.0, min(1.0, cos_zenith)))
-    sin_azimuth = -math.sin(hour_angle) * math.cos(declination) / max(math.sin(zenith), 1e-6)
-    azimuth = math.degrees(math.asin(max(-1.0, min(1.0, sin_azimuth))))
-    azimuth = 180.0 - azimuth if cos_zenith * math.sin(phi) < math.sin(declination) else azimuth
-    return math.degrees(zenith), azimuth % 360.0
+    azimuth = math.atan2(
+        math.sin(hour_angle),
+        math.cos(hour_angle) * math.sin(phi) - math.tan(declination) * math.cos(phi),
+    )
+    zenith = math.degrees(math.acos(max(-1.0, min(1.0, cos_zenith))))
+    return zenith, (math.degrees(azimuth) + 180.0) % 360.0
 
 
 def _processing_baseline(when: datetime.datetime) -> str:
@@ -783,15 +793,6 @@ def _render_location(root: str, plan: LocationPlan, seed: int) -> None:
             json.dump(metadata, f)
         rgb = np.stack([bands[b] for b in layout.RGB_BANDS])
         _write_preview(folder + ".tif", rgb, box)
-
-
-# The three numbers that end the published acquisition folder names (e.g. `..._2197_48923_8339`).
-_SUFFIX_RANGES = ((1000, 10000), (10000, 100000), (1000, 10000))
-
-_STRAY_FILES = {
-    ".DS_Store": b"\x00\x00\x00\x01Bud1" + bytes(2040),
-    "._000000": b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4),
-}
 
 
 def _write_stray_files(root: str) -> None:

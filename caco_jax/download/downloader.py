@@ -8,10 +8,10 @@ Per location (`download_location`), for each window:
      year the same way); in rounds, each period still lacking a good scene tries its next least
      cloudy scene, then scenes left anywhere fill missing slots; at most
      `MAX_TRIES_PER_ACQUISITION` x the target are tried, which bounds the requests spent;
-  4. a try fetches the 60 m bands with QA60 first: a patch with more opaque-cloud/cirrus pixels than
-     `max_patch_cloud_fraction` or any pixel without data is rejected for one request (SeCo's
-     `sampleRectangle` refused masked pixels the same way); a good one then fetches the 10 m and 20
-     m bands.
+  4. a try first fetches the bands that share the cloud band's resolution (SCL: 20 m; SeCo's QA60:
+     60 m) with it: a patch with more cloudy pixels than `max_patch_cloud_fraction` or any pixel
+     without data is rejected after that one request (SeCo's `sampleRectangle` refused cloud-masked
+     pixels the same way); a good one then fetches the other two resolution groups.
 A window with fewer than `min_acquisitions_per_window` good acquisitions fails the location: it is
 reported, never written. `download_all` runs locations in a bounded thread pool, retries transient
 errors with exponential backoff, skips finished locations, and writes a report of every failure and
@@ -38,15 +38,36 @@ from caco_jax.download.client import Acquisition, Client, TransientError
 from caco_jax.sampling.files import Site
 
 REFLECTANCE_SCALE = 10_000.0  # Sentinel-2 L2A digital numbers per unit of surface reflectance
-QA_BAND = "QA60"
-QA_CLOUD_BITS = (1 << 10) | (1 << 11)  # opaque clouds, cirrus
 MAX_TRIES_PER_ACQUISITION = 4
-# One request each, in this order: the 60 m group (with QA60) screens the patch before the others.
-FETCH_GROUPS = (
-    (60, (*layout.BANDS_AT_RESOLUTION[60], QA_BAND)),
-    (10, layout.BANDS_AT_RESOLUTION[10]),
-    (20, layout.BANDS_AT_RESOLUTION[20]),
-)
+QA60_CLOUD_BITS = (1 << 10) | (1 << 11)  # opaque clouds, cirrus
+SCL_CLOUDY_CLASSES = (3, 8, 9, 10)  # cloud shadow, cloud medium / high probability, thin cirrus
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudMask:
+    """A per-pixel cloud band: fetched with the bands of its native resolution, first."""
+
+    band: str
+    resolution: int
+    is_cloudy: Callable[[np.ndarray], np.ndarray]
+
+
+CLOUD_MASKS = {
+    # The L2A scene classification, populated for every processing baseline.
+    "scl": CloudMask("SCL", 20, lambda v: np.isin(v, SCL_CLOUDY_CLASSES)),
+    # SeCo's choice; empty in scenes processed with baseline 04.00 before February 2024.
+    "qa60": CloudMask("QA60", 60, lambda v: (v.astype(np.int64) & QA60_CLOUD_BITS) != 0),
+}
+
+
+def fetch_groups(mask: CloudMask) -> list[tuple[int, tuple[str, ...]]]:
+    """(resolution, bands) of each request for one acquisition: the group holding the cloud band
+    first, so that a cloudy patch is rejected after one request."""
+    groups = [(res, layout.BANDS_AT_RESOLUTION[res]) for res in (10, 20, 60)]
+    groups.sort(key=lambda group: group[0] != mask.resolution)
+    return [
+        (res, (*bands, mask.band) if res == mask.resolution else bands) for res, bands in groups
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +79,7 @@ class Settings:
     min_acquisitions_per_window: int = 3
     max_scene_cloud: float = 10.0
     max_patch_cloud_fraction: float = 0.0
+    cloud_mask: str = "scl"  # a key of CLOUD_MASKS
     num_workers: int = 8
     max_retries: int = 5
     retry_base_seconds: float = 2.0
@@ -78,9 +100,9 @@ def to_uint8(digital_numbers: np.ndarray) -> np.ndarray:
     return (reflectance * 255.0).astype(np.uint8)
 
 
-def cloud_fraction(qa60: np.ndarray) -> float:
-    """The fraction of pixels QA60 flags as opaque cloud or cirrus."""
-    return float(np.mean((np.asarray(qa60).astype(np.int64) & QA_CLOUD_BITS) != 0))
+def cloud_fraction(mask: CloudMask, values: np.ndarray) -> float:
+    """The fraction of pixels the cloud band flags."""
+    return float(np.mean(mask.is_cloudy(np.asarray(values))))
 
 
 def nodata_fraction(digital_numbers: np.ndarray) -> float:
@@ -209,7 +231,8 @@ def _try_acquisition(client, grids, box, settings, call, rejected, acq):
 def _fetch_patch(client, acq, grids, settings, call):
     """The 12 uint8 bands of one acquisition, or (None, why it was rejected)."""
     bands = {}
-    for resolution, names in FETCH_GROUPS:
+    mask = CLOUD_MASKS[settings.cloud_mask]
+    for resolution, names in fetch_groups(mask):
         grid = grids[resolution]
         pixels = np.asarray(call(client.fetch, acq, names, grid))
         if pixels.shape != (grid.size, grid.size, len(names)):
@@ -217,8 +240,8 @@ def _fetch_patch(client, acq, grids, settings, call):
                 f"{acq.product_id}: the client returned {pixels.shape} for bands {list(names)}, "
                 f"expected {(grid.size, grid.size, len(names))}"
             )
-        if names[-1] == QA_BAND:
-            if cloud_fraction(pixels[..., -1]) > settings.max_patch_cloud_fraction:
+        if names[-1] == mask.band:
+            if cloud_fraction(mask, pixels[..., -1]) > settings.max_patch_cloud_fraction:
                 return None, "cloudy patch"
             pixels = pixels[..., :-1]
         if nodata_fraction(pixels) > 0.0:

@@ -29,6 +29,7 @@ def settings_from_config(d) -> Settings:
         min_acquisitions_per_window=d.min_acquisitions_per_window,
         max_scene_cloud=d.max_scene_cloud,
         max_patch_cloud_fraction=d.max_patch_cloud_fraction,
+        cloud_mask=d.cloud_mask,
         num_workers=d.num_workers,
         max_retries=d.max_retries,
         retry_base_seconds=d.retry_base_seconds,

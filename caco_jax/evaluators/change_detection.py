@@ -164,7 +164,8 @@ def train_and_evaluate(encoder, cities, config) -> dict:
         skips = differences(encoder_state, x1, x2)
 
         def loss_fn(params):
-            model = nnx.merge(train_graph, params, batch_stats)
+            # Fresh Variables for the statistics: BatchNorm updates them inside this trace.
+            model = nnx.merge(train_graph, params, jax.tree.map(jnp.asarray, batch_stats))
             logits = model(skips, rngs=nnx.Rngs(dropout=key))
             return binary_cross_entropy(logits, y.astype(jnp.float32)), nnx.state(
                 model, nnx.BatchStat
