@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.random_baseline = True  # also evaluate a randomly initialised encoder (a table row)
     c.eval.imagenet_checkpoint = ""  # export of converted ImageNet weights: adds an "imagenet" row
     c.eval.data_dir = ""  # TFDS data_dir of eurosat/bigearthnet/oscd; "" = ~/tensorflow_datasets
-    c.eval.split_dir = ""  # SeCo's split files and BigEarthNet's cloud/snow lists; "" = seeded split
+    c.eval.split_dir = ""  # SeCo's split files, BigEarthNet's cloud/snow lists; "" = seeded split
     c.eval.oscd_dir = ""  # the downloaded Onera archive, to build TFDS oscd when not prepared yet
     c.eval.epochs = 100
     c.eval.batch_size = 32
@@ -147,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.milestones = (60, 80)  # epochs at which the learning rate is multiplied by 0.1
     c.eval.dropout = 0.0  # before the linear head (BigEarthNet: 0.2)
     c.eval.image_size = 64  # BigEarthNet: 128; linear_probe (demo): the size the encoder trained on
-    c.eval.update_bn_stats = False  # EuroSAT: refresh BN statistics on the train set (official quirk)
+    c.eval.update_bn_stats = False  # EuroSAT: refresh BN statistics on the train set (official)
     c.eval.train_fraction = 1.0  # BigEarthNet: fraction of the training labels (0.1 or 1.0)
     c.eval.finetune = False  # BigEarthNet: also train the encoder
     c.eval.finetune_learning_rate = 1e-5  # BigEarthNet fine-tuning (SeCo's default)
@@ -162,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.convert.source = ""  # .pth / .ckpt file: CACo/SeCo/MoCo query encoder or torchvision ResNet
     c.convert.output = ""  # export folder; "" = <workdir>/encoder
     c.convert.depth = 0  # 0 = inferred from the keys; else checked against them
-    c.convert.allow_pickle = False  # True: read files torch.load(weights_only=True) refuses (trusted!)
+    c.convert.allow_pickle = False  # True: also read what torch.load(weights_only=True) refuses
     c.convert.overwrite = False  # replace an existing export
 
     return c
@@ -370,7 +370,11 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
 
 
 def _validate_convert(config: ml_collections.ConfigDict) -> None:
-    _check(config.convert.depth in (0, 18, 34, 50, 101, 152), "convert.depth", "0 (infer) or a ResNet depth")
+    _check(
+        config.convert.depth in (0, 18, 34, 50, 101, 152),
+        "convert.depth",
+        "0 (infer) or a ResNet depth",
+    )
     _check(
         "convert_weights" not in config.tasks or bool(config.convert.source),
         "convert.source",

@@ -18,10 +18,13 @@ official code asserts K % batch == 0; here the write wraps around the end instea
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one fused program instead of many eager ops
 def _random_unit_vectors(key, shape):
     """Standard normal vectors normalised along the last axis (torch.randn + normalize)."""
     x = jax.random.normal(key, shape, jnp.float32)

@@ -12,4 +12,7 @@ def get_config():
     config = config_lib.base_config()
     config.tasks = ("synthesize", "prepare")
     config.synthetic.num_locations = 64
+    # Last: a land-cover linear probe of the pretrained encoder against a random one (evaluators).
+    config.tasks = (*config.tasks, "linear_probe")
+    config.eval.image_size = config.augment.crop_size  # probe at the size the encoder trained on
     return config

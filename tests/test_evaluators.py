@@ -1,4 +1,5 @@
-"""The evaluators end to end on tiny fake datasets written in the exact TFDS / OSCD formats (no network)."""
+"""The evaluators end to end on tiny fake datasets written in the exact TFDS / OSCD formats (no
+network)."""
 
 import json
 import os
@@ -33,7 +34,8 @@ BIGEARTHNET_LABELS = sorted(
 
 
 class FakeEurosat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """TFDS `eurosat/rgb`'s feature names and splits; pixels as a Tensor (Image features need TF)."""
+    """TFDS `eurosat/rgb`'s feature names and splits; pixels as a Tensor (Image features need
+    TF)."""
 
     name = "eurosat"
     VERSION = tfds.core.Version("2.0.0")
@@ -65,7 +67,8 @@ class FakeEurosat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class FakeBigEarthNet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """TFDS `bigearthnet/rgb`'s feature names (43 label names, `filename` = patch name); 40x40 pixels."""
+    """TFDS `bigearthnet/rgb`'s feature names (43 label names, `filename` = patch name); 40x40
+    pixels."""
 
     name = "bigearthnet"
     VERSION = tfds.core.Version("1.0.0")
@@ -208,7 +211,7 @@ def test_missing_dataset_and_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build eurosat/rgb"):
         common.open_tfds(str(tmp_path), "eurosat", "rgb")
     config = config_lib.base_config()
-    with pytest.raises(FileNotFoundError, match="config.eval.checkpoint"):
+    with pytest.raises(FileNotFoundError, match=r"config\.eval\.checkpoint"):
         common.encoders(config, str(tmp_path))
 
 
@@ -397,3 +400,26 @@ def test_oscd_change_detection_trains_and_reports(encoder_dir, tmp_path):
     assert record["test_cities"] == ["gamma"] and set(row["per_city_f1"]) == {"gamma"}
     for key in ("precision", "recall", "f1"):
         assert 0.0 <= row[key] <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo's land-cover probe on the synthetic archive (contract 1 and 2 data).
+
+
+def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path):
+    from caco_jax.data import builder, synthetic
+
+    config = eval_config(encoder_dir, tmp_path, image_size=32, batch_size=4, epochs=3)
+    config.synthetic.num_locations = 10
+    config.data.num_workers = 1
+    synthetic.run_task(config, str(tmp_path))
+    builder.run_task(config, str(tmp_path))
+
+    result = linear_probe.land_cover_task(config, str(tmp_path))
+
+    record = read_metrics(encoder_dir, "linear_probe")
+    assert result["rows"] == record["rows"]
+    assert record["classes"] == len(synthetic.LAND_COVER_CLASSES)
+    # Early-window acquisitions only, locations split in halves: 5 locations x 5 images each.
+    assert (record["train_images"], record["test_images"]) == (25, 25)
+    assert 0.0 <= record["rows"][0]["top1"] <= 1.0

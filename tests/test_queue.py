@@ -97,7 +97,7 @@ def test_keys_to_enqueue_takes_each_subspace_own_view():
 
 
 def test_enqueue_rejects_mismatched_layouts():
-    q, ptr = queue.init_window_queue(jax.random.key(0), 3, 8, 4)
+    q, ptr = jnp.zeros((3, 2, 4, 4)), jnp.zeros(2, jnp.int32)
     with pytest.raises(ValueError, match="plain queue"):
         queue.enqueue(q, ptr, jnp.zeros((3, 2, 4)))
     with pytest.raises(ValueError, match="windows"):

@@ -87,6 +87,8 @@ def test_layout_is_the_published_one(complete):
                     assert (src.count, src.dtypes[0]) == (1, "uint8")
                     assert src.shape == layout.band_shape(band)
                     assert src.compression == Compression.jpeg
+                    # GDAL's default quality, as SeCo's downloader leaves it.
+                    assert src.tags(ns="IMAGE_STRUCTURE")["JPEG_QUALITY"] == "75"
                     assert src.crs.to_epsg() == 4326
                     centre = (
                         (src.bounds.bottom + src.bounds.top) / 2,
@@ -263,6 +265,17 @@ def test_vegetation_follows_the_seasons(changes):
             ndvi.append(float(np.median((nir - red) / (nir + red + 1e-6))))
         assert min(ndvi) > 0.3
         assert max(ndvi) - min(ndvi) > 0.05, ndvi
+
+
+def test_coarse_bands_are_block_averages_of_the_10m_rendering():
+    reflectance = np.random.default_rng(0).uniform(0.0, 0.5, (12, 264, 264)).astype(np.float32)
+    bands = synthetic._to_bands(reflectance, np.random.default_rng(1))
+    for index, band in enumerate(layout.BANDS):
+        size = layout.band_shape(band)[0]
+        factor = 264 // size
+        expected = reflectance[index].reshape(size, factor, size, factor).mean(axis=(1, 3)) * 255
+        assert bands[band].shape == (size, size) and bands[band].dtype == np.uint8
+        assert np.abs(bands[band] - expected).max() <= 2.0  # sensor noise and rounding
 
 
 def test_acquisition_counts_and_stray_files_are_options(tmp_path):

@@ -97,6 +97,8 @@ _REVISIT_DAYS = 5
 _MAX_PER_WINDOW = 12  # at least a month apart, so that the +-1 pass jitter keeps the order
 _WINDOW_GAP_DAYS = 4 * 365  # the late window starts about four years after the early one
 _CLOUDY_ACQUISITION_PROBABILITY = 0.25
+# SeCo's downloader asks GDAL for JPEG without a quality, so GDAL's default applies.
+_JPEG_QUALITY = 75
 _STAGING_PREFIX = ".synthetic-staging-"  # hidden: readers skip it as a stray name
 _TAR_MTIME = int(datetime.datetime(2023, 6, 18, tzinfo=datetime.UTC).timestamp())  # CVPR 2023
 
@@ -735,6 +737,7 @@ def _write_preview(path: str, rgb: np.ndarray, box: layout.GeoBox) -> None:
         crs="EPSG:4326",
         transform=from_bounds(box.west, box.south, box.east, box.north, rgb.shape[2], rgb.shape[1]),
         compress="JPEG",
+        jpeg_quality=_JPEG_QUALITY,
     )
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(stretched)
@@ -787,7 +790,8 @@ def _render_location(root: str, plan: LocationPlan, seed: int) -> None:
         folder = os.path.join(location_dir, product_id)
         os.makedirs(folder)
         for band, pixels in bands.items():
-            layout.write_band_geotiff(os.path.join(folder, layout.band_file(band)), pixels, box)
+            path = os.path.join(folder, layout.band_file(band))
+            layout.write_band_geotiff(path, pixels, box, jpeg_quality=_JPEG_QUALITY)
         metadata = _metadata(plan, box, acquisition, meta_rng, tile, orbit, percentages)
         with open(os.path.join(folder, layout.METADATA_FILE), "w") as f:
             json.dump(metadata, f)

@@ -217,7 +217,8 @@ def extract_features(
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _pooled_features(graphdef, preprocess, state, images):
-    # Module level, keyed by (graphdef, preprocess): every encoder row of a table reuses one compile.
+    # Module level, keyed by (graphdef, preprocess): every encoder row of a table reuses one
+    # compile.
     return nnx.merge(graphdef, state)(preprocess(images))
 
 

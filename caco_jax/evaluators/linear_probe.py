@@ -94,7 +94,8 @@ def head_optimizer(settings: HeadSettings, steps_per_epoch: int) -> optax.Gradie
 def train_head_epoch(
     params, opt_state, features, targets, key, *, loss_fn, settings, steps_per_epoch
 ):
-    """One epoch over the cached features as a `lax.scan`: a seeded shuffle cut into full batches (the
+    """One epoch over the cached features as a `lax.scan`: a seeded shuffle cut into full batches
+    (the
     last partial batch dropped, as the official loaders did), dropout on the features, Adam steps.
     Returns (params, opt_state, mean loss)."""
     optimizer = head_optimizer(settings, steps_per_epoch)
@@ -127,7 +128,8 @@ def train_linear_head(
     seed: int,
     description: str = "probe",
 ) -> dict:
-    """Trains Dropout(p) + Linear(d, num_outputs) with Adam on cached features; returns its params."""
+    """Trains Dropout(p) + Linear(d, num_outputs) with Adam on cached features; returns its
+    params."""
     count = features.shape[0]
     steps_per_epoch = count // settings.batch_size
     if steps_per_epoch == 0:
