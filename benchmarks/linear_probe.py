@@ -24,7 +24,7 @@ from caco_jax.evaluators import linear_probe
 
 def per_step_training(features, labels, settings, epochs, seed=0):
     steps = features.shape[0] // settings.batch_size
-    optimizer = linear_probe.head_optimizer(settings, steps)
+    optimizer = optax.adam(linear_probe.step_schedule(settings, steps))
     params = linear_probe.init_linear(jax.random.key(seed), features.shape[1], 10)
     opt_state = optimizer.init(params)
 

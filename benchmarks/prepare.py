@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+import resource
 import subprocess
 import tempfile
 import time
@@ -58,13 +59,20 @@ def main(argv):
     )
 
     def extract():
+        """(wall s, CPU s of tar and gzip)."""
         with tempfile.TemporaryDirectory(dir=_ARCHIVE_DIR.value) as target:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             subprocess.run(["tar", "-xzf", tar_path, "-C", target], check=True)
-            return time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            return seconds, cpu
 
     def prepare(config):
+        """(wall s, CPU s of this process and its decode workers, locations, record bytes)."""
         with tempfile.TemporaryDirectory(dir=_ARCHIVE_DIR.value) as data_dir:
+            meter = _TreeCpu()
             start = time.perf_counter()
             prepared = builder.CacoGeography(
                 config=config, data_dir=data_dir, num_workers=_NUM_WORKERS.value
@@ -73,33 +81,82 @@ def main(argv):
                 download_config=tfds.download.DownloadConfig(manual_dir=folder)
             )
             seconds = time.perf_counter() - start
+            cpu = meter.stop()
             written = prepared.info.metadata["locations_written"]
             size = sum(os.path.getsize(f) for f in prepared.data_path.glob("*.array_record*"))
-            return seconds, written, size
+            return seconds, cpu, written, size
 
     tfds.disable_progress_bar()
     os.environ["TQDM_DISABLE"] = "1"  # the builder's bar, in locations/s
     rows = []
     for config in _CONFIGS.value:
-        tar_times, prepare_times = [], []
+        tars, prepares = [], []
         for _ in range(_REPEATS.value):
-            tar_times.append(extract())
-            seconds, written, size = prepare(config)
-            prepare_times.append(seconds)
-            print(f"{config}: tar -xzf {tar_times[-1]:.1f} s, prepare {seconds:.1f} s", flush=True)
-        rows.append((config, min(tar_times), min(prepare_times), written, size))
-    print("\n| config | `tar -xzf` (s) | prepare (s) | prepare / tar | locations/s | records MiB |")
+            tars.append(extract())
+            seconds, cpu, written, size = prepare(config)
+            prepares.append((seconds, cpu))
+            print(
+                f"{config}: tar -xzf {tars[-1][0]:.1f} s ({tars[-1][1]:.1f} CPU s), "
+                f"prepare {seconds:.1f} s ({cpu:.1f} CPU s)",
+                flush=True,
+            )
+        rows.append((config, min(tars), min(prepares), written, size))
+    print(
+        "\n| config | `tar -xzf` wall s (CPU s) | prepare wall s (CPU s) | prepare / tar, wall "
+        "(CPU) | locations/s wall (per CPU s) | records MiB |"
+    )
     print("|---|---|---|---|---|---|")
-    for config, tar_s, prep_s, written, size in rows:
+    for config, (tar_s, tar_cpu), (prep_s, prep_cpu), written, size in rows:
         print(
-            f"| {config} | {tar_s:.2f} | {prep_s:.2f} | {prep_s / tar_s:.2f} | "
-            f"{written / prep_s:.1f} | {size / 2**20:.0f} |"
+            f"| {config} | {tar_s:.1f} ({tar_cpu:.1f}) | {prep_s:.1f} ({prep_cpu:.1f}) | "
+            f"{prep_s / tar_s:.2f} ({prep_cpu / tar_cpu:.2f}) | "
+            f"{written / prep_s:.1f} ({written / prep_cpu:.1f}) | {size / 2**20:.0f} |"
         )
     print(
         f"(best of {_REPEATS.value} alternating runs each; load average after "
         f"{os.getloadavg()[0]:.1f})"
     )
     compare_encodings(tar_path, _ENCODING_LOCATIONS.value)
+
+
+class _TreeCpu:
+    """CPU seconds of this process and its descendants (the decode workers are children of the
+    forkserver, so rusage does not see them): a thread samples their CPU times every 0.2 s."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self._start = self._me.cpu_times()
+        self._others: dict[int, float] = {}
+        self._sample_once()
+        self._baseline = dict(self._others)  # e.g. a forkserver left by an earlier run
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._done.wait(0.2):
+            self._sample_once()
+
+    def _sample_once(self):
+        import psutil
+
+        for child in self._me.children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except psutil.Error:
+                continue
+            self._others[child.pid] = times.user + times.system
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        now = self._me.cpu_times()
+        mine = now.user + now.system - self._start.user - self._start.system
+        return mine + sum(t - self._baseline.get(pid, 0.0) for pid, t in self._others.items())
 
 
 def compare_encodings(tar_path: str, num_locations: int) -> None:
@@ -114,15 +171,44 @@ def compare_encodings(tar_path: str, num_locations: int) -> None:
     from caco_jax.data import archive, builder, layout
 
     keep = frozenset({layout.METADATA_FILE, *(layout.band_file(b) for b in layout.RGB_BANDS)})
+    # Where the CPU goes per location, one stage at a time in this process.
+    cpu = {}
+    start = time.process_time()
     locations = list(
         itertools.islice(
             archive.read_locations(archive.find_archive(tar_path), keep), num_locations
         )
     )
+    cpu["stream + gunzip + untar (parent)"] = time.process_time() - start
+    start = time.process_time()
     examples = [
         archive.decode_location(loc, builder.PIXEL_GROUPS["rgb"]).example for loc in locations
     ]
+    cpu["GeoTIFF decode (workers)"] = time.process_time() - start
     examples = [e for e in examples if e is not None]
+    rgb_features = builder.CacoGeography(config="rgb", data_dir=tempfile.gettempdir()).info.features
+    start = time.process_time()
+    serialized = [rgb_features.serialize_example(e) for e in examples]
+    cpu["TFDS encode + serialize (parent)"] = time.process_time() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.process_time()
+        writer = array_record_module.ArrayRecordWriter(os.path.join(tmp, "r"), "group_size:1")
+        for s in serialized:
+            writer.write(s)
+        writer.close()
+        cpu["array_record write, zstd (parent, after the last location)"] = (
+            time.process_time() - start
+        )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(f"gzip -dc {tar_path} > /dev/null", shell=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    gunzip = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    cpu["(reference) gzip -dc of the archive"] = gunzip * len(locations) / _NUM_LOCATIONS.value
+    print(f"\nCPU per location ({len(locations)} locations, rgb):")
+    print("| stage | CPU ms per location |")
+    print("|---|---|")
+    for stage, seconds in cpu.items():
+        print(f"| {stage} | {seconds / len(locations) * 1e3:.1f} |")
     raw_bytes = sum(a["rgb"].nbytes for e in examples for a in e["acquisitions"]) / len(examples)
 
     def png(pixels):

@@ -149,11 +149,14 @@ def test_linear_head_learns_separable_features():
     assert result["top1"] > 0.95
 
 
-def test_step_schedule_multiplies_by_a_tenth_at_each_milestone_epoch():
-    schedule = linear_probe.step_schedule(linear_probe.HeadSettings(milestones=(2, 3)), 10)
+def test_learning_rate_is_multiplied_by_a_tenth_at_each_milestone_epoch():
+    settings = linear_probe.HeadSettings(milestones=(2, 3))
+    schedule = linear_probe.step_schedule(settings, 10)  # per step (fine-tuning)
     assert [float(schedule(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx(
         [1e-3, 1e-3, 1e-4, 1e-4, 1e-5]
     )
+    per_epoch = [linear_probe.epoch_learning_rate(settings, e) for e in (0, 1, 2, 3)]
+    assert per_epoch == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
 
 
 def test_eurosat_probe_with_seco_split_files_writes_metrics(encoder_dir, tmp_path):

@@ -30,8 +30,7 @@ import numpy as np
 
 from caco_jax.data import layout
 
-# Read the compressed stream in large blocks: tarfile's default (10 KiB) costs overhead per block.
-_STREAM_BUFFER_BYTES = 1 << 20
+_DRAIN_BYTES = 1 << 20
 _TAR_SUFFIXES = (".tar.gz", ".tgz")
 _PART = re.compile(r"^(?P<base>.+)_part(?P<index>[0-9]+|[a-z]+)(?P<suffix>(\.tar)?\.gz|\.tgz)?$")
 # Files an acquisition folder is expected to hold (a config reads some of them).
@@ -274,11 +273,14 @@ def _read_tar(
     uncompressed = gzip.GzipFile(fileobj=stream, mode="rb")
     parser = _TarLayout(where, keep)
     try:
-        with tarfile.open(fileobj=uncompressed, mode="r|", bufsize=_STREAM_BUFFER_BYTES) as tar:
+        # tarfile's default block (10 KiB): its stream re-slices its buffer on every read, so a
+        # larger one costs more than it saves.
+        with tarfile.open(fileobj=uncompressed, mode="r|") as tar:
             for member in tar:
                 read = lambda member=member: tar.extractfile(member).read()
                 yield from parser.add(member.name, member.isdir(), member.isfile(), read)
-        while uncompressed.read(_STREAM_BUFFER_BYTES):  # the padding after the tar's end marker
+                tar.members = []  # TarFile keeps every member it has read: memory would grow
+        while uncompressed.read(_DRAIN_BYTES):  # the padding after the tar's end marker
             pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
         last = parser.last_complete or "none"

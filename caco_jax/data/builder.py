@@ -261,13 +261,22 @@ def decode_in_workers(locations, groups, num_workers: int):
     context.set_forkserver_preload(["caco_jax.data.archive", "rasterio"])
     pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
     pending = collections.deque()
+
+    def oldest():
+        location_id, future = pending.popleft()
+        try:
+            return future.result()
+        except Exception as error:  # a worker's bug or death: name the location it was decoding
+            raise RuntimeError(f"decoding location {location_id} failed: {error!r}") from error
+
     try:
         for location in locations:
-            pending.append(pool.submit(archive.decode_location, location, groups))
+            future = pool.submit(archive.decode_location, location, groups)
+            pending.append((location.location_id, future))
             if len(pending) >= 2 * num_workers:
-                yield pending.popleft().result()
+                yield oldest()
         while pending:
-            yield pending.popleft().result()
+            yield oldest()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
