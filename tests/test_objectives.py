@@ -225,6 +225,9 @@ def test_seco_loss_matches_reference():
     np.testing.assert_allclose(metrics["loss/subspace2"], ref[:, 2].mean(), rtol=1e-5)
     logits = objectives.seco_logits(*as_f32(z_q, z_k, queue), TEMPERATURE)
     assert [x.shape[1] for x in logits] == [1 + 13, 1 + 13 + 12, 1 + 13 + 12]
+    # Local rows 3..4 (SeCo has no pairs: any offset) with the global keys.
+    local, _ = objectives.seco_loss(*as_f32(z_q[:, 3:5], z_k, queue), TEMPERATURE, query_offset=3)
+    np.testing.assert_allclose(local, ref[3:5].mean(axis=0).sum(), rtol=1e-5)
 
 
 def test_moco_loss_matches_reference():
