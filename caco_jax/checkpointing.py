@@ -1,10 +1,12 @@
-"""Orbax checkpoints of a training run: the state, the data iterator's position and the config, per step.
+"""Orbax checkpoints of a training run: the state, the data iterator's position and the config, per
+step.
 
 A checkpoint step folder under ``<workdir>/checkpoints/<step>/`` holds three items:
   ``state``  the whole `TrainState` (every array a resume needs), written asynchronously;
   ``data``   the grain iterator's state (one JSON file per process), so the input resumes exactly;
   ``config`` the run's config as JSON, for the record.
-Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save leaves
+Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save
+leaves
 the previous checkpoints intact. Restoring goes through an abstract target whose leaves carry the
 shardings of the *current* mesh, so a checkpoint written on N devices restores onto M devices.
 """
@@ -32,9 +34,11 @@ def abstract_target(state_shapes, shardings):
 
 
 class Checkpointer:
-    """Saves every ``every_steps`` steps (and when forced), keeps the newest ``keep``, restores the latest.
+    """Saves every ``every_steps`` steps (and when forced), keeps the newest ``keep``, restores the
+    latest.
 
-    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the files are
+    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the
+    files are
     written in the background while training goes on. Call `close` (or `wait`) before the process exits.
     """
 
@@ -78,7 +82,8 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state, *, data_iterator=None):
-        """The state of checkpoint ``step`` laid out as ``abstract_state`` says; moves the iterator too.
+        """The state of checkpoint ``step`` laid out as ``abstract_state`` says; moves the iterator
+        too.
 
         ``abstract_state`` is a pytree of `jax.ShapeDtypeStruct` with shardings (see `abstract_target`).
         The iterator is restored in place when given and the checkpoint has its state.
@@ -92,7 +97,9 @@ class Checkpointer:
         return restored[STATE]
 
     def restore_config(self, step: int) -> dict:
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
+        )
         return restored[CONFIG]
 
     def reached_preemption(self, step: int) -> bool:
@@ -110,7 +117,8 @@ class PreemptionGuard:
     """Turns SIGTERM (a pod or cluster preemption notice) into a request to save and stop.
 
     Inside the ``with`` block a SIGTERM no longer kills the process; `should_stop(step)` becomes True at the
-    next step, when the loop saves a checkpoint and exits cleanly. With several processes the stop step is
+    next step, when the loop saves a checkpoint and exits cleanly. With several processes the stop
+    step is
     agreed through JAX's preemption sync service (Orbax `reached_preemption`), so every host saves the same step.
     """
 

@@ -13,7 +13,8 @@ import numpy as np
 
 
 class MetricsWriter:
-    """``write(step, {name: scalar})`` appends one JSON line and one TensorBoard point per scalar."""
+    """``write(step, {name: scalar})`` appends one JSON line and one TensorBoard point per
+    scalar."""
 
     def __init__(self, workdir: str, *, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -23,7 +24,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict) -> None:

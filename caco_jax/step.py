@@ -120,11 +120,15 @@ def make_per_device_step(
         views = make_views(views_key, batch["images"], item_ids)
         query_views, key_views = views[0], views[1:]
 
-        key_params = momentum.ema_update(state.key_params, state.query_params, settings.key_momentum)
+        key_params = momentum.ema_update(
+            state.key_params, state.query_params, settings.key_momentum
+        )
         # The key forwards, one BatchNorm batch per view, as one scanned program (one copy of the
         # encoder in the compiled step). CACo also embeds the query views with the key encoder.
         num_keys = key_views.shape[0]
-        key_inputs = jnp.concatenate([key_views, query_views[None]]) if mode.tracks_change else key_views
+        key_inputs = (
+            jnp.concatenate([key_views, query_views[None]]) if mode.tracks_change else key_views
+        )
 
         def key_forward(stats, inputs):
             images, shuffle_key = inputs

@@ -31,8 +31,9 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from caco_jax import augment, checkpointing, modes, step as step_lib
+from caco_jax import augment, checkpointing, modes
 from caco_jax import change as change_lib
+from caco_jax import step as step_lib
 from caco_jax.data import item_sampler, pipeline
 from caco_jax.metrics_writer import MetricsWriter
 from caco_jax.train_state import (
@@ -145,7 +146,9 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
         rng=step_key,
         query_params=params,
         query_stats=stats,
-        key_params=jax.tree.map(jnp.copy, params),  # the key side starts as a copy of the query side
+        key_params=jax.tree.map(
+            jnp.copy, params
+        ),  # the key side starts as a copy of the query side
         key_stats=jax.tree.map(jnp.copy, stats),
         opt_state=optimizer.init(params),
         queue={"keys": queue, "pointer": pointer},
@@ -192,7 +195,9 @@ def replicate(tree, mesh):
 def global_batch(local_batch: dict, mesh) -> dict:
     """This process's rows -> one array per field sharded along the rows over all hosts' devices."""
     rows = NamedSharding(mesh, P(step_lib.AXIS))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)), local_batch)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)), local_batch
+    )
 
 
 def abstract_state(state: TrainState, mesh) -> TrainState:
@@ -234,13 +239,35 @@ def write_labels_csv(path, running, labels, location_ids=None) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["item_id", "location_index", "location_id", "window", "seen", "d_lt", "d_st", "r", "changed"])
+        writer.writerow(
+            [
+                "item_id",
+                "location_index",
+                "location_id",
+                "window",
+                "seen",
+                "d_lt",
+                "d_st",
+                "r",
+                "changed",
+            ]
+        )
         for item in range(labels.shape[0]):
             location = item // 2
             name = location_ids[location] if location_ids is not None else ""
             d_lt, d_st, r = running.values[item]
             writer.writerow(
-                [item, location, name, item % 2, int(running.seen[item]), d_lt, d_st, r, int(labels[item])]
+                [
+                    item,
+                    location,
+                    name,
+                    item % 2,
+                    int(running.seen[item]),
+                    d_lt,
+                    d_st,
+                    r,
+                    int(labels[item]),
+                ]
             )
 
 
@@ -280,7 +307,9 @@ def train(
     )
     resumed_from = checkpoints.latest_step()
     if resumed_from is not None:
-        state = checkpoints.restore(resumed_from, abstract_state(state, mesh), data_iterator=iterator)
+        state = checkpoints.restore(
+            resumed_from, abstract_state(state, mesh), data_iterator=iterator
+        )
         logging.info("resumed from checkpoint step %d", resumed_from)
     start_step = int(jax.device_get(state.step))
     last_good = resumed_from
@@ -392,11 +421,15 @@ def _progress_bar(config, start: int, total: int):
 def _print_summary(results: dict, last_metrics) -> None:
     if jax.process_index() != 0:
         return
-    lines = [f"pretrain {results['mode']}: {results['steps']} steps on {results['devices']} device(s)"]
+    lines = [
+        f"pretrain {results['mode']}: {results['steps']} steps on {results['devices']} device(s)"
+    ]
     if results["first_loss"] is not None:
         lines.append(f"  loss {results['first_loss']:.4f} -> {results['final_loss']:.4f}")
     if last_metrics:
-        accuracies = [f"{v:.2f}" for k, v in sorted(last_metrics.items()) if k.startswith("accuracy/")]
+        accuracies = [
+            f"{v:.2f}" for k, v in sorted(last_metrics.items()) if k.startswith("accuracy/")
+        ]
         lines.append(f"  accuracy per subspace {', '.join(accuracies)}")
         lines.append(f"  {last_metrics['samples_per_s']:.1f} samples/s")
     if "changed_fraction" in results:
@@ -410,7 +443,9 @@ def run_task(config, workdir: str) -> dict:
     from caco_jax.data import records
 
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-    source = records.open_records(data_dir, builder_config=config.data.builder_config, split="train")
+    source = records.open_records(
+        data_dir, builder_config=config.data.builder_config, split="train"
+    )
     location_ids = [records.location_arrays(source[i])["location_id"] for i in range(len(source))]
     results = train(
         config,
@@ -437,11 +472,15 @@ def ground_truth_agreement(config, workdir: str) -> dict:
     if not (os.path.exists(labels_csv) and os.path.exists(truth_csv)):
         return {}
     with open(truth_csv) as f:
-        truth = {row["location_id"]: row["changed"] in ("1", "True", "true") for row in csv.DictReader(f)}
+        truth = {
+            row["location_id"]: row["changed"] in ("1", "True", "true") for row in csv.DictReader(f)
+        }
     predicted: dict[str, bool] = {}
     with open(labels_csv) as f:
         for row in csv.DictReader(f):
-            predicted[row["location_id"]] = predicted.get(row["location_id"], False) or row["changed"] == "1"
+            predicted[row["location_id"]] = (
+                predicted.get(row["location_id"], False) or row["changed"] == "1"
+            )
     common = sorted(set(truth) & set(predicted))
     if not common:
         return {}
@@ -451,5 +490,8 @@ def ground_truth_agreement(config, workdir: str) -> dict:
     # Chance: the agreement of a labelling that is independent of the truth with the same positive rate.
     rate, prior = predicted_array.mean(), truth_array.mean()
     chance = float(rate * prior + (1 - rate) * (1 - prior))
-    return {"change_agreement": agreement, "change_agreement_chance": chance, "change_locations": len(common)}
-
+    return {
+        "change_agreement": agreement,
+        "change_agreement_chance": chance,
+        "change_locations": len(common),
+    }

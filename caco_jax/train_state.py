@@ -86,8 +86,12 @@ def build_model(
 
     def make(bn_axis):
         rngs = nnx.Rngs(seed)
-        encoder = ResNet(depth, rngs=rngs, dtype=dtype, bn_axis_name=bn_axis, in_channels=in_channels)
-        heads = SubspaceHeads(encoder.feature_dim, num_subspaces, embedding_dim, rngs=rngs, dtype=dtype)
+        encoder = ResNet(
+            depth, rngs=rngs, dtype=dtype, bn_axis_name=bn_axis, in_channels=in_channels
+        )
+        heads = SubspaceHeads(
+            encoder.feature_dim, num_subspaces, embedding_dim, rngs=rngs, dtype=dtype
+        )
         return ContrastiveModel(encoder, heads)
 
     def graphdef(module):
@@ -95,7 +99,9 @@ def build_model(
 
     abstract_query = nnx.eval_shape(lambda: make(query_bn_axis))
     abstract_key = nnx.eval_shape(lambda: make(key_bn_axis))
-    model = Model(graphdef(abstract_query), graphdef(abstract_key), graphdef(abstract_query.encoder))
+    model = Model(
+        graphdef(abstract_query), graphdef(abstract_key), graphdef(abstract_query.encoder)
+    )
 
     @jax.jit
     def initial_values():  # one compiled program instead of one dispatch per initialiser

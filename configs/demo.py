@@ -10,8 +10,20 @@ from caco_jax import config as config_lib
 
 def get_config():
     config = config_lib.base_config()
-    config.tasks = ("synthesize", "prepare")
+    config.tasks = ("synthesize", "prepare", "pretrain")
     config.synthetic.num_locations = 64
+    # Pretraining: CACo, ResNet-18 on 96x96 crops, 16 locations (32 items) per batch = 4 steps per
+    # epoch, 10 epochs so the change labels are fitted 10 times (used from epoch 1 on). The queue is
+    # small (128 keys per window) so that it fills within the run; the learning rate is the official
+    # 0.03 itself (base 0.24 x 32/256) rather than linearly scaled down to the tiny batch.
+    config.augment.crop_size = 96
+    config.method.num_negatives = 256
+    config.train.batch_size = 32
+    config.train.epochs = 10
+    config.train.milestones = (8,)
+    config.train.base_learning_rate = 0.24
+    config.checkpoint.every_steps = 20
+    config.logging.every_steps = 4
     # Last: a land-cover linear probe of the pretrained encoder against a random one (evaluators).
     config.tasks = (*config.tasks, "linear_probe")
     config.eval.image_size = config.augment.crop_size  # probe at the size the encoder trained on

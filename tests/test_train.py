@@ -12,9 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from caco_jax import checkpointing, train
+from caco_jax import checkpointing, modes, train
 from caco_jax import config as config_lib
-from caco_jax import modes
 from caco_jax import step as step_lib
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="caco_jax_test_cache_"))
@@ -51,7 +50,9 @@ def fake_source(num_locations=NUM_LOCATIONS, size=32, seed=0):
         base = rng.integers(0, 256, (1, size, size, 3))
         noise = rng.integers(-20, 21, (10, size, size, 3))
         pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-        source.append({"pixels": pixels, "window": np.repeat([0, 1], 5), "location_id": f"{index:06d}"})
+        source.append(
+            {"pixels": pixels, "window": np.repeat([0, 1], 5), "location_id": f"{index:06d}"}
+        )
     return source
 
 
@@ -69,7 +70,9 @@ def one_step(config, num_devices, batch):
     mesh = step_lib.data_mesh(jax.devices()[:num_devices])
     run = train.setup(config, NUM_LOCATIONS, mesh=mesh)
     initial = jax.device_get(run.initial_state)
-    new_state, metrics = run.train_step(train.replicate(initial, mesh), train.global_batch(batch, mesh))
+    new_state, metrics = run.train_step(
+        train.replicate(initial, mesh), train.global_batch(batch, mesh)
+    )
     return initial, jax.device_get(new_state), jax.device_get(metrics)
 
 
@@ -124,7 +127,10 @@ def test_gathered_keys_land_in_the_queue_in_global_batch_order():
 
     def per_device(queue, pointer, local_keys, windows):
         return mode.enqueue(
-            queue, pointer, step_lib.gather(local_keys.swapaxes(0, 1)).swapaxes(0, 1), step_lib.gather(windows)
+            queue,
+            pointer,
+            step_lib.gather(local_keys.swapaxes(0, 1)).swapaxes(0, 1),
+            step_lib.gather(windows),
         )
 
     sharded = jax.shard_map(
@@ -151,17 +157,28 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     first = train.train(config, str(tmp_path / "resumed"), source, arrays_fn=dict, mesh=mesh)
     config.train.max_steps = 3
     resumed = train.train(config, str(tmp_path / "resumed"), source, arrays_fn=dict, mesh=mesh)
-    assert (first["steps"], resumed["resumed_from"], resumed["steps"], straight["steps"]) == (1, 1, 3, 3)
+    assert (first["steps"], resumed["resumed_from"], resumed["steps"], straight["steps"]) == (
+        1,
+        1,
+        3,
+        3,
+    )
 
     def final_state(workdir):
-        checkpoints = checkpointing.Checkpointer(str(workdir / "checkpoints"), every_steps=1, keep=3)
+        checkpoints = checkpointing.Checkpointer(
+            str(workdir / "checkpoints"), every_steps=1, keep=3
+        )
         run = train.setup(config, len(source), mesh=mesh)
         template = train.abstract_state(train.replicate(run.initial_state, mesh), mesh)
         state = checkpoints.restore(3, template)
         checkpoints.close()
         return jax.device_get(state)
 
-    jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "resumed"), final_state(tmp_path / "straight"))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        final_state(tmp_path / "resumed"),
+        final_state(tmp_path / "straight"),
+    )
     assert os.path.exists(tmp_path / "straight" / "encoder")
     assert os.path.exists(tmp_path / "straight" / "change" / "histogram_epoch=001.png")
 
