@@ -3,13 +3,15 @@ device.
 
   python benchmarks/step.py --depth 18 --batch 32 --crop 96
 
-The CACo step (`caco_jax.step`, jitted under `shard_map` on a one-device mesh) runs the augmentation of
+The CACo step (`caco_jax.step`, jitted under `shard_map` on a one-device mesh) runs the
+augmentation of
 four views, four key-encoder forwards (k0, k1, k2 and the query views for the change estimate), and
 one query forward and backward. The plain step is one forward and backward of the same ResNet with a
 linear classifier on already-normalised images, with the same SGD. A backward costs about two
 forwards,
 so the model work is (4 + 3) / 3 = 7/3 of the plain step: the ratio should stay near 2.3, plus the
-augmentation. Both are compiled first, then timed over --steps steps each (median), in the same process.
+augmentation. Both are compiled first, then timed over --steps steps each (median), in the same
+process.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def supervised_step_time(args) -> float:
     encoder = ResNet(args.depth, rngs=nnx.Rngs(0))
     classifier = nnx.Linear(encoder.feature_dim, 10, rngs=nnx.Rngs(1))
     graphdef, params, stats = nnx.split((encoder, classifier), nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
     optimizer = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.03, momentum=0.9))
     opt_state = optimizer.init(params)
 
@@ -86,7 +89,7 @@ def supervised_step_time(args) -> float:
             encoder, classifier = nnx.merge(graphdef, params, stats)
             logits = classifier(encoder(images))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, nnx.state((encoder, classifier), nnx.BatchStat)
+            return loss, nnx.to_pure_dict(nnx.state((encoder, classifier), nnx.BatchStat))
 
         grads, new_stats = jax.grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -129,7 +132,8 @@ def main():
         f"{args.batch / plain:8.1f} samples/s"
     )
     print(
-        f"CACo step (augment 4 views, 4 key forwards, query forward + backward): {caco * 1e3:9.1f} ms  "
+        "CACo step (augment 4 views, 4 key forwards, query forward + backward): "
+        f"{caco * 1e3:9.1f} ms  "
         f"{args.batch / caco:8.1f} samples/s"
     )
     print(f"ratio CACo / plain: {caco / plain:.2f} (model work alone: 7/3 = 2.33)")

@@ -39,7 +39,8 @@ class Checkpointer:
 
     Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the
     files are
-    written in the background while training goes on. Call `close` (or `wait`) before the process exits.
+    written in the background while training goes on. Call `close` (or `wait`) before the process
+    exits.
     """
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
@@ -85,7 +86,8 @@ class Checkpointer:
         """The state of checkpoint ``step`` laid out as ``abstract_state`` says; moves the iterator
         too.
 
-        ``abstract_state`` is a pytree of `jax.ShapeDtypeStruct` with shardings (see `abstract_target`).
+        ``abstract_state`` is a pytree of `jax.ShapeDtypeStruct` with shardings (see
+        `abstract_target`).
         The iterator is restored in place when given and the checkpoint has its state.
         """
         import grain
@@ -116,10 +118,12 @@ class Checkpointer:
 class PreemptionGuard:
     """Turns SIGTERM (a pod or cluster preemption notice) into a request to save and stop.
 
-    Inside the ``with`` block a SIGTERM no longer kills the process; `should_stop(step)` becomes True at the
+    Inside the ``with`` block a SIGTERM no longer kills the process; `should_stop(step)` turns True
+    at the
     next step, when the loop saves a checkpoint and exits cleanly. With several processes the stop
     step is
-    agreed through JAX's preemption sync service (Orbax `reached_preemption`), so every host saves the same step.
+    agreed through JAX's preemption sync service (Orbax `reached_preemption`), so every host saves
+    the same step.
     """
 
     def __init__(self, manager: Checkpointer):

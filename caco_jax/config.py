@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.depth = 18  # ResNet-18 or ResNet-50
     c.model.embedding_dim = 128  # output width of each projection head
-    c.model.compute_dtype = "float32"  # "bfloat16" = mixed precision (float32 params and statistics)
+    c.model.compute_dtype = "float32"  # "bfloat16": mixed precision, float32 params/statistics
 
     # The contrastive method (caco_jax/modes.py, objectives.py).
     c.method = ml_collections.ConfigDict()
@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.change = ml_collections.ConfigDict()
     c.change.beta = 0.8  # running value r = beta r + (1 - beta) R; the first visit takes R
     c.change.use_ema = True  # False: r = the latest R (paper ablation)
-    c.change.statistic = "ratio"  # "ratio" d_lt / (d_st + eps), or "long_term" d_lt alone (ablation)
+    c.change.statistic = "ratio"  # "ratio" d_lt / (d_st + eps), or "long_term" d_lt (ablation)
     c.change.per_location = False  # True: one decision per location (paper ablation)
     c.change.epsilon = 1e-4
 
@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000  # and always at the end of the run
     c.checkpoint.keep = 3  # the newest N are kept
-    c.checkpoint.export_encoder_every_checkpoint = False  # also write <workdir>/encoder at each save
+    c.checkpoint.export_encoder_every_checkpoint = False  # export <workdir>/encoder at each save
 
     # Metrics (caco_jax/metrics_writer.py): TensorBoard events + metrics.jsonl in <workdir>.
     c.logging = ml_collections.ConfigDict()

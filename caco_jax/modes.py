@@ -1,15 +1,16 @@
 """The training methods as data: what each of caco, teco, seco and moco plugs into the shared step.
 
-The step never asks which method it runs; it reads these fields. The batch layout and the acquisition
+The step never asks which method it runs; it reads these fields. The batch layout and the
+acquisition
 draws of a method live in `caco_jax.data.item_sampler.LAYOUTS` (the host side), the views in
 `caco_jax.augment` (keyed by the same name), the objective and the queue layout here.
 
-| mode | items / location | subspaces = key views | queue            | objective   | change statistics |
-|------|------------------|-----------------------|------------------|-------------|-------------------|
-| caco | 2 (one / window) | 3 (k0, k1, k2)        | per window halves | caco_loss   | yes               |
-| teco | 2                | 3                     | per window halves | teco_loss   | no                |
-| seco | 1                | 3                     | one [K]          | seco_loss   | no                |
-| moco | 1                | 1 (k0)                | one [K]          | moco_loss   | no                |
+| mode | items/location | subspaces = key views | queue             | objective | change stats |
+|------|----------------|-----------------------|-------------------|-----------|--------------|
+| caco | 2 (one/window) | 3 (k0, k1, k2)        | per-window halves | caco_loss | yes          |
+| teco | 2              | 3                     | per-window halves | teco_loss | no           |
+| seco | 1              | 3                     | one [K]           | seco_loss | no           |
+| moco | 1              | 1 (k0)                | one [K]           | moco_loss | no           |
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from caco_jax import queue as queue_lib
 class Mode:
     name: str
     num_subspaces: int  # embedding subspaces = projection heads = key views
-    # (z_q [S, n, D], z_k [S, S, N, D], queue, changed [n], temperature, query_offset) -> (loss, metrics)
+    # (z_q [S, n, D], z_k [S, S, N, D], queue, changed [n], temperature, query_offset)
+    #   -> (loss, metrics)
     objective: Callable
     # (key, num_subspaces, K, D) -> (queue, pointer)
     init_queue: Callable

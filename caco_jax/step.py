@@ -1,15 +1,18 @@
-"""One pretraining step, written for one device with named-axis collectives, run with `jax.shard_map`.
+"""One pretraining step, written for one device with named-axis collectives, run with
+`jax.shard_map`.
 
-The mesh is 1-D, ``('data',)``, spanning every device of every host. The state is replicated; the batch is
-split along its rows (each device holds whole locations: rows 2l, 2l+1 never straddle two devices). Per
-device, in the official order:
+The mesh is 1-D, ``('data',)``, spanning every device of every host. The state is replicated; the
+batch is split along its rows (each device holds whole locations: rows 2l, 2l+1 never straddle two
+devices). Per device, in the official order:
 
 1. EMA of the key encoder and heads from the query side (parameters only), before any forward pass.
 2. The views of this device's items, augmented on the device (`caco_jax.augment.make_views`).
-3. Key forwards, no gradient, one per key view (each view is its own BatchNorm batch, as in the official
+3. Key forwards, no gradient, one per key view (each view is its own BatchNorm batch, as in the
+   official
    loop over ``img_k[i]``); key head s on view v gives ``z_k[s, v]``. Keys are all-gathered: every
    query sees the negatives of the whole global batch.
-4. CACo only: the change statistics from the KEY encoder's subspace-1 embeddings of the query views and
+4. CACo only: the change statistics from the KEY encoder's subspace-1 embeddings of the query views
+   and
    of the k1 views, folded into the running per-item values (every device applies the whole batch).
 5. The query forward and the mode's objective over this device's query rows; gradients. `shard_map`
    sums the gradients of replicated parameters over devices, so each device differentiates its local
@@ -18,8 +21,10 @@ device, in the official order:
 
 BatchNorm modes (``config.train.bn_mode``):
   per_device: statistics of each device's rows (the official single-GPU run is this on one device);
-    the running statistics are averaged over devices after the step so that the state stays replicated.
-  sync: statistics over the global batch (``bn_axis_name='data'``); N devices compute exactly what one
+    the running statistics are averaged over devices after the step so that the state stays
+    replicated.
+  sync: statistics over the global batch (``bn_axis_name='data'``); N devices compute exactly what
+    one
     device computes on the same global batch.
   shuffle: MoCo's shuffle-BN for the key encoder: each key view's global batch is permuted across
     devices before the key forward and unpermuted after, so a query and its positive key never share
@@ -63,7 +68,7 @@ def _encode_plain(encoder, images, shuffle_key):
 
 
 def _encode_shuffled(encoder, images, shuffle_key):
-    """MoCo's batch_shuffle_ddp / batch_unshuffle_ddp: BatchNorm sees a random slice of the global batch."""
+    """MoCo's batch_shuffle_ddp / batch_unshuffle_ddp: BatchNorm sees a random batch slice."""
     n = images.shape[0]
     everyone = gather(images)
     order = jax.random.permutation(shuffle_key, everyone.shape[0])
@@ -95,7 +100,7 @@ class StepSettings:
 
 
 def _replicated_mean(tree):
-    """Per-device values (BatchNorm running statistics in per-device modes) -> their mean everywhere."""
+    """Per-device values (running BatchNorm statistics) -> their mean, the same on every device."""
     return jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), tree)
 
 
@@ -107,7 +112,10 @@ def make_per_device_step(
     settings: StepSettings,
     make_views: Callable,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The step for one device's rows. ``make_views(key, images) -> [1 + S, n, h, w, c]`` (q, k0, ...)."""
+    """The step for one device's rows.
+
+    ``make_views(key, images, item_ids) -> [1 + S, n, h, w, c]`` (q, k0, ...).
+    """
     encode_keys = KEY_ENCODERS[settings.bn_mode]
 
     def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict]:

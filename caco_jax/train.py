@@ -1,14 +1,16 @@
-r"""Pretraining (task ``pretrain``): CACo, TeCo, SeCo or MoCo v2 on the prepared records, data parallel.
+r"""Pretraining (task ``pretrain``): CACo, TeCo, SeCo or MoCo v2 on the prepared records.
 
-  python run.py --config configs/caco_r18_100k.py --config.data.archive=/data/caco --workdir runs/r18
+  python run.py --config configs/caco_r18_100k.py --config.data.archive=/data/caco \
+    --workdir runs/r18
 
 Reads the TFDS records of `<workdir>/tfds` (or ``config.data.data_dir``), trains with one jitted
-`jax.shard_map` step over a 1-D ``('data',)`` mesh of every device of every host (`caco_jax.step`), and
-writes into the workdir:
+`jax.shard_map` step over a 1-D ``('data',)`` mesh of every device of every host
+(`caco_jax.step`), and writes into the workdir:
 
   checkpoints/<step>/   Orbax: the whole TrainState, the data iterator position and the config
-  encoder/              the query encoder alone (`caco_jax.models.export.save_encoder`), for evaluators
-  metrics.jsonl, tensorboard/   loss and accuracy per subspace, lr, changed fraction, samples/s, step time
+  encoder/              the query encoder alone (`models.export.save_encoder`), for evaluators
+  metrics.jsonl, tensorboard/   loss, accuracy per subspace, lr, changed fraction, samples/s,
+                        step time
   change/               per epoch (CACo): histogram PNGs of d_lt, d_st and r by label; labels.csv
 
 A run resumes from the newest checkpoint in the workdir, continuing exactly where it stopped (same
@@ -66,8 +68,9 @@ class Setup:
 def _make_views_fn(config, mode_name: str, normalization, num_views: int, dtype):
     """(key, images [n, V, H, W, C], item_ids [n]) -> views [num_views, n, h, w, c].
 
-    Each item's augmentation key is folded from the step key and its item id, so the views of an item
-    do not depend on how the batch is split across devices (N devices = 1 device on the same batch).
+    Each item's augmentation key is folded from the step key and its item id, so the views of an
+    item do not depend on how the batch is split across devices (N devices = 1 device on the same
+    batch).
     """
     names = ("q", *(f"k{v}" for v in range(num_views - 1)))
 
@@ -103,9 +106,9 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
     per_location = item_sampler.layout(mode.name).items_per_location
     if batch_size % (num_devices * per_location):
         raise ValueError(
-            f"config.train.batch_size: {batch_size} must be a multiple of {num_devices * per_location} "
-            f"({num_devices} devices x {per_location} items per location) so that every device holds "
-            "whole locations"
+            f"config.train.batch_size: {batch_size} must be a multiple of "
+            f"{num_devices * per_location} ({num_devices} devices x {per_location} items per "
+            "location) so that every device holds whole locations"
         )
     steps_per_epoch = pipeline.steps_per_epoch(num_locations, mode.name, batch_size)
     total_steps = config.train.epochs * steps_per_epoch
@@ -208,7 +211,7 @@ def abstract_state(state: TrainState, mesh) -> TrainState:
 
 
 def fit_labels(config, state: TrainState, epoch: int, workdir: str, mesh, location_ids=None):
-    """Epoch end (CACo): labels for the next epoch from the running ratios; histogram; changed fraction."""
+    """Epoch end (CACo): next epoch's labels from the running ratios, histogram, fraction."""
     running = jax.device_get(state.change["running"])
     labels = change_lib.fit_change_labels(
         running.values,
@@ -235,7 +238,7 @@ def fit_labels(config, state: TrainState, epoch: int, workdir: str, mesh, locati
 
 
 def write_labels_csv(path, running, labels, location_ids=None) -> None:
-    """item_id, location index and id, window, seen, d_lt, d_st, r, changed: the labels of the last epoch."""
+    """One row per item: id, location index and id, window, seen, d_lt, d_st, r, changed."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -285,7 +288,7 @@ def train(
     location_ids=None,
     mesh=None,
 ) -> dict:
-    """Pretrains on ``source`` (random-access records, see `caco_jax.data.records`), resuming if possible."""
+    """Pretrains on ``source`` (random-access records, `data.records`); resumes if it can."""
     run = setup(config, len(source), normalization=normalization, mesh=mesh)
     mesh, mode = run.mesh, run.mode
     batch_size = config.train.batch_size
@@ -325,8 +328,8 @@ def train(
             checkpoints.wait()
             raise NonFiniteLossError(
                 f"the loss became NaN or Inf at or before step {step}; stopping. The last good "
-                f"checkpoint is step {last_good} in {checkpoints.directory} (lower the learning rate "
-                "or use float32 compute, then rerun to resume from it)."
+                f"checkpoint is step {last_good} in {checkpoints.directory} (lower the learning "
+                "rate or use float32 compute, then rerun to resume from it)."
             )
 
     try:
@@ -439,7 +442,7 @@ def _print_summary(results: dict, last_metrics) -> None:
 
 
 def run_task(config, workdir: str) -> dict:
-    """Task ``pretrain``: trains on the prepared records of the workdir (or ``config.data.data_dir``)."""
+    """Task ``pretrain``: trains on the records in the workdir or ``config.data.data_dir``."""
     from caco_jax.data import records
 
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
@@ -461,8 +464,8 @@ def run_task(config, workdir: str) -> dict:
 def ground_truth_agreement(config, workdir: str) -> dict:
     """For the synthetic archive: how often the final change labels match its ground truth.
 
-    A location counts as labelled changed when either of its items is. Returns {} when no ground truth
-    is known (a real archive) or the mode keeps no labels.
+    A location counts as labelled changed when either of its items is. Returns {} when no ground
+    truth is known (a real archive) or the mode keeps no labels.
     """
     from caco_jax.data import synthetic
 
@@ -487,7 +490,7 @@ def ground_truth_agreement(config, workdir: str) -> dict:
     truth_array = np.array([truth[k] for k in common])
     predicted_array = np.array([predicted[k] for k in common])
     agreement = float(np.mean(truth_array == predicted_array))
-    # Chance: the agreement of a labelling that is independent of the truth with the same positive rate.
+    # Chance: the agreement of a labelling independent of the truth with the same positive rate.
     rate, prior = predicted_array.mean(), truth_array.mean()
     chance = float(rate * prior + (1 - rate) * (1 - prior))
     return {

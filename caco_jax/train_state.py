@@ -1,8 +1,8 @@
 """The training state: one immutable pytree holding everything a resume needs.
 
-Parameters and BatchNorm statistics are kept as pure nested dicts (``nnx.to_pure_dict``), so the state is
-a plain pytree that `jax.shard_map`, optax and Orbax handle without knowing about NNX; `nnx.merge` with the
-static `Model.graphdef` turns them back into modules inside the step.
+Parameters and BatchNorm statistics are kept as pure nested dicts (``nnx.to_pure_dict``), so the
+state is a plain pytree that `jax.shard_map`, optax and Orbax handle without knowing about NNX;
+`nnx.merge` with the static `Model.graphdef` turns them back into modules inside the step.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class ContrastiveModel(nnx.Module):
 class Model:
     """The static half of a `ContrastiveModel` (its graph) for the query and the key side.
 
-    Both sides share parameter structure; they differ only in the BatchNorm axis (shuffle-BN runs the key
-    encoder per device while the query encoder may be synchronised).
+    Both sides share parameter structure; they differ only in the BatchNorm axis (shuffle-BN runs
+    the key encoder per device while the query encoder may be synchronised).
     """
 
     query_graphdef: Any
@@ -56,7 +56,7 @@ class Model:
 
 
 class TrainState(struct.PyTreeNode):
-    """Everything that changes during pretraining. Every leaf is an array, replicated over the mesh."""
+    """Everything that changes during pretraining; every leaf an array, replicated over the mesh."""
 
     step: jax.Array  # int32 scalar: optimizer steps taken
     rng: jax.Array  # uint32 [2]: the run's root key; per-step keys are folded from it and `step`
@@ -118,7 +118,7 @@ def make_optimizer(
     momentum: float,
     weight_decay: float,
 ) -> optax.GradientTransformation:
-    """torch.optim.SGD(momentum, weight_decay): the decay is added to the gradient before the momentum."""
+    """torch.optim.SGD(momentum, weight_decay): decay added to the gradient before the momentum."""
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         optax.sgd(learning_rate, momentum=momentum),

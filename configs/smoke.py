@@ -1,4 +1,4 @@
-r"""A seconds-long check that pretraining runs end to end: a tiny synthetic archive, a few CACo steps.
+r"""A quick check that pretraining runs end to end: a tiny synthetic archive, a few CACo steps.
 
   python run.py --config configs/smoke.py --workdir /tmp/caco_smoke
 
