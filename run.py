@@ -16,7 +16,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for outputs; default workdir/<config name>.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for outputs; default workdir/<config name>."
+)
 flags.mark_flags_as_required(["config"])
 
 

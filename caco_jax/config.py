@@ -1,8 +1,9 @@
 """The configuration schema shared by every config in `configs/`, and its validation.
 
-A config is an `ml_collections.ConfigDict` whose top-level `tasks` lists what `run.py` does, in order
-(see `caco_jax.tasks`). Each section below belongs to one stage of the data flow. `validate` checks
-the values before any work starts, so that a bad value fails at once with a message naming it.
+A config is an `ml_collections.ConfigDict` whose top-level `tasks` lists what `run.py` does, in
+order (see `caco_jax.tasks`). Each section below belongs to one stage of the data flow.
+`validate` checks the values before any work starts, so that a bad value fails at once with a
+message naming it.
 """
 
 from __future__ import annotations
@@ -335,9 +336,7 @@ def _validate_download(d: ml_collections.ConfigDict) -> None:
         "must be in [1, download.acquisitions_per_window]",
     )
     _check(0 <= d.max_scene_cloud <= 100, "download.max_scene_cloud", "in [0, 100]")
-    _check(
-        0 <= d.max_patch_cloud_fraction <= 1, "download.max_patch_cloud_fraction", "in [0, 1]"
-    )
+    _check(0 <= d.max_patch_cloud_fraction <= 1, "download.max_patch_cloud_fraction", "in [0, 1]")
     _check(d.cloud_mask in ("scl", "qa60"), "download.cloud_mask", "must be 'scl' or 'qa60'")
     _check(d.num_workers >= 1, "download.num_workers", "must be >= 1")
     _check(d.max_retries >= 0, "download.max_retries", "must be >= 0")

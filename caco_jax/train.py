@@ -274,6 +274,11 @@ def write_labels_csv(path, running, labels, location_ids=None) -> None:
             )
 
 
+def _epoch_metrics(metrics: dict) -> dict:
+    """The step metrics averaged per epoch: the loss and the accuracy per subspace."""
+    return {k: v for k, v in metrics.items() if k == "loss" or k.startswith("accuracy/")}
+
+
 def _host_metrics(metrics) -> dict[str, float]:
     return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
@@ -322,6 +327,8 @@ def train(
     window_start, window_steps = time.perf_counter(), 0
     first_metrics = last_metrics = None
     stopped_early = False
+    # Per-epoch means of the loss and accuracies, summed on the device (no host sync per step).
+    epoch_sums, epoch_steps, epochs = None, 0, []
 
     def check_finite(step):
         if not bool(jax.device_get(state.all_finite)):
@@ -339,6 +346,11 @@ def train(
                 state, metrics = run.train_step(state, batch)
                 done = step + 1
                 window_steps += 1
+                tracked = _epoch_metrics(metrics)
+                epoch_sums = (
+                    tracked if epoch_sums is None else jax.tree.map(jnp.add, epoch_sums, tracked)
+                )
+                epoch_steps += 1
                 if done % config.logging.every_steps == 0 or done == run.total_steps:
                     scalars = _host_metrics(metrics)
                     if not np.isfinite(scalars["loss"]):
@@ -351,10 +363,20 @@ def train(
                     first_metrics = first_metrics or scalars
                     last_metrics = scalars
                     progress.set_postfix(loss=f"{scalars['loss']:.3f}", refresh=False)
-                if mode.tracks_change and done % run.steps_per_epoch == 0:
+                if done % run.steps_per_epoch == 0:
                     epoch = done // run.steps_per_epoch - 1
-                    state, fraction = fit_labels(config, state, epoch, workdir, mesh, location_ids)
-                    writer.write(done, {"change/changed_fraction": fraction})
+                    means = {k: v / epoch_steps for k, v in _host_metrics(epoch_sums).items()}
+                    writer.write(done, {f"epoch/{k}": v for k, v in means.items()})
+                    # The raw loss grows while real keys replace the random initial queue; only
+                    # epochs that start with a full queue are comparable.
+                    full = (done - epoch_steps) * batch_size >= config.method.num_negatives
+                    epochs.append({"epoch": epoch + 1, "queue_full": full, **means})
+                    epoch_sums, epoch_steps = None, 0
+                    if mode.tracks_change:
+                        state, fraction = fit_labels(
+                            config, state, epoch, workdir, mesh, location_ids
+                        )
+                        writer.write(done, {"change/changed_fraction": fraction})
                 stop = guard.should_stop(done)
                 if checkpoints.due(done) or done == run.total_steps or stop:
                     check_finite(done)
@@ -383,6 +405,7 @@ def train(
         "encoder": encoder_dir,
         "first_loss": first_metrics and first_metrics["loss"],
         "final_loss": last_metrics and last_metrics["loss"],
+        "epochs": epochs,  # per completed epoch: mean loss and accuracies, queue_full
     }
     if mode.tracks_change:
         labels = np.asarray(jax.device_get(state.change["labels"]))
@@ -437,8 +460,29 @@ def _print_summary(results: dict, last_metrics) -> None:
         lines.append(f"  {last_metrics['samples_per_s']:.1f} samples/s")
     if "changed_fraction" in results:
         lines.append(f"  labelled changed: {100 * results['changed_fraction']:.1f}% of items")
+    lines.extend(_epoch_lines(results["epochs"]))
     lines.append(f"  encoder: {results['encoder']}")
     print("\n".join(lines), flush=True)
+
+
+def _epoch_lines(epochs: list[dict]) -> list[str]:
+    """One line per epoch, then the first against the last epoch that ran with a full queue."""
+
+    def describe(record):
+        accuracies = [f"{v:.2f}" for k, v in sorted(record.items()) if k.startswith("accuracy/")]
+        return f"loss {record['loss']:.3f}, accuracy per subspace {' '.join(accuracies)}"
+
+    lines = ["  per epoch (means over its steps; * = the queue held only real keys throughout):"]
+    for record in epochs:
+        mark = "*" if record["queue_full"] else " "
+        lines.append(f"    epoch {record['epoch']:3d}{mark} {describe(record)}")
+    full = [record for record in epochs if record["queue_full"]]
+    if len(full) >= 2:
+        lines.append(
+            f"  full-queue epochs {full[0]['epoch']} -> {full[-1]['epoch']}: "
+            f"{describe(full[0])} -> {describe(full[-1])}"
+        )
+    return lines if epochs else []
 
 
 def run_task(config, workdir: str) -> dict:
@@ -457,44 +501,63 @@ def run_task(config, workdir: str) -> dict:
         normalization=pipeline.normalization(config, source),
         location_ids=location_ids,
     )
-    results.update(ground_truth_agreement(config, workdir))
+    agreement = ground_truth_agreement(config, workdir)
+    if agreement and jax.process_index() == 0:
+        print(
+            f"  change labels vs the synthetic ground truth ({agreement['change_locations']} "
+            f"locations): agreement {agreement['change_agreement']:.2f} (chance "
+            f"{agreement['change_agreement_chance']:.2f}); P(r of a changed location > r of an "
+            f"unchanged one) {agreement['change_ratio_auc']:.2f} (chance 0.50)",
+            flush=True,
+        )
+    results.update(agreement)
     return results
 
 
 def ground_truth_agreement(config, workdir: str) -> dict:
-    """For the synthetic archive: how often the final change labels match its ground truth.
+    """For the synthetic archive: how well the final change labels match its ground truth.
 
-    A location counts as labelled changed when either of its items is. Returns {} when no ground
-    truth is known (a real archive) or the mode keeps no labels.
+    A location counts as labelled changed when either of its items is; its ratio r is the mean over
+    its seen items. Returns the agreement of the labels, the agreement a labelling independent of
+    the truth with the same changed rate would have (chance), and the probability that a changed
+    location has a higher r than an unchanged one (ROC AUC, threshold-free; chance 0.5). Returns {}
+    when no ground truth is known (a real archive) or the mode keeps no labels.
     """
     from caco_jax.data import synthetic
 
     labels_csv = os.path.join(workdir, "change", "labels.csv")
     folder = config.synthetic.output or os.path.join(workdir, "synthetic_archive")
-    truth_csv = os.path.join(folder, synthetic.ground_truth_name("clean_synthetic_geography"))
+    truth_csv = os.path.join(folder, synthetic.ground_truth_name(synthetic.DEFAULT_NAME))
     if not (os.path.exists(labels_csv) and os.path.exists(truth_csv)):
         return {}
-    with open(truth_csv) as f:
-        truth = {
-            row["location_id"]: row["changed"] in ("1", "True", "true") for row in csv.DictReader(f)
-        }
+    truth = {row.location_id: row.changed for row in synthetic.read_ground_truth(truth_csv)}
     predicted: dict[str, bool] = {}
+    ratios: dict[str, list[float]] = {}
     with open(labels_csv) as f:
         for row in csv.DictReader(f):
-            predicted[row["location_id"]] = (
-                predicted.get(row["location_id"], False) or row["changed"] == "1"
-            )
-    common = sorted(set(truth) & set(predicted))
+            name = row["location_id"]
+            predicted[name] = predicted.get(name, False) or row["changed"] == "1"
+            if row["seen"] == "1":
+                ratios.setdefault(name, []).append(float(row["r"]))
+    common = sorted(set(truth) & set(ratios))
     if not common:
         return {}
     truth_array = np.array([truth[k] for k in common])
     predicted_array = np.array([predicted[k] for k in common])
     agreement = float(np.mean(truth_array == predicted_array))
-    # Chance: the agreement of a labelling independent of the truth with the same positive rate.
     rate, prior = predicted_array.mean(), truth_array.mean()
     chance = float(rate * prior + (1 - rate) * (1 - prior))
     return {
         "change_agreement": agreement,
         "change_agreement_chance": chance,
+        "change_ratio_auc": ratio_auc(np.array([np.mean(ratios[k]) for k in common]), truth_array),
         "change_locations": len(common),
     }
+
+
+def ratio_auc(ratios: np.ndarray, changed: np.ndarray) -> float:
+    """P(ratio of a changed location > that of an unchanged one), ties half; NaN without both."""
+    higher = ratios[changed][:, None] - ratios[~changed][None, :]
+    if not higher.size:
+        return float("nan")
+    return float(np.mean((higher > 0) + 0.5 * (higher == 0)))

@@ -1,4 +1,4 @@
-"""Test-wide settings: 8 simulated CPU devices, so that multi-device code is tested without a GPU."""
+"""Test-wide settings: 8 simulated CPU devices, so multi-device code is tested without a GPU."""
 
 import os
 

@@ -1,8 +1,8 @@
 """Facts of the published CACo archive layout (SPEC section 1), shared by every reader and writer.
 
-An archive holds one folder per location; each location holds one folder per Sentinel-2 acquisition,
-named by the Earth Engine product id, whose first 15 characters are the sensing time. Each acquisition
-folder holds 12 single-band uint8 GeoTIFFs and a ``metadata.json``.
+An archive holds one folder per location; each location holds one folder per Sentinel-2
+acquisition, named by the Earth Engine product id, whose first 15 characters are the sensing
+time. Each acquisition folder holds 12 single-band uint8 GeoTIFFs and a ``metadata.json``.
 """
 
 from __future__ import annotations
@@ -102,16 +102,18 @@ class GeoBox:
         return cls(lon - half_lon, lat - half_lat, lon + half_lon, lat + half_lat)
 
 
-def write_band_geotiff(path, pixels, box: GeoBox, jpeg_quality: int = 95) -> None:
+def write_band_geotiff(path, pixels, box: GeoBox, jpeg_quality: int = 75) -> None:
     """Writes one band as the published archives store it: a single-band uint8 GeoTIFF written by
-    GDAL, JPEG-compressed, in geographic lat/lon (EPSG:4326) with an affine transform."""
+    GDAL, JPEG-compressed, in geographic lat/lon (EPSG:4326) with an affine transform.
+
+    The default quality, 75, is GDAL's own default for JPEG-compressed GeoTIFFs."""
     import numpy as np
     import rasterio
     from rasterio.transform import from_bounds
 
     pixels = np.asarray(pixels)
     if pixels.ndim != 2 or pixels.dtype != np.uint8:
-        raise ValueError(f"{path}: a band must be a 2-D uint8 array, got {pixels.dtype}{pixels.shape}")
+        raise ValueError(f"{path}: a band must be 2-D uint8, got {pixels.dtype}{pixels.shape}")
     height, width = pixels.shape
     profile = dict(
         driver="GTiff",
