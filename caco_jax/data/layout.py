@@ -108,23 +108,40 @@ def write_band_geotiff(path, pixels, box: GeoBox, jpeg_quality: int = 75) -> Non
 
     The default quality, 75, is GDAL's own default for JPEG-compressed GeoTIFFs."""
     import numpy as np
-    import rasterio
-    from rasterio.transform import from_bounds
 
     pixels = np.asarray(pixels)
     if pixels.ndim != 2 or pixels.dtype != np.uint8:
         raise ValueError(f"{path}: a band must be 2-D uint8, got {pixels.dtype}{pixels.shape}")
-    height, width = pixels.shape
+    _write_geotiff(path, pixels[None], box, jpeg_quality)
+
+
+def write_preview_geotiff(path, rgb, box: GeoBox, jpeg_quality: int = 75) -> None:
+    """Writes the RGB preview that sits beside each acquisition folder: a 3-band uint8 JPEG
+    GeoTIFF, `rgb` being [3, H, W] = (B4, B3, B2) already stretched to [0, 255]."""
+    import numpy as np
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"{path}: a preview must be [3, H, W] uint8, got {rgb.dtype}{rgb.shape}")
+    _write_geotiff(path, rgb, box, jpeg_quality, photometric="RGB")
+
+
+def _write_geotiff(path, bands, box: GeoBox, jpeg_quality: int, **creation_options) -> None:
+    import rasterio
+    from rasterio.transform import from_bounds
+
+    count, height, width = bands.shape
     profile = dict(
         driver="GTiff",
         height=height,
         width=width,
-        count=1,
+        count=count,
         dtype="uint8",
         crs="EPSG:4326",
         transform=from_bounds(box.west, box.south, box.east, box.north, width, height),
         compress="JPEG",
         jpeg_quality=jpeg_quality,
+        **creation_options,
     )
     with rasterio.open(path, "w", **profile) as dst:
-        dst.write(pixels, 1)
+        dst.write(bands)

@@ -724,23 +724,8 @@ def _to_bands(reflectance: np.ndarray, rng: np.random.Generator) -> dict[str, np
 def _write_preview(path: str, rgb: np.ndarray, box: layout.GeoBox) -> None:
     """The RGB preview SeCo's downloader writes beside each acquisition folder: (B4, B3, B2)
     stretched from [0, 0.3] reflectance to [0, 255], a 3-band uint8 JPEG GeoTIFF."""
-    import rasterio
-    from rasterio.transform import from_bounds
-
     stretched = np.clip(rgb.astype(np.float32) / 0.3, 0, 255).astype(np.uint8)
-    profile = dict(
-        driver="GTiff",
-        height=rgb.shape[1],
-        width=rgb.shape[2],
-        count=3,
-        dtype="uint8",
-        crs="EPSG:4326",
-        transform=from_bounds(box.west, box.south, box.east, box.north, rgb.shape[2], rgb.shape[1]),
-        compress="JPEG",
-        jpeg_quality=_JPEG_QUALITY,
-    )
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(stretched)
+    layout.write_preview_geotiff(path, stretched, box, jpeg_quality=_JPEG_QUALITY)
 
 
 def _write_location(root: str, plan: LocationPlan, seed: int) -> None:

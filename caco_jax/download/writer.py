@@ -86,26 +86,9 @@ def write_location(
 
 
 def _write_preview(path: str, image: Image) -> None:
-    import rasterio
-    from rasterio.transform import from_bounds
-
     rgb = np.stack([image.bands[band] for band in layout.RGB_BANDS]).astype(np.float32)
     rgb = (np.clip(rgb, 0.0, PREVIEW_MAX) / PREVIEW_MAX * 255.0).astype(np.uint8)
-    _, height, width = rgb.shape
-    box = image.box
-    profile = dict(
-        driver="GTiff",
-        height=height,
-        width=width,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:4326",
-        transform=from_bounds(box.west, box.south, box.east, box.north, width, height),
-        compress="JPEG",
-        photometric="RGB",
-    )
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(rgb)
+    layout.write_preview_geotiff(path, rgb, image.box)
 
 
 def _fsync(path: str) -> None:
