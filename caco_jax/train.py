@@ -225,7 +225,7 @@ def fit_labels(config, state: TrainState, epoch: int, workdir: str, mesh, locati
         folder = os.path.join(workdir, "change")
         seen = running.seen
         change_lib.save_change_histograms(
-            os.path.join(folder, f"histogram_epoch={epoch + 1:03d}.png"),
+            os.path.join(folder, f"histogram_epoch={epoch:03d}.png"),
             running.values[seen, change_lib.LONG_TERM],
             running.values[seen, change_lib.SHORT_TERM],
             running.values[seen, change_lib.RATIO],

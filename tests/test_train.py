@@ -196,7 +196,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
         final_state(tmp_path / "straight"),
     )
     assert os.path.exists(tmp_path / "straight" / "encoder")
-    assert os.path.exists(tmp_path / "straight" / "change" / "histogram_epoch=001.png")
+    assert os.path.exists(tmp_path / "straight" / "change" / "histogram_epoch=000.png")
 
 
 def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path):
