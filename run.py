@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -28,6 +29,9 @@ def main(argv):
     from caco_jax import config as config_lib
     from caco_jax import tasks
 
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax and grain log every checkpoint operation at INFO; `--verbosity=0` shows them.
+        logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     try:
         config_lib.validate(config)
@@ -37,7 +41,7 @@ def main(argv):
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     )
     os.makedirs(workdir, exist_ok=True)
-    logging.info("workdir: %s", os.path.abspath(workdir))
+    print(f"workdir: {os.path.abspath(workdir)}", flush=True)
     results = {}
     for name in config.tasks:
         start = time.perf_counter()
@@ -49,5 +53,16 @@ def main(argv):
     print(json.dumps(results, indent=2, default=str))
 
 
+def parse_flags(argv):
+    """absl's parser, with one-line errors for bad flags and overrides of missing config keys."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"run.py: {error}")
+    except (KeyError, AttributeError) as error:
+        key = str(error).strip("\"'")
+        sys.exit(f"run.py: a --config.* override names {key!r}, which the config does not have")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

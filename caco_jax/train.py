@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -318,7 +317,7 @@ def train(
         state = checkpoints.restore(
             resumed_from, abstract_state(state, mesh), data_iterator=iterator
         )
-        logging.info("resumed from checkpoint step %d", resumed_from)
+        print(f"resumed from checkpoint step {resumed_from}", flush=True)
     start_step = int(jax.device_get(state.step))
     last_good = resumed_from
 
