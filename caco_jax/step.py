@@ -211,7 +211,10 @@ def make_per_device_step(
             opt_state=opt_state,
             queue={"keys": keys, "pointer": pointer},
             change=change,
-            all_finite=state.all_finite & jnp.isfinite(loss),
+            # The parameters too: a finite loss can still be followed by an update to Inf.
+            all_finite=state.all_finite
+            & jnp.isfinite(loss)
+            & jnp.isfinite(optax.global_norm(query_params)),
         )
         return new_state, metrics
 

@@ -48,7 +48,7 @@ from caco_jax.train_state import (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or Inf; the run stops and no checkpoint of the bad state is written."""
+    """The loss or the parameters became NaN or Inf; the run stops, no bad state is saved."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,10 +332,14 @@ def train(
     def check_finite(step):
         if not bool(jax.device_get(state.all_finite)):
             checkpoints.wait()
+            kept = (
+                f"The last good checkpoint is step {last_good} in {checkpoints.directory}"
+                if last_good is not None
+                else "No checkpoint was written"
+            )
             raise NonFiniteLossError(
-                f"the loss became NaN or Inf at or before step {step}; stopping. The last good "
-                f"checkpoint is step {last_good} in {checkpoints.directory} (lower the learning "
-                "rate or use float32 compute, then rerun to resume from it)."
+                f"the loss or the parameters became NaN or Inf at or before step {step}; "
+                f"stopping. {kept} (lower the learning rate or use float32 compute, then rerun)."
             )
 
     try:

@@ -199,6 +199,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert os.path.exists(tmp_path / "straight" / "change" / "histogram_epoch=000.png")
 
 
+def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    mesh = step_lib.data_mesh(jax.devices()[:1])
+    config = tiny_config(max_steps=1)
+    config.checkpoint.every_steps = 1
+    train.train(config, str(tmp_path), fake_source(), arrays_fn=dict, mesh=mesh)
+    # Resumed with a learning rate of 1e38: the next update sends the parameters to Inf.
+    config.train.max_steps = 3
+    config.train.base_learning_rate = 1e38
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 1"):
+        train.train(config, str(tmp_path), fake_source(), arrays_fn=dict, mesh=mesh)
+    checkpoints = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), every_steps=1, keep=3)
+    assert checkpoints.latest_step() == 1  # nothing of the bad state was saved
+    checkpoints.close()
+
+
 def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path):
     config = tiny_config()
     mesh8 = step_lib.data_mesh()
