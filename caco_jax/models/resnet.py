@@ -114,6 +114,14 @@ def downsample_or_none(in_channels, out_channels, stride, *, dtype, bn_axis_name
     )
 
 
+def apply_shortcut(downsample, x):
+    """The block input through its projection shortcut, or unchanged when it has none."""
+    if downsample is not None:
+        for layer in downsample:
+            x = layer(x)
+    return x
+
+
 class BasicBlock(nnx.Module):
     """Two 3x3 convolutions (ResNet-18/34)."""
 
@@ -130,10 +138,7 @@ class BasicBlock(nnx.Module):
         )
 
     def __call__(self, x):
-        shortcut = x
-        if self.downsample is not None:
-            for layer in self.downsample:
-                shortcut = layer(shortcut)
+        shortcut = apply_shortcut(self.downsample, x)
         y = nnx.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
         return nnx.relu(y + shortcut)
@@ -157,10 +162,7 @@ class Bottleneck(nnx.Module):
         )
 
     def __call__(self, x):
-        shortcut = x
-        if self.downsample is not None:
-            for layer in self.downsample:
-                shortcut = layer(shortcut)
+        shortcut = apply_shortcut(self.downsample, x)
         y = nnx.relu(self.bn1(self.conv1(x)))
         y = nnx.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
