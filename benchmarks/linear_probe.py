@@ -12,12 +12,15 @@ warm-up epoch. `--full` also times the paper's 100 epochs with the scan version.
 import argparse
 import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from caco_jax.evaluators import linear_probe
 

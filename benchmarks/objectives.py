@@ -17,7 +17,7 @@ times with ``block_until_ready``: the fastest and the median wall time, and the 
 time (all threads, the figure least sensitive to other jobs on a shared machine). Prints the
 machine, then a table and the ratios. Run:
 
-    PYTHONPATH=. .venv/bin/python benchmarks/objectives.py [--batch 256 --image-size 224]
+    .venv/bin/python benchmarks/objectives.py [--batch 256 --image-size 224]
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from caco_jax import objectives
 from caco_jax.models.resnet import ResNet

@@ -9,8 +9,9 @@ r"""Preparing records from a synthetic archive vs. plain extraction (the floor);
    builder preparing the same archive into array_record records (streaming, no extraction), and
    prints both wall times, their ratio, and locations/s.
 3. Compares pixel encodings of the `rgb` records on --encoding_locations locations: bytes on disk
-   per record (array_record file, as TFDS writes it) and the time to encode+serialize (in the
-   builder's parent process) and to read+decode one record.
+   per record (array_record file, as the builder writes it) and the time to encode+serialize (in
+   the builder's workers) and to read+decode one record; and the CPU per location of each stage
+   of preparation, with the array_record compression options compared.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _NUM_LOCATIONS = flags.DEFINE_integer("num_locations", 300, "Locations in the synthetic archive.")
 _ARCHIVE_DIR = flags.DEFINE_string("archive_dir", "/tmp/caco_bench", "Where the archive is cached.")
@@ -168,7 +172,7 @@ def compare_encodings(tar_path: str, num_locations: int) -> None:
     from PIL import Image
     from rasterio.io import MemoryFile
 
-    from caco_jax.data import archive, builder, layout
+    from caco_jax.data import archive, builder, layout, shard_writer
 
     keep = frozenset({layout.METADATA_FILE, *(layout.band_file(b) for b in layout.RGB_BANDS)})
     # Where the CPU goes per location, one stage at a time in this process.
@@ -189,16 +193,27 @@ def compare_encodings(tar_path: str, num_locations: int) -> None:
     rgb_features = builder.CacoGeography(config="rgb", data_dir=tempfile.gettempdir()).info.features
     start = time.process_time()
     serialized = [rgb_features.serialize_example(e) for e in examples]
-    cpu["TFDS encode + serialize (parent)"] = time.process_time() - start
+    cpu["TFDS encode + serialize (workers)"] = time.process_time() - start
+    compression = {}
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.process_time()
-        writer = array_record_module.ArrayRecordWriter(os.path.join(tmp, "r"), "group_size:1")
-        for s in serialized:
-            writer.write(s)
-        writer.close()
-        cpu["array_record write, zstd (parent, after the last location)"] = (
-            time.process_time() - start
-        )
+        for options in (shard_writer.RECORD_OPTIONS, "group_size:1", "group_size:1,snappy"):
+            path = os.path.join(tmp, "r")
+            start = time.process_time()
+            writer = array_record_module.ArrayRecordWriter(path, options)
+            for s in serialized:
+                writer.write(s)
+            writer.close()
+            written = time.process_time() - start
+            reader = array_record_module.ArrayRecordReader(path)
+            start = time.process_time()
+            for i in range(len(serialized)):
+                reader.read([i])
+            read = time.process_time() - start
+            reader.close()
+            compression[options] = (written, read, os.path.getsize(path))
+    cpu[f"array_record write, `{shard_writer.RECORD_OPTIONS}` (workers)"] = compression[
+        shard_writer.RECORD_OPTIONS
+    ][0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(f"gzip -dc {tar_path} > /dev/null", shell=True, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -209,6 +224,15 @@ def compare_encodings(tar_path: str, num_locations: int) -> None:
     print("|---|---|")
     for stage, seconds in cpu.items():
         print(f"| {stage} | {seconds / len(locations) * 1e3:.1f} |")
+    print("\narray_record options for the serialized rgb records (group_size:1 = TFDS's, zstd:3):")
+    print("| options | write CPU ms/record | read CPU ms/record | MiB per record |")
+    print("|---|---|---|---|")
+    for options, (written, read, size) in compression.items():
+        n = len(serialized)
+        print(
+            f"| `{options}` | {written / n * 1e3:.1f} | {read / n * 1e3:.1f} | "
+            f"{size / n / 2**20:.3f} |"
+        )
     raw_bytes = sum(a["rgb"].nbytes for e in examples for a in e["acquisitions"]) / len(examples)
 
     def png(pixels):
@@ -267,7 +291,7 @@ def compare_encodings(tar_path: str, num_locations: int) -> None:
                     )
                 )
             encode_ms = (time.perf_counter() - start) / len(examples) * 1e3
-            writer = array_record_module.ArrayRecordWriter(path, "group_size:1")  # as TFDS writes
+            writer = array_record_module.ArrayRecordWriter(path, shard_writer.RECORD_OPTIONS)
             for s in serialized:
                 writer.write(s)
             writer.close()

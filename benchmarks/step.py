@@ -20,6 +20,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from caco_jax import config as config_lib
 from caco_jax import train

@@ -24,12 +24,12 @@ from test_archive import (
 )
 
 from caco_jax import config as config_lib
-from caco_jax.data import archive, builder, layout, records
+from caco_jax.data import archive, builder, layout, records, shard_writer
 
 
-def prepare(manual_dir, data_dir, config="rgb", **kwargs):
+def prepare(manual_dir, data_dir, config="rgb", num_workers=2, **kwargs):
     prepared = builder.CacoGeography(
-        config=config, data_dir=os.fspath(data_dir), num_workers=2, **kwargs
+        config=config, data_dir=os.fspath(data_dir), num_workers=num_workers, **kwargs
     )
     prepared.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
@@ -246,11 +246,23 @@ def test_peak_memory_of_streaming_does_not_grow_with_the_archive(tmp_path):
     for n in (10, 40):
         tar = replicated_tar(tmp_path / "one" / "000000", n, tmp_path / f"a{n}.tar.gz")
         locations = archive.read_locations(archive.find_archive(tar), RGB_KEEP)
+        written = []
+        out = tmp_path / f"shards{n}"
+        out.mkdir()
         tracemalloc.start()
-        count = sum(1 for _ in builder.decode_in_workers(locations, RGB_GROUPS, num_workers=2))
+        shards = shard_writer.write_shards(
+            locations,
+            groups=RGB_GROUPS,
+            features=builder.location_features(RGB_GROUPS),
+            directory=os.fspath(out),
+            prefix="records",
+            num_workers=2,
+            on_location=written.append,
+        )
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert count == n
+        assert [w.decoded.location_id for w in written] == [f"{i:06d}" for i in range(n)]
+        assert sum(shard.num_records for shard in shards) == n
     location_bytes = 10 * 264 * 264 * 3  # one decoded location
     assert peaks[40] < 1.3 * peaks[10] + location_bytes
     assert peaks[40] < 12 * location_bytes  # far below the 40 locations streamed

@@ -6,30 +6,33 @@
 
 ARCHIVE holds the `.tar.gz`, the `*_part*` files or the extracted folder (see archive.py); nothing
 is extracted. The parent process streams the archive and ships one location's raw bytes at a time to
-worker processes that decode the GeoTIFFs; at most `2 * num_workers` locations are in flight, so
-memory does not grow with the archive (TFDS's own writer buffers at most 1 GB of records before it
-spills them to disk).
+worker processes that decode the GeoTIFFs and write the records into their own array_record shards
+(shard_writer.py); a few locations per worker are in flight, so memory does not grow with the
+archive. The builder is a `FileReaderBuilder` with its own `_download_and_prepare` because TFDS's
+generator path funnels every record through the parent and compresses them all in one thread after
+the last location, which made preparing 2-2.4x slower than `tar -xzf` (BENCHMARKS.md).
 
 Every skipped location and acquisition is written to `skip_report.tsv` beside the records, the
 totals and the source archive go into the dataset's metadata (`metadata.json`), and the build fails,
-leaving no dataset behind, when more than `max_skip_fraction` of the locations are skipped.
+leaving no dataset behind, when more than `max_skip_fraction` of the locations are skipped. TFDS
+writes into a temporary folder and renames it when the build succeeds, so an interrupted build never
+leaves a dataset that looks prepared.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import csv
 import dataclasses
-import multiprocessing
 import os
 from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from tensorflow_datasets.core import dataset_builder
 
-from caco_jax.data import archive, layout
+from caco_jax.data import archive, layout, shard_writer
 
 SKIP_REPORT = "skip_report.tsv"
 # Where the report of a build that failed for too many skips goes, beside the version folders.
@@ -64,7 +67,28 @@ def pixel_features(groups) -> dict:
     }
 
 
-class CacoGeography(tfds.core.GeneratorBasedBuilder):
+def location_features(groups) -> tfds.features.FeaturesDict:
+    """One record: a location and its acquisitions, with the pixels of `groups`."""
+    acquisition = {
+        "product_id": tfds.features.Text(doc="acquisition folder name (Earth Engine id)"),
+        "date": tfds.features.Text(doc="sensing time, ISO YYYY-MM-DDTHH:MM:SS"),
+        "window": tfds.features.Scalar(np.int64, doc="0 early, 1 late"),
+        "cloud": tfds.features.Scalar(np.float32, doc="CLOUDY_PIXEL_PERCENTAGE, NaN if unknown"),
+        **pixel_features(groups),
+    }
+    return tfds.features.FeaturesDict(
+        {
+            "location_id": tfds.features.Text(doc="location folder name"),
+            "lat": tfds.features.Scalar(np.float32, doc="centre latitude (degrees)"),
+            "lon": tfds.features.Scalar(np.float32, doc="centre longitude (degrees)"),
+            "acquisitions": tfds.features.Sequence(acquisition),
+        }
+    )
+
+
+# FileReaderBuilder (the base of GeneratorBasedBuilder, not re-exported by tfds.core) reads the
+# records like any TFDS dataset and leaves writing them to `_download_and_prepare`.
+class CacoGeography(dataset_builder.FileReaderBuilder):
     """The locations of a CACo archive (10k, 100k, 1m or the synthetic one), both windows each."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -105,15 +129,6 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        acquisition = {
-            "product_id": tfds.features.Text(doc="acquisition folder name (Earth Engine id)"),
-            "date": tfds.features.Text(doc="sensing time, ISO YYYY-MM-DDTHH:MM:SS"),
-            "window": tfds.features.Scalar(np.int64, doc="0 early, 1 late"),
-            "cloud": tfds.features.Scalar(
-                np.float32, doc="CLOUDY_PIXEL_PERCENTAGE, NaN if unknown"
-            ),
-            **pixel_features(self.builder_config.pixel_groups),
-        }
         return self.dataset_info_from_configs(
             description=(
                 "CACo (Mall et al., CVPR 2023) pretraining locations: per location its id, "
@@ -123,42 +138,61 @@ class CacoGeography(tfds.core.GeneratorBasedBuilder):
                 "The source archive, counts and skips are in the metadata; skipped locations and "
                 f"acquisitions are listed in {SKIP_REPORT} beside the records."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "location_id": tfds.features.Text(doc="location folder name"),
-                    "lat": tfds.features.Scalar(np.float32, doc="centre latitude (degrees)"),
-                    "lon": tfds.features.Scalar(np.float32, doc="centre longitude (degrees)"),
-                    "acquisitions": tfds.features.Sequence(acquisition),
-                }
-            ),
+            features=location_features(self.builder_config.pixel_groups),
             homepage="https://github.com/utkarshmall13/CACo",
             metadata=tfds.core.MetadataDict(),
+            # Records are in archive order (interleaved over shard_writer.LANES), not hashed.
+            disable_shuffling=True,
         )
 
-    def _split_generators(self, dl_manager):
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        del download_config
         source = archive.find_archive(self._archive_path or dl_manager.manual_dir)
-        return {"train": self._generate_examples(source)}
-
-    def _generate_examples(self, source: archive.ArchiveSource):
         groups = self.builder_config.pixel_groups
         keep = frozenset(
             {layout.METADATA_FILE} | {layout.band_file(b) for g in groups.values() for b in g}
         )
         progress = archive.ReadProgress()
         report = SkipReport()
-        locations = archive.read_locations(source, keep, progress)
-        bar = tqdm.tqdm(desc=f"Reading {source.label}", unit=" locations", mininterval=1)
+        template = self._get_filename_template(split_name="train")
+        bar = tqdm.tqdm(desc=f"Preparing {source.label}", unit=" locations", mininterval=1)
+
+        def on_location(written: shard_writer.WrittenLocation) -> None:
+            report.add(written)
+            bar.update(1)
+            if source.total_bytes:
+                bar.set_postfix(
+                    read=f"{progress.bytes_read / source.total_bytes:.0%}", refresh=False
+                )
+
         with bar:
-            for decoded in decode_in_workers(locations, groups, self._num_workers):
-                report.add(decoded)
-                if decoded.example is not None:
-                    yield decoded.location_id, decoded.example
-                bar.update(1)
-                if source.total_bytes:
-                    bar.set_postfix(
-                        read=f"{progress.bytes_read / source.total_bytes:.0%}", refresh=False
-                    )
+            shards = shard_writer.write_shards(
+                archive.read_locations(source, keep, progress),
+                groups=groups,
+                features=self.info.features,
+                directory=os.fspath(self.data_path),
+                prefix=os.path.basename(template.filepath_prefix()),
+                num_workers=self._num_workers,
+                on_location=on_location,
+            )
         self._finish(source, report)
+        self._name_shards(template, shards)
+
+    def _name_shards(self, template, shards: list[shard_writer.Shard]) -> None:
+        """Renames the workers' shard files to TFDS's names and records the train split."""
+        paths = [
+            os.fspath(template.sharded_filepath(shard_index=index, num_shards=len(shards)))
+            for index in range(len(shards))
+        ]
+        for shard, path in zip(shards, paths, strict=True):
+            os.replace(shard.path, path)
+        split = tfds.core.SplitInfo(
+            name="train",
+            shard_lengths=[shard.num_records for shard in shards],
+            num_bytes=sum(os.path.getsize(path) for path in paths),
+            filename_template=template,
+        )
+        self.info.set_splits(tfds.core.SplitDict([split]))
 
     def _finish(self, source: archive.ArchiveSource, report: SkipReport) -> None:
         """Writes the report and provenance, or fails (leaving no dataset) on too many skips."""
@@ -202,16 +236,17 @@ class SkipReport:
         self.ignored_files = 0
         self.split_rules = collections.Counter()
 
-    def add(self, decoded: archive.DecodedLocation) -> None:
+    def add(self, written: shard_writer.WrittenLocation) -> None:
+        decoded = written.decoded
         self.num_locations += 1
         self.ignored_files += decoded.ignored
         for product_id, action, reason in decoded.issues:
             self.rows.append((decoded.location_id, product_id, action, reason))
-        if decoded.example is None:
+        if decoded.skip_reason:
             self.rows.append((decoded.location_id, "", "location skipped", decoded.skip_reason))
         else:
             self.num_kept += 1
-            self.num_acquisitions += len(decoded.example["acquisitions"])
+            self.num_acquisitions += written.num_acquisitions
             self.split_rules[decoded.split_rule] += 1
 
     @property
@@ -251,34 +286,6 @@ class SkipReport:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(self.COLUMNS)
             writer.writerows(self.rows)
-
-
-def decode_in_workers(locations, groups, num_workers: int):
-    """`archive.decode_location` over `locations` in worker processes, results in input order, with
-    at most 2 * num_workers locations submitted and not yet consumed."""
-    # forkserver, not fork: the parent may run JAX's threads; the server forks cheap workers.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["caco_jax.data.archive", "rasterio"])
-    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
-    pending = collections.deque()
-
-    def oldest():
-        location_id, future = pending.popleft()
-        try:
-            return future.result()
-        except Exception as error:  # a worker's bug or death: name the location it was decoding
-            raise RuntimeError(f"decoding location {location_id} failed: {error!r}") from error
-
-    try:
-        for location in locations:
-            future = pool.submit(archive.decode_location, location, groups)
-            pending.append((location.location_id, future))
-            if len(pending) >= 2 * num_workers:
-                yield oldest()
-        while pending:
-            yield oldest()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prepared_archive_path(config, workdir: str) -> str:

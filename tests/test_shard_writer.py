@@ -1,0 +1,77 @@
+"""Writing records in worker processes (data/shard_writer.py): layout, order and failures."""
+
+import multiprocessing
+import os
+import signal
+
+import pytest
+from test_archive import EARLY, LATE, RGB_GROUPS, RGB_KEEP, write_location
+from test_builder import prepare, replicated_tar
+
+from caco_jax.data import archive, builder, records, shard_writer
+
+
+@pytest.fixture(scope="module")
+def seven_locations(tmp_path_factory):
+    """A tar.gz of 7 copies of one location, ids 000000..000006."""
+    root = tmp_path_factory.mktemp("seven")
+    write_location(root / "one", "000000", EARLY + LATE)
+    manual = root / "manual"
+    manual.mkdir()
+    replicated_tar(root / "one" / "000000", 7, manual / "caco10k.tar.gz")
+    return manual
+
+
+def test_shard_layout_and_record_order_do_not_depend_on_the_number_of_workers(
+    seven_locations, tmp_path, monkeypatch
+):
+    # 3 lanes of 2 locations per shard: location n -> lane n % 3, piece n // 6.
+    monkeypatch.setattr(shard_writer, "LANES", 3)
+    monkeypatch.setattr(shard_writer, "LOCATIONS_PER_SHARD", 2)
+    for num_workers in (1, 2):
+        data_dir = tmp_path / f"workers{num_workers}"
+        prepared = prepare(seven_locations, data_dir, num_workers=num_workers)
+        source = records.open_records(os.fspath(data_dir))
+        order = [records.location_arrays(source[i])["location_id"] for i in range(len(source))]
+        assert order == ["000000", "000003", "000001", "000004", "000002", "000005", "000006"]
+        assert prepared.info.splits["train"].shard_lengths == [2, 2, 2, 1]
+        names = sorted(os.listdir(prepared.data_path))
+        assert [n for n in names if ".array_record-" in n] == [
+            f"caco_geography-train.array_record-{i:05d}-of-00004" for i in range(4)
+        ]
+        assert not [n for n in names if n.endswith(".tmp")]
+
+
+def _write(tar, out, on_location, features=None):
+    return shard_writer.write_shards(
+        archive.read_locations(archive.find_archive(tar), RGB_KEEP),
+        groups=RGB_GROUPS,
+        features=features or builder.location_features(RGB_GROUPS),
+        directory=os.fspath(out),
+        prefix="records",
+        num_workers=2,
+        on_location=on_location,
+    )
+
+
+def test_an_error_in_a_worker_stops_the_build_and_names_the_location(seven_locations, tmp_path):
+    # Records that do not fit the features make the worker raise: a bug, not a bad file.
+    wrong = builder.location_features(builder.PIXEL_GROUPS["all_bands"])
+    with pytest.raises(shard_writer.WorkerError, match=r"decoding location 0000\d\d failed"):
+        _write(seven_locations / "caco10k.tar.gz", tmp_path, lambda _: None, wrong)
+
+
+def test_a_killed_worker_stops_the_build_and_names_its_locations(seven_locations, tmp_path):
+    def kill_a_worker(written):
+        del written
+        workers = [
+            p for p in multiprocessing.active_children() if p.name.startswith("caco-shard-writer")
+        ]
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+
+    with pytest.raises(
+        shard_writer.WorkerError,
+        match=r"worker \d died \(exit code .*\) while decoding location\(s\) 0000",
+    ):
+        _write(seven_locations / "caco10k.tar.gz", tmp_path, kill_a_worker)
