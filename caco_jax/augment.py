@@ -14,7 +14,8 @@ op by op:
 3. P: torchvision's ``RandomResizedCrop(224, scale=(0.2, 1), ratio=(3/4, 4/3))`` box sampling
    (10 tries, then the centre-crop fallback), resampled like PIL's bilinear resize of the cropped
    image (triangle filter widened by the downscale factor, i.e. antialiased, weights renormalised
-   inside the crop).
+   inside the crop), as two matrix products with per-image [crop, H] and [crop, W] resize matrices.
+   For P(A(t)) the blur and flip, linear and last in A, are folded into those matrices.
 4. ImageNet mean/std (or the per-band statistics of ``all_bands``).
 
 Views per mode (``make_views``): caco/teco/seco: ``q = P(t0), k0 = P(A(t1)), k1 = P(t2),
@@ -142,11 +143,21 @@ def _is_rgb(img: jax.Array) -> bool:
     return img.shape[-1] == 3
 
 
+def _luma(img: jax.Array) -> jax.Array:
+    """[H, W, 1] torchvision luma 0.2989 R + 0.587 G + 0.114 B.
+
+    Written out rather than as a dot over the channels: XLA fuses it into the surrounding
+    elementwise ops instead of running a separate matrix-vector product per use.
+    """
+    red, green, blue = img[..., 0:1], img[..., 1:2], img[..., 2:3]
+    return 0.2989 * red + 0.587 * green + 0.114 * blue
+
+
 def grayscale(img: jax.Array) -> jax.Array:
-    """torchvision's rgb_to_grayscale (0.2989 R + 0.587 G + 0.114 B), repeated to 3 channels."""
+    """torchvision's rgb_to_grayscale, repeated to 3 channels."""
     if not _is_rgb(img):
         return img
-    return jnp.broadcast_to(pix.rgb_to_grayscale(img), img.shape)
+    return jnp.broadcast_to(_luma(img), img.shape)
 
 
 # Brightness, contrast and saturation are each a blend clip(a x + b mean(gray(x)) + c gray(x)) with
@@ -157,7 +168,7 @@ def grayscale(img: jax.Array) -> jax.Array:
 def _gray(img: jax.Array) -> jax.Array:
     """[H, W, 1] grey level: luma for RGB, the band mean otherwise (only its image mean is used)."""
     if _is_rgb(img):
-        return pix.rgb_to_grayscale(img)
+        return _luma(img)
     return jnp.mean(img, axis=-1, keepdims=True)
 
 
@@ -240,19 +251,66 @@ def color_jitter(u: jax.Array, img: jax.Array, strengths) -> jax.Array:
 # ----------------------------------------------------------------------------- blur, flip
 
 
-def gaussian_blur(img: jax.Array, sigma, radius: int) -> jax.Array:
-    """Separable Gaussian of std `sigma`, taps within `radius`, edges replicated (as PIL's blur)."""
+def _gaussian_weights(sigma, radius: int) -> jax.Array:
     offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
     weights = jnp.exp(-0.5 * jnp.square(offsets / sigma))
-    weights = weights / jnp.sum(weights)
+    return weights / jnp.sum(weights)
+
+
+def _separable(img: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """rows [h, H] @ img [H, W, C] @ cols [w, W]^T per channel -> [h, w, C]: any separable linear
+    map of an image (resize, blur, flip) as two matrix products (BLAS / MXU work, no gathers).
+
+    Rows first: that product contracts the image's leading axis (a plain matrix product over
+    [H, W * C]) and, for a downscaling crop, shrinks the image before the second one.
+    """
+    shrunk = jnp.einsum("oh,hwc->owc", rows, img, precision=_HIGHEST)
+    return jnp.einsum("pw,owc->opc", cols, shrunk, precision=_HIGHEST)
+
+
+def _times_blur_matrix(matrix: jax.Array, weights: jax.Array) -> jax.Array:
+    """matrix [n, N] @ G, G the [N, N] matrix of blurring along one axis with the symmetric
+    `weights` (2 radius + 1 taps), edges replicated: blurring x along its axis 0 is G @ x.
+
+    G = the zero-padded blur (a symmetric band) + the taps that fall off an edge, which land on the
+    edge pixel. Costs n N (2 radius + 1) operations, not the n N^2 of a dense product.
+    """
+    radius = (weights.shape[0] - 1) // 2
+    size = matrix.shape[1]
+    padded = jnp.pad(matrix, ((0, 0), (radius, radius)))
+    inner = sum(weights[k] * padded[:, k : k + size] for k in range(2 * radius + 1))
+    edge = min(radius, size)
+    # Pixel i < radius sends sum_{k < radius - i} weights[k] past its edge (mirrored: the far edge).
+    spill = jnp.cumsum(weights)[radius - 1 - jnp.arange(edge)]
+    first = jnp.sum(matrix[:, :edge] * spill, axis=1)
+    last = jnp.sum(matrix[:, ::-1][:, :edge] * spill, axis=1)
+    return inner.at[:, 0].add(first).at[:, -1].add(last)
+
+
+def gaussian_blur(img: jax.Array, sigma, radius: int) -> jax.Array:
+    """Separable Gaussian of std `sigma`, taps within `radius`, edges replicated (as PIL's blur).
+
+    Applied as G_H @ img @ G_W^T: written as a sum of shifted taps, XLA fuses the blur with the
+    colour ops that produce `img` and recomputes them per tap (measured 7-10x slower on CPU).
+    """
+    weights = _gaussian_weights(sigma, radius)
     height, width = img.shape[:2]
-    padded = jnp.pad(img, ((radius, radius), (0, 0), (0, 0)), mode="edge")
-    img = sum(weights[k] * padded[k : k + height] for k in range(2 * radius + 1))
-    padded = jnp.pad(img, ((0, 0), (radius, radius), (0, 0)), mode="edge")
-    return sum(weights[k] * padded[:, k : k + width] for k in range(2 * radius + 1))
+    rows = _times_blur_matrix(jnp.eye(height, dtype=jnp.float32), weights)
+    cols = (
+        rows if width == height else _times_blur_matrix(jnp.eye(width, dtype=jnp.float32), weights)
+    )
+    return _separable(img, rows, cols)
 
 
 AUGMENT_UNIFORMS = JITTER_UNIFORMS + 5
+
+
+def augment_colour(u: jax.Array, img: jax.Array, settings: AugmentSettings) -> jax.Array:
+    """The pixelwise (non-linear) part of A: RandomApply(jitter, 0.8) then grayscale 0.2."""
+    apply_jitter, apply_gray = u[JITTER_UNIFORMS], u[JITTER_UNIFORMS + 1]
+    jittered = color_jitter(u[:JITTER_UNIFORMS], img, settings.jitter)
+    img = jnp.where(apply_jitter < settings.jitter_p, jittered, img)
+    return jnp.where(apply_gray < settings.grayscale_p, grayscale(img), img)
 
 
 def augment_image(u: jax.Array, img: jax.Array, settings: AugmentSettings) -> jax.Array:
@@ -260,10 +318,8 @@ def augment_image(u: jax.Array, img: jax.Array, settings: AugmentSettings) -> ja
 
     `u` holds AUGMENT_UNIFORMS uniforms in [0, 1) (one image's randomness).
     """
-    apply_jitter, apply_gray, apply_blur, sigma_u, apply_flip = u[JITTER_UNIFORMS:]
-    jittered = color_jitter(u[:JITTER_UNIFORMS], img, settings.jitter)
-    img = jnp.where(apply_jitter < settings.jitter_p, jittered, img)
-    img = jnp.where(apply_gray < settings.grayscale_p, grayscale(img), img)
+    apply_blur, sigma_u, apply_flip = u[JITTER_UNIFORMS + 2 :]
+    img = augment_colour(u, img, settings)
     sigma = _between(sigma_u, *settings.blur_sigma)
     blurred = gaussian_blur(img, sigma, settings.blur_radius)
     img = jnp.where(apply_blur < settings.blur_p, blurred, img)
@@ -312,73 +368,119 @@ def _centre_crop_size(height: int, width: int, ratio) -> tuple[int, int]:
     return height, width
 
 
-def _bilinear_taps(start, length, in_size: int, out_size: int) -> tuple[jax.Array, jax.Array]:
-    """PIL's bilinear resize of the pixels [start, start + length) to `out_size` pixels, as taps.
+def resize_matrix(start, length, in_size: int, out_size: int) -> jax.Array:
+    """[out_size, in_size] matrix of PIL's bilinear resize of pixels [start, start + length).
 
-    Returns (indices, weights), both [out_size, taps]: output pixel o is
-    sum_k weights[o, k] * input[indices[o, k]]. PIL's filter is a triangle widened by the downscale
-    factor (antialiasing) whose weights are renormalised over the pixels inside the crop. A few taps
-    per output pixel (not a dense [out, in] matrix) keep the cost linear in the image size.
+    Output pixel o is sum_i matrix[o, i] * input[i]. PIL's filter is a triangle widened by the
+    downscale factor (antialiasing) whose weights are renormalised over the pixels inside the crop;
+    pixels outside the crop get weight 0. A dense matrix rather than a few gathered taps per output
+    pixel: resampling becomes two matrix products (BLAS / MXU work, no gathers) that multiply the
+    zeros too; on XLA:CPU they still beat the gathers at 64 px and break even at 224 px, and they
+    take their input materialised instead of fusing (and recomputing) the ops upstream per tap
+    (BENCHMARKS.md, "On-device augmentation").
     """
     start = jnp.asarray(start, jnp.float32)
     length = jnp.asarray(length, jnp.float32)
     scale = length / out_size
     support = jnp.maximum(scale, 1.0)  # antialias: the triangle widens when downscaling
-    taps = math.ceil(2.0 * max(in_size / out_size, 1.0)) + 2  # enough for the widest crop
     centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
-    first = jnp.floor(centres - support - 0.5)
-    positions = first[:, None] + jnp.arange(taps, dtype=jnp.float32)[None, :]
-    weights = jnp.maximum(0.0, 1.0 - jnp.abs(positions + 0.5 - centres[:, None]) / support)
+    positions = jnp.arange(in_size, dtype=jnp.float32)
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(positions[None, :] + 0.5 - centres[:, None]) / support)
     inside = (positions >= start) & (positions < start + length)
-    weights = jnp.where(inside, weights, 0.0)
-    weights = weights / jnp.sum(weights, axis=1, keepdims=True)
-    indices = jnp.clip(positions, 0, in_size - 1).astype(jnp.int32)
-    return indices, weights
+    weights = jnp.where(inside[None, :], weights, 0.0)
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def _crop_matrices(box, height: int, width: int, size: int) -> tuple[jax.Array, jax.Array]:
+    return resize_matrix(box[0], box[2], height, size), resize_matrix(box[1], box[3], width, size)
 
 
 def resized_crop(img: jax.Array, box: jax.Array, size: int) -> jax.Array:
     """Crop `box` (top, left, h, w) of `img` [H, W, C] and resize it to [size, size, C]."""
+    return _separable(img, *_crop_matrices(box, *img.shape[:2], size))
+
+
+def augmented_crop(
+    u: jax.Array, img: jax.Array, box: jax.Array, settings: AugmentSettings
+) -> jax.Array:
+    """P(A(img)) = resized_crop(augment_image(u, img, settings), box, crop_size).
+
+    The colour ops run on the full image; the blur and the flip, which come after them and are
+    linear, are folded into the crop's resize matrices (blur: G_H, G_W; flip: reversed columns):
+    out = (rows G_H) colour(img) (cols F G_W)^T. That spares two full-size passes per image.
+    """
     height, width = img.shape[:2]
-    row_index, row_weight = _bilinear_taps(box[0], box[2], height, size)
-    col_index, col_weight = _bilinear_taps(box[1], box[3], width, size)
-    rows = jnp.einsum("ok,okwc->owc", row_weight, img[row_index], precision=_HIGHEST)
-    return jnp.einsum("pk,opkc->opc", col_weight, rows[:, col_index], precision=_HIGHEST)
+    apply_blur, sigma_u, apply_flip = u[JITTER_UNIFORMS + 2 :]
+    rows, cols = _crop_matrices(box, height, width, settings.crop_size)
+    cols = jnp.where(apply_flip < settings.flip_p, cols[:, ::-1], cols)
+    sigma = _between(sigma_u, *settings.blur_sigma)
+    weights = _gaussian_weights(sigma, settings.blur_radius)
+    blur = apply_blur < settings.blur_p
+    rows = jnp.where(blur, _times_blur_matrix(rows, weights), rows)
+    cols = jnp.where(blur, _times_blur_matrix(cols, weights), cols)
+    return _separable(augment_colour(u, img, settings), rows, cols)
 
 
 # ----------------------------------------------------------------------------- batched views
 
 
 # One uniform draw per batch feeds every image's randomness: far cheaper to compile than a key
-# split per image and op.
+# split per image and op. The draws (shape and order) are those of the formulation this one
+# replaced, so a given key gives the same views as before.
 
 
-def _augment_batch(key, images, settings):
-    u = jax.random.uniform(key, (images.shape[0], AUGMENT_UNIFORMS))
-    return jax.vmap(lambda ui, x: augment_image(ui, x, settings))(u, images)
+def _crop_uniforms(key, views: int, batch: int, settings):
+    return jax.random.uniform(key, (views, batch, crop_uniforms(settings)))
 
 
-def _crop_batch(key, images, settings):
+def _augment_uniforms(key, views: int, batch: int):
+    return jax.random.uniform(key, (views, batch, AUGMENT_UNIFORMS))
+
+
+def _boxes(u, images, settings):
     height, width = images.shape[1:3]
-    u = jax.random.uniform(key, (images.shape[0], crop_uniforms(settings)))
-    boxes = jax.vmap(lambda ui: crop_box(ui, height, width, settings))(u)
+    return jax.vmap(lambda ui: crop_box(ui, height, width, settings))(u)
+
+
+def _crop_batch(u_crop, images, settings):
+    boxes = _boxes(u_crop, images, settings)
     return jax.vmap(lambda x, b: resized_crop(x, b, settings.crop_size))(images, boxes)
 
 
+def _augmented_crop_batch(u_augment, u_crop, images, settings):
+    boxes = _boxes(u_crop, images, settings)
+    return jax.vmap(lambda ui, x, b: augmented_crop(ui, x, b, settings))(u_augment, images, boxes)
+
+
+def _augment_batch(u_augment, images, settings):
+    return jax.vmap(lambda ui, x: augment_image(ui, x, settings))(u_augment, images)
+
+
 def _multi_aug_views(key, acquisitions, settings):
-    """SeCo/CACo: q = P(t0), k0 = P(A(t1)), k1 = P(t2), k2 = P(A(t0))."""
+    """SeCo/CACo: q = P(t0), k0 = P(A(t1)), k1 = P(t2), k2 = P(A(t0)).
+
+    Each view is built from its acquisition directly (no concatenated copies of full-size images).
+    """
     t0, t1, t2 = acquisitions[:, 0], acquisitions[:, 1], acquisitions[:, 2]
+    batch = t0.shape[0]
     k_augment, k_crop = jax.random.split(key)
-    a_t1, a_t0 = jnp.split(_augment_batch(k_augment, jnp.concatenate([t1, t0]), settings), 2)
-    crops = _crop_batch(k_crop, jnp.concatenate([t0, a_t1, t2, a_t0]), settings)
-    return dict(zip(("q", "k0", "k1", "k2"), jnp.split(crops, 4), strict=True))
+    u_t1, u_t0 = _augment_uniforms(k_augment, 2, batch)
+    u_q, u_k0, u_k1, u_k2 = _crop_uniforms(k_crop, 4, batch, settings)
+    return {
+        "q": _crop_batch(u_q, t0, settings),
+        "k0": _augmented_crop_batch(u_t1, u_k0, t1, settings),
+        "k1": _crop_batch(u_k1, t2, settings),
+        "k2": _augmented_crop_batch(u_t0, u_k2, t0, settings),
+    }
 
 
 def _moco_views(key, acquisitions, settings):
     """MoCo v2: two independent A(P(t0)) of one acquisition, A after the crop."""
     t0 = acquisitions[:, 0]
     k_crop, k_augment = jax.random.split(key)
-    crops = _crop_batch(k_crop, jnp.concatenate([t0, t0]), settings)
-    views = _augment_batch(k_augment, crops, settings)
+    both = jnp.concatenate([t0, t0])
+    crops = _crop_batch(_crop_uniforms(k_crop, 1, both.shape[0], settings)[0], both, settings)
+    views = _augment_batch(_augment_uniforms(k_augment, 1, both.shape[0])[0], crops, settings)
     return dict(zip(("q", "k0"), jnp.split(views, 2), strict=True))
 
 

@@ -123,7 +123,7 @@ def np_pil_bilinear(img, size):
         return w
 
     rows, cols = weights(img.shape[0]), weights(img.shape[1])
-    return np.einsum("oh,hwc,pw->opc", rows, img, cols)
+    return np.einsum("oh,hwc,pw->opc", rows, img, cols, optimize=True)
 
 
 def test_each_colour_op_matches_torchvision():
@@ -234,6 +234,42 @@ def test_resized_crop_matches_pil_bilinear_of_the_crop():
             got = crop(jnp.asarray([top, left, h, w]))
             want = np_pil_bilinear(IMAGE[top : top + h, left : left + w].astype(np.float64), size)
             np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_resized_crop_matches_pil_at_the_training_sizes():
+    # The dense resize matrices at 264 -> 64 (downscaling, antialiased) and 264 -> 224.
+    image = RNG.uniform(0.0, 1.0, (264, 264, 3)).astype(np.float32)
+    settings = augment.AugmentSettings()
+    u = RNG.uniform(0, 1, (2, augment.crop_uniforms(settings))).astype(np.float32)
+    for size, ui in zip((64, 224), u, strict=True):
+        top, left, h, w = np.asarray(augment.crop_box(jnp.asarray(ui), 264, 264, settings))
+        got = jax.jit(lambda x, b, size=size: augment.resized_crop(x, b, size))(
+            jnp.asarray(image), jnp.asarray([top, left, h, w])
+        )
+        want = np_pil_bilinear(image[top : top + h, left : left + w].astype(np.float64), size)
+        # 3e-5: the filter centres are float32 (so were the gathered taps this replaced).
+        np.testing.assert_allclose(got, want, atol=3e-5)
+
+
+def test_augmented_crop_is_the_crop_of_the_augmented_image():
+    # P(A(x)) with the blur and flip folded into the resize matrices = crop of augment_image(x).
+    image = jnp.asarray(RNG.uniform(0.0, 1.0, (40, 36, 3)), jnp.float32)
+    settings = augment.AugmentSettings(crop_size=16)
+    folded = jax.jit(lambda u, b: augment.augmented_crop(u, image, b, settings))
+    unfolded = jax.jit(
+        lambda u, b: augment.resized_crop(augment.augment_image(u, image, settings), b, 16)
+    )
+    for apply_blur, apply_flip in ((0.1, 0.1), (0.1, 0.9), (0.9, 0.1), (0.9, 0.9)):
+        u = RNG.uniform(0, 1, augment.AUGMENT_UNIFORMS).astype(np.float32)
+        u[augment.JITTER_UNIFORMS + 2] = apply_blur
+        u[augment.JITTER_UNIFORMS + 4] = apply_flip
+        box = augment.crop_box(
+            jnp.asarray(RNG.uniform(0, 1, augment.crop_uniforms(settings)), jnp.float32),
+            40,
+            36,
+            settings,
+        )
+        np.testing.assert_allclose(folded(u, box), unfolded(u, box), atol=1e-5)
 
 
 def test_normalisation_values():
