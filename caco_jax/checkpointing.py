@@ -1,14 +1,22 @@
-"""Orbax checkpoints of a training run: the state, the data iterator's position and the config, per
-step.
+"""Orbax checkpoints of a training run: the state, the input stream's position and the config.
 
-A checkpoint step folder under ``<workdir>/checkpoints/<step>/`` holds three items:
-  ``state``  the whole `TrainState` (every array a resume needs), written asynchronously;
-  ``data``   the grain iterator's state (one JSON file per process), so the input resumes exactly;
-  ``config`` the run's config as JSON, for the record.
-Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save
-leaves
-the previous checkpoints intact. Restoring goes through an abstract target whose leaves carry the
-shardings of the *current* mesh, so a checkpoint written on N devices restores onto M devices.
+On disk, one folder per saved step under ``<workdir>/checkpoints/``::
+
+  <step>/
+    state/           the whole `TrainState` (every array a resume needs), Orbax's array format,
+                     written asynchronously by all processes together
+    data_position/   ``metadata``, JSON written by process 0 alone: ``next_global_batch`` (the
+                     global step) and the stream settings that give it its meaning (mode,
+                     global_batch_size, seed, num_locations); see `data.pipeline.position`
+    config/          ``metadata``, the run's config as JSON, for the record
+    _CHECKPOINT_METADATA
+
+Nothing in a checkpoint depends on the number of processes or devices that wrote it: the state is
+restored through an abstract target whose leaves carry the shardings of the *current* mesh, and the
+input stream is rebuilt on each process from ``next_global_batch`` (every process takes its slice
+of the same global batches), so a run saved on N hosts (devices) resumes on M. Orbax writes each
+step into a temporary folder and renames it when complete, so a crash mid-save leaves the previous
+checkpoints intact.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA_POSITION, CONFIG = "state", "data_position", "config"
 
 
 def abstract_target(state_shapes, shardings):
@@ -34,13 +42,11 @@ def abstract_target(state_shapes, shardings):
 
 
 class Checkpointer:
-    """Saves every ``every_steps`` steps (and when forced), keeps the newest ``keep``, restores the
-    latest.
+    """Saves every ``every_steps`` steps (and when forced), keeps the newest ``keep``, restores.
 
-    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the
-    files are
-    written in the background while training goes on. Call `close` (or `wait`) before the process
-    exits.
+    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the files
+    are written in the background while training goes on. Call `close` (or `wait`) before the
+    process exits.
     """
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
@@ -54,7 +60,7 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(
             directory,
-            item_names=(STATE, DATA, CONFIG),
+            item_names=(STATE, DATA_POSITION, CONFIG),
             options=options,
         )
 
@@ -71,32 +77,34 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return step % self.every_steps == 0
 
-    def save(self, step: int, state, *, data_iterator=None, config=None) -> None:
-        """Starts saving ``state`` (and the iterator position and config) as checkpoint ``step``."""
-        import grain
-
+    def save(self, step: int, state, *, data_position=None, config=None) -> None:
+        """Starts saving ``state`` (and the input position and config) as checkpoint ``step``."""
         items = {STATE: ocp.args.StandardSave(state)}
-        if data_iterator is not None:
-            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if data_position is not None:
+            items[DATA_POSITION] = ocp.args.JsonSave(data_position)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state, *, data_iterator=None):
-        """The state of checkpoint ``step`` laid out as ``abstract_state`` says; moves the iterator
-        too.
+    def restore(self, step: int, abstract_state):
+        """The state of checkpoint ``step`` laid out as ``abstract_state`` says.
 
         ``abstract_state`` is a pytree of `jax.ShapeDtypeStruct` with shardings (see
         `abstract_target`).
-        The iterator is restored in place when given and the checkpoint has its state.
         """
-        import grain
-
-        items = {STATE: ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
+        )
         return restored[STATE]
+
+    def restore_data_position(self, step: int) -> dict | None:
+        """The input position saved with checkpoint ``step`` (`data.pipeline.position`), if any."""
+        if not (self._manager.directory / str(step) / DATA_POSITION).exists():
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{DATA_POSITION: ocp.args.JsonRestore()})
+        )
+        return restored[DATA_POSITION]
 
     def restore_config(self, step: int) -> dict:
         restored = self._manager.restore(
@@ -119,11 +127,9 @@ class PreemptionGuard:
     """Turns SIGTERM (a pod or cluster preemption notice) into a request to save and stop.
 
     Inside the ``with`` block a SIGTERM no longer kills the process; `should_stop(step)` turns True
-    at the
-    next step, when the loop saves a checkpoint and exits cleanly. With several processes the stop
-    step is
-    agreed through JAX's preemption sync service (Orbax `reached_preemption`), so every host saves
-    the same step.
+    at the next step, when the loop saves a checkpoint and exits cleanly. With several processes the
+    stop step is agreed through JAX's preemption sync service (Orbax `reached_preemption`), so every
+    host saves the same step.
     """
 
     def __init__(self, manager: Checkpointer):

@@ -1,5 +1,4 @@
-"""One pretraining step, written for one device with named-axis collectives, run with
-`jax.shard_map`.
+"""One pretraining step, written for one device with named-axis collectives, run by `jax.shard_map`.
 
 The mesh is 1-D, ``('data',)``, spanning every device of every host. The state is replicated; the
 batch is split along its rows (each device holds whole locations: rows 2l, 2l+1 never straddle two
@@ -8,12 +7,11 @@ devices). Per device, in the official order:
 1. EMA of the key encoder and heads from the query side (parameters only), before any forward pass.
 2. The views of this device's items, augmented on the device (`caco_jax.augment.make_views`).
 3. Key forwards, no gradient, one per key view (each view is its own BatchNorm batch, as in the
-   official
-   loop over ``img_k[i]``); key head s on view v gives ``z_k[s, v]``. Keys are all-gathered: every
-   query sees the negatives of the whole global batch.
+   official loop over ``img_k[i]``); key head s on view v gives ``z_k[s, v]``. Keys are
+   all-gathered: every query sees the negatives of the whole global batch.
 4. CACo only: the change statistics from the KEY encoder's subspace-1 embeddings of the query views
-   and
-   of the k1 views, folded into the running per-item values (every device applies the whole batch).
+   and of the k1 views, folded into the running per-item values (every device applies the whole
+   batch).
 5. The query forward and the mode's objective over this device's query rows; gradients. `shard_map`
    sums the gradients of replicated parameters over devices, so each device differentiates its local
    mean loss divided by the device count: the sum is the gradient of the global mean, exactly.
@@ -24,11 +22,13 @@ BatchNorm modes (``config.train.bn_mode``):
     the running statistics are averaged over devices after the step so that the state stays
     replicated.
   sync: statistics over the global batch (``bn_axis_name='data'``); N devices compute exactly what
-    one
-    device computes on the same global batch.
-  shuffle: MoCo's shuffle-BN for the key encoder: each key view's global batch is permuted across
-    devices before the key forward and unpermuted after, so a query and its positive key never share
-    BatchNorm statistics; the query encoder is per device.
+    one device computes on the same global batch.
+  shuffle: MoCo's shuffle-BN (``batch_shuffle_ddp`` / ``batch_unshuffle_ddp``) for the key encoder:
+    each key view's global batch is permuted by one permutation shared by all devices (a fresh one
+    per view and step), device d encodes rows ``order[d * n:(d + 1) * n]`` with its own BatchNorm
+    statistics, and the features are unpermuted, so a query and its positive key rarely share
+    BatchNorm statistics. The query encoder is per device. As in per_device mode the key encoder's
+    running statistics are the mean of the devices' (MoCo's DDP keeps rank 0's).
 """
 
 from __future__ import annotations
@@ -104,6 +104,30 @@ def _replicated_mean(tree):
     return jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), tree)
 
 
+def key_forwards(model: Model, key_params, key_stats, views, shuffle_key, bn_mode: str):
+    """The key encoder and heads on each view of ``views`` [V, n, h, w, c] (this device's rows).
+
+    Each view is its own BatchNorm batch, as in the official loop over ``img_k[i]``; the views run
+    as one scanned program (one copy of the encoder in the compiled step). In shuffle mode view v is
+    permuted with ``jax.random.split(shuffle_key, V)[v]``. Returns the embeddings [V, S, n, D]
+    (no gradient) and the key encoder's running statistics after the V forwards, averaged over the
+    devices.
+    """
+    encode = KEY_ENCODERS[bn_mode]
+
+    def forward(stats, inputs):
+        images, view_key = inputs
+        key_model = model.key(key_params, stats)
+        key_model.train()
+        embeddings = key_model.heads(encode(key_model.encoder, images, view_key))
+        return nnx.to_pure_dict(nnx.state(key_model, nnx.BatchStat)), embeddings
+
+    per_device_stats = jax.lax.pcast(key_stats, AXIS, to="varying")
+    view_keys = jax.random.split(shuffle_key, views.shape[0])
+    stats, embeddings = jax.lax.scan(forward, per_device_stats, (views, view_keys))
+    return jax.lax.stop_gradient(embeddings), _replicated_mean(stats)
+
+
 def make_per_device_step(
     model: Model,
     mode: Mode,
@@ -116,7 +140,6 @@ def make_per_device_step(
 
     ``make_views(key, images, item_ids) -> [1 + S, n, h, w, c]`` (q, k0, ...).
     """
-    encode_keys = KEY_ENCODERS[settings.bn_mode]
 
     def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict]:
         num_devices = jax.lax.axis_size(AXIS)
@@ -131,28 +154,14 @@ def make_per_device_step(
         key_params = momentum.ema_update(
             state.key_params, state.query_params, settings.key_momentum
         )
-        # The key forwards, one BatchNorm batch per view, as one scanned program (one copy of the
-        # encoder in the compiled step). CACo also embeds the query views with the key encoder.
+        # CACo also embeds the query views with the key encoder (for the change statistics).
         num_keys = key_views.shape[0]
         key_inputs = (
             jnp.concatenate([key_views, query_views[None]]) if mode.tracks_change else key_views
         )
-
-        def key_forward(stats, inputs):
-            images, shuffle_key = inputs
-            key_model = model.key(key_params, stats)
-            key_model.train()
-            embeddings = key_model.heads(encode_keys(key_model.encoder, images, shuffle_key))
-            return nnx.to_pure_dict(nnx.state(key_model, nnx.BatchStat)), embeddings
-
-        per_device_stats = jax.lax.pcast(state.key_stats, AXIS, to="varying")
-        key_stats, key_embeddings = jax.lax.scan(
-            key_forward,
-            per_device_stats,
-            (key_inputs, jax.random.split(shuffle_key, key_inputs.shape[0])),
-        )
-        key_stats = _replicated_mean(key_stats)
-        key_embeddings = jax.lax.stop_gradient(key_embeddings)  # [views, S, n, D]
+        key_embeddings, key_stats = key_forwards(
+            model, key_params, state.key_stats, key_inputs, shuffle_key, settings.bn_mode
+        )  # [views, S, n, D]
         z_k = key_embeddings[:num_keys].transpose(1, 0, 2, 3)  # z_k[s, v]: key head s on view v
         z_k_global = gather(z_k.transpose(2, 0, 1, 3)).transpose(1, 2, 0, 3)  # [S, S, N, D]
         item_ids_global = gather(item_ids)
@@ -230,6 +239,11 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device_step: Callable) -> Calla
 
 
 def data_mesh(devices=None) -> jax.sharding.Mesh:
-    """The 1-D ``('data',)`` mesh over all devices of all hosts (or the given ones)."""
+    """The 1-D ``('data',)`` mesh over all devices of all hosts (or the given ones).
+
+    Ordered by process, so each process's devices hold one contiguous block of rows in process
+    order: the global batch is the processes' shards concatenated (`data.pipeline`'s contract).
+    """
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: d.process_index)  # stable: keeps the order within one
     return jax.sharding.Mesh(devices, (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))

@@ -7,14 +7,15 @@ Reads the TFDS records of `<workdir>/tfds` (or ``config.data.data_dir``), trains
 `jax.shard_map` step over a 1-D ``('data',)`` mesh of every device of every host
 (`caco_jax.step`), and writes into the workdir:
 
-  checkpoints/<step>/   Orbax: the whole TrainState, the data iterator position and the config
+  checkpoints/<step>/   Orbax: the whole TrainState, the input position and the config
   encoder/              the query encoder alone (`models.export.save_encoder`), for evaluators
   metrics.jsonl, tensorboard/   loss, accuracy per subspace, lr, changed fraction, samples/s,
                         step time
   change/               per epoch (CACo): histogram PNGs of d_lt, d_st and r by label; labels.csv
 
 A run resumes from the newest checkpoint in the workdir, continuing exactly where it stopped (same
-parameters as an uninterrupted run). SIGTERM saves a checkpoint and stops.
+parameters as an uninterrupted run), also on another number of hosts or devices (see
+`caco_jax.checkpointing`). SIGTERM saves a checkpoint and stops.
 """
 
 from __future__ import annotations
@@ -302,23 +303,18 @@ def train(
         every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep,
     )
-    iterator = pipeline.make_pipeline(
-        config,
-        source,
-        mode=mode.name,
-        global_batch_size=batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        arrays_fn=arrays_fn,
-    )
     resumed_from = checkpoints.latest_step()
     if resumed_from is not None:
-        state = checkpoints.restore(
-            resumed_from, abstract_state(state, mesh), data_iterator=iterator
-        )
+        state = checkpoints.restore(resumed_from, abstract_state(state, mesh))
         print(f"resumed from checkpoint step {resumed_from}", flush=True)
     start_step = int(jax.device_get(state.step))
+    stream = stream_settings(config, len(source))
+    iterator = input_iterator(
+        config,
+        source,
+        start_batch=resume_position(checkpoints, resumed_from, start_step, stream),
+        arrays_fn=arrays_fn,
+    )
     last_good = resumed_from
 
     writer = MetricsWriter(workdir)
@@ -383,7 +379,8 @@ def train(
                 stop = guard.should_stop(done)
                 if checkpoints.due(done) or done == run.total_steps or stop:
                     check_finite(done)
-                    checkpoints.save(done, state, data_iterator=iterator, config=config)
+                    position = pipeline.position(done, **stream)  # one global batch per step
+                    checkpoints.save(done, state, data_position=position, config=config)
                     last_good = done
                     if config.checkpoint.export_encoder_every_checkpoint:
                         export_encoder(config, run, state, workdir, done)
@@ -415,6 +412,50 @@ def train(
         results["changed_fraction"] = float(labels.mean()) if labels.size else 0.0
     _print_summary(results, last_metrics)
     return results
+
+
+def stream_settings(config, num_locations: int) -> dict:
+    """What fixes the order of the global batches (`data.pipeline.STREAM_SETTINGS`)."""
+    return {
+        "mode": config.method.mode,
+        "global_batch_size": config.train.batch_size,
+        "seed": config.seed,
+        "num_locations": num_locations,
+    }
+
+
+def input_iterator(
+    config, source, *, start_batch: int, arrays_fn=None, process_index=None, process_count=None
+):
+    """This process's rows of every global batch from ``start_batch`` on.
+
+    The process defaults to this host's `jax.process_index()` of `jax.process_count()`; tests
+    simulate several hosts by passing them.
+    """
+    return pipeline.make_pipeline(
+        config,
+        source,
+        mode=config.method.mode,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count,
+        arrays_fn=arrays_fn,
+        start_batch=start_batch,
+    )
+
+
+def resume_position(checkpoints, step, state_step: int, stream: dict) -> int:
+    """The first global batch to read: 0 for a new run, else the checkpoint's saved position.
+
+    The position is independent of the number of processes, so a run resumes on any host count.
+    """
+    if step is None:
+        return 0
+    saved = checkpoints.restore_data_position(step)
+    if saved is None:  # a checkpoint saved without it: the loop reads one global batch per step
+        return state_step
+    return pipeline.resume_batch(saved, **stream)
 
 
 def export_encoder(config, run: Setup, state: TrainState, workdir: str, step: int) -> str:

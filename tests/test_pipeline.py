@@ -40,7 +40,9 @@ def as_arrays(example):
     return example
 
 
-def make(source, mode="caco", batch=4, seed=0, epochs=1, workers=0, threads=0, process=(0, 1)):
+def make(
+    source, mode="caco", batch=4, seed=0, epochs=1, workers=0, threads=0, process=(0, 1), start=0
+):
     config = config_lib.base_config()
     config.input.num_workers = workers
     config.input.num_threads = threads
@@ -54,6 +56,7 @@ def make(source, mode="caco", batch=4, seed=0, epochs=1, workers=0, threads=0, p
         process_index=process[0],
         process_count=process[1],
         arrays_fn=as_arrays,
+        start_batch=start,
     )
 
 
@@ -151,19 +154,32 @@ def test_reproducible_and_independent_of_threads_and_workers():
     )
 
 
-def test_iterator_state_resumes_exactly():
-    source = FakeRecords(10)
-    iterator = make(source, epochs=3)
-    for _ in range(7):  # into the second epoch
-        next(iterator)
-    state = iterator.get_state()
-    expected = [next(iterator) for _ in range(4)]
-    resumed = make(source, epochs=3)
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
+def test_stream_started_at_a_global_batch_continues_the_stream_on_any_process_count():
+    source = FakeRecords(16)  # 4 locations per global batch of 8: 4 batches per epoch
+    straight = list(make(source, batch=8, epochs=3))
+    assert len(straight) == 12
+    for count in (1, 2, 4):  # resumed mid-epoch 1 (batch 5) by 1, 2 or 4 processes
+        shards = [
+            list(make(source, batch=8, epochs=3, process=(p, count), start=5)) for p in range(count)
+        ]
+        assert [len(s) for s in shards] == [7] * count
+        for step, want in enumerate(straight[5:]):
+            for key in want:
+                joined = np.concatenate([shard[step][key] for shard in shards])
+                np.testing.assert_array_equal(joined, want[key])
+    assert list(make(source, batch=8, epochs=3, start=12)) == []
+    with pytest.raises(ValueError, match="start_batch=13 is not within the stream's 12"):
+        make(source, batch=8, epochs=3, start=13)
+
+
+def test_resume_refuses_a_position_saved_for_another_stream():
+    settings = {"mode": "caco", "global_batch_size": 8, "seed": 0, "num_locations": 16}
+    saved = pipeline.position(5, **settings)
+    assert pipeline.resume_batch(saved, **settings) == 5
+    with pytest.raises(ValueError, match="global_batch_size=8, this run has global_batch_size=16"):
+        pipeline.resume_batch(saved, **{**settings, "global_batch_size": 16})
+    with pytest.raises(ValueError, match="seed=0, this run has seed=1"):
+        pipeline.resume_batch(saved, **{**settings, "seed": 1})
 
 
 def test_process_shards_partition_the_global_batch_keeping_pairs():

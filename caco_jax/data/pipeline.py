@@ -6,9 +6,8 @@ batches; every augmentation and the normalisation run on the accelerator (`caco_
 Contract (the training step relies on it):
 
 ``make_pipeline(config, source, *, mode, global_batch_size, seed, num_epochs=None, process_index=0,
-process_count=1)`` returns a grain ``DatasetIterator`` (``get_state()`` / ``set_state()``, saved by
-Orbax with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``) yielding, for every global
-batch in order, this process's rows as host numpy arrays:
+process_count=1, start_batch=0)`` returns a grain ``DatasetIterator`` yielding, for every global
+batch in order from global batch ``start_batch`` on, this process's rows as host numpy arrays:
 
 - ``images``: uint8 ``[B, V, H, W, C]``, the item's acquisitions in the order t0, t1, t2 (V = 3
   for caco/teco/seco) or t0 alone (V = 1 for moco). For the ``all_bands`` records ``images`` is a
@@ -34,7 +33,11 @@ with one acquisition drawn from all of its acquisitions (about 10x fewer steps p
 epochs to compare).
 
 Everything random is a pure function of (seed, epoch, location, window), so the batches do not
-depend on the number of worker processes or threads, and a restored iterator state resumes exactly.
+depend on the number of worker processes or threads. The position of the stream is therefore one
+number, the index of the next global batch (a training run consumes one per step, so it is the
+global step): `position` records it with the settings that give it its meaning, and a pipeline
+built with ``start_batch=resume_batch(saved, ...)`` continues exactly where the saved run stopped,
+with any number of processes (each takes its slice of the same global batches).
 """
 
 from __future__ import annotations
@@ -81,6 +84,35 @@ def steps_per_epoch(num_locations: int, mode: str, global_batch_size: int) -> in
             f"{num_locations} in the dataset (mode {mode!r})"
         )
     return steps
+
+
+STREAM_SETTINGS = ("mode", "global_batch_size", "seed", "num_locations")
+
+
+def position(next_batch: int, *, mode: str, global_batch_size: int, seed: int, num_locations: int):
+    """The stream's position as a JSON-able dict, the same on every process and process count."""
+    return {
+        "next_global_batch": int(next_batch),
+        "mode": mode,
+        "global_batch_size": int(global_batch_size),
+        "seed": int(seed),
+        "num_locations": int(num_locations),
+    }
+
+
+def resume_batch(saved: dict, **current) -> int:
+    """The global batch to resume from; refuses a position saved for a different stream.
+
+    ``current`` holds this run's `STREAM_SETTINGS`: with another seed, batch size, mode or dataset
+    size the saved batch index would silently point at other data.
+    """
+    for name in STREAM_SETTINGS:
+        if saved[name] != current[name]:
+            raise ValueError(
+                f"cannot resume the input stream: the checkpoint was written with {name}="
+                f"{saved[name]!r}, this run has {name}={current[name]!r}"
+            )
+    return int(saved["next_global_batch"])
 
 
 class _EpochOrder:
@@ -193,11 +225,13 @@ def make_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     arrays_fn: ArraysFn | None = None,
+    start_batch: int = 0,
 ) -> grain.DatasetIterator:
     """This process's stream of batches (see the module docstring); `num_epochs=None` never ends.
 
     `source` is a random-access source of records (`records.open_records`), `arrays_fn` turns one
-    record into arrays (default `records.location_arrays`). Reads `config.input`.
+    record into arrays (default `records.location_arrays`). The first batch is the process's rows
+    of global batch `start_batch` (counted from the start of epoch 0). Reads `config.input`.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
@@ -211,6 +245,11 @@ def make_pipeline(
         total = (sys.maxsize // 2 // epoch_elements) * epoch_elements
     else:
         total = num_epochs * epoch_elements
+    if not 0 <= start_batch * per_process <= total:
+        raise ValueError(
+            f"start_batch={start_batch} is not within the stream's {total // per_process} "
+            "global batches"
+        )
     load = _LoadLocation(
         source,
         order,
@@ -220,7 +259,7 @@ def make_pipeline(
         config.input.acquisition_draws,
     )
     dataset = (
-        grain.MapDataset.range(total)
+        grain.MapDataset.range(start_batch * per_process, total)
         .map(load)
         .batch(per_process, drop_remainder=True)
         .map(_merge_items)

@@ -1,0 +1,50 @@
+"""One process of a real two-process JAX run on CPU, started by test_multiprocess.py.
+
+    python multiprocess_worker.py <process_id> <coordinator port> <checkpoint dir>
+
+Checks, with this process's real `jax.process_index()` / `jax.process_count()`, that its input rows
+land in the global batch where the single-process stream has them, then saves checkpoint 3 (a
+replicated state and the input position) together with the other process.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax
+
+process_id, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+
+import numpy as np  # noqa: E402
+from test_train import fake_source, tiny_config  # noqa: E402
+
+from caco_jax import checkpointing, train  # noqa: E402
+from caco_jax import step as step_lib  # noqa: E402
+from caco_jax.data import pipeline  # noqa: E402
+
+STEPS = 3
+
+config = tiny_config()
+source = fake_source()
+mesh = step_lib.data_mesh()
+assert jax.process_count() == 2 and mesh.devices.size == 8
+mine = train.input_iterator(config, source, start_batch=0, arrays_fn=dict)
+whole = train.input_iterator(
+    config, source, start_batch=0, arrays_fn=dict, process_index=0, process_count=1
+)
+for _ in range(STEPS):
+    expected = next(whole)
+    batch = train.global_batch(next(mine), mesh)
+    for name in ("item_id", "images"):
+        assert batch[name].shape[0] == config.train.batch_size
+        for shard in batch[name].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), expected[name][shard.index[0]])
+
+checkpoints = checkpointing.Checkpointer(directory, every_steps=1, keep=1)
+position = pipeline.position(STEPS, **train.stream_settings(config, len(source)))
+state = train.replicate({"step": np.int32(STEPS)}, mesh)
+checkpoints.save(STEPS, state, data_position=position, config=config)
+checkpoints.close()

@@ -1,0 +1,63 @@
+"""A real two-process JAX run on one machine (two CPU processes of 4 devices each).
+
+The workers (multiprocess_worker.py) check that each process's input rows land in the global batch
+where one process would put them, and save a checkpoint together; this process (one process, 8
+devices) then resumes the input stream from it.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+from test_train import fake_source, tiny_config
+
+from caco_jax import checkpointing, train
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_assemble_the_global_batch_and_save_a_position_one_process_resumes(
+    tmp_path,
+):
+    directory = str(tmp_path / "checkpoints")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(TESTS), TESTS])}
+    port = str(free_port())
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(TESTS, "multiprocess_worker.py"),
+                str(i),
+                port,
+                directory,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=240)
+        assert worker.returncode == 0, output[-3000:]
+
+    config = tiny_config()
+    source = fake_source()
+    checkpoints = checkpointing.Checkpointer(directory, every_steps=1, keep=1)
+    assert checkpoints.latest_step() == 3
+    start = train.resume_position(checkpoints, 3, -1, train.stream_settings(config, len(source)))
+    checkpoints.close()
+    straight = train.input_iterator(config, source, start_batch=0, arrays_fn=dict)
+    expected = [next(straight)["item_id"] for _ in range(start + 2)][start:]
+    resumed = train.input_iterator(config, source, start_batch=start, arrays_fn=dict)
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed)["item_id"], want)
