@@ -36,6 +36,26 @@ _CONFIGS = flags.DEFINE_list("configs", ["rgb"], "Builder configs to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Alternating repeats of extraction and preparation.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Decode processes; 0 = one per core.")
 _ENCODING_LOCATIONS = flags.DEFINE_integer("encoding_locations", 20, "Records per encoding.")
+_BASELINE_TREE = flags.DEFINE_string(
+    "baseline_tree",
+    "",
+    "Another checkout of caco_jax (e.g. `git worktree add /tmp/old <commit>`): its builder also "
+    "prepares the archive, in a subprocess, alternating with the others (wall time only).",
+)
+
+_BASELINE_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import tensorflow_datasets as tfds
+from caco_jax.data import builder
+if __name__ == "__main__":
+    os.environ["TQDM_DISABLE"] = "1"
+    tfds.disable_progress_bar()
+    start = time.perf_counter()
+    builder.CacoGeography(config=sys.argv[2], data_dir=sys.argv[3]).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[4]))
+    print("SECONDS", time.perf_counter() - start)
+"""
 
 
 def main(argv):
@@ -90,21 +110,44 @@ def main(argv):
             size = sum(os.path.getsize(f) for f in prepared.data_path.glob("*.array_record*"))
             return seconds, cpu, written, size
 
+    def prepare_baseline(config):
+        """Wall s of the --baseline_tree checkout's builder on the same archive."""
+        with tempfile.TemporaryDirectory(dir=_ARCHIVE_DIR.value) as data_dir:
+            script = os.path.join(data_dir, "baseline.py")
+            with open(script, "w") as f:
+                f.write(_BASELINE_SCRIPT)
+            output = subprocess.run(
+                [sys.executable, script, _BASELINE_TREE.value, config, data_dir + "/d", folder],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            return float(output.split("SECONDS")[-1])
+
     tfds.disable_progress_bar()
     os.environ["TQDM_DISABLE"] = "1"  # the builder's bar, in locations/s
     rows = []
     for config in _CONFIGS.value:
-        tars, prepares = [], []
+        tars, prepares, baselines = [], [], []
         for _ in range(_REPEATS.value):
             tars.append(extract())
             seconds, cpu, written, size = prepare(config)
             prepares.append((seconds, cpu))
-            print(
+            line = (
                 f"{config}: tar -xzf {tars[-1][0]:.1f} s ({tars[-1][1]:.1f} CPU s), "
-                f"prepare {seconds:.1f} s ({cpu:.1f} CPU s)",
-                flush=True,
+                f"prepare {seconds:.1f} s ({cpu:.1f} CPU s)"
             )
+            if _BASELINE_TREE.value:
+                baselines.append(prepare_baseline(config))
+                line += f", baseline prepare {baselines[-1]:.1f} s"
+            print(line, flush=True)
         rows.append((config, min(tars), min(prepares), written, size))
+        if baselines:
+            print(
+                f"{config}: baseline ({_BASELINE_TREE.value}) best {min(baselines):.1f} s, "
+                f"this tree best {min(prepares)[0]:.1f} s: baseline / this tree "
+                f"{min(baselines) / min(prepares)[0]:.2f}"
+            )
     print(
         "\n| config | `tar -xzf` wall s (CPU s) | prepare wall s (CPU s) | prepare / tar, wall "
         "(CPU) | locations/s wall (per CPU s) | records MiB |"
