@@ -14,8 +14,10 @@ Reads the TFDS records of `<workdir>/tfds` (or ``config.data.data_dir``), trains
   change/               per epoch (CACo): histogram PNGs of d_lt, d_st and r by label; labels.csv
 
 A run resumes from the newest checkpoint in the workdir, continuing exactly where it stopped (same
-parameters as an uninterrupted run), also on another number of hosts or devices (see
-`caco_jax.checkpointing`). SIGTERM saves a checkpoint and stops.
+parameters as an uninterrupted run). It also resumes on another number of hosts or devices (see
+`caco_jax.checkpointing`): the input stream is the same, the numbers too with ``sync`` BatchNorm
+(with ``per_device`` or ``shuffle`` the BatchNorm batches depend on the device count). SIGTERM
+saves a checkpoint and stops.
 """
 
 from __future__ import annotations

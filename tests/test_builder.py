@@ -266,3 +266,11 @@ def test_peak_memory_of_streaming_does_not_grow_with_the_archive(tmp_path):
     location_bytes = 10 * 264 * 264 * 3  # one decoded location
     assert peaks[40] < 1.3 * peaks[10] + location_bytes
     assert peaks[40] < 12 * location_bytes  # far below the 40 locations streamed
+
+
+def test_another_file_format_is_refused_before_anything_is_written(synthetic, tmp_path):
+    with pytest.raises(ValueError, match="writes array_record files only"):
+        prepare(synthetic, tmp_path / "tfds", file_format="tfrecord")
+    assert not builder.CacoGeography(
+        config="rgb", data_dir=os.fspath(tmp_path / "tfds")
+    ).is_prepared()

@@ -46,9 +46,15 @@ def test_two_processes_assemble_the_global_batch_and_save_a_position_one_process
         )
         for i in range(2)
     ]
-    for worker in workers:
-        output, _ = worker.communicate(timeout=240)
-        assert worker.returncode == 0, output[-3000:]
+    try:
+        for worker in workers:
+            output, _ = worker.communicate(timeout=240)
+            assert worker.returncode == 0, output[-3000:]
+    finally:  # a failed or hung worker must not leave its partner waiting for it
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
     config = tiny_config()
     source = fake_source()

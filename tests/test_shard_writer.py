@@ -25,15 +25,15 @@ def seven_locations(tmp_path_factory):
 def test_shard_layout_and_record_order_do_not_depend_on_the_number_of_workers(
     seven_locations, tmp_path, monkeypatch
 ):
-    # 3 lanes of 2 locations per shard: location n -> lane n % 3, piece n // 6.
-    monkeypatch.setattr(shard_writer, "LANES", 3)
+    # 2 lanes of 2 locations per shard: location n -> lane n % 2, piece n // 4.
+    monkeypatch.setattr(shard_writer, "LANES", 2)
     monkeypatch.setattr(shard_writer, "LOCATIONS_PER_SHARD", 2)
     for num_workers in (1, 2):
         data_dir = tmp_path / f"workers{num_workers}"
         prepared = prepare(seven_locations, data_dir, num_workers=num_workers)
         source = records.open_records(os.fspath(data_dir))
         order = [records.location_arrays(source[i])["location_id"] for i in range(len(source))]
-        assert order == ["000000", "000003", "000001", "000004", "000002", "000005", "000006"]
+        assert order == ["000000", "000002", "000001", "000003", "000004", "000006", "000005"]
         assert prepared.info.splits["train"].shard_lengths == [2, 2, 2, 1]
         names = sorted(os.listdir(prepared.data_path))
         assert [n for n in names if ".array_record-" in n] == [
@@ -62,16 +62,41 @@ def test_an_error_in_a_worker_stops_the_build_and_names_the_location(seven_locat
 
 
 def test_a_killed_worker_stops_the_build_and_names_its_locations(seven_locations, tmp_path):
-    def kill_a_worker(written):
-        del written
-        workers = [
-            p for p in multiprocessing.active_children() if p.name.startswith("caco-shard-writer")
-        ]
-        if workers:
-            os.kill(workers[-1].pid, signal.SIGKILL)
+    def locations_killing_a_worker():
+        """The stream, killing a worker after location 2: no worker can have finished by then."""
+        stream = archive.read_locations(
+            archive.find_archive(seven_locations / "caco10k.tar.gz"), RGB_KEEP
+        )
+        for n, location in enumerate(stream):
+            yield location
+            if n == 2:
+                worker = next(
+                    p for p in multiprocessing.active_children() if p.name == "caco-shard-writer-1"
+                )
+                os.kill(worker.pid, signal.SIGKILL)
 
-    with pytest.raises(
-        shard_writer.WorkerError,
-        match=r"worker \d died \(exit code .*\) while decoding location\(s\) 0000",
-    ):
-        _write(seven_locations / "caco10k.tar.gz", tmp_path, kill_a_worker)
+    with pytest.raises(shard_writer.WorkerError, match=r"worker 1 died \(exit code .*\) while"):
+        shard_writer.write_shards(
+            locations_killing_a_worker(),
+            groups=RGB_GROUPS,
+            features=builder.location_features(RGB_GROUPS),
+            directory=os.fspath(tmp_path),
+            prefix="records",
+            num_workers=2,
+            on_location=lambda _: None,
+        )
+
+
+def test_the_number_of_workers_divides_the_lanes():
+    assert shard_writer.LANES == 48
+    assert [shard_writer.usable_workers(n) for n in (0, 1, 2, 5, 7, 10, 16, 20, 100)] == [
+        1,
+        1,
+        2,
+        4,
+        6,
+        8,
+        16,
+        16,
+        48,
+    ]

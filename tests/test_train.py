@@ -86,10 +86,11 @@ def sync_steps():
     # sync-BN sums run in another order), but a gradient jumps where a ReLU input crosses zero. With
     # fake_batch(0) one hidden pre-activation of projection head 2 is +4.7e-7 on 1 device and
     # -2.8e-7 on 8: that unit's ReLU flips and the gradients move by up to 28 % of a tensor (in
-    # float64 the 8- and 1-device gradients agree to 2e-14). Seeds 0, 1 and 10 hit such a kink;
-    # seeds 2-9 and 11 agree to 1.6e-5.
+    # float64 the 8- and 1-device gradients agree to 2e-14). Which seeds hit such a kink moves with
+    # any float rounding upstream: with the matrix-product crop (augment.py), seeds 2 and 5 do,
+    # while 3, 4 and 6-9 agree to 1.9e-5 (seeds 0, 1 and 10 did with the previous gather crop).
     config = tiny_config()
-    batch = fake_batch(seed=2)
+    batch = fake_batch(seed=4)
     return one_step(config, 8, batch), one_step(config, 1, batch)
 
 

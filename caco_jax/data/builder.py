@@ -146,7 +146,12 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
         )
 
     def _download_and_prepare(self, dl_manager, download_config=None) -> None:
-        del download_config
+        del download_config  # its options address TFDS's generic writer, which is not used here
+        if self.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+            raise ValueError(
+                f"caco_geography writes array_record files only, not {self.info.file_format}: "
+                "leave file_format unset (random access for tfds.data_source and grain)"
+            )
         source = archive.find_archive(self._archive_path or dl_manager.manual_dir)
         groups = self.builder_config.pixel_groups
         keep = frozenset(

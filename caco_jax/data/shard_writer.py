@@ -11,7 +11,12 @@ Shard layout, the same for any number of workers, so every machine prepares iden
 location n of the stream (skipped ones included) belongs to lane ``n % LANES`` and piece
 ``n // (LANES * LOCATIONS_PER_SHARD)``; each (piece, lane) pair is one shard, shards are ordered by
 (piece, lane), and shards that hold no record are left out. Worker w writes the lanes
-``w, w + W, ...``, so each lane's records are appended in stream order by one process.
+``w, w + W, ...``, so each lane's records are appended in stream order by one process; W is the
+largest divisor of LANES not above the requested number (48 has many: 1-4, 6, 8, 12, 16, 24, 48),
+so every worker gets the same share.
+
+Paths are local files (`os` and array_record's writer): the data_dir must be a local or mounted
+filesystem, not ``gs://``.
 
 At most `QUEUE_DEPTH + 1` locations per worker are in flight, so memory does not grow with the
 archive. A worker that raises or dies stops the whole build with an error naming the location.
@@ -29,8 +34,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 from caco_jax.data import archive
 
-LANES = 16
-# About 1 GiB per shard for `rgb` records (~1 MiB each), TFDS's usual shard size.
+LANES = 48
+# At most about 1 GiB per shard for `rgb` records (~1 MiB each), TFDS's usual shard size.
 LOCATIONS_PER_SHARD = 1024
 # zstd level 1, not array_record's default 3: 35 % less CPU to write and 30 % faster to read, for
 # 8 % more disk (decoded JPEG pixels are noisy; see BENCHMARKS.md "Preparing records").
@@ -58,6 +63,11 @@ class WorkerError(RuntimeError):
     """A worker raised or died; names the location(s) it was working on."""
 
 
+def usable_workers(requested: int) -> int:
+    """The largest divisor of LANES not above `requested` (at least 1): equal shares of lanes."""
+    return max(w for w in range(1, LANES + 1) if LANES % w == 0 and w <= max(requested, 1))
+
+
 def shard_path(directory: str, prefix: str, piece: int, lane: int) -> str:
     return os.path.join(directory, f"{prefix}.piece{piece:06d}-lane{lane:02d}.tmp")
 
@@ -78,7 +88,7 @@ def write_shards(
     `on_location` is called in stream order, once per location. Returns the non-empty shards in
     dataset order; their files are named by `shard_path`, for the caller to rename.
     """
-    num_workers = max(1, min(num_workers, LANES))
+    num_workers = usable_workers(num_workers)
     # forkserver, not fork: the parent may run JAX's threads; the server forks cheap workers.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(
@@ -108,9 +118,10 @@ def write_shards(
         counts = collector.wait_until_done()
     finally:
         for worker in workers:
+            worker.join(timeout=_POLL_SECONDS)  # after "done" a worker is only exiting
             if worker.is_alive():
                 worker.terminate()
-            worker.join()
+                worker.join()
         # After a failure an inbox may hold tasks no worker will read; without this, the
         # queue's feeder thread would block the interpreter's exit on the full pipe.
         for inbox in inboxes:
@@ -185,7 +196,9 @@ class _Collector:
     def check_alive(self) -> None:
         for index, worker in enumerate(self.workers):
             if index not in self.done and not worker.is_alive():
-                self.drain(block=False)  # it may have reported an error before exiting
+                self.drain(block=False)  # it may have reported "done" or an error before exiting
+                if index in self.done:
+                    continue
                 lost = [loc for n, (w, loc) in sorted(self.dispatched.items()) if w == index]
                 raise WorkerError(
                     f"worker {index} died (exit code {worker.exitcode}) while decoding "
@@ -194,14 +207,14 @@ class _Collector:
 
 
 def _worker_main(index, inbox, outbox, groups, features, directory, prefix) -> None:
-    from array_record.python import array_record_module
-    from tensorflow_datasets.core import example_serializer
-
-    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-    writers: dict[int, tuple[int, object]] = {}  # lane -> (piece, open writer)
-    counts: collections.Counter = collections.Counter()
     n = None
     try:
+        from array_record.python import array_record_module
+        from tensorflow_datasets.core import example_serializer
+
+        serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+        writers: dict[int, tuple[int, object]] = {}  # lane -> (piece, open writer)
+        counts: collections.Counter = collections.Counter()
         while (task := inbox.get()) is not None:
             n, piece, lane, location = task
             decoded = archive.decode_location(location, groups)
