@@ -77,6 +77,9 @@ def one_step(config, num_devices, batch):
     return initial, jax.device_get(new_state), jax.device_get(metrics)
 
 
+SYNC_BATCH_SEED = 4  # see sync_steps
+
+
 @pytest.fixture(scope="module")
 def sync_steps():
     # CACo, one location per device: every collective of the shared step (EMA, scanned key
@@ -90,7 +93,7 @@ def sync_steps():
     # any float rounding upstream: with the matrix-product crop (augment.py), seeds 2 and 5 do,
     # while 3, 4 and 6-9 agree to 1.9e-5 (seeds 0, 1 and 10 did with the previous gather crop).
     config = tiny_config()
-    batch = fake_batch(seed=4)
+    batch = fake_batch(seed=SYNC_BATCH_SEED)
     return one_step(config, 8, batch), one_step(config, 1, batch)
 
 
@@ -153,19 +156,20 @@ def test_bfloat16_step_keeps_a_float32_state_and_follows_the_float32_step(sync_s
     initial32, state32, metrics32 = sync_steps[1]  # the same config and batch, in float32
     config = tiny_config()
     config.model.compute_dtype = "bfloat16"
-    initial16, state16, metrics16 = one_step(config, 1, fake_batch(seed=2))
+    initial16, state16, metrics16 = one_step(config, 1, fake_batch(seed=SYNC_BATCH_SEED))
     # Mixed precision: bfloat16 convolutions and matmuls, everything stored in float32.
     for name in ("query_params", "query_stats", "key_params", "key_stats", "opt_state", "queue"):
         floats = [x for x in jax.tree.leaves(getattr(state16, name)) if x.dtype.kind == "f"]
         assert floats and all(x.dtype == np.float32 for x in floats), name
     assert bool(state16.all_finite) and np.isfinite(metrics16["loss"])
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2 %); through 18 layers the
-    # loss (13.42 in float32) moves by 0.26 %: allow 1 %.
-    np.testing.assert_allclose(metrics16["loss"], metrics32["loss"], rtol=1e-2)
-    # The update direction agrees, though not to 0.99: measured cosine 0.915. This tiny network at
-    # initialisation is that sensitive to any bfloat16-sized perturbation: rounding only the input
-    # views to bfloat16 and computing in float32 already gives 0.957 (ReLU units near zero flip;
-    # 16-row BatchNorm batches). A wrong sign or a dropped gradient term would be far below 0.8.
+    # loss (12.45 in float32) moves by 0.73 % (0.26 % with batch seed 2): allow 1.5 %.
+    np.testing.assert_allclose(metrics16["loss"], metrics32["loss"], rtol=1.5e-2)
+    # The update direction agrees, though not to 0.99: measured cosine 0.924 (0.915 with batch seed
+    # 2). This tiny network at initialisation is that sensitive to any bfloat16-sized perturbation:
+    # rounding only the input views to bfloat16 and computing in float32 already gives 0.957 (ReLU
+    # units near zero flip; 16-row BatchNorm batches). A wrong sign or a dropped gradient term
+    # would be far below 0.8.
     assert update_direction_cosine(initial16, state16, initial32, state32) > 0.8
 
 

@@ -37,8 +37,8 @@ from caco_jax.data import archive
 LANES = 48
 # At most about 1 GiB per shard for `rgb` records (~1 MiB each), TFDS's usual shard size.
 LOCATIONS_PER_SHARD = 1024
-# zstd level 1, not array_record's default 3: 35 % less CPU to write and 30 % faster to read, for
-# 8 % more disk (decoded JPEG pixels are noisy; see BENCHMARKS.md "Preparing records").
+# zstd level 1, not array_record's default 3: 30-45 % less CPU to write and no slower to read, for
+# about 10 % more disk (decoded JPEG pixels are noisy; see BENCHMARKS.md "Preparing records").
 RECORD_OPTIONS = "group_size:1,zstd:1"
 QUEUE_DEPTH = 2
 _POLL_SECONDS = 1.0
@@ -108,6 +108,7 @@ def write_shards(
     for worker in workers:
         worker.start()
     collector = _Collector(workers, outbox, on_location)
+    finished = False
     try:
         for n, location in enumerate(locations):
             lane, piece = n % LANES, n // (LANES * LOCATIONS_PER_SHARD)
@@ -116,9 +117,11 @@ def write_shards(
         for inbox in inboxes:
             collector.put(inbox, None)
         counts = collector.wait_until_done()
+        finished = True
     finally:
         for worker in workers:
-            worker.join(timeout=_POLL_SECONDS)  # after "done" a worker is only exiting
+            # After "done" a worker is only exiting; after a failure, stop it at once.
+            worker.join(timeout=_POLL_SECONDS if finished else 0)
             if worker.is_alive():
                 worker.terminate()
                 worker.join()
