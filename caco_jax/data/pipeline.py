@@ -89,14 +89,12 @@ def steps_per_epoch(num_locations: int, mode: str, global_batch_size: int) -> in
 STREAM_SETTINGS = ("mode", "global_batch_size", "seed", "num_locations")
 
 
-def position(next_batch: int, *, mode: str, global_batch_size: int, seed: int, num_locations: int):
-    """The stream's position as a JSON-able dict, the same on every process and process count."""
+def position(next_batch: int, **settings) -> dict:
+    """The stream's position as a JSON-able dict, the same on every process and process count;
+    `settings` holds the `STREAM_SETTINGS`."""
     return {
         "next_global_batch": int(next_batch),
-        "mode": mode,
-        "global_batch_size": int(global_batch_size),
-        "seed": int(seed),
-        "num_locations": int(num_locations),
+        **{name: settings[name] for name in STREAM_SETTINGS},
     }
 
 
