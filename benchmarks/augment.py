@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from caco_jax import augment
 from caco_jax import config as config_lib
+from caco_jax.data.normalization import Normalization
 
 SIZE = 264
 CHANNELS = 3
@@ -109,8 +110,8 @@ def previous_augment_image(u, img, settings):
 
 
 def _previous_views(key, raw, settings: augment.AugmentSettings):
-    norm = augment.Normalization.rgb()
-    x = augment.stretch(raw, norm)
+    norm = Normalization.rgb()
+    x = norm.stretch(raw, jnp)
     t0, t1, t2 = x[:, 0], x[:, 1], x[:, 2]
     k_augment, k_crop = jax.random.split(key)
     sources = jnp.concatenate([t1, t0])
@@ -122,7 +123,7 @@ def _previous_views(key, raw, settings: augment.AugmentSettings):
     boxes = jax.vmap(lambda ui: augment.crop_box(ui, SIZE, SIZE, settings))(u)
     crops = jax.vmap(lambda img, b: gather_resized_crop(img, b, settings.crop_size))(images, boxes)
     views = dict(zip(("q", "k0", "k1", "k2"), jnp.split(crops, 4), strict=True))
-    return {name: augment.standardize(view, norm) for name, view in views.items()}
+    return {name: norm.standardize(view, jnp) for name, view in views.items()}
 
 
 # ----------------------------------------------------------------------------- work counts
@@ -191,8 +192,8 @@ def benchmark_crop_size(args, crop: int) -> None:
         f"ratio {views['previous'] / views['now']:.2f}x"
     )
 
-    norm = augment.Normalization.rgb()
-    images = augment.stretch(raw.reshape(-1, SIZE, SIZE, CHANNELS), norm)
+    norm = Normalization.rgb()
+    images = norm.stretch(raw.reshape(-1, SIZE, SIZE, CHANNELS), jnp)
     images = jnp.concatenate([images, images[: args.batch]])  # 4 views per location
     u = jax.random.uniform(key, (images.shape[0], augment.crop_uniforms(settings)))
     boxes = jax.vmap(lambda ui: augment.crop_box(ui, SIZE, SIZE, settings))(u)
@@ -208,7 +209,7 @@ def benchmark_crop_size(args, crop: int) -> None:
     t0 = images[: args.batch]
     u_augment = jax.random.uniform(key, (args.batch, augment.AUGMENT_UNIFORMS))
     ops = {
-        "stretch (3 acquisitions)": (jax.jit(lambda r: augment.stretch(r, norm)), (raw,)),
+        "stretch (3 acquisitions)": (jax.jit(lambda r: norm.stretch(r, jnp)), (raw,)),
         "colour ops at 264 (1 view)": (
             jax.jit(jax.vmap(lambda ui, x: augment.augment_colour(ui, x, settings))),
             (u_augment, t0),

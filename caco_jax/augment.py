@@ -4,7 +4,7 @@ Everything here is jit-able and vectorised over the batch (per-image randomness,
 over images). The official pipeline (`utkarshmall13/CACo`, torchvision on PIL images) is reproduced
 op by op:
 
-1. stretch: per band ``floor(clip((x - low) / (high - low) * 255, 0, 255)) / 255`` - SeCo's
+1. stretch: per band ``floor(clip((x - low) / (high - low) * 255, 0, 255)) / 255``, SeCo's
    ``normalize`` + ``ToTensor``, done first as the official reader does, so colour ops see the same
    values (``Normalization``).
 2. A (caco/teco/seco: applied to t1 and t0 at full size, before cropping; moco: after cropping):
@@ -33,35 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from caco_jax.data import layout
+from caco_jax.data.normalization import Normalization
 
-# The resolution groups of the `all_bands` records and their bands (contract 2 of the brief).
-GROUP_BANDS = {
-    "bands_10m": layout.BANDS_AT_RESOLUTION[10],
-    "bands_20m": layout.BANDS_AT_RESOLUTION[20],
-    "bands_60m": layout.BANDS_AT_RESOLUTION[60],
-}
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-@dataclasses.dataclass(frozen=True)
-class Normalization:
-    """Per-band stretch range of the raw uint8 values; mean/std of the stretched [0, 1] values."""
-
-    low: tuple[float, ...]
-    high: tuple[float, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def rgb(cls) -> Normalization:
-        """SeCo's quantiles for (B4, B3, B2) and the ImageNet statistics (SPEC section 1)."""
-        stretch = [layout.RGB_STRETCH[b] for b in layout.RGB_BANDS]
-        return cls(
-            low=tuple(lo for lo, _ in stretch),
-            high=tuple(hi for _, hi in stretch),
-            mean=layout.IMAGENET_MEAN,
-            std=layout.IMAGENET_STD,
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +86,7 @@ def merge_band_groups(groups: dict) -> jax.Array:
     """
     height, width = groups["bands_10m"].shape[-3:-1]
     channels = {}
-    for group, bands in GROUP_BANDS.items():
+    for group, bands in layout.GROUP_BANDS.items():
         x = jnp.asarray(groups[group], jnp.float32)
         shape = (*x.shape[:-3], height, width, x.shape[-1])
         if x.shape != shape:
@@ -120,18 +94,6 @@ def merge_band_groups(groups: dict) -> jax.Array:
         for channel, band in enumerate(bands):
             channels[band] = x[..., channel]
     return jnp.stack([channels[b] for b in layout.BANDS], axis=-1)
-
-
-def stretch(raw: jax.Array, norm: Normalization) -> jax.Array:
-    """Raw uint8 values -> [0, 1], quantised to 1/255 as SeCo's reader casts to uint8."""
-    low = jnp.asarray(norm.low, jnp.float32)
-    high = jnp.asarray(norm.high, jnp.float32)
-    scaled = (jnp.asarray(raw, jnp.float32) - low) / (high - low)
-    return jnp.floor(jnp.clip(scaled * 255.0, 0.0, 255.0)) / 255.0
-
-
-def standardize(x: jax.Array, norm: Normalization) -> jax.Array:
-    return (x - jnp.asarray(norm.mean, x.dtype)) / jnp.asarray(norm.std, x.dtype)
 
 
 # ----------------------------------------------------------------------------- colour ops
@@ -517,5 +479,5 @@ def make_views(
         raise ValueError(
             f"images have {raw.shape[-1]} bands but the normalisation has {len(norm.mean)}"
         )
-    views = VIEW_BUILDERS[mode](key, stretch(raw, norm), settings)
-    return {name: standardize(view, norm).astype(dtype) for name, view in views.items()}
+    views = VIEW_BUILDERS[mode](key, norm.stretch(raw, jnp), settings)
+    return {name: norm.standardize(view, jnp).astype(dtype) for name, view in views.items()}

@@ -39,6 +39,7 @@ from caco_jax import augment, checkpointing, modes
 from caco_jax import change as change_lib
 from caco_jax import step as step_lib
 from caco_jax.data import item_sampler, pipeline
+from caco_jax.data import normalization as normalization_lib
 from caco_jax.metrics_writer import MetricsWriter
 from caco_jax.train_state import (
     COMPUTE_DTYPES,
@@ -118,7 +119,7 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
         total_steps = min(total_steps, config.train.max_steps)
 
     query_axis, key_axis = step_lib.bn_axes(config.train.bn_mode)
-    normalization = normalization or augment.Normalization.rgb()
+    normalization = normalization or normalization_lib.Normalization.rgb()
     model, params, stats = build_model(
         config.model.depth,
         mode.num_subspaces,
@@ -544,7 +545,9 @@ def run_task(config, workdir: str) -> dict:
         config,
         workdir,
         source,
-        normalization=pipeline.normalization(config, source),
+        normalization=normalization_lib.for_records(
+            config.data.builder_config, source, num_locations=config.input.stats_locations
+        ),
         location_ids=location_ids,
     )
     agreement = ground_truth_agreement(config, workdir)

@@ -9,6 +9,8 @@ import pytest
 
 from caco_jax import augment
 from caco_jax import config as config_lib
+from caco_jax.data import layout
+from caco_jax.data.normalization import Normalization
 
 RNG = np.random.default_rng(0)
 IMAGE = RNG.uniform(0.0, 1.0, (12, 10, 3)).astype(np.float32)
@@ -273,15 +275,15 @@ def test_augmented_crop_is_the_crop_of_the_augmented_image():
 
 
 def test_normalisation_values():
-    norm = augment.Normalization.rgb()
+    norm = Normalization.rgb()
     raw = jnp.asarray([[[129, 103, 88], [0, 2, 3], [64, 52, 45], [200, 1, 255]]], jnp.uint8)
-    unit = np.asarray(augment.stretch(raw, norm))[0]
+    unit = np.asarray(norm.stretch(raw, jnp))[0]
     np.testing.assert_allclose(unit[0], 1.0)
     np.testing.assert_allclose(unit[1], 0.0)
     # SeCo: uint8((x - lo) / (hi - lo) * 255), truncated: 64 / 129 * 255 = 126.5 -> 126.
     np.testing.assert_allclose(unit[2] * 255, [126, 126, 126])
     np.testing.assert_allclose(unit[3], [1.0, 0.0, 1.0])
-    standard = np.asarray(augment.standardize(jnp.asarray(unit), norm))
+    standard = np.asarray(norm.standardize(jnp.asarray(unit), jnp))
     np.testing.assert_allclose(
         standard[0], (1 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], rtol=1e-6
     )
@@ -300,8 +302,8 @@ def small_config(identity=False):
 
 def test_views_take_the_right_acquisitions():
     images = jnp.asarray(RNG.integers(0, 256, (2, 3, 16, 16, 3)), jnp.uint8)
-    norm = augment.Normalization.rgb()
-    expected = augment.standardize(augment.stretch(images, norm), norm)
+    norm = Normalization.rgb()
+    expected = norm(images, jnp)
     config = small_config(identity=True)
     views = jax.jit(lambda k, x: augment.make_views(k, x, mode="caco", config=config))(
         jax.random.key(0), images
@@ -338,8 +340,8 @@ def test_all_bands_groups_are_merged_to_twelve_bands():
     assert merged.shape == (2, 1, 12, 12, 12)  # on the 10 m grid
     # layout.BANDS: B1 B2 B3 B4 B5 B6 B7 B8 B8A B9 B11 B12
     np.testing.assert_allclose(merged[0, 0, 5, 7], [60, 10, 10, 10, 20, 20, 20, 10, 20, 60, 20, 20])
-    norm = augment.Normalization(
-        low=(0.0,) * 12, high=(255.0,) * 12, mean=(0.5,) * 12, std=(0.25,) * 12
+    norm = Normalization(
+        bands=layout.BANDS, low=(0.0,) * 12, high=(255.0,) * 12, mean=(0.5,) * 12, std=(0.25,) * 12
     )
     config = small_config(identity=True)
     views = jax.jit(

@@ -19,7 +19,7 @@ import pytest
 from caco_jax import config as config_lib
 from caco_jax import step as step_lib
 from caco_jax import train
-from caco_jax.data import builder, pipeline, records, synthetic
+from caco_jax.data import builder, records, synthetic
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="caco_jax_test_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -67,7 +67,6 @@ def pretrain(config, workdir):
         config,
         workdir,
         source,
-        normalization=pipeline.normalization(config, source),
         location_ids=location_ids,
         mesh=step_lib.data_mesh(jax.devices()[:1]),
     )

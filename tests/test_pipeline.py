@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from caco_jax import config as config_lib
-from caco_jax.data import item_sampler, pipeline
+from caco_jax.data import item_sampler, normalization, pipeline
 
 SIZE = 4  # pixels per side of the fake images
 
@@ -216,14 +216,11 @@ def test_all_bands_batches_and_statistics():
         "bands_20m": (4, 3, 2, 2, 6),
         "bands_60m": (4, 3, 1, 1, 2),
     }
-    config = config_lib.base_config()
-    config.data.builder_config = "all_bands"
-    norm = pipeline.normalization(config, source, arrays_fn=as_arrays)
+    norm = normalization.for_records("all_bands", source, arrays_fn=as_arrays)
     assert len(norm.low) == len(norm.mean) == 12
     # B1 (60 m) is constant 200: its range is pinned to [200, 201] and it stretches to 0.
     assert norm.low[0] == 200 and norm.high[0] == 201 and norm.mean[0] == 0
-    config.data.builder_config = "rgb"
-    assert pipeline.normalization(config, source).low == (0.0, 2.0, 3.0)
+    assert normalization.for_records("rgb", source).low == (0.0, 2.0, 3.0)
 
 
 def test_prepared_records_end_to_end(tmp_path_factory):

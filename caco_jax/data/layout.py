@@ -28,6 +28,9 @@ BANDS_AT_RESOLUTION = {
     res: tuple(b for b in BANDS if BAND_RESOLUTION_M[b] == res) for res in (10, 20, 60)
 }
 
+# The resolution groups of the `all_bands` records and their bands.
+GROUP_BANDS = {f"bands_{res}m": BANDS_AT_RESOLUTION[res] for res in (10, 20, 60)}
+
 # The paper trains on RGB = (B4, B3, B2).
 RGB_BANDS = ("B4", "B3", "B2")
 

@@ -44,16 +44,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grain
 import numpy as np
 from absl import flags
 
 from caco_jax.data import item_sampler
-
-if TYPE_CHECKING:  # the pipeline (and its worker processes) never imports JAX
-    from caco_jax.augment import Normalization
 
 ArraysFn = Callable[[Any], dict]
 
@@ -275,52 +272,3 @@ def make_pipeline(
             grain.MultiprocessingOptions(num_workers=config.input.num_workers)
         )
     return iter(stream)
-
-
-def normalization(config, source: Sequence, arrays_fn: ArraysFn | None = None) -> Normalization:
-    """The per-band normalisation `augment.make_views` applies, for `config.data.builder_config`.
-
-    ``rgb``: SeCo's stretch quantiles and ImageNet mean/std (SPEC section 1). ``all_bands``: SeCo
-    publishes no statistics for the other bands, so they are computed from the records, the same
-    way for all 12 bands: the stretch range is the 2nd-98th percentile of each band's raw values,
-    and mean and std are those of the stretched [0, 1] values, over `config.input.stats_locations`
-    locations evenly spaced through the records (deterministic, a few seconds at start-up).
-    """
-    from caco_jax.augment import Normalization
-
-    if config.data.builder_config == "rgb":
-        return Normalization.rgb()
-    arrays_fn = arrays_fn or _default_arrays_fn()
-    count = min(config.input.stats_locations, len(source))
-    picks = np.linspace(0, len(source) - 1, count).round().astype(int)
-    values = []
-    for index in picks:
-        groups = arrays_fn(source[int(index)])["pixels"]
-        values.append(_bands_in_order(groups))
-    stacked = np.concatenate(values, axis=0)  # [N, 12] raw uint8 values
-    low = np.percentile(stacked, 2, axis=0)
-    high = np.maximum(np.percentile(stacked, 98, axis=0), low + 1.0)
-    stretched = np.floor(np.clip((stacked - low) / (high - low), 0.0, 1.0) * 255.0) / 255.0
-    return Normalization(
-        low=tuple(low.tolist()),
-        high=tuple(high.tolist()),
-        mean=tuple(stretched.mean(axis=0).tolist()),
-        std=tuple(np.maximum(stretched.std(axis=0), 1e-3).tolist()),
-    )
-
-
-def _bands_in_order(groups: dict) -> np.ndarray:
-    """Raw pixel values [N, 12] of one location, in `augment.ALL_BANDS_ORDER` (layout.BANDS)."""
-    from caco_jax.augment import GROUP_BANDS
-    from caco_jax.data import layout
-
-    columns = {}
-    for group, bands in GROUP_BANDS.items():
-        arr = np.asarray(groups[group])
-        for channel, band in enumerate(bands):
-            columns[band] = arr[..., channel].reshape(-1)
-    # Subsample the finer groups so each band contributes pixels from the whole area alike.
-    size = min(len(c) for c in columns.values())
-    return np.stack(
-        [columns[b][:: len(columns[b]) // size][:size] for b in layout.BANDS], axis=1
-    ).astype(np.float64)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import tqdm
 
-from caco_jax.data import layout
+from caco_jax.data.normalization import Normalization
 from caco_jax.evaluators import common, metrics
 
 EUROSAT_CLASSES = 10
@@ -346,18 +346,14 @@ def load_synthetic_land_cover(config, workdir: str):
 
 @functools.cache
 def pretraining_input(image_size: int):
-    """The pretraining normalisation (SeCo's RGB stretch, then ImageNet mean/std), resized to
-    `image_size`:
-    the demo probes the encoder on the inputs it was trained on."""
-    low = np.array([layout.RGB_STRETCH[b][0] for b in layout.RGB_BANDS], np.float32)
-    high = np.array([layout.RGB_STRETCH[b][1] for b in layout.RGB_BANDS], np.float32)
-    mean = np.array(layout.IMAGENET_MEAN, np.float32)
-    std = np.array(layout.IMAGENET_STD, np.float32)
+    """The pretraining input (`Normalization.rgb`: SeCo's stretch, ImageNet mean/std), resized
+    to ``image_size``: the demo probes the encoder on the inputs it was trained on."""
+    norm = Normalization.rgb()
 
     def preprocess(images):
-        x = jnp.clip((images.astype(jnp.float32) - low) / (high - low), 0.0, 1.0)
-        x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), "bilinear")
-        return (x - mean) / std
+        x = norm.stretch(images, jnp)
+        x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[-1]), "bilinear")
+        return norm.standardize(x, jnp)
 
     return preprocess
 

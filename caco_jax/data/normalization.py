@@ -1,0 +1,169 @@
+"""The input normalisation of an encoder: which bands, how raw values become its input.
+
+One definition, read by pretraining (`caco_jax.augment`), the encoder exports
+(`caco_jax.models.export` records it) and everything that feeds an exported encoder new images.
+Raw values are the archive's uint8 (surface reflectance x 255). An encoder's input is
+
+  stretch:      floor(clip((raw - low) / (high - low), 0, 1) * 255) / 255, per band
+  standardize:  (stretched - mean) / std, per band
+
+The stretch is SeCo's reader (a linear map of each band's (low, high) range to uint8, then
+``ToTensor``), so its output is quantised to 1/255 exactly as the official pipeline's.
+``rgb()`` is the official RGB recipe; ``from_records`` computes the same recipe's numbers for the
+12 bands of ``all_bands`` records, for which no official numbers exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from caco_jax.data import layout
+
+# The key under which exports record it (see `to_json`).
+EXPORT_KEY = "input"
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """Bands in channel order, their raw stretch range, and the mean/std of the stretched values."""
+
+    bands: tuple[str, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        sizes = {len(v) for v in (self.bands, self.low, self.high, self.mean, self.std)}
+        if len(sizes) != 1:
+            raise ValueError(f"Normalization: bands, low, high, mean, std differ in length: {self}")
+        if any(hi <= lo for lo, hi in zip(self.low, self.high, strict=True)):
+            raise ValueError(f"Normalization: every high must exceed its low: {self}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"Normalization: every std must be > 0: {self}")
+
+    @property
+    def num_bands(self) -> int:
+        return len(self.bands)
+
+    @classmethod
+    def rgb(cls) -> Normalization:
+        """The official RGB input: SeCo's (B4, B3, B2) stretch and the ImageNet mean/std."""
+        stretch = [layout.RGB_STRETCH[b] for b in layout.RGB_BANDS]
+        return cls(
+            bands=layout.RGB_BANDS,
+            low=tuple(lo for lo, _ in stretch),
+            high=tuple(hi for _, hi in stretch),
+            mean=layout.IMAGENET_MEAN,
+            std=layout.IMAGENET_STD,
+        )
+
+    def to_json(self) -> dict:
+        """The JSON form recorded in exports under ``EXPORT_KEY``."""
+        return {
+            "bands": list(self.bands),
+            "stretch_low": list(self.low),
+            "stretch_high": list(self.high),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> Normalization:
+        """Inverse of `to_json`; a missing or malformed field is a ValueError naming it."""
+        fields = {
+            "bands": "bands",
+            "low": "stretch_low",
+            "high": "stretch_high",
+            "mean": "mean",
+            "std": "std",
+        }
+        missing = [key for key in fields.values() if key not in record]
+        if missing:
+            raise ValueError(f"normalisation record lacks {missing}: {record}")
+        values = {name: tuple(record[key]) for name, key in fields.items()}
+        values["bands"] = tuple(str(b) for b in values["bands"])
+        for name in ("low", "high", "mean", "std"):
+            values[name] = tuple(float(v) for v in values[name])
+        return cls(**values)
+
+    # The array functions work on numpy and JAX arrays alike (the ops are NumPy-API generic).
+
+    def stretch(self, raw, xp=np):
+        """Raw values [..., C] -> [0, 1], quantised to 1/255 as SeCo's reader casts to uint8."""
+        low = xp.asarray(self.low, xp.float32)
+        high = xp.asarray(self.high, xp.float32)
+        scaled = (xp.asarray(raw, xp.float32) - low) / (high - low)
+        return xp.floor(xp.clip(scaled * 255.0, 0.0, 255.0)) / 255.0
+
+    def standardize(self, x, xp=np):
+        return (x - xp.asarray(self.mean, x.dtype)) / xp.asarray(self.std, x.dtype)
+
+    def __call__(self, raw, xp=np):
+        """stretch then standardize: raw values [..., C] -> the encoder's input."""
+        return self.standardize(self.stretch(raw, xp), xp)
+
+
+def for_records(
+    builder_config: str,
+    source: Sequence,
+    arrays_fn: Callable[[object], dict] | None = None,
+    *,
+    num_locations: int = 64,
+) -> Normalization:
+    """The pretraining input of ``builder_config`` records: `Normalization.rgb()` for ``rgb``,
+    `from_records` for ``all_bands``."""
+    if builder_config == "rgb":
+        return Normalization.rgb()
+    if arrays_fn is None:
+        from caco_jax.data import records
+
+        arrays_fn = records.location_arrays
+    return from_records(source, arrays_fn, num_locations=num_locations)
+
+
+def from_records(
+    source: Sequence,
+    arrays_fn: Callable[[object], dict],
+    *,
+    num_locations: int,
+) -> Normalization:
+    """The official recipe's numbers for the 12 bands of ``all_bands`` records.
+
+    SeCo publishes stretch ranges for RGB only, so for all bands they are computed the same way
+    for every band: the stretch range is the 2nd-98th percentile of the band's raw values, mean and
+    std those of the stretched [0, 1] values, over ``num_locations`` locations evenly spaced
+    through the records (deterministic, a few seconds).
+    """
+    count = min(num_locations, len(source))
+    picks = np.linspace(0, len(source) - 1, count).round().astype(int)
+    stacked = np.concatenate(
+        [_bands_in_order(arrays_fn(source[int(i)])["pixels"]) for i in picks], axis=0
+    )  # [N, 12] raw values
+    low = np.percentile(stacked, 2, axis=0)
+    high = np.maximum(np.percentile(stacked, 98, axis=0), low + 1.0)
+    stretched = np.floor(np.clip((stacked - low) / (high - low), 0.0, 1.0) * 255.0) / 255.0
+    return Normalization(
+        bands=layout.BANDS,
+        low=tuple(low.tolist()),
+        high=tuple(high.tolist()),
+        mean=tuple(stretched.mean(axis=0).tolist()),
+        std=tuple(np.maximum(stretched.std(axis=0), 1e-3).tolist()),
+    )
+
+
+def _bands_in_order(groups: dict) -> np.ndarray:
+    """Raw pixel values [N, 12] of one location's resolution groups, in layout.BANDS order."""
+    columns = {}
+    for group, bands in layout.GROUP_BANDS.items():
+        arr = np.asarray(groups[group])
+        for channel, band in enumerate(bands):
+            columns[band] = arr[..., channel].reshape(-1)
+    # Subsample the finer groups so each band contributes pixels from the whole area alike.
+    size = min(len(c) for c in columns.values())
+    return np.stack(
+        [columns[b][:: len(columns[b]) // size][:size] for b in layout.BANDS], axis=1
+    ).astype(np.float64)
