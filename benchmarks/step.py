@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from caco_jax import config as config_lib
 from caco_jax import train
 from caco_jax.models.resnet import ResNet
-from caco_jax.step import data_mesh
+from caco_jax.mesh import data_mesh, global_batch, replicate
 
 
 def time_calls(fn, steps):
@@ -55,7 +55,7 @@ def caco_step_time(args) -> float:
     mesh = data_mesh(jax.devices()[:1])
     run = train.setup(config, args.batch, mesh=mesh)
     rng = np.random.default_rng(0)
-    batch = train.global_batch(
+    batch = global_batch(
         {
             "images": rng.integers(
                 0, 256, (args.batch, 3, args.crop, args.crop, 3), dtype=np.uint8
@@ -66,7 +66,7 @@ def caco_step_time(args) -> float:
         },
         mesh,
     )
-    state = train.replicate(run.initial_state, mesh)
+    state = replicate(run.initial_state, mesh)
     state, _ = run.train_step(state, batch)  # compile
     holder = [state]
 

@@ -18,9 +18,10 @@ op by op:
    For P(A(t)) the blur and flip, linear and last in A, are folded into those matrices.
 4. ImageNet mean/std (or the per-band statistics of ``all_bands``).
 
-Views per mode (``make_views``): caco/teco/seco: ``q = P(t0), k0 = P(A(t1)), k1 = P(t2),
-k2 = P(A(t0))`` (SPEC section 2); moco: ``q = A(P(t0)), k0 = A(P(t0))`` (pl_bolts'
-``Moco2TrainImagenetTransforms``). The key of subspace s is always ``k{s}``.
+View recipes (``make_views``; `methods.Method.views`): ``seco`` (CACo, TeCo, SeCo, as the official
+``src/datasets/seco_dataset.py``): ``q = P(t0), k0 = P(A(t1)), k1 = P(t2), k2 = P(A(t0))``;
+``moco``: ``q = A(P(t0)), k0 = A(P(t0))`` (pl_bolts' ``Moco2TrainImagenetTransforms``). The key of
+subspace s is always ``k{s}``.
 """
 
 from __future__ import annotations
@@ -446,32 +447,29 @@ def _moco_views(key, acquisitions, settings):
     return dict(zip(("q", "k0"), jnp.split(views, 2), strict=True))
 
 
-VIEW_BUILDERS = {
-    "caco": _multi_aug_views,
-    "teco": _multi_aug_views,
-    "seco": _multi_aug_views,
-    "moco": _moco_views,
-}
+# `methods.Method.views` -> the function building those views.
+VIEW_RECIPES = {"seco": _multi_aug_views, "moco": _moco_views}
 
 
 def make_views(
     key: jax.Array,
     images,
     *,
-    mode: str,
+    recipe: str,
     config,
     normalization: Normalization | None = None,
     dtype=jnp.float32,
 ) -> dict[str, jax.Array]:
-    """The mode's views of a batch, normalised, NHWC [B, crop, crop, C] each.
+    """A method's views of a batch (``recipe`` = `methods.Method.views`), normalised, NHWC
+    [B, crop, crop, C] each.
 
     `images` is the pipeline's ``images``: uint8 [B, V, H, W, C], or for ``all_bands`` the dict of
     resolution groups (merged here into 12 bands in layout.BANDS order). Returns ``q`` and ``k0``
-    (moco) or ``q, k0, k1, k2`` (caco/teco/seco). `normalization` defaults to the RGB statistics;
-    pass `data.pipeline.normalization(config, source)` for band subsets.
+    (moco) or ``q, k0, k1, k2`` (seco: CACo, TeCo, SeCo). `normalization` defaults to the RGB
+    input; pass `data.normalization.for_records(...)` for ``all_bands``.
     """
-    if mode not in VIEW_BUILDERS:
-        raise ValueError(f"unknown training mode {mode!r}; known: {tuple(VIEW_BUILDERS)}")
+    if recipe not in VIEW_RECIPES:
+        raise ValueError(f"unknown view recipe {recipe!r}; known: {tuple(VIEW_RECIPES)}")
     norm = normalization or Normalization.rgb()
     settings = AugmentSettings.from_config(config)
     raw = merge_band_groups(images) if isinstance(images, dict) else images
@@ -479,5 +477,33 @@ def make_views(
         raise ValueError(
             f"images have {raw.shape[-1]} bands but the normalisation has {len(norm.mean)}"
         )
-    views = VIEW_BUILDERS[mode](key, norm.stretch(raw, jnp), settings)
+    views = VIEW_RECIPES[recipe](key, norm.stretch(raw, jnp), settings)
     return {name: norm.standardize(view, jnp).astype(dtype) for name, view in views.items()}
+
+
+def item_keyed_views(config, method, normalization: Normalization, dtype):
+    """The step's view function: (key, images [n, V, H, W, C], item_ids [n]) -> views
+    [1 + S, n, h, w, c] (q, k0, ...) for `methods.Method` ``method``.
+
+    Each item's augmentation key is folded from the step key and its item id, so the views of an
+    item do not depend on how the batch is split across devices (N devices = 1 device on the same
+    batch).
+    """
+    names = ("q", *(f"k{v}" for v in range(method.num_subspaces)))
+
+    def one_item(key, images):
+        views = make_views(
+            key,
+            jax.tree.map(lambda x: x[None], images),
+            recipe=method.views,
+            config=config,
+            normalization=normalization,
+            dtype=dtype,
+        )
+        return jnp.stack([views[name][0] for name in names])
+
+    def views(key, images, item_ids):
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, item_ids)
+        return jnp.swapaxes(jax.vmap(one_item)(keys, images), 0, 1)
+
+    return views

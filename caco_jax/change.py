@@ -29,7 +29,6 @@ so they survive a resume and are updated on device.
 from __future__ import annotations
 
 import logging
-import os
 
 import flax.struct
 import jax
@@ -182,36 +181,3 @@ def fit_change_labels(
         if means[0] != means[1]:
             changed[usable] = mixture.predict(sample[:, None]) == np.argmax(means)
     return np.repeat(changed, 2) if granularity == "location" else changed
-
-
-def save_change_histograms(path, d_lt, d_st, r, labels, epoch: int) -> float:
-    """Writes the official diagnostic (histograms of d_lt, d_st and r split by label) as a PNG.
-
-    Pass the seen items' running values and labels. Values beyond the plotted range (2 for
-    distances, 8 for r) are counted in the last bin. Returns the fraction labelled changed.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels = np.asarray(labels, bool)
-    fraction = float(labels.mean()) if labels.size else 0.0
-    figure = Figure(figsize=(9, 9))
-    FigureCanvasAgg(figure)
-    panels = (
-        ("Long-term distance d_lt", d_lt, 2.0, 0.02),
-        ("Short-term distance d_st", d_st, 2.0, 0.02),
-        ("Running ratio r", r, 8.0, 0.05),
-    )
-    for row, (title, data, top, width) in enumerate(panels, start=1):
-        axes = figure.add_subplot(3, 1, row)
-        data = np.clip(np.asarray(data, np.float64), 0.0, top)
-        bins = np.arange(0.0, top + width, width)
-        axes.hist(data[~labels], bins=bins, alpha=0.5, label=f"unchanged ({np.sum(~labels)})")
-        axes.hist(data[labels], bins=bins, alpha=0.5, label=f"changed ({np.sum(labels)})")
-        axes.set_title(title)
-        axes.legend()
-    figure.suptitle(f"epoch {epoch}: {100 * fraction:.1f}% of {labels.size} seen items changed")
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path)
-    return fraction

@@ -1,9 +1,10 @@
 """The configuration schema shared by every config in `configs/`, and its validation.
 
-A config is an `ml_collections.ConfigDict` whose top-level `tasks` lists what `run.py` does, in
-order (see `caco_jax.tasks`). Each section below belongs to one stage of the data flow.
-`validate` checks the values before any work starts, so that a bad value fails at once with a
-message naming it.
+A config is an `ml_collections.ConfigDict` whose top-level ``tasks`` lists what `run.py` does, in
+order (see `caco_jax.tasks`), and ``seed`` fixes every random choice. `for_tasks` builds one with
+just the sections its tasks read, each with the defaults below (which reproduce the official
+code); a config file then sets only what differs. `validate` checks every value before any work
+starts, so that a bad value fails at once with a message naming it.
 """
 
 from __future__ import annotations
@@ -15,218 +16,316 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Defaults reproduce the official CACo code (SPEC sections 2 and 3)."""
+# Allowed values, read by the code that uses them (here so that validating never imports JAX).
+BN_MODES = ("per_device", "sync", "shuffle")  # step.py
+COMPUTE_DTYPES = ("float32", "bfloat16")  # train_state.py
+
+
+def _synthetic() -> ml_collections.ConfigDict:
+    """The embedded synthetic archive (caco_jax/data/synthetic/), written to ``data.archive``."""
     c = ml_collections.ConfigDict()
-    c.tasks = ()  # e.g. ("synthesize", "prepare", "pretrain", "linear_probe")
-    c.seed = 0
+    c.num_locations = 64
+    c.change_fraction = 0.3
+    c.form = "folder"  # or "tar.gz" (like caco10k.tar.gz), "parts" (like the 1M set)
+    return c
 
-    # The embedded synthetic archive (caco_jax/data/synthetic.py).
-    c.synthetic = ml_collections.ConfigDict()
-    c.synthetic.num_locations = 64
-    c.synthetic.change_fraction = 0.3
-    c.synthetic.seed = 0
-    c.synthetic.output = ""  # folder the archive is written to; "" = <workdir>/synthetic_archive
-    c.synthetic.form = "folder"  # or "tar.gz" (like caco10k.tar.gz), "parts" (like the 1M set)
 
-    # Archive -> records (caco_jax/data/builder.py).
-    c.data = ml_collections.ConfigDict()
-    c.data.archive = ""  # folder holding the tar.gz, the *_part* files or an extracted archive
-    c.data.data_dir = ""  # TFDS data_dir of the prepared records; "" = <workdir>/tfds
-    c.data.builder_config = "rgb"  # "rgb" or "all_bands"
-    c.data.max_skip_fraction = 0.05  # the build fails when more locations than this are skipped
-    c.data.num_workers = 0  # decode processes; 0 = one per core
+def _data() -> ml_collections.ConfigDict:
+    """Archive -> records (caco_jax/data/builder.py)."""
+    c = ml_collections.ConfigDict()
+    # Folder holding the tar.gz, the *_part* files or an extracted archive; "" = the synthetic
+    # archive, <workdir>/synthetic_archive.
+    c.archive = ""
+    c.data_dir = ""  # TFDS data_dir of the prepared records; "" = <workdir>/tfds
+    c.builder_config = "rgb"  # "rgb" or "all_bands"
+    c.max_skip_fraction = 0.05  # the build fails when more locations than this are skipped
+    c.num_workers = 0  # processes writing the records (and a synthetic archive); 0 = per core
+    return c
 
-    # The encoders (caco_jax/models/).
-    c.model = ml_collections.ConfigDict()
-    c.model.depth = 18  # ResNet-18 or ResNet-50
-    c.model.embedding_dim = 128  # output width of each projection head
-    c.model.compute_dtype = "float32"  # "bfloat16": mixed precision, float32 params/statistics
 
-    # The contrastive method (caco_jax/modes.py, objectives.py).
-    c.method = ml_collections.ConfigDict()
-    c.method.mode = "caco"  # "caco", "teco", "seco" or "moco"
-    c.method.num_negatives = 16384  # queue length K per subspace
-    c.method.temperature = 0.07
-    c.method.key_momentum = 0.999  # EMA of the key encoder and heads
+def _model() -> ml_collections.ConfigDict:
+    """The encoders (caco_jax/models/)."""
+    c = ml_collections.ConfigDict()
+    c.depth = 18  # ResNet-18 or ResNet-50
+    c.width = 64  # channels of the first stage (torchvision: 64); smaller for tiny test networks
+    c.embedding_dim = 128  # output width of each projection head
+    c.compute_dtype = "float32"  # "bfloat16": mixed precision, float32 params/statistics
+    return c
 
-    # The change estimate (caco_jax/change.py); used by mode "caco" only.
-    c.change = ml_collections.ConfigDict()
-    c.change.beta = 0.8  # running value r = beta r + (1 - beta) R; the first visit takes R
-    c.change.use_ema = True  # False: r = the latest R (paper ablation)
-    c.change.statistic = "ratio"  # "ratio" d_lt / (d_st + eps), or "long_term" d_lt (ablation)
-    c.change.per_location = False  # True: one decision per location (paper ablation)
-    c.change.epsilon = 1e-4
 
-    # Pretraining (caco_jax/train.py).
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 256  # global, in items; CACo/TeCo batches hold both windows of a location
-    c.train.epochs = 200
-    c.train.milestones = (120, 160)  # epochs at which the learning rate is multiplied by 0.1
-    c.train.base_learning_rate = 0.03  # for a batch of 256; scaled linearly with the batch size
-    c.train.sgd_momentum = 0.9
-    c.train.weight_decay = 1e-4  # added to the gradient (torch SGD), query encoder and heads only
-    c.train.bn_mode = "per_device"  # "per_device" (official, 1 GPU), "sync" or "shuffle" (keys)
-    c.train.max_steps = 0  # > 0 stops early (smoke runs); 0 = epochs x steps per epoch
+def _method() -> ml_collections.ConfigDict:
+    """The contrastive method (caco_jax/methods.py, objectives.py)."""
+    c = ml_collections.ConfigDict()
+    c.name = "caco"  # one of methods.NAMES: "caco", "teco", "seco" or "moco"
+    c.num_negatives = 16384  # queue length K per subspace
+    c.temperature = 0.07
+    c.key_momentum = 0.999  # EMA of the key encoder and heads
+    return c
 
-    # Host input pipeline (caco_jax/data/pipeline.py, item_sampler.py).
-    c.input = ml_collections.ConfigDict()
-    c.input.acquisition_draws = "official"  # or "distinct": 3 distinct acquisitions in every mode
-    c.input.num_workers = 0  # grain worker processes; 0 = read in the training process
-    c.input.num_threads = 2  # reader threads per process (each assembles whole batches)
-    c.input.prefetch_batches = 4  # batches buffered per process
-    c.input.stats_locations = 64  # all_bands: locations the per-band statistics are computed from
 
-    # On-device augmentation (caco_jax/augment.py); defaults = the official torchvision pipeline.
-    c.augment = ml_collections.ConfigDict()
-    c.augment.crop_size = 224
-    c.augment.crop_scale = (0.2, 1.0)
-    c.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
-    c.augment.crop_attempts = 10
-    c.augment.jitter = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    c.augment.jitter_p = 0.8
-    c.augment.grayscale_p = 0.2
-    c.augment.blur_p = 0.5
-    c.augment.blur_sigma = (0.1, 2.0)
-    c.augment.flip_p = 0.5
+def _change() -> ml_collections.ConfigDict:
+    """The change estimate (caco_jax/change.py); read by method "caco" only."""
+    c = ml_collections.ConfigDict()
+    c.beta = 0.8  # running value r = beta r + (1 - beta) R; the first visit takes R
+    c.use_ema = True  # False: r = the latest R (paper ablation)
+    c.statistic = "ratio"  # "ratio" d_lt / (d_st + eps), or "long_term" d_lt (ablation)
+    c.per_location = False  # True: one decision per location (paper ablation)
+    c.epsilon = 1e-4
+    return c
 
-    # Orbax checkpoints (caco_jax/checkpointing.py) under <workdir>/checkpoints.
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 1000  # and always at the end of the run
-    c.checkpoint.keep = 3  # the newest N are kept
-    c.checkpoint.export_encoder_every_checkpoint = False  # export <workdir>/encoder at each save
 
-    # Metrics (caco_jax/metrics_writer.py): TensorBoard events + metrics.jsonl in <workdir>.
-    c.logging = ml_collections.ConfigDict()
-    c.logging.every_steps = 50
-    c.logging.progress_bar = True
+def _train() -> ml_collections.ConfigDict:
+    """Pretraining (caco_jax/train.py)."""
+    c = ml_collections.ConfigDict()
+    c.batch_size = 256  # global, in items; CACo/TeCo batches hold both windows of a location
+    c.epochs = 200
+    c.milestones = (120, 160)  # epochs at which the learning rate is multiplied by 0.1
+    c.base_learning_rate = 0.03  # for a batch of 256; scaled linearly with the batch size
+    c.sgd_momentum = 0.9
+    c.weight_decay = 1e-4  # added to the gradient (torch SGD), query encoder and heads only
+    c.bn_mode = "per_device"  # BN_MODES: "per_device" (official, 1 GPU), "sync", "shuffle" (keys)
+    c.max_steps = 0  # > 0 stops early (smoke runs); 0 = epochs x steps per epoch
+    return c
 
-    # Change-aware location sampling (caco_jax/sampling/, task sample_locations; SPEC section 5).
-    c.sampling = ml_collections.ConfigDict()
-    c.sampling.num_locations = 1000
-    c.sampling.num_cities = 10000  # the paper picks among the 10,000 most populous cities
-    c.sampling.sigma_km = 5.0  # per-axis std of the Gaussian around a city; SeCo's baseline: 50
-    c.sampling.reject_sea = True  # redraw points in the sea (GLOBE land mask); SeCo: False
-    c.sampling.region = ()  # (west, south, east, north) degrees; () = the whole world
-    c.sampling.min_spacing_km = 0.0  # > 0 keeps locations apart; 3.74 = no two patches overlap
-    c.sampling.max_draws_per_city = 100  # then the slot draws another city (islands, crowding)
-    c.sampling.seed = 0
-    c.sampling.output = ""  # folder of locations.csv/.geojson/.png; "" = <workdir>/locations
 
-    # Sentinel-2 downloader (caco_jax/download/, task download; needs earthengine-api).
-    c.download = ml_collections.ConfigDict()
-    c.download.locations = ""  # locations CSV; "" = <sampling output>/locations.csv
-    c.download.output = ""  # the archive folder; "" = <workdir>/archive/clean_custom_geography
-    c.download.collection = "COPERNICUS/S2_SR_HARMONIZED"  # Earth Engine surface reflectance
+def _input() -> ml_collections.ConfigDict:
+    """Host input pipeline (caco_jax/data/pipeline.py, item_sampler.py)."""
+    c = ml_collections.ConfigDict()
+    c.acquisition_draws = "official"  # or "distinct": 3 distinct acquisitions in every mode
+    c.num_workers = 0  # grain worker processes; 0 = read in the training process
+    c.num_threads = 2  # reader threads per process (each assembles whole batches)
+    c.prefetch_batches = 4  # batches buffered per process
+    c.stats_locations = 64  # all_bands: locations the per-band statistics are computed from
+    return c
+
+
+def _augment() -> ml_collections.ConfigDict:
+    """On-device augmentation (caco_jax/augment.py); defaults = the official torchvision pipeline."""
+    c = ml_collections.ConfigDict()
+    c.crop_size = 224
+    c.crop_scale = (0.2, 1.0)
+    c.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+    c.crop_attempts = 10
+    c.jitter = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    c.jitter_p = 0.8
+    c.grayscale_p = 0.2
+    c.blur_p = 0.5
+    c.blur_sigma = (0.1, 2.0)
+    c.flip_p = 0.5
+    return c
+
+
+def _checkpoint() -> ml_collections.ConfigDict:
+    """Orbax checkpoints (caco_jax/checkpointing.py) under <workdir>/checkpoints."""
+    c = ml_collections.ConfigDict()
+    c.every_steps = 1000  # and always at the end of the run
+    c.keep = 3  # the newest N are kept
+    c.export_encoder_every_checkpoint = False  # export <workdir>/encoder at each save
+    return c
+
+
+def _logging() -> ml_collections.ConfigDict:
+    """Metrics (caco_jax/metrics_writer.py): TensorBoard events + metrics.jsonl in <workdir>."""
+    c = ml_collections.ConfigDict()
+    c.every_steps = 50
+    c.progress_bar = True
+    return c
+
+
+def _sampling() -> ml_collections.ConfigDict:
+    """Change-aware location sampling (caco_jax/sampling/, task sample_locations; SPEC section 5)."""
+    c = ml_collections.ConfigDict()
+    c.num_locations = 1000
+    c.num_cities = 10000  # the paper picks among the 10,000 most populous cities
+    c.sigma_km = 5.0  # per-axis std of the Gaussian around a city; SeCo's baseline: 50
+    c.reject_sea = True  # redraw points in the sea (GLOBE land mask); SeCo: False
+    c.region = ()  # (west, south, east, north) degrees; () = the whole world
+    c.min_spacing_km = 0.0  # > 0 keeps locations apart; 3.74 = no two patches overlap
+    c.max_draws_per_city = 100  # then the slot draws another city (islands, crowding)
+    c.output = ""  # folder of locations.csv/.geojson/.png; "" = <workdir>/locations
+    return c
+
+
+def _download() -> ml_collections.ConfigDict:
+    """Sentinel-2 downloader (caco_jax/download/, task download; needs earthengine-api)."""
+    c = ml_collections.ConfigDict()
+    c.locations = ""  # locations CSV; "" = <sampling output>/locations.csv
+    c.output = ""  # the archive folder; "" = <workdir>/archive/clean_custom_geography
+    c.collection = "COPERNICUS/S2_SR_HARMONIZED"  # Earth Engine surface reflectance
     # Two windows [start, end) about 4 years apart, each at most a year (ISO dates).
-    c.download.windows = (("2019-01-01", "2020-01-01"), ("2023-01-01", "2024-01-01"))
-    c.download.acquisitions_per_window = 5
-    c.download.min_acquisitions_per_window = 3  # fewer and the location is reported as failed
-    c.download.max_scene_cloud = 10.0  # CLOUDY_PIXEL_PERCENTAGE of the whole scene (SeCo: 10)
-    c.download.max_patch_cloud_fraction = 0.0  # cloudy pixels allowed in the patch
+    c.windows = (("2019-01-01", "2020-01-01"), ("2023-01-01", "2024-01-01"))
+    c.acquisitions_per_window = 5
+    c.min_acquisitions_per_window = 3  # fewer and the location is reported as failed
+    c.max_scene_cloud = 10.0  # CLOUDY_PIXEL_PERCENTAGE of the whole scene (SeCo: 10)
+    c.max_patch_cloud_fraction = 0.0  # cloudy pixels allowed in the patch
     # Per-pixel clouds: "scl" (L2A scene classes: shadow, cloud, cirrus) or SeCo's "qa60" (empty in
     # scenes processed between January 2022 and February 2024).
-    c.download.cloud_mask = "scl"
-    c.download.num_workers = 8  # locations in flight = concurrent Earth Engine requests
-    c.download.max_retries = 5  # per request, on transient errors (quota, timeouts, 5xx)
-    c.download.retry_base_seconds = 2.0  # backoff 2, 4, 8, ... seconds, with jitter
-    c.download.preview = True  # also write SeCo's RGB preview <product_id>.tif beside each folder
-    c.download.project = ""  # Google Cloud project for ee.Initialize; "" = your default
+    c.cloud_mask = "scl"
+    c.concurrent_requests = 8  # locations in flight = concurrent Earth Engine requests
+    c.max_retries = 5  # per request, on transient errors (quota, timeouts, 5xx)
+    c.retry_base_seconds = 2.0  # backoff 2, 4, 8, ... seconds, with jitter
+    c.preview = True  # also write SeCo's RGB preview <product_id>.tif beside each folder
+    c.project = ""  # Google Cloud project for ee.Initialize; "" = your default
+    return c
 
-    # Downstream evaluation (caco_jax/evaluators/; tasks eval_eurosat, eval_bigearthnet, eval_oscd,
-    # linear_probe). Defaults = the EuroSAT linear probe; configs/eval_*.py set each protocol.
-    c.eval = ml_collections.ConfigDict()
-    c.eval.checkpoint = ""  # encoder export to evaluate; "" = <workdir>/encoder
-    c.eval.random_baseline = True  # also evaluate a randomly initialised encoder (a table row)
-    c.eval.imagenet_checkpoint = ""  # export of converted ImageNet weights: adds an "imagenet" row
-    c.eval.data_dir = ""  # TFDS data_dir of eurosat/bigearthnet/oscd; "" = ~/tensorflow_datasets
-    c.eval.split_dir = ""  # SeCo's split files, BigEarthNet's cloud/snow lists; "" = seeded split
-    c.eval.oscd_dir = ""  # the downloaded Onera archive, to build TFDS oscd when not prepared yet
-    c.eval.epochs = 100
-    c.eval.batch_size = 32
-    c.eval.learning_rate = 1e-3  # Adam
-    c.eval.milestones = (60, 80)  # epochs at which the learning rate is multiplied by 0.1
-    c.eval.dropout = 0.0  # before the linear head (BigEarthNet: 0.2)
-    c.eval.image_size = 64  # BigEarthNet: 128; linear_probe (demo): the size the encoder trained on
-    c.eval.update_bn_stats = False  # EuroSAT: refresh BN statistics on the train set (official)
-    c.eval.train_fraction = 1.0  # BigEarthNet: fraction of the training labels (0.1 or 1.0)
-    c.eval.finetune = False  # BigEarthNet: also train the encoder
-    c.eval.finetune_learning_rate = 1e-5  # BigEarthNet fine-tuning (SeCo's default)
-    c.eval.weight_decay = 1e-4  # OSCD: L2 term of torch's Adam
-    c.eval.lr_decay = 0.95  # OSCD: learning rate x this per epoch
-    c.eval.tile_size = 96  # OSCD
-    c.eval.extract_batch_size = 256  # images per encoder pass when caching features
-    c.eval.seed = 0
 
-    # Official PyTorch weights -> encoder export (caco_jax/convert.py, task convert_weights).
-    c.convert = ml_collections.ConfigDict()
-    c.convert.source = ""  # .pth / .ckpt file: CACo/SeCo/MoCo query encoder or torchvision ResNet
-    c.convert.output = ""  # export folder; "" = <workdir>/encoder
-    c.convert.depth = 0  # 0 = inferred from the keys; else checked against them
-    c.convert.allow_pickle = False  # True: also read what torch.load(weights_only=True) refuses
-    c.convert.overwrite = False  # replace an existing export
+def _eval() -> ml_collections.ConfigDict:
+    """Downstream evaluation (caco_jax/evaluators/; tasks eval_eurosat, eval_bigearthnet, eval_oscd, linear_probe). Defaults = the EuroSAT linear probe; configs/eval_*.py set each protocol."""
+    c = ml_collections.ConfigDict()
+    c.checkpoint = ""  # encoder export to evaluate; "" = <workdir>/encoder
+    c.random_baseline = True  # also evaluate a randomly initialised encoder (a table row)
+    c.imagenet_checkpoint = ""  # export of converted ImageNet weights: adds an "imagenet" row
+    c.data_dir = ""  # TFDS data_dir of eurosat/bigearthnet/oscd; "" = ~/tensorflow_datasets
+    c.split_dir = ""  # SeCo's split files, BigEarthNet's cloud/snow lists; "" = seeded split
+    c.oscd_dir = ""  # the downloaded Onera archive, to build TFDS oscd when not prepared yet
+    c.epochs = 100
+    c.batch_size = 32
+    c.learning_rate = 1e-3  # Adam
+    c.milestones = (60, 80)  # epochs at which the learning rate is multiplied by 0.1
+    c.dropout = 0.0  # before the linear head (BigEarthNet: 0.2)
+    c.image_size = 64  # BigEarthNet: 128; linear_probe (demo): the size the encoder trained on
+    c.update_bn_stats = False  # EuroSAT: refresh BN statistics on the train set (official)
+    c.train_fraction = 1.0  # BigEarthNet: fraction of the training labels (0.1 or 1.0)
+    c.finetune = False  # BigEarthNet: also train the encoder
+    c.finetune_learning_rate = 1e-5  # BigEarthNet fine-tuning (SeCo's default)
+    c.weight_decay = 1e-4  # OSCD: L2 term of torch's Adam
+    c.lr_decay = 0.95  # OSCD: learning rate x this per epoch
+    c.tile_size = 96  # OSCD
+    c.extract_batch_size = 256  # images per encoder pass when caching features
+    return c
 
+
+def _convert() -> ml_collections.ConfigDict:
+    """Official PyTorch weights -> encoder export (caco_jax/convert.py, task convert_weights)."""
+    c = ml_collections.ConfigDict()
+    c.source = ""  # .pth / .ckpt file: CACo/SeCo/MoCo query encoder or torchvision ResNet
+    c.output = ""  # export folder; "" = <workdir>/encoder
+    c.depth = 0  # 0 = inferred from the keys; else checked against them
+    c.allow_pickle = False  # True: also read what torch.load(weights_only=True) refuses
+    c.overwrite = False  # replace an existing export
+    return c
+
+
+SECTIONS = {
+    "synthetic": _synthetic,
+    "data": _data,
+    "model": _model,
+    "method": _method,
+    "change": _change,
+    "train": _train,
+    "input": _input,
+    "augment": _augment,
+    "checkpoint": _checkpoint,
+    "logging": _logging,
+    "sampling": _sampling,
+    "download": _download,
+    "eval": _eval,
+    "convert": _convert,
+}
+
+
+def for_tasks(*tasks: str) -> ml_collections.ConfigDict:
+    """A config for ``tasks`` (in order) holding only the sections they read, with defaults."""
+    from caco_jax import tasks as tasks_lib
+
+    c = ml_collections.ConfigDict()
+    c.tasks = tuple(tasks)
+    c.seed = 0  # every random choice: synthetic archive, sampling, training, evaluation
+    needed = {name for task in tasks for name in tasks_lib.get_sections(task)}
+    for name, make in SECTIONS.items():
+        if name in needed:
+            c[name] = make()
     return c
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first bad key."""
+    """Raises ConfigError naming the first bad key: a task without a section it reads, or a bad
+    value in a section."""
     from caco_jax import tasks
 
     unknown = [t for t in config.tasks if t not in tasks.TASKS]
     if unknown:
         raise ConfigError(f"config.tasks: unknown task(s) {unknown}; known: {sorted(tasks.TASKS)}")
-    _check(config.synthetic.num_locations >= 2, "synthetic.num_locations", "must be >= 2")
-    _check(0.0 <= config.synthetic.change_fraction <= 1.0, "synthetic.change_fraction", "in [0, 1]")
+    for task in config.tasks:
+        missing = [name for name in tasks.get_sections(task) if name not in config]
+        if missing:
+            raise ConfigError(
+                f"config.tasks: task {task!r} reads config sections {missing}, which this config "
+                "lacks (build it with config.for_tasks)"
+            )
+    validators = {
+        "synthetic": _validate_synthetic,
+        "data": _validate_data,
+        "model": _validate_model,
+        "method": _validate_method,
+        "change": _validate_change,
+        "train": _validate_train,
+        "input": _validate_input,
+        "augment": _validate_augment,
+        "checkpoint": _validate_checkpoint,
+        "logging": _validate_logging,
+        "sampling": _validate_sampling,
+        "download": _validate_download,
+        "eval": _validate_eval,
+        "convert": _validate_convert,
+    }
+    for name, check in validators.items():
+        if name in config:
+            check(config[name])
+
+
+def _validate_synthetic(s: ml_collections.ConfigDict) -> None:
+    _check(s.num_locations >= 2, "synthetic.num_locations", "must be >= 2")
+    _check(0.0 <= s.change_fraction <= 1.0, "synthetic.change_fraction", "in [0, 1]")
     _check(
-        config.synthetic.form in ("folder", "tar.gz", "parts"),
+        s.form in ("folder", "tar.gz", "parts"),
         "synthetic.form",
         "must be 'folder', 'tar.gz' or 'parts'",
     )
+
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
     _check(
-        config.data.builder_config in ("rgb", "all_bands"),
+        d.builder_config in ("rgb", "all_bands"),
         "data.builder_config",
         "must be 'rgb' or 'all_bands'",
     )
-    _check(0.0 <= config.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "in [0, 1]")
-    _check(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _validate_training(config)
-    _validate_input(config.input, config.augment)
-    _validate_sampling(config.sampling)
-    _validate_download(config.download)
-    _validate_eval(config.eval)
-    _validate_convert(config)
+    _check(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "in [0, 1]")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 
-# The methods of caco_jax/modes.py (listed here so that validating a config never imports JAX).
-METHOD_MODES = ("caco", "teco", "seco", "moco")
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+    _check(m.depth in (18, 50), "model.depth", "must be 18 or 50")
+    _check(m.width >= 1, "model.width", "must be >= 1")
+    _check(m.embedding_dim >= 1, "model.embedding_dim", "must be >= 1")
+    _check(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", f"one of {COMPUTE_DTYPES}")
 
 
-def _validate_training(config: ml_collections.ConfigDict) -> None:
-    _check(config.model.depth in (18, 50), "model.depth", "must be 18 or 50")
-    _check(config.model.embedding_dim >= 1, "model.embedding_dim", "must be >= 1")
+def _validate_method(m: ml_collections.ConfigDict) -> None:
+    from caco_jax import methods
+
+    _check(m.name in methods.NAMES, "method.name", f"must be one of {methods.NAMES}")
+    _check(m.num_negatives >= 2, "method.num_negatives", "must be >= 2")
     _check(
-        config.model.compute_dtype in ("float32", "bfloat16"),
-        "model.compute_dtype",
-        "must be 'float32' or 'bfloat16'",
-    )
-    _check(config.method.mode in METHOD_MODES, "method.mode", f"must be one of {METHOD_MODES}")
-    _check(config.method.num_negatives >= 2, "method.num_negatives", "must be >= 2")
-    _check(
-        config.method.num_negatives % 2 == 0,
+        m.num_negatives % 2 == 0,
         "method.num_negatives",
         "must be even (the queue holds one half per time window)",
     )
-    _check(config.method.temperature > 0, "method.temperature", "must be > 0")
-    _check(0.0 <= config.method.key_momentum < 1.0, "method.key_momentum", "in [0, 1)")
-    _check(0.0 <= config.change.beta < 1.0, "change.beta", "in [0, 1)")
+    _check(m.temperature > 0, "method.temperature", "must be > 0")
+    _check(0.0 <= m.key_momentum < 1.0, "method.key_momentum", "in [0, 1)")
+
+
+def _validate_change(c: ml_collections.ConfigDict) -> None:
+    _check(0.0 <= c.beta < 1.0, "change.beta", "in [0, 1)")
     _check(
-        config.change.statistic in ("ratio", "long_term"),
+        c.statistic in ("ratio", "long_term"),
         "change.statistic",
         "must be 'ratio' or 'long_term'",
     )
-    _check(config.change.epsilon > 0, "change.epsilon", "must be > 0")
-    train = config.train
+    _check(c.epsilon > 0, "change.epsilon", "must be > 0")
+
+
+def _validate_train(train: ml_collections.ConfigDict) -> None:
     _check(train.batch_size >= 2, "train.batch_size", "must be >= 2")
     _check(
         train.batch_size % 2 == 0,
@@ -243,18 +342,20 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     _check(train.base_learning_rate > 0, "train.base_learning_rate", "must be > 0")
     _check(0.0 <= train.sgd_momentum < 1.0, "train.sgd_momentum", "in [0, 1)")
     _check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _check(
-        train.bn_mode in ("per_device", "sync", "shuffle"),
-        "train.bn_mode",
-        "must be 'per_device', 'sync' or 'shuffle'",
-    )
+    _check(train.bn_mode in BN_MODES, "train.bn_mode", f"must be one of {BN_MODES}")
     _check(train.max_steps >= 0, "train.max_steps", "must be >= 0")
-    _check(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
-    _check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _check(config.logging.every_steps >= 1, "logging.every_steps", "must be >= 1")
 
 
-def _validate_input(i: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
+def _validate_checkpoint(c: ml_collections.ConfigDict) -> None:
+    _check(c.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    _check(c.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+def _validate_logging(c: ml_collections.ConfigDict) -> None:
+    _check(c.every_steps >= 1, "logging.every_steps", "must be >= 1")
+
+
+def _validate_input(i: ml_collections.ConfigDict) -> None:
     _check(
         i.acquisition_draws in ("official", "distinct"),
         "input.acquisition_draws",
@@ -264,6 +365,9 @@ def _validate_input(i: ml_collections.ConfigDict, a: ml_collections.ConfigDict) 
     _check(i.num_threads >= 0, "input.num_threads", "must be >= 0")
     _check(i.prefetch_batches >= 1, "input.prefetch_batches", "must be >= 1")
     _check(i.stats_locations >= 1, "input.stats_locations", "must be >= 1")
+
+
+def _validate_augment(a: ml_collections.ConfigDict) -> None:
     _check(a.crop_size >= 1, "augment.crop_size", "must be >= 1")
     _check(
         len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
@@ -338,7 +442,7 @@ def _validate_download(d: ml_collections.ConfigDict) -> None:
     _check(0 <= d.max_scene_cloud <= 100, "download.max_scene_cloud", "in [0, 100]")
     _check(0 <= d.max_patch_cloud_fraction <= 1, "download.max_patch_cloud_fraction", "in [0, 1]")
     _check(d.cloud_mask in ("scl", "qa60"), "download.cloud_mask", "must be 'scl' or 'qa60'")
-    _check(d.num_workers >= 1, "download.num_workers", "must be >= 1")
+    _check(d.concurrent_requests >= 1, "download.concurrent_requests", "must be >= 1")
     _check(d.max_retries >= 0, "download.max_retries", "must be >= 0")
     _check(d.retry_base_seconds >= 0, "download.retry_base_seconds", "must be >= 0")
     _check(bool(d.collection), "download.collection", "must name an Earth Engine collection")
@@ -368,17 +472,9 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
     _check(e.extract_batch_size >= 1, "eval.extract_batch_size", "must be >= 1")
 
 
-def _validate_convert(config: ml_collections.ConfigDict) -> None:
-    _check(
-        config.convert.depth in (0, 18, 34, 50, 101, 152),
-        "convert.depth",
-        "0 (infer) or a ResNet depth",
-    )
-    _check(
-        "convert_weights" not in config.tasks or bool(config.convert.source),
-        "convert.source",
-        "the convert_weights task needs a .pth/.ckpt file",
-    )
+def _validate_convert(c: ml_collections.ConfigDict) -> None:
+    _check(c.depth in (0, 18, 34, 50, 101, 152), "convert.depth", "0 (infer) or a ResNet depth")
+    _check(bool(c.source), "convert.source", "the convert_weights task needs a .pth/.ckpt file")
 
 
 def _check(ok: bool, key: str, requirement: str) -> None:

@@ -223,3 +223,23 @@ def moco_loss(z_q, z_k, queue, temperature, *, query_offset=0):
     return _cross_entropy_and_metrics(
         seco_logits(z_q, z_k, queue, temperature, query_offset=query_offset)
     )
+
+
+def _per_window_loss(z_q, z_k, queue, labels, temperature, query_offset):
+    # Without a change estimate (TeCo) every long-term partner is a negative.
+    changed = jnp.ones((z_q.shape[1],), dtype=bool) if labels is None else labels
+    return caco_loss(z_q, z_k, queue, changed, temperature, query_offset=query_offset)
+
+
+def _single_queue_loss(z_q, z_k, queue, labels, temperature, query_offset):
+    del labels  # no long-term partners, nothing to mask
+    return _cross_entropy_and_metrics(
+        seco_logits(z_q, z_k, queue, temperature, query_offset=query_offset)
+    )
+
+
+# `methods.Method.queue` -> its objective (z_q, z_k, queue, labels | None, temperature,
+# query_offset) -> (loss, metrics); ``labels`` [n] are the change labels of the query rows' items,
+# None for a method without a change estimate. Per window: `caco_loss` (TeCo: `teco_loss`);
+# single: `seco_loss` or `moco_loss` by the number of subspaces.
+LOSSES = {"per_window": _per_window_loss, "single": _single_queue_loss}

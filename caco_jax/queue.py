@@ -18,7 +18,9 @@ official code asserts K % batch == 0; here the write wraps around the end instea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +104,22 @@ def enqueue(queue, ptr, keys, windows=None):
     if windows.shape != (keys.shape[1],):
         raise ValueError(f"windows must be [N] = [{keys.shape[1]}], got {windows.shape}")
     return _enqueue_by_window(queue, ptr, keys, windows.astype(jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueKind:
+    """How a `methods.Method.queue` kind is created and filled."""
+
+    init: Callable  # (key, num_subspaces, K, D) -> (queue, pointer)
+    enqueue: Callable  # (queue, pointer, keys [S, N, D], windows [N]) -> (queue, pointer)
+
+
+def _enqueue_ignoring_windows(queue, ptr, keys, windows):
+    del windows  # one queue for every item
+    return enqueue(queue, ptr, keys)
+
+
+QUEUES = {
+    "per_window": QueueKind(init_window_queue, enqueue),
+    "single": QueueKind(init_queue, _enqueue_ignoring_windows),
+}

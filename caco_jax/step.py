@@ -12,12 +12,13 @@ devices). Per device, in the official order:
 4. CACo only: the change statistics from the KEY encoder's subspace-1 embeddings of the query views
    and of the k1 views, folded into the running per-item values (every device applies the whole
    batch).
-5. The query forward and the mode's objective over this device's query rows; gradients. `shard_map`
-   sums the gradients of replicated parameters over devices, so each device differentiates its local
-   mean loss divided by the device count: the sum is the gradient of the global mean, exactly.
+5. The query forward and the method's objective over this device's query rows; gradients.
+   `shard_map` sums the gradients of replicated parameters over devices, so each device
+   differentiates its local mean loss divided by the device count: the sum is the gradient of the
+   global mean, exactly.
 6. SGD on the query side; the gathered keys enqueued in global batch order.
 
-BatchNorm modes (``config.train.bn_mode``):
+BatchNorm modes (``config.train.bn_mode``, one of `config.BN_MODES`):
   per_device: statistics of each device's rows (the official single-GPU run is this on one device);
     the running statistics are averaged over devices after the step so that the state stays
     replicated.
@@ -44,18 +45,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from caco_jax import change as change_lib
-from caco_jax import momentum
+from caco_jax import momentum, objectives
 from caco_jax import queue as queue_lib
-from caco_jax.modes import Mode
+from caco_jax.config import BN_MODES
+from caco_jax.mesh import AXIS, gather
+from caco_jax.methods import Method
 from caco_jax.train_state import Model, TrainState
-
-AXIS = "data"
-BN_MODES = ("per_device", "sync", "shuffle")
-
-
-def gather(x):
-    """All-gathers the rows of ``x`` over the data axis as a value replicated on every device."""
-    return jax.lax.all_gather(x, AXIS, tiled=True, to="invarying")
 
 
 def _local_rows(x, n):
@@ -77,19 +72,16 @@ def _encode_shuffled(encoder, images, shuffle_key):
     return _local_rows(restored, n)
 
 
-KEY_ENCODERS = {"per_device": _encode_plain, "sync": _encode_plain, "shuffle": _encode_shuffled}
-
-
-def bn_axes(bn_mode: str) -> tuple[str | None, str | None]:
-    """(query, key) `bn_axis_name` of the ResNets for a BatchNorm mode."""
+def bn_axis(bn_mode: str) -> str | None:
+    """The `bn_axis_name` of both encoders: the data axis for ``sync``, else per device."""
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    return (AXIS, AXIS) if bn_mode == "sync" else (None, None)
+    return AXIS if bn_mode == "sync" else None
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-    """Everything static the step needs besides the model and the mode."""
+    """Everything static the step needs besides the model and the method."""
 
     temperature: float
     key_momentum: float
@@ -113,11 +105,11 @@ def key_forwards(model: Model, key_params, key_stats, views, shuffle_key, bn_mod
     (no gradient) and the key encoder's running statistics after the V forwards, averaged over the
     devices.
     """
-    encode = KEY_ENCODERS[bn_mode]
+    encode = _encode_shuffled if bn_mode == "shuffle" else _encode_plain
 
     def forward(stats, inputs):
         images, view_key = inputs
-        key_model = model.key(key_params, stats)
+        key_model = model(key_params, stats)
         key_model.train()
         embeddings = key_model.heads(encode(key_model.encoder, images, view_key))
         return nnx.to_pure_dict(nnx.state(key_model, nnx.BatchStat)), embeddings
@@ -130,7 +122,7 @@ def key_forwards(model: Model, key_params, key_stats, views, shuffle_key, bn_mod
 
 def make_per_device_step(
     model: Model,
-    mode: Mode,
+    method: Method,
     optimizer: optax.GradientTransformation,
     learning_rate: optax.Schedule,
     settings: StepSettings,
@@ -157,7 +149,7 @@ def make_per_device_step(
         # CACo also embeds the query views with the key encoder (for the change statistics).
         num_keys = key_views.shape[0]
         key_inputs = (
-            jnp.concatenate([key_views, query_views[None]]) if mode.tracks_change else key_views
+            jnp.concatenate([key_views, query_views[None]]) if method.tracks_change else key_views
         )
         key_embeddings, key_stats = key_forwards(
             model, key_params, state.key_stats, key_inputs, shuffle_key, settings.bn_mode
@@ -167,7 +159,8 @@ def make_per_device_step(
         item_ids_global = gather(item_ids)
 
         change = state.change
-        if mode.tracks_change:
+        labels = None
+        if method.tracks_change:
             statistics = change_lib.change_statistics(
                 key_embeddings[num_keys, 1], z_k[1, 1], settings.change_epsilon
             )
@@ -179,17 +172,17 @@ def make_per_device_step(
                 use_ema=settings.change_use_ema,
             )
             change = {**change, "running": running}
-        changed = change["labels"][item_ids] if mode.tracks_change else jnp.zeros((n,), bool)
+            labels = change["labels"][item_ids]
 
         def loss_fn(query_params):
-            query_model = model.query(query_params, state.query_stats)
+            query_model = model(query_params, state.query_stats)
             query_model.train()
             z_q = query_model(query_views)  # [S, n, D]
-            loss, metrics = mode.objective(
+            loss, metrics = objectives.LOSSES[method.queue](
                 z_q,
                 z_k_global,
                 state.queue["keys"],
-                changed,
+                labels,
                 settings.temperature,
                 jax.lax.axis_index(AXIS) * n,
             )
@@ -200,7 +193,7 @@ def make_per_device_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.query_params)
         query_params = optax.apply_updates(state.query_params, updates)
 
-        keys, pointer = mode.enqueue(
+        keys, pointer = queue_lib.QUEUES[method.queue].enqueue(
             state.queue["keys"],
             state.queue["pointer"],
             queue_lib.keys_to_enqueue(z_k_global),
@@ -210,6 +203,7 @@ def make_per_device_step(
         metrics = {name: jax.lax.pmean(value, AXIS) for name, value in metrics.items()}
         metrics["loss"] = loss
         metrics["learning_rate"] = learning_rate(state.step)
+        changed = jnp.zeros((n,), bool) if labels is None else labels
         metrics["changed_fraction"] = jax.lax.pmean(jnp.mean(changed.astype(jnp.float32)), AXIS)
         new_state = state.replace(
             step=state.step + 1,
@@ -236,14 +230,3 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device_step: Callable) -> Calla
         per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P())
     )
     return jax.jit(sharded, donate_argnums=(0,))
-
-
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-    """The 1-D ``('data',)`` mesh over all devices of all hosts (or the given ones).
-
-    Ordered by process, so each process's devices hold one contiguous block of rows in process
-    order: the global batch is the processes' shards concatenated (`data.pipeline`'s contract).
-    """
-    devices = jax.devices() if devices is None else devices
-    devices = sorted(devices, key=lambda d: d.process_index)  # stable: keeps the order within one
-    return jax.sharding.Mesh(devices, (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))

@@ -35,21 +35,17 @@ class ContrastiveModel(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """The static half of a `ContrastiveModel` (its graph) for the query and the key side.
+    """The static half of a `ContrastiveModel` (its graph), shared by the query and key sides.
 
-    Both sides share parameter structure; they differ only in the BatchNorm axis (shuffle-BN runs
-    the key encoder per device while the query encoder may be synchronised).
+    Both sides have the same structure and BatchNorm axis (`step.bn_axis`); they differ only in
+    their parameters and statistics, which live in the `TrainState`.
     """
 
-    query_graphdef: Any
-    key_graphdef: Any
-    encoder_graphdef: Any  # the query encoder alone, for exports
+    graphdef: Any
+    encoder_graphdef: Any  # the encoder alone, for exports
 
-    def query(self, params, stats) -> ContrastiveModel:
-        return nnx.merge(self.query_graphdef, params, stats)
-
-    def key(self, params, stats) -> ContrastiveModel:
-        return nnx.merge(self.key_graphdef, params, stats)
+    def __call__(self, params, stats) -> ContrastiveModel:
+        return nnx.merge(self.graphdef, params, stats)
 
     def encoder(self, params, stats) -> ResNet:
         return nnx.merge(self.encoder_graphdef, params["encoder"], stats["encoder"])
@@ -77,17 +73,22 @@ def build_model(
     *,
     seed: int,
     compute_dtype: str,
-    query_bn_axis: str | None,
-    key_bn_axis: str | None,
+    bn_axis: str | None,
     in_channels: int = 3,
+    width: int = 64,
 ) -> tuple[Model, Any, Any]:
     """The static `Model` and the initial (params, BatchNorm stats) as pure dicts."""
     dtype = COMPUTE_DTYPES[compute_dtype]
 
-    def make(bn_axis):
+    def make():
         rngs = nnx.Rngs(seed)
         encoder = ResNet(
-            depth, rngs=rngs, dtype=dtype, bn_axis_name=bn_axis, in_channels=in_channels
+            depth,
+            rngs=rngs,
+            dtype=dtype,
+            bn_axis_name=bn_axis,
+            in_channels=in_channels,
+            width=width,
         )
         heads = SubspaceHeads(
             encoder.feature_dim, num_subspaces, embedding_dim, rngs=rngs, dtype=dtype
@@ -97,15 +98,12 @@ def build_model(
     def graphdef(module):
         return nnx.split(module, nnx.Param, nnx.BatchStat)[0]
 
-    abstract_query = nnx.eval_shape(lambda: make(query_bn_axis))
-    abstract_key = nnx.eval_shape(lambda: make(key_bn_axis))
-    model = Model(
-        graphdef(abstract_query), graphdef(abstract_key), graphdef(abstract_query.encoder)
-    )
+    abstract = nnx.eval_shape(make)
+    model = Model(graphdef(abstract), graphdef(abstract.encoder))
 
     @jax.jit
     def initial_values():  # one compiled program instead of one dispatch per initialiser
-        _, params, stats = nnx.split(make(query_bn_axis), nnx.Param, nnx.BatchStat)
+        _, params, stats = nnx.split(make(), nnx.Param, nnx.BatchStat)
         return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
     params, stats = initial_values()

@@ -29,7 +29,7 @@ STEPS = 3
 
 config = tiny_config()
 source = fake_source()
-mesh = step_lib.data_mesh()
+mesh = mesh_lib.data_mesh()
 assert jax.process_count() == 2 and mesh.devices.size == 8
 mine = train.input_iterator(config, source, start_batch=0, arrays_fn=dict)
 whole = train.input_iterator(
@@ -37,7 +37,7 @@ whole = train.input_iterator(
 )
 for _ in range(STEPS):
     expected = next(whole)
-    batch = train.global_batch(next(mine), mesh)
+    batch = mesh_lib.global_batch(next(mine), mesh)
     for name in ("item_id", "images"):
         assert batch[name].shape[0] == config.train.batch_size
         for shard in batch[name].addressable_shards:
@@ -45,6 +45,6 @@ for _ in range(STEPS):
 
 checkpoints = checkpointing.Checkpointer(directory, every_steps=1, keep=1)
 position = pipeline.position(STEPS, **train.stream_settings(config, len(source)))
-state = train.replicate({"step": np.int32(STEPS)}, mesh)
+state = mesh_lib.replicate({"step": np.int32(STEPS)}, mesh)
 checkpoints.save(STEPS, state, data_position=position, config=config)
 checkpoints.close()

@@ -68,7 +68,7 @@ def pretrain(config, workdir):
         workdir,
         source,
         location_ids=location_ids,
-        mesh=step_lib.data_mesh(jax.devices()[:1]),
+        mesh=mesh_lib.data_mesh(jax.devices()[:1]),
     )
 
 

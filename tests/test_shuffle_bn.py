@@ -20,18 +20,18 @@ ROWS = NUM_DEVICES * ROWS_PER_DEVICE
 
 
 def test_each_row_is_encoded_on_the_device_the_permutation_sends_it_to_and_comes_back_in_place():
-    mesh = step_lib.data_mesh()
+    mesh = mesh_lib.data_mesh()
     key = jax.random.PRNGKey(3)
     rows = np.arange(ROWS, dtype=np.float32)[:, None]
 
     def which_device(x):  # a row-wise "encoder" that records where it ran
-        return x + 1000.0 * jax.lax.axis_index(step_lib.AXIS)
+        return x + 1000.0 * jax.lax.axis_index(mesh_lib.AXIS)
 
     sharded = jax.shard_map(
         lambda x: step_lib._encode_shuffled(which_device, x, key),
         mesh=mesh,
-        in_specs=P(step_lib.AXIS),
-        out_specs=P(step_lib.AXIS),
+        in_specs=P(mesh_lib.AXIS),
+        out_specs=P(mesh_lib.AXIS),
     )
     out = np.asarray(jax.jit(sharded)(rows))
     order = np.asarray(jax.random.permutation(key, ROWS))
@@ -43,7 +43,7 @@ def test_each_row_is_encoded_on_the_device_the_permutation_sends_it_to_and_comes
 
 
 def test_shuffled_key_forwards_equal_moco_batch_shuffle_written_out():
-    mesh = step_lib.data_mesh()
+    mesh = mesh_lib.data_mesh()
     model, params, stats = train_state.build_model(
         18, 3, 16, seed=0, compute_dtype="float32", query_bn_axis=None, key_bn_axis=None
     )
@@ -56,8 +56,8 @@ def test_shuffled_key_forwards_equal_moco_batch_shuffle_written_out():
     sharded = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), P(), P(None, step_lib.AXIS), P()),
-        out_specs=(P(None, None, step_lib.AXIS), P()),
+        in_specs=(P(), P(), P(None, mesh_lib.AXIS), P()),
+        out_specs=(P(None, None, mesh_lib.AXIS), P()),
     )
     embeddings, new_stats = jax.device_get(jax.jit(sharded)(params, stats, views, shuffle_key))
 

@@ -68,11 +68,11 @@ def fake_batch(seed=0):
 
 
 def one_step(config, num_devices, batch):
-    mesh = step_lib.data_mesh(jax.devices()[:num_devices])
+    mesh = mesh_lib.data_mesh(jax.devices()[:num_devices])
     run = train.setup(config, NUM_LOCATIONS, mesh=mesh)
     initial = jax.device_get(run.initial_state)
     new_state, metrics = run.train_step(
-        train.replicate(initial, mesh), train.global_batch(batch, mesh)
+        mesh_lib.replicate(initial, mesh), mesh_lib.global_batch(batch, mesh)
     )
     return initial, jax.device_get(new_state), jax.device_get(metrics)
 
@@ -174,7 +174,7 @@ def test_bfloat16_step_keeps_a_float32_state_and_follows_the_float32_step(sync_s
 
 
 def test_gathered_keys_land_in_the_queue_in_global_batch_order():
-    mesh = step_lib.data_mesh()
+    mesh = mesh_lib.data_mesh()
     mode = modes.get("caco")
     queue, pointer = mode.init_queue(jax.random.PRNGKey(0), 3, 64, 4)
     # Key j of subspace s is the vector (s, j, window, 1) (not normalised: we only track identity).
@@ -187,8 +187,8 @@ def test_gathered_keys_land_in_the_queue_in_global_batch_order():
         return mode.enqueue(
             queue,
             pointer,
-            step_lib.gather(local_keys.swapaxes(0, 1)).swapaxes(0, 1),
-            step_lib.gather(windows),
+            mesh_lib.gather(local_keys.swapaxes(0, 1)).swapaxes(0, 1),
+            mesh_lib.gather(windows),
         )
 
     sharded = jax.shard_map(
@@ -208,7 +208,7 @@ def test_gathered_keys_land_in_the_queue_in_global_batch_order():
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     config = tiny_config(max_steps=3)  # 2 steps per epoch: the labels are fitted at step 2
     source = fake_source()
-    mesh = step_lib.data_mesh(jax.devices()[:1])
+    mesh = mesh_lib.data_mesh(jax.devices()[:1])
     straight = train.train(config, str(tmp_path / "straight"), source, arrays_fn=dict, mesh=mesh)
 
     config.train.max_steps = 1  # "interrupted" after one step (a checkpoint is written at the end)
@@ -227,7 +227,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
             str(workdir / "checkpoints"), every_steps=1, keep=3
         )
         run = train.setup(config, len(source), mesh=mesh)
-        template = train.abstract_state(train.replicate(run.initial_state, mesh), mesh)
+        template = train.abstract_state(mesh_lib.replicate(run.initial_state, mesh), mesh)
         state = checkpoints.restore(3, template)
         checkpoints.close()
         return jax.device_get(state)
@@ -283,7 +283,7 @@ def test_input_position_saved_by_two_hosts_resumes_on_one_and_on_four_hosts(tmp_
 
 
 def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    mesh = step_lib.data_mesh(jax.devices()[:1])
+    mesh = mesh_lib.data_mesh(jax.devices()[:1])
     config = tiny_config(max_steps=1)
     config.checkpoint.every_steps = 1
     train.train(config, str(tmp_path), fake_source(), arrays_fn=dict, mesh=mesh)
@@ -299,15 +299,15 @@ def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path):
     config = tiny_config()
-    mesh8 = step_lib.data_mesh()
-    mesh1 = step_lib.data_mesh(jax.devices()[:1])
+    mesh8 = mesh_lib.data_mesh()
+    mesh1 = mesh_lib.data_mesh(jax.devices()[:1])
     run = train.setup(config, NUM_LOCATIONS, mesh=mesh8)
-    state = train.replicate(run.initial_state, mesh8)
+    state = mesh_lib.replicate(run.initial_state, mesh8)
     state = state.replace(step=state.step + 7, rng=jax.random.PRNGKey(42))
     checkpoints = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=2)
     checkpoints.save(7, state, config=config)
     checkpoints.wait()
-    target = train.abstract_state(train.replicate(run.initial_state, mesh1), mesh1)
+    target = train.abstract_state(mesh_lib.replicate(run.initial_state, mesh1), mesh1)
     restored = checkpoints.restore(7, target)
     checkpoints.close()
     leaves = jax.tree.leaves(restored)
@@ -327,7 +327,7 @@ def test_sigterm_requests_a_checkpoint_and_a_stop(tmp_path):
 def test_batch_that_splits_a_location_across_devices_is_refused():
     config = tiny_config(batch_size=8)  # 8 items on 8 devices: one item per device
     with pytest.raises(ValueError, match="batch_size"):
-        train.setup(config, NUM_LOCATIONS, mesh=step_lib.data_mesh())
+        train.setup(config, NUM_LOCATIONS, mesh=mesh_lib.data_mesh())
 
 
 def test_bad_training_values_name_their_key():

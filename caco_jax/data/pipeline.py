@@ -5,9 +5,10 @@ batches; every augmentation and the normalisation run on the accelerator (`caco_
 
 Contract (the training step relies on it):
 
-``make_pipeline(config, source, *, mode, global_batch_size, seed, num_epochs=None, process_index=0,
-process_count=1, start_batch=0)`` returns a grain ``DatasetIterator`` yielding, for every global
-batch in order from global batch ``start_batch`` on, this process's rows as host numpy arrays:
+``make_pipeline(config, source, stream, *, num_epochs=None, process_index=0, process_count=1,
+start_batch=0)`` returns a grain ``DatasetIterator`` yielding, for every global batch of ``stream``
+(a `Stream`: method, global_batch_size, seed, num_locations) in order from global batch
+``start_batch`` on, this process's rows as host numpy arrays:
 
 - ``images``: uint8 ``[B, V, H, W, C]``, the item's acquisitions in the order t0, t1, t2 (V = 3
   for caco/teco/seco) or t0 alone (V = 1 for moco). For the ``all_bands`` records ``images`` is a
@@ -35,13 +36,14 @@ epochs to compare).
 Everything random is a pure function of (seed, epoch, location, window), so the batches do not
 depend on the number of worker processes or threads. The position of the stream is therefore one
 number, the index of the next global batch (a training run consumes one per step, so it is the
-global step): `position` records it with the settings that give it its meaning, and a pipeline
-built with ``start_batch=resume_batch(saved, ...)`` continues exactly where the saved run stopped,
-with any number of processes (each takes its slice of the same global batches).
+global step): a `Position` records it with the `Stream` that gives it its meaning, and a pipeline
+built with ``start_batch=position.start_batch(stream)`` continues exactly where the saved run
+stopped, with any number of processes (each takes its slice of the same global batches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,64 +52,86 @@ import grain
 import numpy as np
 from absl import flags
 
+from caco_jax import methods
 from caco_jax.data import item_sampler
 
 ArraysFn = Callable[[Any], dict]
 
 
-def locations_per_batch(mode: str, global_batch_size: int, process_count: int = 1) -> int:
-    """Locations in one global batch; checks that pairs and process shards divide evenly."""
-    per_location = item_sampler.layout(mode).items_per_location
-    if global_batch_size <= 0 or global_batch_size % per_location:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of {per_location} "
-            f"for mode {mode!r} (both windows of a location share a batch)"
-        )
-    locations = global_batch_size // per_location
-    if locations % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} holds {locations} locations, which must divide "
-            f"evenly over process_count={process_count}"
-        )
-    return locations
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """What fixes the sequence of global batches: the same on every process and process count."""
 
+    method: str
+    global_batch_size: int
+    seed: int
+    num_locations: int
 
-def steps_per_epoch(num_locations: int, mode: str, global_batch_size: int) -> int:
-    """Full global batches per epoch; the last partial batch is dropped (official drop_last)."""
-    steps = num_locations // locations_per_batch(mode, global_batch_size)
-    if steps == 0:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} needs more locations than the "
-            f"{num_locations} in the dataset (mode {mode!r})"
-        )
-    return steps
+    @classmethod
+    def from_config(cls, config, num_locations: int) -> Stream:
+        return cls(config.method.name, config.train.batch_size, config.seed, num_locations)
 
-
-STREAM_SETTINGS = ("mode", "global_batch_size", "seed", "num_locations")
-
-
-def position(next_batch: int, **settings) -> dict:
-    """The stream's position as a JSON-able dict, the same on every process and process count;
-    `settings` holds the `STREAM_SETTINGS`."""
-    return {
-        "next_global_batch": int(next_batch),
-        **{name: settings[name] for name in STREAM_SETTINGS},
-    }
-
-
-def resume_batch(saved: dict, **current) -> int:
-    """The global batch to resume from; refuses a position saved for a different stream.
-
-    ``current`` holds this run's `STREAM_SETTINGS`: with another seed, batch size, mode or dataset
-    size the saved batch index would silently point at other data.
-    """
-    for name in STREAM_SETTINGS:
-        if saved[name] != current[name]:
+    def locations_per_batch(self, process_count: int = 1) -> int:
+        """Locations in one global batch; checks that pairs and process shards divide evenly."""
+        per_location = methods.get(self.method).items_per_location
+        if self.global_batch_size <= 0 or self.global_batch_size % per_location:
             raise ValueError(
-                f"cannot resume the input stream: the checkpoint was written with {name}="
-                f"{saved[name]!r}, this run has {name}={current[name]!r}"
+                f"global_batch_size={self.global_batch_size} must be a positive multiple of "
+                f"{per_location} for method {self.method!r} (both windows of a location share a "
+                "batch)"
             )
-    return int(saved["next_global_batch"])
+        locations = self.global_batch_size // per_location
+        if locations % process_count:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} holds {locations} locations, which "
+                f"must divide evenly over process_count={process_count}"
+            )
+        return locations
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full global batches per epoch; the last partial batch is dropped (official
+        drop_last)."""
+        steps = self.num_locations // self.locations_per_batch()
+        if steps == 0:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} needs more locations than the "
+                f"{self.num_locations} in the dataset (method {self.method!r})"
+            )
+        return steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """The next global batch of a stream: what a checkpoint records to resume the input."""
+
+    next_global_batch: int
+    stream: Stream
+
+    def to_json(self) -> dict:
+        return {"next_global_batch": self.next_global_batch, **dataclasses.asdict(self.stream)}
+
+    @classmethod
+    def from_json(cls, record: dict) -> Position:
+        fields = {f.name for f in dataclasses.fields(Stream)}
+        return cls(
+            int(record["next_global_batch"]), Stream(**{k: record[k] for k in sorted(fields)})
+        )
+
+    def start_batch(self, stream: Stream) -> int:
+        """The global batch to resume ``stream`` from; refuses a position of another stream.
+
+        With another seed, batch size, method or dataset size the saved batch index would
+        silently point at other data.
+        """
+        for field in dataclasses.fields(Stream):
+            saved, current = getattr(self.stream, field.name), getattr(stream, field.name)
+            if saved != current:
+                raise ValueError(
+                    f"cannot resume the input stream: the checkpoint was written with "
+                    f"{field.name}={saved!r}, this run has {field.name}={current!r}"
+                )
+        return self.next_global_batch
 
 
 class _EpochOrder:
@@ -148,14 +172,14 @@ def _take(pixels, indices):
 class _LoadLocation:
     """Reads one location and draws its items' acquisitions: one grain element per location."""
 
-    def __init__(self, source, order, arrays_fn, mode, seed, acquisition_draws):
+    def __init__(self, source, order, arrays_fn, method: methods.Method, seed, acquisition_draws):
         self.source = source
         self.order = order
         self.arrays_fn = arrays_fn
-        self.mode = mode
+        self.method = method
         self.seed = seed
         self.acquisition_draws = acquisition_draws
-        self.windows = range(item_sampler.layout(mode).items_per_location)
+        self.windows = range(method.items_per_location)
 
     def __call__(self, element: int) -> dict:
         epoch, location_index = self.order(element)
@@ -164,7 +188,7 @@ class _LoadLocation:
         picks = [
             item_sampler.draw_acquisitions(
                 windows,
-                mode=self.mode,
+                method=self.method,
                 item_window=window,
                 rng=item_sampler.item_rng(self.seed, epoch, location_index, window),
                 acquisition_draws=self.acquisition_draws,
@@ -172,7 +196,7 @@ class _LoadLocation:
             )
             for window in self.windows
         ]
-        paired = len(self.windows) == 2
+        paired = self.method.paired
         item_windows = [
             w if paired else int(windows[p[0]]) for w, p in zip(self.windows, picks, strict=True)
         ]
@@ -212,29 +236,33 @@ def _default_arrays_fn() -> ArraysFn:
 def make_pipeline(
     config,
     source: Sequence,
+    stream: Stream,
     *,
-    mode: str,
-    global_batch_size: int,
-    seed: int,
     num_epochs: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
     arrays_fn: ArraysFn | None = None,
     start_batch: int = 0,
 ) -> grain.DatasetIterator:
-    """This process's stream of batches (see the module docstring); `num_epochs=None` never ends.
+    """This process's rows of ``stream``'s global batches (see the module docstring).
 
     `source` is a random-access source of records (`records.open_records`), `arrays_fn` turns one
     record into arrays (default `records.location_arrays`). The first batch is the process's rows
-    of global batch `start_batch` (counted from the start of epoch 0). Reads `config.input`.
+    of global batch `start_batch` (counted from the start of epoch 0); `num_epochs=None` never
+    ends. Reads `config.input`.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-    num_locations = len(source)
-    per_batch = locations_per_batch(mode, global_batch_size, process_count)
-    steps = steps_per_epoch(num_locations, mode, global_batch_size)
+    if stream.num_locations != len(source):
+        raise ValueError(
+            f"the stream is of {stream.num_locations} locations, the source holds {len(source)}"
+        )
+    per_batch = stream.locations_per_batch(process_count)
+    steps = stream.steps_per_epoch
     per_process = per_batch // process_count
-    order = _EpochOrder(num_locations, per_batch, steps, seed, process_index, process_count)
+    order = _EpochOrder(
+        stream.num_locations, per_batch, steps, stream.seed, process_index, process_count
+    )
     epoch_elements = steps * per_process
     if num_epochs is None:
         total = (sys.maxsize // 2 // epoch_elements) * epoch_elements
@@ -249,8 +277,8 @@ def make_pipeline(
         source,
         order,
         arrays_fn or _default_arrays_fn(),
-        mode,
-        seed,
+        methods.get(stream.method),
+        stream.seed,
         config.input.acquisition_draws,
     )
     dataset = (
@@ -262,13 +290,13 @@ def make_pipeline(
     read_options = grain.ReadOptions(
         num_threads=config.input.num_threads, prefetch_buffer_size=config.input.prefetch_batches
     )
-    stream = dataset.to_iter_dataset(read_options)
+    batches = dataset.to_iter_dataset(read_options)
     if config.input.num_workers > 0:
         # grain's workers read absl flags; programs without absl.app (tests, notebooks) have not
         # parsed them, which is harmless to mark: grain's defaults apply.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        stream = stream.mp_prefetch(
+        batches = batches.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.input.num_workers)
         )
-    return iter(stream)
+    return iter(batches)

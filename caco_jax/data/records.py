@@ -51,3 +51,12 @@ def location_arrays(example) -> dict:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def location_table(source) -> list[tuple[str, float, float]]:
+    """(location_id, lat, lon) of every record, in record order."""
+    table = []
+    for i in range(len(source)):
+        example = source[i]
+        table.append((_text(example["location_id"]), float(example["lat"]), float(example["lon"])))
+    return table

@@ -28,6 +28,7 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from caco_jax import mesh as mesh_lib
 from caco_jax.evaluators import common, metrics, oscd_builder, unet
 
 # SeCo's OSCD stretch of the raw Sentinel-2 L1C values (datasets/oscd_dataset.py QUANTILES).
@@ -122,7 +123,7 @@ def binary_cross_entropy(logits, targets):
 def train_and_evaluate(encoder, cities, config) -> dict:
     """Trains a fresh decoder on the frozen `encoder` and reports test precision / recall / F1."""
     size = config.eval.tile_size
-    mesh = common.data_mesh()
+    mesh = mesh_lib.data_mesh()
     batch_size = common.global_batch_size(config.eval.batch_size, mesh)
     images_1, images_2, masks = training_tiles(cities["train"], size)
     steps_per_epoch = images_1.shape[0] // batch_size

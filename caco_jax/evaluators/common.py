@@ -29,10 +29,11 @@ import tqdm
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from caco_jax import mesh as mesh_lib
 from caco_jax.models import export
 from caco_jax.models.resnet import ResNet
 
-DATA_AXIS = "data"
+DATA_AXIS = mesh_lib.AXIS
 
 
 @dataclasses.dataclass
@@ -168,10 +169,6 @@ def seeded_split(
 # Data-parallel encoder passes: the batch is split over every device, the encoder is replicated.
 
 
-def data_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
-
-
 def global_batch_size(requested: int, mesh: Mesh) -> int:
     """`requested` rounded up to a multiple of the device count."""
     return math.ceil(requested / mesh.size) * mesh.size
@@ -200,7 +197,7 @@ def extract_features(
     them to the encoder's input inside the compiled function, so only the raw bytes cross to the
     devices.
     """
-    mesh = data_mesh()
+    mesh = mesh_lib.data_mesh()
     batch_size = global_batch_size(batch_size, mesh)
     model.eval()
     graphdef, state = nnx.split(model)

@@ -29,6 +29,7 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from caco_jax import mesh as mesh_lib
 from caco_jax.evaluators import common, linear_probe, metrics
 
 # The 19-class nomenclature of Sumbul et al. (BigEarthNet-19), in its published order.
@@ -246,7 +247,7 @@ def finetune(encoder, data: BigEarthNet, config) -> dict:
     code."""
     settings = linear_probe.HeadSettings.from_config(config.eval)
     preprocess = bigearthnet_input(config.eval.image_size)
-    mesh = common.data_mesh()
+    mesh = mesh_lib.data_mesh()
     batch_size = common.global_batch_size(settings.batch_size, mesh)
     steps_per_epoch = data.train.size // batch_size
     if steps_per_epoch == 0:

@@ -45,7 +45,12 @@ def save_encoder(
     from every process in a multi-process run.
     """
     directory = epath.Path(os.path.abspath(os.fspath(directory)))
-    build = {"arch": ARCH, "depth": model.depth, "in_channels": model.in_channels}
+    build = {
+        "arch": ARCH,
+        "depth": model.depth,
+        "in_channels": model.in_channels,
+        "width": model.width,
+    }
     for key, value in build.items():
         if key in metadata and metadata[key] != value:
             raise ValueError(
@@ -128,6 +133,7 @@ def load_encoder(
             dtype=dtype,
             bn_axis_name=bn_axis_name,
             in_channels=int(metadata["in_channels"]),
+            width=int(metadata.get("width", 64)),  # exports before `width` are all 64
         )
     )
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

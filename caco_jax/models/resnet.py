@@ -177,7 +177,6 @@ ARCHITECTURES = {
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
-STAGE_WIDTHS = (64, 128, 256, 512)
 
 
 class ResNet(nnx.Module):
@@ -191,6 +190,8 @@ class ResNet(nnx.Module):
       bn_axis_name: mesh axis to synchronise BatchNorm statistics over (inside ``jax.shard_map``);
         None computes them per device, as the official single-GPU training did.
       in_channels: channels of the input images (3 for RGB, 12 or 13 for all Sentinel-2 bands).
+      width: channels of the stem and the first stage (torchvision: 64); stage s has width x 2^s.
+        Smaller widths make tiny networks for tests; pretrained weights are all 64.
     """
 
     def __init__(
@@ -201,21 +202,26 @@ class ResNet(nnx.Module):
         dtype=jnp.float32,
         bn_axis_name: str | None = None,
         in_channels: int = 3,
+        width: int = 64,
     ):
         if depth not in ARCHITECTURES:
             raise ValueError(f"ResNet depth must be one of {sorted(ARCHITECTURES)}, got {depth!r}")
         if in_channels < 1:
             raise ValueError(f"ResNet in_channels must be positive, got {in_channels!r}")
+        if width < 1:
+            raise ValueError(f"ResNet width must be positive, got {width!r}")
         block, blocks_per_stage = ARCHITECTURES[depth]
         self.depth = depth
         self.in_channels = in_channels
+        self.width = width
         self.dtype = dtype
-        self.feature_dim = STAGE_WIDTHS[-1] * block.expansion
-        self.stage_dims = tuple(width * block.expansion for width in STAGE_WIDTHS)
+        stage_widths = tuple(width * 2**stage for stage in range(4))
+        self.feature_dim = stage_widths[-1] * block.expansion
+        self.stage_dims = tuple(w * block.expansion for w in stage_widths)
 
         self.conv1 = nnx.Conv(
             in_channels,
-            64,
+            width,
             kernel_size=(7, 7),
             strides=(2, 2),
             padding=((3, 3), (3, 3)),
@@ -225,21 +231,26 @@ class ResNet(nnx.Module):
             param_dtype=jnp.float32,
             rngs=rngs,
         )
-        self.bn1 = BatchNorm(64, dtype=dtype, axis_name=bn_axis_name)
-        channels = 64
+        self.bn1 = BatchNorm(width, dtype=dtype, axis_name=bn_axis_name)
+        channels = width
         stages = []
-        for stage, (width, num_blocks) in enumerate(
-            zip(STAGE_WIDTHS, blocks_per_stage, strict=True)
+        for stage, (stage_width, num_blocks) in enumerate(
+            zip(stage_widths, blocks_per_stage, strict=True)
         ):
             blocks = []
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
                 blocks.append(
                     block(
-                        channels, width, stride, dtype=dtype, bn_axis_name=bn_axis_name, rngs=rngs
+                        channels,
+                        stage_width,
+                        stride,
+                        dtype=dtype,
+                        bn_axis_name=bn_axis_name,
+                        rngs=rngs,
                     )
                 )
-                channels = width * block.expansion
+                channels = stage_width * block.expansion
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 

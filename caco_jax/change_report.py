@@ -1,0 +1,124 @@
+"""What a CACo run does with its change estimate at each epoch end: fits the next epoch's labels
+(`change.fit_change_labels`, on every process) and writes, from process 0, the official
+diagnostic histograms (``change/histogram_epoch=NNN.png``, also to TensorBoard) and
+``change/labels.csv`` (one row per item: its location, window, running d_lt, d_st, r and label)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from etils import epath
+
+from caco_jax import change as change_lib
+from caco_jax.metrics_writer import MetricsWriter
+
+LABEL_COLUMNS = (
+    "item_id",
+    "location_index",
+    "location_id",
+    "lat",
+    "lon",
+    "window",
+    "seen",
+    "d_lt",
+    "d_st",
+    "r",
+    "changed",
+)
+# A location's id and centre; read only when first needed (the records hold them).
+Locations = Callable[[], list[tuple[str, float, float]]]
+
+
+class ChangeReport:
+    def __init__(self, config, workdir, writer: MetricsWriter, locations: Locations | None = None):
+        self.config = config
+        self.folder = epath.Path(workdir) / "change"
+        self.writer = writer
+        self._locations = locations
+        self._location_table = None
+        self.primary = jax.process_index() == 0
+
+    def end_of_epoch(self, running, epoch: int, step: int) -> tuple[np.ndarray, float]:
+        """Labels for epoch ``epoch + 1`` from the running values after epoch ``epoch``, and the
+        fraction of the seen items labelled changed."""
+        labels = change_lib.fit_change_labels(
+            running.values,
+            running.seen,
+            seed=self.config.seed + epoch,
+            granularity="location" if self.config.change.per_location else "item",
+            statistic=self.config.change.statistic,
+        )
+        seen = running.seen
+        fraction = float(labels[seen].mean()) if seen.any() else 0.0
+        if self.primary:
+            path = self.folder / f"histogram_epoch={epoch:03d}.png"
+            save_change_histograms(
+                path,
+                running.values[seen, change_lib.LONG_TERM],
+                running.values[seen, change_lib.SHORT_TERM],
+                running.values[seen, change_lib.RATIO],
+                labels[seen],
+                epoch,
+            )
+            self.writer.write_image(step, "change/histograms", path)
+            self._write_labels(running, labels)
+        return labels, fraction
+
+    def _write_labels(self, running, labels) -> None:
+        if self._location_table is None and self._locations is not None:
+            self._location_table = self._locations()
+        rows = io.StringIO()
+        writer = csv.writer(rows)
+        writer.writerow(LABEL_COLUMNS)
+        for item in range(labels.shape[0]):
+            location = item // 2
+            name, lat, lon = (
+                self._location_table[location] if self._location_table else ("", "", "")
+            )
+            d_lt, d_st, r = running.values[item]
+            seen = int(running.seen[item])
+            changed = int(labels[item])
+            window = item % 2
+            writer.writerow([item, location, name, lat, lon, window, seen, d_lt, d_st, r, changed])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "labels.csv").write_text(rows.getvalue())
+
+
+def save_change_histograms(path, d_lt, d_st, r, labels, epoch: int) -> float:
+    """Writes the official diagnostic (histograms of d_lt, d_st and r split by label) as a PNG.
+
+    Pass the seen items' running values and labels. Values beyond the plotted range (2 for
+    distances, 8 for r, the official axes) are counted in the last bin. Returns the fraction
+    labelled changed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = np.asarray(labels, bool)
+    fraction = float(labels.mean()) if labels.size else 0.0
+    figure = Figure(figsize=(9, 9))
+    FigureCanvasAgg(figure)
+    panels = (
+        ("Long-term distance d_lt", d_lt, 2.0, 0.02),
+        ("Short-term distance d_st", d_st, 2.0, 0.02),
+        ("Running ratio r", r, 8.0, 0.05),
+    )
+    for row, (title, data, top, width) in enumerate(panels, start=1):
+        axes = figure.add_subplot(3, 1, row)
+        data = np.clip(np.asarray(data, np.float64), 0.0, top)
+        bins = np.arange(0.0, top + width, width)
+        axes.hist(data[~labels], bins=bins, alpha=0.5, label=f"unchanged ({np.sum(~labels)})")
+        axes.hist(data[labels], bins=bins, alpha=0.5, label=f"changed ({np.sum(labels)})")
+        axes.set_title(title)
+        axes.legend()
+    figure.suptitle(f"epoch {epoch}: {100 * fraction:.1f}% of {labels.size} seen items changed")
+    figure.tight_layout()
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        figure.savefig(f, format="png")
+    return fraction

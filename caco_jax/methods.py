@@ -1,0 +1,71 @@
+"""The pretraining methods as one table: what CACo, TeCo, SeCo and MoCo v2 each plug into the
+shared pipeline and step.
+
+Nothing else lists the methods. Config validation, the host sampler (`data.item_sampler`), the
+views (`augment`), the queue (`queue`) and the step (`step`) read these fields; none of them asks
+which method it runs. No JAX here, so validating a config or feeding the input pipeline never
+imports it.
+
+| method | items/location | acquisitions/item | drawn from  | subspaces | views | queue      |
+|--------|----------------|-------------------|-------------|-----------|-------|------------|
+| caco   | 2 (per window) | 3 distinct        | item window | 3         | seco  | per_window |
+| teco   | 2              | 3, replacement    | item window | 3         | seco  | per_window |
+| seco   | 1              | 3, replacement    | all         | 3         | seco  | single     |
+| moco   | 1              | 1                 | all         | 1         | moco  | single     |
+
+Only caco estimates change (``tracks_change``).
+
+The draws are the official code's (`utkarshmall13/CACo`, ``src/datasets/seco_dataset.py``: caco
+``np.random.choice(paths, 3, replace=False)``, teco and seco ``np.random.choice(paths, 3)``);
+``config.input.acquisition_draws = "distinct"`` gives the paper's distinct draws everywhere.
+
+The objective follows from the queue and the change estimate (`step`): a per-window queue means
+CACo's negatives (the queued keys of the query's window, the other items' keys, the long-term
+partner), with the partner removed for items estimated unchanged; without a change estimate
+(TeCo) every partner is a negative. A single queue means SeCo's negatives (MoCo v2 is SeCo with
+one subspace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+VIEW_RECIPES = ("seco", "moco")  # implemented in `augment.VIEW_RECIPES`
+QUEUE_KINDS = ("per_window", "single")  # implemented in `queue.QUEUES`
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    # Batch rows per location: 2 = one item per window (rows 2l, 2l+1), 1 = one item per location.
+    items_per_location: int
+    acquisitions_per_item: int  # V of the batch's images [B, V, H, W, C]: t0, t1, t2 or t0
+    draws_within_window: bool  # an item's acquisitions come from its window (else from all)
+    official_draws_with_replacement: bool
+    num_subspaces: int  # embedding subspaces = projection heads = key views
+    views: str  # a VIEW_RECIPES entry
+    queue: str  # a QUEUE_KINDS entry
+    tracks_change: bool  # estimates per-item change; the objective reads the labels
+
+    @property
+    def paired(self) -> bool:
+        """Both windows of a location sit side by side in a batch (rows 2l, 2l+1)."""
+        return self.items_per_location == 2
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("caco", 2, 3, True, False, 3, views="seco", queue="per_window", tracks_change=True),
+        Method("teco", 2, 3, True, True, 3, views="seco", queue="per_window", tracks_change=False),
+        Method("seco", 1, 3, False, True, 3, views="seco", queue="single", tracks_change=False),
+        Method("moco", 1, 1, False, False, 1, views="moco", queue="single", tracks_change=False),
+    )
+}
+NAMES = tuple(METHODS)
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {list(NAMES)}")
+    return METHODS[name]
