@@ -169,7 +169,7 @@ def side_by_side(functions: dict, args, repeats: int) -> dict[str, float]:
 
 
 def benchmark_crop_size(args, crop: int) -> None:
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("pretrain")
     config.augment.crop_size = crop
     settings = augment.AugmentSettings.from_config(config)
     rng = np.random.default_rng(0)
@@ -180,7 +180,7 @@ def benchmark_crop_size(args, crop: int) -> None:
     for name, value in work_counts(crop).items():
         print(f"  work per view: {name:38s} {value / 1e6:8.2f} M")
 
-    now = jax.jit(lambda k, x: augment.make_views(k, x, mode="caco", config=config))
+    now = jax.jit(lambda k, x: augment.make_views(k, x, recipe="seco", config=config))
     previous = jax.jit(lambda k, x: previous_make_views(k, x, settings))
     got, before = now(key, raw), previous(key, raw)
     for name, view in got.items():  # same draws, same semantics: the same views

@@ -44,7 +44,7 @@ def prepare(workdir: str, num_locations: int) -> tuple[str, str]:
     archive_dir = os.path.join(archive_root, "clean_synthetic_geography")
     if not os.path.isdir(archive_dir):
         synthetic.write_archive(archive_root, num_locations=num_locations, num_workers=2)
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("pretrain")
     config.data.archive = archive_dir
     config.data.data_dir = os.path.join(workdir, "tfds")
     builder.run_task(config, workdir)
@@ -67,7 +67,7 @@ def time_grain(data_dir: str, batch: int, epochs: int, threads: int) -> tuple[Ti
     from caco_jax import config as config_lib
     from caco_jax.data import pipeline, records
 
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("pretrain")
     config.input.num_workers = 0
     config.input.num_threads = threads
     source = records.open_records(data_dir, "rgb")
@@ -180,11 +180,11 @@ def time_device_augment(batch: int, repeats: int) -> tuple[Timer, float]:
     from caco_jax import augment
     from caco_jax import config as config_lib
 
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("pretrain")
     images = jax.device_put(
         jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, 3, 264, 264, 3)), jnp.uint8)
     )
-    make = jax.jit(lambda key, x: augment.make_views(key, x, mode="caco", config=config))
+    make = jax.jit(lambda key, x: augment.make_views(key, x, recipe="seco", config=config))
     start = time.perf_counter()
     jax.block_until_ready(make(jax.random.key(0), images))
     compile_s = time.perf_counter() - start

@@ -128,7 +128,7 @@ def main():
         per_location = {}
         for workers in (1, 2):
             client = _Fake()
-            settings = downloader.Settings(windows=windows, num_workers=workers)
+            settings = downloader.Settings(windows=windows, concurrent_requests=workers)
             t = time.perf_counter()
             summary = downloader.download_all(
                 client, sites, os.path.join(root, f"w{workers}"), settings, progress=False

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from caco_jax import config as config_lib
 from caco_jax import train
-from caco_jax.models.resnet import ResNet
 from caco_jax.mesh import data_mesh, global_batch, replicate
+from caco_jax.models.resnet import ResNet
 
 
 def time_calls(fn, steps):
@@ -47,7 +47,7 @@ def time_calls(fn, steps):
 
 
 def caco_step_time(args) -> float:
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("pretrain")
     config.model.depth = args.depth
     config.augment.crop_size = args.crop
     config.train.batch_size = args.batch

@@ -477,7 +477,9 @@ def make_views(
         raise ValueError(
             f"images have {raw.shape[-1]} bands but the normalisation has {len(norm.mean)}"
         )
-    views = VIEW_RECIPES[recipe](key, norm.stretch(raw, jnp), settings)
+    # float32 for float32 and bfloat16 training; float64 runs (tests) augment in float64 too.
+    stretched = norm.stretch(raw, jnp, dtype=jnp.promote_types(dtype, jnp.float32))
+    views = VIEW_RECIPES[recipe](key, stretched, settings)
     return {name: norm.standardize(view, jnp).astype(dtype) for name, view in views.items()}
 
 

@@ -57,8 +57,9 @@ def change_statistics(e_q, e_k1, eps: float = 1e-4):
     """
     if e_q.shape != e_k1.shape or e_q.ndim != 2:
         raise ValueError(f"e_q and e_k1 must both be [N, D], got {e_q.shape} and {e_k1.shape}")
-    e_q = jax.lax.stop_gradient(e_q).astype(jnp.float32)
-    e_k1 = jax.lax.stop_gradient(e_k1).astype(jnp.float32)
+    dtype = jnp.promote_types(e_q.dtype, jnp.float32)
+    e_q = jax.lax.stop_gradient(e_q).astype(dtype)
+    e_k1 = jax.lax.stop_gradient(e_k1).astype(dtype)
     d_lt = jnp.linalg.norm(e_q - _partners(e_q), axis=1)
     d_st = jnp.linalg.norm(e_q - e_k1, axis=1)
     return jnp.stack([d_lt, d_st, d_lt / (d_st + eps)], axis=1)

@@ -6,8 +6,8 @@ On disk, one folder per saved step under ``<workdir>/checkpoints/``::
     state/           the whole `TrainState` (every array a resume needs), Orbax's array format,
                      written asynchronously by all processes together
     data_position/   ``metadata``, JSON written by process 0 alone: ``next_global_batch`` (the
-                     global step) and the stream settings that give it its meaning (mode,
-                     global_batch_size, seed, num_locations); see `data.pipeline.position`
+                     global step) and the stream settings that give it its meaning (method,
+                     global_batch_size, seed, num_locations); see `data.pipeline.Position`
     config/          ``metadata``, the run's config as JSON, for the record
     _CHECKPOINT_METADATA
 
@@ -49,7 +49,7 @@ class Checkpointer:
     process exits.
     """
 
-    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, directory, *, every_steps: int, keep: int, async_save: bool = True):
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -97,20 +97,17 @@ class Checkpointer:
         )
         return restored[STATE]
 
-    def restore_data_position(self, step: int) -> dict | None:
-        """The input position saved with checkpoint ``step`` (`data.pipeline.position`), if any."""
+    def restore_data_position(self, step: int) -> dict:
+        """The input position saved with checkpoint ``step`` (`data.pipeline.Position` JSON)."""
         if not (self._manager.directory / str(step) / DATA_POSITION).exists():
-            return None
+            raise FileNotFoundError(
+                f"checkpoint {step} in {self.directory} has no {DATA_POSITION}: it was not written "
+                "by caco_jax pretraining"
+            )
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{DATA_POSITION: ocp.args.JsonRestore()})
         )
         return restored[DATA_POSITION]
-
-    def restore_config(self, step: int) -> dict:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
-        )
-        return restored[CONFIG]
 
     def reached_preemption(self, step: int) -> bool:
         return self._manager.reached_preemption(step)

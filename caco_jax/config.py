@@ -100,7 +100,8 @@ def _input() -> ml_collections.ConfigDict:
 
 
 def _augment() -> ml_collections.ConfigDict:
-    """On-device augmentation (caco_jax/augment.py); defaults = the official torchvision pipeline."""
+    """On-device augmentation (caco_jax/augment.py); defaults: the official torchvision
+    pipeline."""
     c = ml_collections.ConfigDict()
     c.crop_size = 224
     c.crop_scale = (0.2, 1.0)
@@ -133,7 +134,7 @@ def _logging() -> ml_collections.ConfigDict:
 
 
 def _sampling() -> ml_collections.ConfigDict:
-    """Change-aware location sampling (caco_jax/sampling/, task sample_locations; SPEC section 5)."""
+    """Change-aware location sampling (caco_jax/sampling/, task sample_locations)."""
     c = ml_collections.ConfigDict()
     c.num_locations = 1000
     c.num_cities = 10000  # the paper picks among the 10,000 most populous cities
@@ -170,7 +171,10 @@ def _download() -> ml_collections.ConfigDict:
 
 
 def _eval() -> ml_collections.ConfigDict:
-    """Downstream evaluation (caco_jax/evaluators/; tasks eval_eurosat, eval_bigearthnet, eval_oscd, linear_probe). Defaults = the EuroSAT linear probe; configs/eval_*.py set each protocol."""
+    """Downstream evaluation (caco_jax/evaluators/; the eval_* and linear_probe tasks).
+
+    Defaults: the EuroSAT linear probe; configs/eval_*.py set what their protocol changes.
+    """
     c = ml_collections.ConfigDict()
     c.checkpoint = ""  # encoder export to evaluate; "" = <workdir>/encoder
     c.random_baseline = True  # also evaluate a randomly initialised encoder (a table row)

@@ -18,8 +18,6 @@ from flax import nnx, struct
 from caco_jax.models.heads import SubspaceHeads
 from caco_jax.models.resnet import ResNet
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 class ContrastiveModel(nnx.Module):
     """A ResNet encoder and one projection head per embedding subspace (f_q or f_k of the paper)."""
@@ -78,7 +76,7 @@ def build_model(
     width: int = 64,
 ) -> tuple[Model, Any, Any]:
     """The static `Model` and the initial (params, BatchNorm stats) as pure dicts."""
-    dtype = COMPUTE_DTYPES[compute_dtype]
+    dtype = jnp.dtype(compute_dtype)
 
     def make():
         rngs = nnx.Rngs(seed)

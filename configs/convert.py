@@ -10,6 +10,4 @@ from caco_jax import config as config_lib
 
 
 def get_config():
-    config = config_lib.base_config()
-    config.tasks = ("convert_weights",)
-    return config
+    return config_lib.for_tasks("convert_weights")

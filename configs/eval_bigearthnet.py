@@ -11,13 +11,8 @@ from caco_jax import config as config_lib
 
 
 def get_config():
-    config = config_lib.base_config()
-    config.tasks = ("eval_bigearthnet",)
-    config.eval.epochs = 100
+    config = config_lib.for_tasks("eval_bigearthnet")
     config.eval.batch_size = 256
-    config.eval.learning_rate = 1e-3  # SeCo's README command for the frozen probe
-    config.eval.milestones = (60, 80)
     config.eval.dropout = 0.2
     config.eval.image_size = 128
-    config.eval.train_fraction = 1.0
     return config

@@ -10,11 +10,4 @@ from caco_jax import config as config_lib
 
 
 def get_config():
-    config = config_lib.base_config()
-    config.tasks = ("eval_eurosat",)
-    config.eval.epochs = 100
-    config.eval.batch_size = 32
-    config.eval.learning_rate = 1e-3
-    config.eval.milestones = (60, 80)
-    config.eval.image_size = 64
-    return config
+    return config_lib.for_tasks("eval_eurosat")  # the eval section's defaults are this protocol

@@ -11,12 +11,4 @@ from caco_jax import config as config_lib
 
 
 def get_config():
-    config = config_lib.base_config()
-    config.tasks = ("eval_oscd",)
-    config.eval.epochs = 100
-    config.eval.batch_size = 32
-    config.eval.learning_rate = 1e-3
-    config.eval.weight_decay = 1e-4
-    config.eval.lr_decay = 0.95
-    config.eval.tile_size = 96
-    return config
+    return config_lib.for_tasks("eval_oscd")  # eval.weight_decay, lr_decay, tile_size: OSCD's

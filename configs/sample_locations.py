@@ -13,8 +13,7 @@ from caco_jax import config as config_lib
 
 
 def get_config(sampler: str = "caco"):
-    config = config_lib.base_config()
-    config.tasks = ("sample_locations",)
+    config = config_lib.for_tasks("sample_locations")
     if sampler == "seco":  # 50 km around the same cities, sea points kept
         config.sampling.sigma_km = 50.0
         config.sampling.reject_sea = False

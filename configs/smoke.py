@@ -9,8 +9,7 @@ from caco_jax import config as config_lib
 
 
 def get_config():
-    config = config_lib.base_config()
-    config.tasks = ("synthesize", "prepare", "pretrain")
+    config = config_lib.for_tasks("synthesize", "prepare", "pretrain")
     config.synthetic.num_locations = 8
     config.augment.crop_size = 32
     config.method.num_negatives = 32

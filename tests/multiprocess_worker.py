@@ -19,10 +19,10 @@ process_id, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
 
 import numpy as np  # noqa: E402
-from test_train import fake_source, tiny_config  # noqa: E402
+from helpers import fake_source, tiny_config  # noqa: E402
 
 from caco_jax import checkpointing, train  # noqa: E402
-from caco_jax import step as step_lib  # noqa: E402
+from caco_jax import mesh as mesh_lib  # noqa: E402
 from caco_jax.data import pipeline  # noqa: E402
 
 STEPS = 3
@@ -31,9 +31,10 @@ config = tiny_config()
 source = fake_source()
 mesh = mesh_lib.data_mesh()
 assert jax.process_count() == 2 and mesh.devices.size == 8
-mine = train.input_iterator(config, source, start_batch=0, arrays_fn=dict)
+stream = pipeline.Stream.from_config(config, len(source))
+mine = train.input_iterator(config, source, stream, start_batch=0, arrays_fn=dict)
 whole = train.input_iterator(
-    config, source, start_batch=0, arrays_fn=dict, process_index=0, process_count=1
+    config, source, stream, start_batch=0, arrays_fn=dict, process_index=0, process_count=1
 )
 for _ in range(STEPS):
     expected = next(whole)
@@ -44,7 +45,7 @@ for _ in range(STEPS):
             np.testing.assert_array_equal(np.asarray(shard.data), expected[name][shard.index[0]])
 
 checkpoints = checkpointing.Checkpointer(directory, every_steps=1, keep=1)
-position = pipeline.position(STEPS, **train.stream_settings(config, len(source)))
+position = pipeline.Position(STEPS, stream).to_json()
 state = mesh_lib.replicate({"step": np.int32(STEPS)}, mesh)
 checkpoints.save(STEPS, state, data_position=position, config=config)
 checkpoints.close()

@@ -290,7 +290,7 @@ def test_normalisation_values():
 
 
 def small_config(identity=False):
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("pretrain")
     config.augment.crop_size = 16
     if identity:  # no augmentation, full-image crops at the input size: views expose their sources
         for key in ("jitter_p", "grayscale_p", "blur_p", "flip_p"):
@@ -305,7 +305,7 @@ def test_views_take_the_right_acquisitions():
     norm = Normalization.rgb()
     expected = norm(images, jnp)
     config = small_config(identity=True)
-    views = jax.jit(lambda k, x: augment.make_views(k, x, mode="caco", config=config))(
+    views = jax.jit(lambda k, x: augment.make_views(k, x, recipe="seco", config=config))(
         jax.random.key(0), images
     )
     for name, source in (("q", 0), ("k0", 1), ("k1", 2), ("k2", 0)):
@@ -315,7 +315,7 @@ def test_views_take_the_right_acquisitions():
 def test_make_views_jits_on_device_with_shapes_and_dtypes():
     config = small_config()
     images = jax.device_put(jnp.asarray(RNG.integers(0, 256, (4, 3, 24, 24, 3)), jnp.uint8))
-    make = jax.jit(lambda key, x: augment.make_views(key, x, mode="caco", config=config))
+    make = jax.jit(lambda key, x: augment.make_views(key, x, recipe="seco", config=config))
     key = jax.device_put(jax.random.key(1))
     assert "callback" not in make.lower(key, images).as_text()
     with jax.transfer_guard("disallow"):  # no host round trip inside
@@ -345,7 +345,7 @@ def test_all_bands_groups_are_merged_to_twelve_bands():
     )
     config = small_config(identity=True)
     views = jax.jit(
-        lambda k, x: augment.make_views(k, x, mode="moco", config=config, normalization=norm)
+        lambda k, x: augment.make_views(k, x, recipe="moco", config=config, normalization=norm)
     )(jax.random.key(0), groups)
     assert sorted(views) == ["k0", "q"]
     # MoCo: both views come from the one acquisition (12 px, resized to the 16 px crop).
@@ -355,4 +355,4 @@ def test_all_bands_groups_are_merged_to_twelve_bands():
         views["q"][0, 3, 3, :2], [(60 / 255 - 0.5) / 0.25, (10 / 255 - 0.5) / 0.25], atol=1e-5
     )
     with pytest.raises(ValueError, match="images have 12 bands but the normalisation has 3"):
-        augment.make_views(jax.random.key(0), groups, mode="moco", config=small_config())
+        augment.make_views(jax.random.key(0), groups, recipe="moco", config=small_config())

@@ -77,10 +77,12 @@ def faulty_archive(tmp_path):
 def test_every_input_form_gives_identical_records_and_run_task_uses_the_synthetic_archive(
     synthetic, tmp_path
 ):
-    config = config_lib.base_config()
-    config.synthetic.output = os.path.dirname(synthetic)  # as the `synthesize` task leaves it
+    config = config_lib.for_tasks("prepare")
     config.data.num_workers = 2
-    result = builder.run_task(config, os.fspath(tmp_path / "work"))
+    work = tmp_path / "work"  # with the synthetic archive where the `synthesize` task leaves it
+    os.makedirs(work)
+    os.symlink(os.path.dirname(synthetic), work / "synthetic_archive")
+    result = builder.run_task(config, os.fspath(work))
     data_dir = tmp_path / "work" / "tfds"
     assert result["locations_written"] == 3 and result["source_files"] == [
         "clean_synthetic_geography"
@@ -114,9 +116,8 @@ def test_every_input_form_gives_identical_records_and_run_task_uses_the_syntheti
     with pytest.raises(archive.ArchiveError, match=r"prepared from.*delete it"):
         builder.run_task(config, os.fspath(tmp_path / "work"))
     config.data.archive = ""
-    config.synthetic.output = os.fspath(tmp_path / "nothing")
     with pytest.raises(archive.ArchiveError, match=r"config\.data\.archive is empty"):
-        builder.run_task(config, os.fspath(tmp_path / "work"))
+        builder.run_task(config, os.fspath(tmp_path / "nothing"))
 
 
 def test_all_bands_records_hold_every_band_at_native_resolution(synthetic, tmp_path):

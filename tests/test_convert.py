@@ -195,8 +195,7 @@ def test_pickled_objects_need_allow_pickle(tmp_path):
 def test_convert_task_writes_an_export_the_evaluators_load(tmp_path):
     path = os.path.join(tmp_path, "r18.pth")
     torch.save(random_torch_resnet(18, seed=1).state_dict(), path)
-    config = config_lib.base_config()
-    config.tasks = ("convert_weights",)
+    config = config_lib.for_tasks("convert_weights")
     config.convert.source = path
     config_lib.validate(config)
     result = convert.run_task(config, str(tmp_path))

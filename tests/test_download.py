@@ -24,7 +24,7 @@ from caco_jax.sampling.files import Site
 
 WINDOWS = ((datetime.date(2019, 1, 1), datetime.date(2020, 1, 1)),
            (datetime.date(2023, 1, 1), datetime.date(2024, 1, 1)))  # fmt: skip
-SETTINGS = Settings(windows=WINDOWS, num_workers=2, retry_base_seconds=0.0)
+SETTINGS = Settings(windows=WINDOWS, concurrent_requests=2, retry_base_seconds=0.0)
 SITES = [
     Site("000000", 48.85, 2.35),
     Site("000001", -33.9, 18.6),
@@ -231,10 +231,10 @@ def test_a_failing_location_is_reported_and_not_fatal(tmp_path):
     client = FakeClient(
         fail_search={-33.9: ValueError("Image.load: asset not found")}, scarce={35.7}
     )
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("download")
     config.download.locations = str(tmp_path / "locations.csv")
     config.download.output = str(tmp_path / "archive" / "clean_custom_geography")
-    config.download.num_workers = 2
+    config.download.concurrent_requests = 2
     config.download.cloud_mask = "qa60"  # SeCo's cloud band, screened with the 60 m group
     config_lib.validate(config)
     with open(config.download.locations, "w") as f:
@@ -262,7 +262,7 @@ def test_a_failing_location_is_reported_and_not_fatal(tmp_path):
 def test_transient_errors_are_retried_with_exponential_backoff(tmp_path):
     delays = []
     client = FakeClient(transient_every=5)
-    settings = dataclasses.replace(SETTINGS, num_workers=1, retry_base_seconds=1.0)
+    settings = dataclasses.replace(SETTINGS, concurrent_requests=1, retry_base_seconds=1.0)
     summary = download_all(
         client, SITES[:1], str(tmp_path / "a"), settings, progress=False, sleep=delays.append
     )
@@ -289,7 +289,7 @@ def test_resume_after_an_interruption_gives_the_same_archive(tmp_path):
     download_all(FakeClient(), SITES[:3], clean, SETTINGS, progress=False)
 
     archive = str(tmp_path / "resumed")
-    serial = dataclasses.replace(SETTINGS, num_workers=1)
+    serial = dataclasses.replace(SETTINGS, concurrent_requests=1)
     # Ctrl-C while fetching the second location.
     with pytest.raises(KeyboardInterrupt):
         download_all(FakeClient(crash_at_fetch=40), SITES[:3], archive, serial, progress=False)
@@ -320,14 +320,14 @@ def test_resume_after_an_interruption_gives_the_same_archive(tmp_path):
 
 
 def test_bad_download_config_names_the_key():
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("download")
     config.download.windows = (("2019-01-01", "2020-06-01"), ("2023-01-01", "2024-01-01"))
     with pytest.raises(config_lib.ConfigError, match=r"config\.download\.windows"):
         config_lib.validate(config)
     config.download.windows = (("2023-01-01", "2024-01-01"), ("2019-01-01", "2020-01-01"))
     with pytest.raises(config_lib.ConfigError, match="early window must end first"):
         config_lib.validate(config)
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("download")
     config.download.min_acquisitions_per_window = 6
     with pytest.raises(
         config_lib.ConfigError, match=r"config\.download\.min_acquisitions_per_window"
@@ -350,7 +350,7 @@ def test_a_downloaded_archive_goes_through_the_builder(tmp_path):
     # What an interrupted write leaves (a full-looking dot-folder) never reaches the records.
     shutil.copytree(os.path.join(archive, "000000"), os.path.join(archive, ".partial-000002"))
 
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("prepare")
     config.data.archive = str(tmp_path / "archive")  # the report files beside it are ignored
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.num_workers = 1

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from caco_jax import config as config_lib
-from caco_jax import step as step_lib
+from caco_jax import mesh as mesh_lib
 from caco_jax import train
 from caco_jax.data import builder, records, synthetic
+from caco_jax.data.synthetic import scoring
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="caco_jax_test_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -32,10 +33,9 @@ QUEUE = 16  # 8 keys per window: full after the first step (8 items per window)
 
 
 def tiny_config(workdir, **overrides):
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("synthesize", "prepare", "pretrain", "score_change")
     config.synthetic.num_locations = NUM_LOCATIONS
     config.synthetic.change_fraction = 0.5  # balanced: the AUC has the most pairs
-    config.synthetic.output = os.path.join(workdir, "synthetic_archive")
     config.data.data_dir = os.path.join(workdir, "tfds")
     config.data.num_workers = 1
     config.augment.crop_size = 32
@@ -62,12 +62,11 @@ def tiny_config(workdir, **overrides):
 def pretrain(config, workdir):
     """Task `pretrain` on one device (the official single-GPU run), returning its results."""
     source = records.open_records(config.data.data_dir, "rgb")
-    location_ids = [records.location_arrays(source[i])["location_id"] for i in range(len(source))]
     return train.train(
         config,
         workdir,
         source,
-        location_ids=location_ids,
+        locations=lambda: records.location_table(source),
         mesh=mesh_lib.data_mesh(jax.devices()[:1]),
     )
 
@@ -79,7 +78,7 @@ def synthetic_run(tmp_path_factory):
     synthetic.run_task(config, workdir)
     builder.run_task(config, workdir)
     results = pretrain(config, workdir)
-    results.update(train.ground_truth_agreement(config, workdir))
+    results.update(scoring.run_task(config, workdir))
     return results
 
 
@@ -127,6 +126,6 @@ def test_downloaded_archive_goes_through_prepare_and_a_pretraining_step(tmp_path
     assert (prepared["locations_written"], prepared["locations_skipped"]) == (8, 0)
 
     results = pretrain(config, str(tmp_path))
-    assert results["steps"] == 1 and np.isfinite(results["final_loss"])
+    assert results["steps"] == 1 and np.isfinite(results["epochs"][0]["loss"])
     assert os.path.isdir(tmp_path / "encoder")
-    assert train.ground_truth_agreement(config, str(tmp_path)) == {}  # no synthetic ground truth
+    assert scoring.run_task(config, str(tmp_path)) == {}  # no synthetic ground truth

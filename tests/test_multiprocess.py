@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
-from test_train import fake_source, tiny_config
+from helpers import fake_source, tiny_config
 
 from caco_jax import checkpointing, train
 

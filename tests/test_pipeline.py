@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from caco_jax import config as config_lib
+from caco_jax import methods
 from caco_jax.data import item_sampler, normalization, pipeline
 
 SIZE = 4  # pixels per side of the fake images
@@ -43,15 +44,13 @@ def as_arrays(example):
 def make(
     source, mode="caco", batch=4, seed=0, epochs=1, workers=0, threads=0, process=(0, 1), start=0
 ):
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("pretrain")
     config.input.num_workers = workers
     config.input.num_threads = threads
     return pipeline.make_pipeline(
         config,
         source,
-        mode=mode,
-        global_batch_size=batch,
-        seed=seed,
+        pipeline.Stream(mode, batch, seed, len(source)),
         num_epochs=epochs,
         process_index=process[0],
         process_count=process[1],
@@ -67,7 +66,7 @@ def decode(batch):
 
 def test_caco_epoch_visits_every_location_once_with_pairs_side_by_side():
     source = FakeRecords(11)  # 11 locations, 2 per batch: 5 steps, one location dropped per epoch
-    assert pipeline.steps_per_epoch(11, "caco", 4) == 5
+    assert pipeline.Stream("caco", 4, 0, 11).steps_per_epoch == 5
     batches = list(make(source, epochs=2))
     assert len(batches) == 10
     for epoch in (batches[:5], batches[5:]):
@@ -98,17 +97,30 @@ def test_draw_rules_per_mode():
     rng = np.random.default_rng(0)
     teco_repeats = seco_repeats = 0
     for _ in range(200):
-        teco = item_sampler.draw_acquisitions(windows, mode="teco", item_window=1, rng=rng)
+        teco = item_sampler.draw_acquisitions(
+            windows, method=methods.get("teco"), item_window=1, rng=rng
+        )
         assert (windows[teco] == 1).all() and len(teco) == 3
         teco_repeats += len(set(teco.tolist())) < 3
-        seco = item_sampler.draw_acquisitions(windows, mode="seco", item_window=0, rng=rng)
+        seco = item_sampler.draw_acquisitions(
+            windows, method=methods.get("seco"), item_window=0, rng=rng
+        )
         seco_repeats += len(set(seco.tolist())) < 3
         distinct = item_sampler.draw_acquisitions(
-            windows, mode="seco", item_window=0, rng=rng, acquisition_draws="distinct"
+            windows,
+            method=methods.get("seco"),
+            item_window=0,
+            rng=rng,
+            acquisition_draws="distinct",
         )
         assert len(set(distinct.tolist())) == 3
         assert (
-            len(item_sampler.draw_acquisitions(windows, mode="moco", item_window=0, rng=rng)) == 1
+            len(
+                item_sampler.draw_acquisitions(
+                    windows, method=methods.get("moco"), item_window=0, rng=rng
+                )
+            )
+            == 1
         )
     # The official teco/seco code draws with replacement: repeats are common (P ~ 0.52 and 0.28).
     assert teco_repeats > 50 and seco_repeats > 20
@@ -116,7 +128,11 @@ def test_draw_rules_per_mode():
         ValueError, match=r"location 000007: caco needs 3 acquisition\(s\) in window 1"
     ):
         item_sampler.draw_acquisitions(
-            np.array([0, 0, 0, 1, 1]), mode="caco", item_window=1, rng=rng, location="000007"
+            np.array([0, 0, 0, 1, 1]),
+            method=methods.get("caco"),
+            item_window=1,
+            rng=rng,
+            location="000007",
         )
 
 
@@ -125,7 +141,7 @@ def test_seco_and_moco_one_row_per_location_from_all_acquisitions(mode):
     source = FakeRecords(8)
     batches = list(make(source, mode=mode, batch=4))
     assert len(batches) == 2
-    views = item_sampler.layout(mode).acquisitions_per_item
+    views = methods.get(mode).acquisitions_per_item
     picked = set()
     for b in batches:
         assert b["images"].shape == (4, views, SIZE, SIZE, 3)
@@ -235,10 +251,10 @@ def test_prepared_records_end_to_end(tmp_path_factory):
         download_config=tfds.download.DownloadConfig(manual_dir=synthetic_folder(tmp_path_factory))
     )
     source = records.open_records(data_dir, "rgb")
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("pretrain")
     batches = list(
         pipeline.make_pipeline(
-            config, source, mode="caco", global_batch_size=2, seed=0, num_epochs=1
+            config, source, pipeline.Stream("caco", 2, 0, len(source)), num_epochs=1
         )
     )
     assert len(batches) == len(source) == 3

@@ -155,8 +155,7 @@ def test_impossible_constraints_fail_clearly():
 
 
 def test_task_writes_csv_geojson_and_map(tmp_path):
-    config = config_lib.base_config()
-    config.tasks = ("sample_locations",)
+    config = config_lib.for_tasks("sample_locations")
     config.sampling.num_locations = 40
     config_lib.validate(config)
     result = run_task(config, str(tmp_path))
@@ -174,11 +173,11 @@ def test_task_writes_csv_geojson_and_map(tmp_path):
 
 
 def test_bad_sampling_config_names_the_key():
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("sample_locations")
     config.sampling.region = (10.0, 50.0, 20.0, 40.0)
     with pytest.raises(config_lib.ConfigError, match=r"config\.sampling\.region"):
         config_lib.validate(config)
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("sample_locations")
     config.sampling.sigma_km = 0.0
     with pytest.raises(config_lib.ConfigError, match=r"config\.sampling\.sigma_km"):
         config_lib.validate(config)

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from caco_jax import mesh as mesh_lib
 from caco_jax import step as step_lib
 from caco_jax import train_state
 
@@ -45,7 +46,7 @@ def test_each_row_is_encoded_on_the_device_the_permutation_sends_it_to_and_comes
 def test_shuffled_key_forwards_equal_moco_batch_shuffle_written_out():
     mesh = mesh_lib.data_mesh()
     model, params, stats = train_state.build_model(
-        18, 3, 16, seed=0, compute_dtype="float32", query_bn_axis=None, key_bn_axis=None
+        18, 3, 16, seed=0, compute_dtype="float32", bn_axis=None
     )
     views = np.random.default_rng(0).normal(size=(2, ROWS, 32, 32, 3)).astype(np.float32)
     shuffle_key = jax.random.PRNGKey(7)
@@ -63,7 +64,7 @@ def test_shuffled_key_forwards_equal_moco_batch_shuffle_written_out():
 
     @jax.jit
     def encode_chunk(stats, images):  # one device's forward with its own BatchNorm statistics
-        key_model = model.key(params, stats)
+        key_model = model(params, stats)
         key_model.train()
         embeddings = key_model(images)  # updates the module's running statistics
         return nnx.to_pure_dict(nnx.state(key_model, nnx.BatchStat)), embeddings

@@ -295,10 +295,10 @@ class SkipReport:
 
 def prepared_archive_path(config, workdir: str) -> str:
     """`config.data.archive`, or when it is "" the synthetic archive the `synthesize` task writes
-    (`config.synthetic.output`, default `<workdir>/synthetic_archive`)."""
+    there, `<workdir>/synthetic_archive`."""
     if config.data.archive:
         return config.data.archive
-    synthetic = config.synthetic.output or os.path.join(workdir, "synthetic_archive")
+    synthetic = os.path.join(workdir, "synthetic_archive")
     if not os.path.isdir(synthetic):
         raise archive.ArchiveError(
             f"config.data.archive is empty and there is no synthetic archive at {synthetic}: set "

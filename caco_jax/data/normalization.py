@@ -92,11 +92,13 @@ class Normalization:
 
     # The array functions work on numpy and JAX arrays alike (the ops are NumPy-API generic).
 
-    def stretch(self, raw, xp=np):
-        """Raw values [..., C] -> [0, 1], quantised to 1/255 as SeCo's reader casts to uint8."""
-        low = xp.asarray(self.low, xp.float32)
-        high = xp.asarray(self.high, xp.float32)
-        scaled = (xp.asarray(raw, xp.float32) - low) / (high - low)
+    def stretch(self, raw, xp=np, dtype=None):
+        """Raw values [..., C] -> [0, 1], quantised to 1/255 as SeCo's reader casts to uint8;
+        computed in float32 (or ``dtype``)."""
+        dtype = dtype or xp.float32
+        low = xp.asarray(self.low, dtype)
+        high = xp.asarray(self.high, dtype)
+        scaled = (xp.asarray(raw, dtype) - low) / (high - low)
         return xp.floor(xp.clip(scaled * 255.0, 0.0, 255.0)) / 255.0
 
     def standardize(self, x, xp=np):

@@ -80,7 +80,7 @@ class Settings:
     max_scene_cloud: float = 10.0
     max_patch_cloud_fraction: float = 0.0
     cloud_mask: str = "scl"  # a key of CLOUD_MASKS
-    num_workers: int = 8
+    concurrent_requests: int = 8
     max_retries: int = 5
     retry_base_seconds: float = 2.0
     preview: bool = True
@@ -293,7 +293,7 @@ def download_all(
         writer.write_location(archive_dir, site.location_id, images, preview=settings.preview)
 
     bar = tqdm(total=len(todo), desc="locations", unit="loc", disable=not progress)
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.num_workers)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.concurrent_requests)
     try:
         futures = {executor.submit(work, site): site for site in todo}
         for future in concurrent.futures.as_completed(futures):

@@ -30,7 +30,7 @@ def settings_from_config(d) -> Settings:
         max_scene_cloud=d.max_scene_cloud,
         max_patch_cloud_fraction=d.max_patch_cloud_fraction,
         cloud_mask=d.cloud_mask,
-        num_workers=d.num_workers,
+        concurrent_requests=d.concurrent_requests,
         max_retries=d.max_retries,
         retry_base_seconds=d.retry_base_seconds,
         preview=d.preview,

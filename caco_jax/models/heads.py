@@ -30,8 +30,8 @@ def torch_linear(in_features, out_features, *, dtype, rngs):
 
 
 def l2_normalize(x, eps=1e-12):
-    """``torch.nn.functional.normalize`` over the last axis, in float32."""
-    x = x.astype(jnp.float32)
+    """``torch.nn.functional.normalize`` over the last axis, in (at least) float32."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
     return x / jnp.maximum(norm, eps)
 

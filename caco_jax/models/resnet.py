@@ -69,7 +69,7 @@ class BatchNorm(nnx.Module):
         return mean, var, count
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
@@ -272,7 +272,7 @@ class ResNet(nnx.Module):
             for block in layer:
                 x = block(x)
             stages.append(x)
-        pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
+        pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32))
         if return_stages:
             return pooled, stages
         return pooled

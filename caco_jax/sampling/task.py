@@ -26,7 +26,7 @@ def run_task(config, workdir: str) -> dict:
         s.num_locations,
         cities,
         sigma_m=s.sigma_km * 1000.0,
-        seed=s.seed,
+        seed=config.seed,
         reject_sea=s.reject_sea,
         region=region,
         min_spacing_m=s.min_spacing_km * 1000.0,
@@ -38,7 +38,7 @@ def run_task(config, workdir: str) -> dict:
         locations,
         os.path.join(folder, PLOT_FILE),
         title=f"{len(locations)} locations, sigma {s.sigma_km:g} km around "
-        f"{len(cities)} cities (seed {s.seed})",
+        f"{len(cities)} cities (seed {config.seed})",
     )
     distance_km = locations.distance_m / 1000.0
     return dict(
