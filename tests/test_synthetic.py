@@ -4,7 +4,6 @@ pixels fixed by the seed."""
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import itertools
 import json
@@ -326,17 +325,23 @@ def _config(archive, num_locations=2, num_workers=1):
 
 
 @pytest.fixture
-def one_acquisition_per_window(monkeypatch):
-    """run_task's own logic does not need full locations: keep its archives tiny."""
-    monkeypatch.setattr(
-        synthetic,
-        "write_archive",
-        functools.partial(synthetic.write_archive, acquisitions_per_window=(1, 1)),
-    )
+def write_calls(monkeypatch):
+    """run_task's own logic does not need full locations: keep its archives tiny, in this process
+    (the bytes do not depend on the number of processes), and record the arguments it passes."""
+    calls = []
+    write_archive = synthetic.write_archive
+
+    def tiny(output_dir, **kwargs):
+        calls.append(kwargs)
+        return write_archive(
+            output_dir, **{**kwargs, "acquisitions_per_window": (1, 1), "num_workers": 1}
+        )
+
+    monkeypatch.setattr(synthetic, "write_archive", tiny)
+    return calls
 
 
-@pytest.mark.usefixtures("one_acquisition_per_window")
-def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path):
+def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path, write_calls):
     output = str(tmp_path / "archive")
     first = synthetic.run_task(_config(output), str(tmp_path))
     assert first["written"] and first["num_locations"] == 2 and first["num_changed"] == 1
@@ -358,6 +363,8 @@ def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path):
     os.makedirs(os.path.join(output, ".synthetic-staging-clean_synthetic_geography-x1y2"))
     redone = synthetic.run_task(_config(output, num_workers=2), str(tmp_path))
     assert redone["written"]
+    assert [call["num_workers"] for call in write_calls] == [1, 2]
+    assert write_calls[-1]["seed"] == 0
     assert os.path.exists(os.path.join(first["archive"], ".DS_Store"))
     assert sorted(os.listdir(output)) == [NAME, f"{NAME}_ground_truth.csv"]
 
@@ -368,7 +375,7 @@ def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path):
     assert sorted(os.listdir(output)) == [f"{NAME}.tar.gz", f"{NAME}_ground_truth.csv"]
 
 
-@pytest.mark.usefixtures("one_acquisition_per_window")
+@pytest.mark.usefixtures("write_calls")
 def test_run_task_default_output_is_in_the_workdir(tmp_path):
     config = _config("", num_locations=2)
     config.synthetic.form = "parts"
