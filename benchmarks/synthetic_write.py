@@ -39,7 +39,8 @@ def _write_floor(root: str, num_locations: int) -> None:
     """The GDAL file writes of an archive of this size, with nothing rendered."""
     import rasterio
 
-    from caco_jax.data import layout, synthetic
+    from caco_jax.data import layout
+    from caco_jax.data.synthetic import writer
 
     box = layout.GeoBox.around(48.85, 2.35)
     pixels = {b: np.full(layout.band_shape(b), 40, np.uint8) for b in layout.BANDS}
@@ -53,7 +54,7 @@ def _write_floor(root: str, num_locations: int) -> None:
                     layout.write_band_geotiff(
                         os.path.join(folder, layout.band_file(band)), pixels[band], box
                     )
-                synthetic._write_preview(folder + ".tif", rgb, box)
+                writer.write_preview(folder + ".tif", rgb, box)
 
 
 def main() -> None:
@@ -65,8 +66,9 @@ def main() -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from caco_jax.data import synthetic
+    from caco_jax.sampling import cities
 
-    synthetic._populous_cities()  # a one-off load of the city table, not part of a write
+    cities.most_populous_cities()  # a one-off load of the city table, not part of a write
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"load average before: {os.getloadavg()[0]:.1f}, python {platform.python_version()}"

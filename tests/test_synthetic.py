@@ -1,22 +1,24 @@
-"""The synthetic archive: published layout and formats, determinism, forms, ground truth, change."""
+"""The synthetic archive: published layout and formats, determinism, forms, ground truth, change,
+pixels fixed by the seed."""
 
 from __future__ import annotations
 
 import datetime
-import functools
+import hashlib
 import itertools
 import json
 import os
 import re
 import tarfile
 
-import ml_collections
 import numpy as np
 import pytest
 import rasterio
 from rasterio.enums import Compression
 
+from caco_jax import config as config_lib
 from caco_jax.data import layout, synthetic
+from caco_jax.data.synthetic import plan, render, writer
 
 NAME = "clean_synthetic_geography"
 ACQUISITION_NAME = re.compile(r"^\d{8}T\d{6}_\d{8}T\d{6}_T(\d{2}[A-Z]{3})_\d{4}_\d{5}_\d{4}$")
@@ -66,16 +68,16 @@ def test_layout_is_the_published_one(complete):
     root, plans = complete
     assert os.path.basename(root) == NAME
     assert sorted(os.listdir(root)) == [".DS_Store", "._000000", "000000"]
-    for plan in plans:
-        location_dir = os.path.join(root, plan.location_id)
+    for location in plans:
+        location_dir = os.path.join(root, location.location_id)
         acquisitions = _acquisitions(location_dir)
         assert len(acquisitions) == 10
         expected = {*acquisitions, *(f"{a}.tif" for a in acquisitions)}
-        strays = {".DS_Store"} if plan.index == 0 else set()
+        strays = {".DS_Store"} if location.index == 0 else set()
         assert set(os.listdir(location_dir)) == expected | strays
         tiles = {ACQUISITION_NAME.match(a).group(1) for a in acquisitions}
-        assert tiles == {synthetic._mgrs_tile(plan.lat, plan.lon)}
-        box = layout.GeoBox.around(plan.lat, plan.lon)
+        assert tiles == {plan.mgrs_tile(location.lat, location.lon)}
+        box = layout.GeoBox.around(location.lat, location.lon)
         for acquisition in acquisitions:
             folder = os.path.join(location_dir, acquisition)
             assert sorted(os.listdir(folder)) == sorted(
@@ -94,7 +96,7 @@ def test_layout_is_the_published_one(complete):
                         (src.bounds.bottom + src.bounds.top) / 2,
                         (src.bounds.left + src.bounds.right) / 2,
                     )
-                    np.testing.assert_allclose(centre, (plan.lat, plan.lon), atol=1e-9)
+                    np.testing.assert_allclose(centre, (location.lat, location.lon), atol=1e-9)
                     np.testing.assert_allclose(
                         tuple(src.bounds), (box.west, box.south, box.east, box.north), atol=1e-12
                     )
@@ -105,8 +107,8 @@ def test_layout_is_the_published_one(complete):
 
 def test_windows_and_metadata(complete):
     root, plans = complete
-    for plan in plans:
-        acquisitions = _acquisitions(os.path.join(root, plan.location_id))
+    for location in plans:
+        acquisitions = _acquisitions(os.path.join(root, location.location_id))
         times = [layout.sensing_time(a) for a in acquisitions]
         assert times == sorted(times) and len(set(times)) == 10
         early, late = times[:5], times[5:]
@@ -116,27 +118,24 @@ def test_windows_and_metadata(complete):
             assert abs((after - before).days - 4 * 365) <= 45
         assert min(b - a for a, b in itertools.pairwise(early)) >= datetime.timedelta(days=60)
         for acquisition, when in zip(acquisitions, times, strict=True):
-            path = os.path.join(root, plan.location_id, acquisition, layout.METADATA_FILE)
+            path = os.path.join(root, location.location_id, acquisition, layout.METADATA_FILE)
             with open(path) as f:
                 metadata = json.load(f)
+            # What readers use (the cloud estimate) and the identity and time of every published
+            # file, nothing else.
+            assert set(metadata) == {layout.CLOUD_PROPERTY, "system:index", "system:time_start"}
             assert metadata["system:index"] == acquisition
             start = datetime.datetime.fromtimestamp(
                 metadata["system:time_start"] / 1000, datetime.UTC
             )
             assert start.replace(tzinfo=None) == when
-            tile = ACQUISITION_NAME.match(acquisition).group(1)
-            assert metadata["MGRS_TILE"] == tile
-            assert re.fullmatch(
-                rf"S2[AB]_MSIL2A_{when:%Y%m%dT%H%M%S}_N\d{{4}}_R\d{{3}}_T{tile}_\d{{8}}T\d{{6}}",
-                metadata["PRODUCT_ID"],
-            )
             assert 0.0 <= metadata[layout.CLOUD_PROPERTY] <= 100.0
 
 
 def test_mgrs_tiles_of_known_places():
-    assert synthetic._mgrs_tile(48.8566, 2.3522) == "31UDQ"  # Paris, as in SPEC's example
-    assert synthetic._mgrs_tile(-33.8688, 151.2093) == "56HLH"  # Sydney
-    assert synthetic._mgrs_tile(40.7128, -74.0060) == "18TWL"  # New York
+    assert plan.mgrs_tile(48.8566, 2.3522) == "31UDQ"  # Paris
+    assert plan.mgrs_tile(-33.8688, 151.2093) == "56HLH"  # Sydney
+    assert plan.mgrs_tile(40.7128, -74.0060) == "18TWL"  # New York
 
 
 def test_forms_extract_to_the_same_files_and_are_deterministic(tmp_path):
@@ -269,7 +268,7 @@ def test_vegetation_follows_the_seasons(changes):
 
 def test_coarse_bands_are_block_averages_of_the_10m_rendering():
     reflectance = np.random.default_rng(0).uniform(0.0, 0.5, (12, 264, 264)).astype(np.float32)
-    bands = synthetic._to_bands(reflectance, np.random.default_rng(1))
+    bands = render.to_bands(reflectance, np.random.default_rng(1))
     for index, band in enumerate(layout.BANDS):
         size = layout.band_shape(band)[0]
         factor = 264 // size
@@ -315,37 +314,46 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
     assert os.path.getsize(path) > 0
 
 
-def _config(output, num_locations=2):
-    config = ml_collections.ConfigDict()
-    config.synthetic = ml_collections.ConfigDict(
-        dict(num_locations=num_locations, change_fraction=0.5, seed=0, output=output, form="folder")
-    )
+def _config(archive, num_locations=2, num_workers=1):
+    config = config_lib.for_tasks("synthesize")
+    config.synthetic.num_locations = num_locations
+    config.synthetic.change_fraction = 0.5
+    config.data.archive = archive
+    config.data.num_workers = num_workers
+    config_lib.validate(config)
     return config
 
 
 @pytest.fixture
-def one_acquisition_per_window(monkeypatch):
-    """run_task's own logic does not need full locations: keep its archives tiny."""
-    monkeypatch.setattr(
-        synthetic,
-        "write_archive",
-        functools.partial(synthetic.write_archive, acquisitions_per_window=(1, 1)),
-    )
+def write_calls(monkeypatch):
+    """run_task's own logic does not need full locations: keep its archives tiny, in this process
+    (the bytes do not depend on the number of processes), and record the arguments it passes."""
+    calls = []
+    write_archive = synthetic.write_archive
+
+    def tiny(output_dir, **kwargs):
+        calls.append(kwargs)
+        return write_archive(
+            output_dir, **{**kwargs, "acquisitions_per_window": (1, 1), "num_workers": 1}
+        )
+
+    monkeypatch.setattr(synthetic, "write_archive", tiny)
+    return calls
 
 
-@pytest.mark.usefixtures("one_acquisition_per_window")
-def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path):
+def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path, write_calls):
     output = str(tmp_path / "archive")
     first = synthetic.run_task(_config(output), str(tmp_path))
     assert first["written"] and first["num_locations"] == 2 and first["num_changed"] == 1
     assert first["archive"] == os.path.join(output, NAME)
+    assert first["ground_truth"] == os.path.join(output, f"{NAME}_ground_truth.csv")
     again = synthetic.run_task(_config(output), str(tmp_path))
     assert not again["written"] and again["archive"] == first["archive"]
 
     with pytest.raises(ValueError, match="other settings"):
         synthetic.run_task(_config(output, num_locations=3), str(tmp_path))
     other_seed = _config(output)
-    other_seed.synthetic.seed = 1
+    other_seed.seed = 1
     with pytest.raises(ValueError, match="seed=1"):
         synthetic.run_task(other_seed, str(tmp_path))
 
@@ -353,8 +361,10 @@ def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path):
     os.remove(first["ground_truth"])
     os.remove(os.path.join(first["archive"], ".DS_Store"))
     os.makedirs(os.path.join(output, ".synthetic-staging-clean_synthetic_geography-x1y2"))
-    redone = synthetic.run_task(_config(output), str(tmp_path))
+    redone = synthetic.run_task(_config(output, num_workers=2), str(tmp_path))
     assert redone["written"]
+    assert [call["num_workers"] for call in write_calls] == [1, 2]
+    assert write_calls[-1]["seed"] == 0
     assert os.path.exists(os.path.join(first["archive"], ".DS_Store"))
     assert sorted(os.listdir(output)) == [NAME, f"{NAME}_ground_truth.csv"]
 
@@ -365,10 +375,107 @@ def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path):
     assert sorted(os.listdir(output)) == [f"{NAME}.tar.gz", f"{NAME}_ground_truth.csv"]
 
 
-@pytest.mark.usefixtures("one_acquisition_per_window")
+@pytest.mark.usefixtures("write_calls")
 def test_run_task_default_output_is_in_the_workdir(tmp_path):
     config = _config("", num_locations=2)
     config.synthetic.form = "parts"
     result = synthetic.run_task(config, str(tmp_path))
     assert result["archive"] == os.path.join(tmp_path, "synthetic_archive", f"{NAME}_part0")
     assert result["written"]
+    assert synthetic.archive_folder(config, str(tmp_path)) == str(tmp_path / "synthetic_archive")
+    assert synthetic.ground_truth_path(config, str(tmp_path)) == result["ground_truth"]
+
+
+def test_worker_count_comes_from_data_num_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    # 0: one per core, but no more than one per 16 locations, and at least one.
+    assert synthetic.num_workers(0, 2) == 1
+    assert synthetic.num_workers(0, 64) == 4
+    assert synthetic.num_workers(0, 1000) == 8
+    # A number: that many, but no more than there are locations.
+    assert synthetic.num_workers(3, 64) == 3
+    assert synthetic.num_workers(3, 2) == 2
+    with pytest.raises(ValueError, match=r"data\.num_workers"):
+        synthetic.num_workers(-1, 64)
+
+
+# Rendered pixels of seed 3 (3 locations, 2 + 2 acquisitions, change fraction 0.5: a demolished
+# built-up location, an unchanged forest and a cropland with a new reservoir, 4 cloudy
+# acquisitions), computed with the single-module writer this package replaced: sensing times,
+# cloud percentages and the sha256 of every band's uint8 pixels (time order, layout.BANDS order).
+_PIXELS_OF_SEED_3 = {
+    "000000": (
+        ("20170506T160119", "20171028T160111", "20210604T160103", "20211126T160043"),
+        (0.0, 8.419421, 0.0, 8.149679),
+        "b36a6fc1065ce553b4ecd3e47475c002e0ef2db46a7bf606c21b4c6ecdb52202",
+    ),
+    "000001": (
+        ("20170601T040622", "20171128T040711", "20210511T040623", "20211102T040711"),
+        (13.510101, 2.302858, 0.0, 0.0),
+        "efd6248a00fbbb6bae61496933cebf32e47c60e15f451f1d42e59bbc571f0579",
+    ),
+    "000002": (
+        ("20170824T051948", "20180225T051949", "20210922T052022", "20220326T052021"),
+        (0.0, 0.0, 0.0, 0.0),
+        "0643b5f1094f3c6404b863bfc9c3fe474a01f49abcd640ea2296121858d59fd2",
+    ),
+}
+
+
+def test_pixels_of_a_seed_do_not_change():
+    plans = synthetic.plan_locations(3, seed=3, change_fraction=0.5, acquisitions_per_window=(2, 2))
+    assert [(p.land_cover, p.change_type) for p in plans] == [
+        (synthetic.BUILT_UP, "demolition"),
+        (synthetic.FOREST, synthetic.NO_CHANGE),
+        (synthetic.CROPLAND, "new_reservoir"),
+    ]
+    for location in plans:
+        digest = hashlib.sha256()
+        times, clouds = [], []
+        for rendered in render.render_location(location, seed=3):
+            for band in layout.BANDS:
+                digest.update(rendered.bands[band].tobytes())
+            times.append(f"{rendered.acquisition.sensing:%Y%m%dT%H%M%S}")
+            clouds.append(rendered.cloud_percentage)
+        assert (tuple(times), tuple(clouds), digest.hexdigest()) == _PIXELS_OF_SEED_3[
+            location.location_id
+        ]
+
+
+def test_metadata_is_what_readers_use():
+    acquisition = plan.Acquisition(
+        number=0,
+        window=0,
+        sensing=datetime.datetime(2017, 6, 20, 9, 33, 20),
+        product_id="20170620T093320_20170620T093620_T33TVF_7976_27937_9114",
+    )
+    assert writer.metadata(acquisition, 12.5) == {
+        "CLOUDY_PIXEL_PERCENTAGE": 12.5,
+        "system:index": "20170620T093320_20170620T093620_T33TVF_7976_27937_9114",
+        "system:time_start": 1497951200000,  # 2017-06-20 09:33:20 UTC in ms
+    }
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("000000,2,none,0", "changed must be 0 or 1"),
+        ("000000,1,none,0", "change_type of a location with changed=1"),
+        ("000000,0,new_built_up,0", "change_type of a location with changed=0"),
+        ("000000,1,new_lake,0", "new_lake"),
+        ("000000,0,none,5", "land_cover must be 0..4"),
+        ("000000,0,none,forest", "land_cover"),
+    ],
+)
+def test_bad_ground_truth_rows_are_named(tmp_path, row, message):
+    path = tmp_path / "truth.csv"
+    path.write_text(f"location_id,changed,change_type,land_cover\n000001,0,none,1\n{row}\n")
+    with pytest.raises(ValueError, match=rf"truth\.csv, line 3: .*{message}"):
+        synthetic.read_ground_truth(str(path))
+
+
+def test_ground_truth_with_other_columns_is_refused(tmp_path):
+    path = tmp_path / "truth.csv"
+    path.write_text("location_id,changed,land_cover\n000000,0,1\n")
+    with pytest.raises(ValueError, match="expected columns"):
+        synthetic.read_ground_truth(str(path))
