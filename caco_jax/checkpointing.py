@@ -41,6 +41,13 @@ def abstract_target(state_shapes, shardings):
     )
 
 
+def replicated_target(state, mesh):
+    """The restore target of ``state``: its shapes and dtypes, replicated over ``mesh``."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shapes = jax.eval_shape(lambda s: s, state)
+    return abstract_target(shapes, jax.tree.map(lambda _: replicated, shapes))
+
+
 class Checkpointer:
     """Saves every ``every_steps`` steps (and when forced), keeps the newest ``keep``, restores.
 

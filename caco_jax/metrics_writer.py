@@ -36,13 +36,15 @@ class MetricsWriter:
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, int(step))
 
-    def write_image(self, step: int, tag: str, png_path: str) -> None:
-        """Adds a saved PNG (e.g. the change histogram) to TensorBoard."""
+    def write_image(self, step: int, tag: str, png_path) -> None:
+        """Adds a saved PNG (e.g. the change histogram; any `epath` path) to TensorBoard."""
         if not self.enabled:
             return
         import matplotlib.image
+        from etils import epath
 
-        image = matplotlib.image.imread(png_path)[..., :3]
+        with epath.Path(png_path).open("rb") as f:
+            image = matplotlib.image.imread(f, format="png")[..., :3]
         self._tensorboard.add_image(tag, image, int(step), dataformats="HWC")
 
     def close(self) -> None:

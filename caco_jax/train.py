@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from etils import epath
 
 from caco_jax import augment, checkpointing, meters, methods, progress
-from caco_jax import change as change_lib
 from caco_jax import mesh as mesh_lib
 from caco_jax import queue as queue_lib
 from caco_jax import step as step_lib
@@ -38,6 +37,7 @@ from caco_jax.train_state import (
     Model,
     TrainState,
     build_model,
+    initial_state,
     learning_rate_schedule,
     make_optimizer,
 )
@@ -107,21 +107,7 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
         queue_key, method.num_subspaces, config.method.num_negatives, config.model.embedding_dim
     )
     num_items = 2 * num_locations if method.tracks_change else 0
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        rng=step_key,
-        query_params=params,
-        query_stats=stats,
-        key_params=jax.tree.map(jnp.copy, params),  # the key side starts as the query side
-        key_stats=jax.tree.map(jnp.copy, stats),
-        opt_state=optimizer.init(params),
-        queue={"keys": queue, "pointer": pointer},
-        change={
-            "running": change_lib.init_running_change(num_items),
-            "labels": jnp.zeros((num_items,), bool),  # epoch 0: nothing changed
-        },
-        all_finite=jnp.ones((), bool),
-    )
+    state = initial_state(step_key, params, stats, optimizer, (queue, pointer), num_items)
     settings = step_lib.StepSettings(
         temperature=config.method.temperature,
         key_momentum=config.method.key_momentum,
@@ -146,13 +132,6 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
         train_step=step_lib.make_train_step(mesh, per_device),
         initial_state=state,
     )
-
-
-def abstract_state(state: TrainState, mesh) -> TrainState:
-    """The restore target: shapes and dtypes of ``state``, replicated over the current mesh."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shapes = jax.eval_shape(lambda s: s, state)
-    return checkpointing.abstract_target(shapes, jax.tree.map(lambda _: replicated, shapes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +230,7 @@ def _initial_or_restored(run: Setup, checkpoints) -> tuple[TrainState, int | Non
     step = checkpoints.latest_step()
     if step is None:
         return state, None, 0
-    state = checkpoints.restore(step, abstract_state(state, run.mesh))
+    state = checkpoints.restore(step, checkpointing.replicated_target(state, run.mesh))
     saved = pipeline.Position.from_json(checkpoints.restore_data_position(step))
     print(f"resumed from checkpoint step {step}", flush=True)
     return state, step, saved.start_batch(run.stream)

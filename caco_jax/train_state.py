@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from caco_jax import change as change_lib
 from caco_jax.models.heads import SubspaceHeads
 from caco_jax.models.resnet import ResNet
 
@@ -128,4 +129,26 @@ def learning_rate_schedule(
     peak = base_learning_rate * batch_size / 256
     return optax.piecewise_constant_schedule(
         peak, {int(epoch) * steps_per_epoch: 0.1 for epoch in milestones}
+    )
+
+
+def initial_state(rng, params, stats, optimizer, queue, num_change_items: int) -> TrainState:
+    """Step 0: the key side a copy of the query side, a fresh optimiser, the initial ``queue``
+    (keys, pointer), and per-item change statistics for ``num_change_items`` items, none seen
+    and none labelled changed (epoch 0)."""
+    keys, pointer = queue
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=rng,
+        query_params=params,
+        query_stats=stats,
+        key_params=jax.tree.map(jnp.copy, params),
+        key_stats=jax.tree.map(jnp.copy, stats),
+        opt_state=optimizer.init(params),
+        queue={"keys": keys, "pointer": pointer},
+        change={
+            "running": change_lib.init_running_change(num_change_items),
+            "labels": jnp.zeros((num_change_items,), bool),
+        },
+        all_finite=jnp.ones((), bool),
     )

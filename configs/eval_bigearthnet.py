@@ -1,4 +1,4 @@
-r"""BigEarthNet-19 multi-label classification (SPEC section 4): frozen encoder, Dropout(0.2) +
+r"""BigEarthNet-19 multi-label classification: frozen encoder, Dropout(0.2) +
 Linear,
 multi-label soft-margin loss, Adam 1e-3, 100 epochs, x0.1 at 60 and 80, 128x128 input; micro AP.
 

@@ -1,4 +1,4 @@
-r"""EuroSAT linear probe (SPEC section 4): frozen encoder, Linear(d, 10), Adam 1e-3, 100 epochs,
+r"""EuroSAT linear probe: frozen encoder, Linear(d, 10), Adam 1e-3, 100 epochs,
 x0.1 at
 60 and 80, batch 32, 64x64 input in [0, 1]; top-1 on SeCo's validation split.
 

@@ -1,4 +1,4 @@
-r"""OSCD change detection (SPEC section 4): frozen encoder, |f(x1) - f(x2)| at each stage into a
+r"""OSCD change detection: frozen encoder, |f(x1) - f(x2)| at each stage into a
 U-Net
 decoder, 96x96 tiles with flips and rot90, BCE, Adam 1e-3 (weight decay 1e-4), lr x0.95 per epoch,
 100 epochs, batch 32; precision / recall / F1 at 0.5 on the 10 test cities.

@@ -1,4 +1,4 @@
-r"""The paper's change-aware sample of locations (SPEC section 5), or SeCo's as the baseline.
+r"""The paper's change-aware sample of locations, or SeCo's as the baseline.
 
   python run.py --config configs/sample_locations.py --workdir workdir/my_dataset
   python run.py --config configs/sample_locations.py:seco --workdir workdir/seco_sample

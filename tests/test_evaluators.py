@@ -406,7 +406,7 @@ def test_oscd_change_detection_trains_and_reports(encoder_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The demo's land-cover probe on the synthetic archive (contract 1 and 2 data).
+# The demo's land-cover probe on the synthetic archive (its ground truth and records).
 
 
 def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""The objectives against straightforward float64 implementations written from SPEC section 2."""
+"""The objectives against straightforward float64 implementations of the official construction
+(README, "Objectives"), written with explicit loops."""
 
 import functools
 
@@ -27,7 +28,8 @@ def logsumexp(x):
 
 
 def reference_caco_rows(z_q, z_k, flat_queue, changed, temperature, rows):
-    """Per-row, per-subspace logits lists (positive first) and losses, from SPEC, with Python loops.
+    """Per-row, per-subspace logits lists (positive first) and losses of the official
+    construction, with Python loops.
 
     ``flat_queue`` [3, K, D] is the official single queue per subspace: a window-h query sees its
     columns of parity h. Row i is window i % 2 of location i // 2.

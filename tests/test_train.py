@@ -187,7 +187,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
             str(workdir / "checkpoints"), every_steps=1, keep=3
         )
         run = train.setup(config, len(source), mesh=mesh)
-        template = train.abstract_state(mesh_lib.replicate(run.initial_state, mesh), mesh)
+        template = checkpointing.replicated_target(
+            mesh_lib.replicate(run.initial_state, mesh), mesh
+        )
         state = checkpoints.restore(3, template)
         checkpoints.close()
         return jax.device_get(state)
@@ -270,7 +272,7 @@ def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path):
     checkpoints = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=2)
     checkpoints.save(7, state, config=config)
     checkpoints.wait()
-    target = train.abstract_state(mesh_lib.replicate(run.initial_state, mesh1), mesh1)
+    target = checkpointing.replicated_target(mesh_lib.replicate(run.initial_state, mesh1), mesh1)
     restored = checkpoints.restore(7, target)
     checkpoints.close()
     leaves = jax.tree.leaves(restored)

@@ -1,4 +1,4 @@
-"""Facts of the published CACo archive layout (SPEC section 1), shared by every reader and writer.
+"""Facts of the published CACo archive layout, shared by every reader and writer.
 
 An archive holds one folder per location; each location holds one folder per Sentinel-2
 acquisition, named by the Earth Engine product id, whose first 15 characters are the sensing

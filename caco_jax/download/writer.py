@@ -1,4 +1,4 @@
-"""Writes a downloaded location in the published archive layout (SPEC section 1), atomically.
+"""Writes a downloaded location in the published archive layout, atomically.
 
 A location is written into `<archive>/.partial-<location_id>/` and renamed to
 `<archive>/<location_id>/` only once every file is written and flushed to disk, so a location folder

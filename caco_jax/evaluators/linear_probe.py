@@ -313,18 +313,14 @@ def eurosat_task(config, workdir: str) -> dict:
 
 def load_synthetic_land_cover(config, workdir: str):
     """(images uint8 [M, 264, 264, 3], labels [M], location index [M]): the early-window
-    acquisitions of
-    every location of the prepared synthetic records, labelled with the location's dominant land
-    cover
-    (contract 1's ground truth describes the early window; changed locations may differ later)."""
+    acquisitions of every location of the prepared synthetic records, labelled with the
+    location's dominant land cover (the synthetic ground truth describes the early window; changed
+    locations may differ later)."""
     from caco_jax.data import records, synthetic
 
-    folder = config.synthetic.output or os.path.join(workdir, "synthetic_archive")
-    truth_path = os.path.join(folder, synthetic.ground_truth_name("clean_synthetic_geography"))
+    truth_path = synthetic.ground_truth_path(config, workdir)
     if not os.path.exists(truth_path):
-        raise FileNotFoundError(
-            f"config.synthetic.output: no {truth_path} (run the synthesize task)"
-        )
+        raise FileNotFoundError(f"config.data.archive: no {truth_path} (run the synthesize task)")
     land_cover = {
         row.location_id: row.land_cover for row in synthetic.read_ground_truth(truth_path)
     }

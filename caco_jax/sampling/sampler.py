@@ -1,4 +1,4 @@
-"""Change-aware location sampling (SPEC section 5): cities, Gaussian offsets in metres, no sea.
+"""Change-aware location sampling: cities, Gaussian offsets in metres, no sea.
 
 Each location slot picks a city uniformly among the given cities and draws an (east, north) offset
 from a 2-D Gaussian with `sigma_m` metres per axis, so the distance from the city centre follows a
@@ -20,7 +20,6 @@ from caco_jax.sampling import geodesy
 from caco_jax.sampling.cities import Cities, in_region
 
 CACO_SIGMA_M = 5_000.0  # the paper's sampler
-SECO_SIGMA_M = 50_000.0  # SeCo's sampler, the paper's baseline
 
 
 @dataclasses.dataclass(frozen=True)
