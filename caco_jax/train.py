@@ -153,8 +153,14 @@ def train(
         keep=config.checkpoint.keep,
     )
     state, resumed_from, start_batch = _initial_or_restored(run, checkpoints)
-    batches = input_iterator(
-        config, source, run.stream, start_batch=start_batch, arrays_fn=arrays_fn
+    batches = pipeline.make_pipeline(  # this process's rows of every global batch
+        config,
+        source,
+        run.stream,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        arrays_fn=arrays_fn,
+        start_batch=start_batch,
     )
     writer = MetricsWriter(workdir)
     report = ChangeReport(config, workdir, writer, locations) if run.method.tracks_change else None
@@ -268,32 +274,6 @@ def _check_finite(state, step: int, checkpoints, last_good) -> None:
     raise NonFiniteLossError(
         f"the loss or the parameters became NaN or Inf at or before step {step}; stopping. "
         f"{kept} (lower the learning rate or use float32 compute, then rerun)."
-    )
-
-
-def input_iterator(
-    config,
-    source,
-    stream,
-    *,
-    start_batch: int,
-    arrays_fn=None,
-    process_index=None,
-    process_count=None,
-):
-    """This process's rows of every global batch from ``start_batch`` on.
-
-    The process defaults to this host's `jax.process_index()` of `jax.process_count()`; tests
-    simulate several hosts by passing them.
-    """
-    return pipeline.make_pipeline(
-        config,
-        source,
-        stream,
-        process_index=jax.process_index() if process_index is None else process_index,
-        process_count=jax.process_count() if process_count is None else process_count,
-        arrays_fn=arrays_fn,
-        start_batch=start_batch,
     )
 
 

@@ -21,7 +21,7 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=proc
 import numpy as np  # noqa: E402
 from helpers import fake_source, tiny_config  # noqa: E402
 
-from caco_jax import checkpointing, train  # noqa: E402
+from caco_jax import checkpointing  # noqa: E402
 from caco_jax import mesh as mesh_lib  # noqa: E402
 from caco_jax.data import pipeline  # noqa: E402
 
@@ -32,10 +32,15 @@ source = fake_source()
 mesh = mesh_lib.data_mesh()
 assert jax.process_count() == 2 and mesh.devices.size == 8
 stream = pipeline.Stream.from_config(config, len(source))
-mine = train.input_iterator(config, source, stream, start_batch=0, arrays_fn=dict)
-whole = train.input_iterator(
-    config, source, stream, start_batch=0, arrays_fn=dict, process_index=0, process_count=1
+mine = pipeline.make_pipeline(
+    config,
+    source,
+    stream,
+    arrays_fn=dict,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
 )
+whole = pipeline.make_pipeline(config, source, stream, arrays_fn=dict)
 for _ in range(STEPS):
     expected = next(whole)
     batch = mesh_lib.global_batch(next(mine), mesh)

@@ -212,7 +212,7 @@ def test_input_position_saved_by_two_hosts_resumes_on_one_and_on_four_hosts(tmp_
     def global_item_ids(hosts, start_batch, steps):
         """The global batches' item ids, assembled from ``hosts`` simulated processes."""
         iterators = [
-            train.input_iterator(
+            pipeline.make_pipeline(
                 config,
                 source,
                 stream,
