@@ -2,13 +2,22 @@
 
 An export is one Orbax checkpoint directory with two items: ``state`` = {"params", "batch_stats"}
 as plain nested dicts of float32 arrays (keyed like the NNX state: ``layer1/0/conv1/kernel``), and
-``metadata``, a JSON dict holding what rebuilds the encoder (``arch``, ``depth``, ``in_channels``)
-and whatever the caller adds (source, step, method, ...). Orbax writes into a temporary directory
-and renames it when complete, so a crash never leaves a half-written export under the final name.
+``metadata``, a JSON dict holding what rebuilds the encoder (``arch``, ``depth``, ``in_channels``),
+what its input is, and whatever the caller adds (source, step, ...):
+
+  input        `Normalization.to_json()`: bands in channel order, stretch ranges, mean/std
+  image_size   the side in pixels of the images the encoder was trained on
+  method       the pretraining method (caco, seco, teco, moco, ...)
+
+Orbax writes into a temporary directory and renames it when complete, so a crash never leaves a
+half-written export under the final name. An export written before ``input`` was recorded loads
+with `Normalization.rgb()` (the official RGB input) and a warning.
 """
 
 import json
+import logging
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +25,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models.resnet import ResNet
 
 ARCH = "resnet"
 BUILD_KEYS = ("arch", "depth", "in_channels")
+IMAGE_SIZE_KEY = "image_size"
+METHOD_KEY = "method"
 
 
 def _checkpointer():
@@ -53,6 +65,8 @@ def save_encoder(
                 f"({value!r})"
             )
     record = {**metadata, **build}
+    if EXPORT_KEY in record:
+        _check_input(record, where="save_encoder: metadata")
     try:
         json.dumps(record)
     except TypeError as error:
@@ -103,7 +117,41 @@ def read_metadata(directory) -> dict:
         raise ValueError(f"load_encoder: {directory}/metadata lacks {missing}")
     if metadata["arch"] != ARCH:
         raise ValueError(f"load_encoder: {directory} holds arch {metadata['arch']!r}, not {ARCH!r}")
+    if EXPORT_KEY in metadata:
+        _check_input(metadata, where=f"load_encoder: {directory}/metadata")
+    else:
+        message = (
+            f"{directory} records no input normalisation (written before exports recorded it); "
+            "assuming the official RGB input (SeCo's stretch of B4, B3, B2, ImageNet mean/std)"
+        )
+        warnings.warn(message, stacklevel=2)
+        logging.warning(message)
+        metadata = {**metadata, EXPORT_KEY: Normalization.rgb().to_json()}
     return metadata
+
+
+def input_normalization(metadata: dict) -> Normalization:
+    """The input normalisation an export's metadata records (`read_metadata` / `load_encoder`
+    fill in the official RGB one for exports that predate it)."""
+    if EXPORT_KEY not in metadata:
+        raise ValueError(f"export metadata records no {EXPORT_KEY!r} normalisation: {metadata}")
+    return Normalization.from_json(metadata[EXPORT_KEY])
+
+
+def _check_input(metadata: dict, *, where: str) -> None:
+    """The recorded normalisation parses and has one band per input channel of the encoder."""
+    try:
+        normalization = Normalization.from_json(metadata[EXPORT_KEY])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}[{EXPORT_KEY!r}] is not a normalisation: {error}") from None
+    if normalization.num_bands != int(metadata["in_channels"]):
+        raise ValueError(
+            f"{where}[{EXPORT_KEY!r}] has {normalization.num_bands} bands "
+            f"{list(normalization.bands)}, but the encoder takes {metadata['in_channels']} channels"
+        )
+    size = metadata.get(IMAGE_SIZE_KEY)
+    if size is not None and not (isinstance(size, int) and size >= 32):
+        raise ValueError(f"{where}[{IMAGE_SIZE_KEY!r}] = {size!r}, expected an int >= 32")
 
 
 def load_encoder(

@@ -1,0 +1,56 @@
+"""Encoder exports carry their input: normalisation, image size, method; old exports load as RGB."""
+
+import json
+
+import pytest
+from flax import nnx
+
+from caco_jax.data.normalization import EXPORT_KEY, Normalization
+from caco_jax.models import export
+from caco_jax.models.resnet import ResNet
+
+FOUR_BANDS = Normalization(
+    bands=("B2", "B3", "B4", "B8"),
+    low=(1.0, 2.0, 3.0, 4.0),
+    high=(90.0, 100.0, 110.0, 120.0),
+    mean=(0.3, 0.35, 0.4, 0.45),
+    std=(0.2, 0.21, 0.22, 0.23),
+)
+
+
+@pytest.fixture(scope="module")
+def four_band_model():
+    return ResNet(18, rngs=nnx.Rngs(0), in_channels=4)
+
+
+def test_export_records_and_returns_its_input(tmp_path, four_band_model):
+    metadata = {EXPORT_KEY: FOUR_BANDS.to_json(), "image_size": 64, "method": "caco"}
+    export.save_encoder(tmp_path / "enc", four_band_model, metadata)
+    model, loaded = export.load_encoder(tmp_path / "enc")
+    assert export.input_normalization(loaded) == FOUR_BANDS
+    assert (loaded["image_size"], loaded["method"], loaded["depth"]) == (64, "caco", 18)
+    assert model.in_channels == 4
+
+
+def test_export_without_input_loads_as_official_rgb_with_a_warning(tmp_path):
+    export.save_encoder(tmp_path / "old", ResNet(18, rngs=nnx.Rngs(1)), {"source": "old run"})
+    with pytest.warns(UserWarning, match="records no input normalisation"):
+        _, metadata = export.load_encoder(tmp_path / "old")
+    assert export.input_normalization(metadata) == Normalization.rgb()
+    json.dumps(metadata)  # still plain JSON
+
+
+def test_input_that_contradicts_the_encoder_is_refused(tmp_path, four_band_model):
+    with pytest.raises(ValueError, match=r"has 3 bands \['B4', 'B3', 'B2'\].*4 channels"):
+        export.save_encoder(
+            tmp_path / "bad", four_band_model, {EXPORT_KEY: Normalization.rgb().to_json()}
+        )
+    broken = FOUR_BANDS.to_json()
+    del broken["std"]
+    with pytest.raises(ValueError, match=r"'input'\] is not a normalisation.*'std'"):
+        export.save_encoder(tmp_path / "bad", four_band_model, {EXPORT_KEY: broken})
+    with pytest.raises(ValueError, match=r"'image_size'\] = 8"):
+        export.save_encoder(
+            tmp_path / "bad", four_band_model, {EXPORT_KEY: FOUR_BANDS.to_json(), "image_size": 8}
+        )
+    assert not (tmp_path / "bad").exists()
