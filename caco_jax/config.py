@@ -166,6 +166,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.convert.allow_pickle = False  # True: also read what torch.load(weights_only=True) refuses
     c.convert.overwrite = False  # replace an existing export
 
+    # Official pretrained encoders by name (caco_jax/pretrained.py, task pretrained) and their
+    # torchvision-layout PyTorch export (caco_jax/torch_export.py).
+    c.pretrained = ml_collections.ConfigDict()
+    c.pretrained.name = ""  # an official name (caco_jax.pretrained.CHECKPOINTS) or an export path
+    c.pretrained.cache_dir = ""  # "" = $CACO_JAX_CACHE or ~/.cache/caco_jax
+    c.pretrained.base_url = "https://research.cs.cornell.edu/caco/checkpoints/"
+    c.pretrained.output = ""  # export folder of an official encoder; "" = <workdir>/encoder
+    c.pretrained.torch_output = ""  # also write a .pth / .safetensors torchvision state dict
+    c.pretrained.overwrite = False
+
+    # Embeddings of Sentinel-2 images (caco_jax/embed.py, task embed).
+    c.embed = ml_collections.ConfigDict()
+    c.embed.kind = "geotiff"  # geotiff (a file or folder), archive (CACo), records (prepared)
+    c.embed.source = ""  # the GeoTIFF(s), archive, or records data_dir
+    c.embed.builder_config = "rgb"  # records: rgb or all_bands
+    c.embed.encoder = ""  # an official name or an export path; "" = <workdir>/encoder
+    c.embed.output = ""  # file stem; "" = <workdir>/embeddings (.npz and .parquet)
+    c.embed.bands = ()  # band order of multi-band GeoTIFFs without band descriptions
+    c.embed.scale = "auto"  # raw -> archive uint8: auto (by dtype), uint8, reflectance_10000
+    c.embed.dn_offset = 0.0  # subtracted from uint16 DNs (1000 for L1C/L2A baseline >= 04.00)
+    c.embed.tile_stride = 0  # GeoTIFF tiles' stride in pixels; 0 = the tile size
+    c.embed.batch_size = 64
+    c.embed.overwrite = False
+
     return c
 
 
@@ -196,6 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_download(config.download)
     _validate_eval(config.eval)
     _validate_convert(config)
+    _validate_pretrained(config)
+    _validate_embed(config)
 
 
 # The methods of caco_jax/modes.py (listed here so that validating a config never imports JAX).
@@ -379,6 +405,35 @@ def _validate_convert(config: ml_collections.ConfigDict) -> None:
         "convert.source",
         "the convert_weights task needs a .pth/.ckpt file",
     )
+
+
+def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
+    _check(
+        "pretrained" not in config.tasks or bool(config.pretrained.name),
+        "pretrained.name",
+        "the pretrained task needs an official name (e.g. r18_100k_caco) or an export path",
+    )
+    _check(
+        config.pretrained.torch_output == ""
+        or config.pretrained.torch_output.endswith((".pth", ".safetensors")),
+        "pretrained.torch_output",
+        "must end in .pth or .safetensors",
+    )
+
+
+def _validate_embed(config: ml_collections.ConfigDict) -> None:
+    e = config.embed
+    _check(e.kind in ("geotiff", "archive", "records"), "embed.kind", "geotiff, archive or records")
+    _check("embed" not in config.tasks or bool(e.source), "embed.source", "the embed task needs it")
+    _check(e.builder_config in ("rgb", "all_bands"), "embed.builder_config", "rgb or all_bands")
+    _check(
+        e.scale in ("auto", "uint8", "reflectance_10000"),
+        "embed.scale",
+        "auto, uint8 or reflectance_10000",
+    )
+    _check(e.dn_offset >= 0, "embed.dn_offset", "must be >= 0")
+    _check(e.tile_stride >= 0, "embed.tile_stride", "must be >= 0 (0 = the tile size)")
+    _check(e.batch_size >= 1, "embed.batch_size", "must be >= 1")
 
 
 def _check(ok: bool, key: str, requirement: str) -> None:

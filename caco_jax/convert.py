@@ -61,14 +61,19 @@ class ConversionError(ValueError):
 
 
 def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """The tensors of a `.pth` / `.ckpt` file as float32 NumPy arrays, keyed as stored (a Lightning
-    checkpoint's `state_dict` is unwrapped)."""
+    """The tensors of a `.pth` / `.ckpt` / `.safetensors` file as float32 NumPy arrays, keyed as
+    stored (a Lightning checkpoint's `state_dict` is unwrapped)."""
     import pickle
-
-    import torch
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config.convert.source: no file {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return {key: value.astype(np.float32) for key, value in load_file(path).items()}
+
+    import torch
+
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
@@ -139,7 +144,9 @@ def infer_depth(state: dict[str, np.ndarray]) -> int:
     )
 
 
-def _torch_name(path: tuple) -> str:
+def torch_name(path: tuple) -> str:
+    """The torchvision name of a flattened NNX state path: ('layer1', 0, 'bn1', 'mean') ->
+    'layer1.0.bn1.running_mean'."""
     return ".".join(str(p) for p in path[:-1]) + "." + TORCH_LEAF[path[-1]]
 
 
@@ -151,7 +158,7 @@ def build(depth: int, in_channels: int, state: dict[str, np.ndarray]) -> ResNet:
     abstract = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels))
     graphdef, graph_state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(graph_state))
-    expected = {_torch_name(path): path for path in flat}
+    expected = {torch_name(path): path for path in flat}
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:

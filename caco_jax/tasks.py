@@ -21,6 +21,8 @@ TASKS: dict[str, str] = {
     "eval_bigearthnet": "caco_jax.evaluators.multilabel:bigearthnet_task",
     "eval_oscd": "caco_jax.evaluators.change_detection:oscd_task",
     "convert_weights": "caco_jax.convert:run_task",
+    "pretrained": "caco_jax.pretrained:run_task",
+    "embed": "caco_jax.embed:run_task",
 }
 
 
