@@ -3,11 +3,10 @@
 import json
 
 import pytest
-from flax import nnx
 
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
+from caco_jax.evaluators import common
 from caco_jax.models import export
-from caco_jax.models.resnet import ResNet
 
 FOUR_BANDS = Normalization(
     bands=("B2", "B3", "B4", "B8"),
@@ -20,7 +19,7 @@ FOUR_BANDS = Normalization(
 
 @pytest.fixture(scope="module")
 def four_band_model():
-    return ResNet(18, rngs=nnx.Rngs(0), in_channels=4)
+    return common.random_encoder(18, 4, seed=0)
 
 
 def test_export_records_and_returns_its_input(tmp_path, four_band_model):
@@ -33,7 +32,9 @@ def test_export_records_and_returns_its_input(tmp_path, four_band_model):
 
 
 def test_export_without_input_loads_as_official_rgb_with_a_warning(tmp_path):
-    export.save_encoder(tmp_path / "old", ResNet(18, rngs=nnx.Rngs(1)), {"source": "old run"})
+    export.save_encoder(
+        tmp_path / "old", common.random_encoder(18, 3, seed=1), {"source": "old run"}
+    )
     with pytest.warns(UserWarning, match="records no input normalisation"):
         _, metadata = export.load_encoder(tmp_path / "old")
     assert export.input_normalization(metadata) == Normalization.rgb()
