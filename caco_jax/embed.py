@@ -499,11 +499,16 @@ def embed(
     tile_stride: int = 0,
     batch_size: int = 64,
     cache: str = "",
+    base_url: str = "",
 ) -> Embeddings:
-    """Embeddings of ``source`` with ``encoder`` (an official name or an export path)."""
+    """Embeddings of ``source`` with ``encoder`` (an official name or an export path); the
+    keywords are those of `geotiff_tiles` / `record_tiles`, and the cache and server of
+    `pretrained.load_pretrained`."""
     from caco_jax import pretrained
 
-    model, metadata = pretrained.load_pretrained(encoder, cache=cache)
+    model, metadata = pretrained.load_pretrained(
+        encoder, cache=cache, base_url=base_url or pretrained.OFFICIAL_BASE_URL
+    )
     normalization = export.input_normalization(metadata)
     image_size = int(metadata.get(export.IMAGE_SIZE_KEY) or DEFAULT_IMAGE_SIZE)
     if kind == "geotiff":
@@ -541,6 +546,7 @@ def run_task(config, workdir: str) -> dict:
         tile_stride=e.tile_stride,
         batch_size=e.batch_size,
         cache=config.pretrained.cache_dir,
+        base_url=config.pretrained.base_url,
     )
     paths = result.write(e.output or os.path.join(workdir, "embeddings"), overwrite=e.overwrite)
     print(f"embed: {len(result.ids)} embeddings of dimension {result.embeddings.shape[1]}")

@@ -2,6 +2,8 @@
 independently in numpy from the export's recorded normalisation; tiles carry their centres; bad
 inputs are errors naming the file."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from rasterio.warp import transform as reproject
 
 from caco_jax import config as config_lib
 from caco_jax import embed
+from caco_jax.data import layout
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import common
 from caco_jax.models import export
@@ -136,3 +139,30 @@ def test_bad_inputs_name_the_file_and_what_was_expected(tmp_path, encoder):
     write_tif(four, np.zeros((4, 40, 40), np.uint8), "EPSG:4326", from_origin(0, 1, 1e-4, 1e-4))
     with pytest.raises(embed.InputError, match=r"four\.tif: 4 band\(s\), but the encoder takes 3"):
         embed.embed(str(four), directory)
+
+
+def test_archive_acquisitions_become_whole_tiles_in_the_encoders_band_order(tmp_path):
+    from caco_jax.data import synthetic
+
+    path = synthetic.write_archive(str(tmp_path), num_locations=2, seed=0, stray_files=False)
+    mixed = Normalization(
+        bands=("B4", "B11"), low=(0.0, 0.0), high=(255.0, 255.0), mean=(0.5, 0.5), std=(0.2, 0.2)
+    )
+    tiles, _ = embed.archive_tiles(path, mixed)
+    tiles = list(tiles)
+    assert len(tiles) == 20 and [t.window for t in tiles[:10]] == [0] * 5 + [1] * 5
+    first = tiles[0]
+    location = os.path.join(path, "000000")
+    acquisition = os.path.join(location, sorted(os.listdir(location))[0])
+    date = layout.sensing_time(os.path.basename(acquisition)).isoformat()
+    assert first.id == f"000000/{date}"
+    with rasterio.open(os.path.join(acquisition, "B4.tif")) as b4:
+        np.testing.assert_array_equal(first.pixels[..., 0], b4.read(1))
+        centre = b4.transform @ (b4.width / 2, b4.height / 2)
+    with rasterio.open(os.path.join(acquisition, "B11.tif")) as b11:
+        coarse = b11.read(1)
+    assert first.pixels.shape == (264, 264, 2) and coarse.shape == (132, 132)
+    # B11 (20 m) upsampled to the 10 m grid: each 2 x 2 block averages back to about the original.
+    blocks = first.pixels[..., 1].astype(float).reshape(132, 2, 132, 2).mean(axis=(1, 3))
+    assert np.abs(blocks - coarse).mean() < 2.0
+    np.testing.assert_allclose((first.lat, first.lon), (centre[1], centre[0]), atol=1e-5)
