@@ -15,7 +15,6 @@ with `Normalization.rgb()` (the official RGB input) and a warning.
 """
 
 import json
-import logging
 import os
 import warnings
 
@@ -125,7 +124,6 @@ def read_metadata(directory) -> dict:
             "assuming the official RGB input (SeCo's stretch of B4, B3, B2, ImageNet mean/std)"
         )
         warnings.warn(message, stacklevel=2)
-        logging.warning(message)
         metadata = {**metadata, EXPORT_KEY: Normalization.rgb().to_json()}
     return metadata
 
