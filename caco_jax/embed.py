@@ -294,11 +294,8 @@ def read_tiles(
                     f"{path}: CRS {dataset.crs} differs from {grid.crs} of "
                     f"{image.files[reference][0]} (the bands of an image must share one grid)"
                 )
-            if not np.allclose(
-                tuple(dataset.bounds),
-                tuple(grid.bounds),
-                atol=1e-6 * max(abs(v) for v in grid.bounds) + 1e-9,
-            ):
+            # Same footprint to within half a pixel of the finest band.
+            if not np.allclose(dataset.bounds, grid.bounds, rtol=0, atol=0.5 * min(grid.res)):
                 raise InputError(
                     f"{path}: bounds {tuple(dataset.bounds)} differ from {tuple(grid.bounds)} of "
                     f"{image.files[reference][0]}"
