@@ -190,6 +190,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.embed.batch_size = 64
     c.embed.overwrite = False
 
+    # Change maps from an encoder alone (caco_jax/change_map.py, task change_map).
+    c.change_map = ml_collections.ConfigDict()
+    c.change_map.kind = "archive"  # archive (CACo, any form) or records (prepared)
+    c.change_map.source = ""  # the archive, or the records data_dir
+    c.change_map.builder_config = "rgb"  # records: rgb or all_bands
+    c.change_map.encoder = ""  # an official name or an export path; "" = <workdir>/encoder
+    c.change_map.output = ""  # folder; "" = <workdir>/change_map
+    c.change_map.batch_size = 64
+    c.change_map.seed = 0  # of the Gaussian mixture that labels the ratios
+    c.change_map.land_mask = True  # draw land under the map (global-land-mask, ~1 GB while drawing)
+    c.change_map.overwrite = False
+
     return c
 
 
@@ -222,6 +234,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_convert(config)
     _validate_pretrained(config)
     _validate_embed(config)
+    _validate_change_map(config)
 
 
 # The methods of caco_jax/modes.py (listed here so that validating a config never imports JAX).
@@ -434,6 +447,20 @@ def _validate_embed(config: ml_collections.ConfigDict) -> None:
     _check(e.dn_offset >= 0, "embed.dn_offset", "must be >= 0")
     _check(e.tile_stride >= 0, "embed.tile_stride", "must be >= 0 (0 = the tile size)")
     _check(e.batch_size >= 1, "embed.batch_size", "must be >= 1")
+
+
+def _validate_change_map(config: ml_collections.ConfigDict) -> None:
+    m = config.change_map
+    _check(m.kind in ("archive", "records"), "change_map.kind", "archive or records")
+    _check(
+        "change_map" not in config.tasks or bool(m.source),
+        "change_map.source",
+        "the change_map task needs an archive or a records data_dir",
+    )
+    _check(
+        m.builder_config in ("rgb", "all_bands"), "change_map.builder_config", "rgb or all_bands"
+    )
+    _check(m.batch_size >= 1, "change_map.batch_size", "must be >= 1")
 
 
 def _check(ok: bool, key: str, requirement: str) -> None:

@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "convert_weights": "caco_jax.convert:run_task",
     "pretrained": "caco_jax.pretrained:run_task",
     "embed": "caco_jax.embed:run_task",
+    "change_map": "caco_jax.change_map:run_task",
 }
 
 
