@@ -1,7 +1,5 @@
 """Encoder exports carry their input: normalisation, image size, method; old exports load as RGB."""
 
-import json
-
 import pytest
 
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
@@ -35,10 +33,12 @@ def test_export_without_input_loads_as_official_rgb_with_a_warning(tmp_path):
     export.save_encoder(
         tmp_path / "old", common.random_encoder(18, 3, seed=1), {"source": "old run"}
     )
+    _, metadata = export.load_encoder(tmp_path / "old")
+    assert EXPORT_KEY not in metadata  # the metadata is what the export holds
     with pytest.warns(UserWarning, match="records no input normalisation"):
-        _, metadata = export.load_encoder(tmp_path / "old")
-    assert export.input_normalization(metadata) == Normalization.rgb()
-    json.dumps(metadata)  # still plain JSON
+        assert export.input_normalization(metadata) == Normalization.rgb()
+    with pytest.raises(ValueError, match="takes 4 channels, for which there is no default"):
+        export.input_normalization({**metadata, "in_channels": 4})
 
 
 def test_input_that_contradicts_the_encoder_is_refused(tmp_path, four_band_model):

@@ -10,8 +10,9 @@ what its input is, and whatever the caller adds (source, step, ...):
   method       the pretraining method (caco, seco, teco, moco, ...)
 
 Orbax writes into a temporary directory and renames it when complete, so a crash never leaves a
-half-written export under the final name. An export written before ``input`` was recorded loads
-with `Normalization.rgb()` (the official RGB input) and a warning.
+half-written export under the final name. `input_normalization(metadata)` parses ``input``; an
+RGB export written before ``input`` was recorded gets `Normalization.rgb()` (the official RGB
+input) and a warning.
 """
 
 import json
@@ -118,22 +119,29 @@ def read_metadata(directory) -> dict:
         raise ValueError(f"load_encoder: {directory} holds arch {metadata['arch']!r}, not {ARCH!r}")
     if EXPORT_KEY in metadata:
         _check_input(metadata, where=f"load_encoder: {directory}/metadata")
-    else:
-        message = (
-            f"{directory} records no input normalisation (written before exports recorded it); "
-            "assuming the official RGB input (SeCo's stretch of B4, B3, B2, ImageNet mean/std)"
-        )
-        warnings.warn(message, stacklevel=2)
-        metadata = {**metadata, EXPORT_KEY: Normalization.rgb().to_json()}
     return metadata
 
 
 def input_normalization(metadata: dict) -> Normalization:
-    """The input normalisation an export's metadata records (`read_metadata` / `load_encoder`
-    fill in the official RGB one for exports that predate it)."""
-    if EXPORT_KEY not in metadata:
-        raise ValueError(f"export metadata records no {EXPORT_KEY!r} normalisation: {metadata}")
-    return Normalization.from_json(metadata[EXPORT_KEY])
+    """The input normalisation an export's metadata records.
+
+    An export written before exports recorded it gets `Normalization.rgb()` (the official RGB
+    input: SeCo's stretch of B4, B3, B2, ImageNet mean/std) with a warning when its encoder takes
+    3 channels; for other channel counts there is no default and it is an error.
+    """
+    if EXPORT_KEY in metadata:
+        return Normalization.from_json(metadata[EXPORT_KEY])
+    if int(metadata.get("in_channels", 0)) != 3:
+        raise ValueError(
+            f"the export records no {EXPORT_KEY!r} normalisation and its encoder takes "
+            f"{metadata.get('in_channels')} channels, for which there is no default"
+        )
+    warnings.warn(
+        "the export records no input normalisation (written before exports recorded it); "
+        "assuming the official RGB input (SeCo's stretch of B4, B3, B2, ImageNet mean/std)",
+        stacklevel=2,
+    )
+    return Normalization.rgb()
 
 
 def _check_input(metadata: dict, *, where: str) -> None:
