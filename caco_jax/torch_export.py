@@ -1,5 +1,4 @@
-"""Encoder export -> a torchvision-layout PyTorch state dict, with its input normalisation beside
-it.
+"""Encoder export -> a torchvision-layout PyTorch state dict, and a JSON of its input beside it.
 
 The state dict has torchvision's ResNet names (`conv1.weight`, `bn1.running_mean`,
 `layer1.0.conv1.weight`, ..., `num_batches_tracked` included) and no classifier, so
