@@ -59,7 +59,7 @@ def test_l2a_band_files_embed_like_the_numpy_reference(tmp_path, encoder):
     grid = from_origin(500_000.0, 4_700_000.0, 10.0, 10.0)
     for values, band in zip(digital_numbers, ("B04", "B03", "B02"), strict=True):
         write_tif(
-            scene / f"T33TVF_20230612T100031_{band}_10m.jp2.tif", values[None], "EPSG:32633", grid
+            scene / f"T33TVF_20230612T100031_{band}_10m.tif", values[None], "EPSG:32633", grid
         )
     write_tif(scene / "T33TVF_20230612T100031_SCL_20m.tif", digital_numbers[:1], "EPSG:32633", grid)
 
