@@ -210,6 +210,51 @@ def _convert() -> ml_collections.ConfigDict:
     return c
 
 
+def _pretrained() -> ml_collections.ConfigDict:
+    """Official pretrained encoders by name (caco_jax/pretrained.py, task pretrained) and their
+    torchvision-layout PyTorch export (caco_jax/torch_export.py)."""
+    c = ml_collections.ConfigDict()
+    c.name = ""  # an official name (caco_jax.pretrained.CHECKPOINTS) or an export path
+    c.cache_dir = ""  # "" = $CACO_JAX_CACHE or ~/.cache/caco_jax
+    c.base_url = "https://research.cs.cornell.edu/caco/checkpoints/"
+    c.output = ""  # export folder of an official encoder; "" = <workdir>/encoder
+    c.torch_output = ""  # also write a .pth / .safetensors torchvision state dict
+    c.overwrite = False
+    return c
+
+
+def _embed() -> ml_collections.ConfigDict:
+    """Embeddings of Sentinel-2 images (caco_jax/embed.py, task embed)."""
+    c = ml_collections.ConfigDict()
+    c.kind = "geotiff"  # geotiff (a file or folder), archive (CACo), records (prepared)
+    c.source = ""  # the GeoTIFF(s), archive, or records data_dir
+    c.builder_config = "rgb"  # records: rgb or all_bands
+    c.encoder = ""  # an official name or an export path; "" = <workdir>/encoder
+    c.output = ""  # file stem; "" = <workdir>/embeddings (.npz and .parquet)
+    c.bands = ()  # band order of multi-band GeoTIFFs without band descriptions
+    c.scale = "auto"  # raw -> archive uint8: auto (by dtype), uint8, reflectance_10000
+    c.dn_offset = 0.0  # subtracted from uint16 DNs (1000 for L1C/L2A baseline >= 04.00)
+    c.tile_stride = 0  # GeoTIFF tiles' stride in pixels; 0 = the tile size
+    c.batch_size = 64
+    c.overwrite = False
+    return c
+
+
+def _change_map() -> ml_collections.ConfigDict:
+    """Change maps from an encoder alone (caco_jax/change_map.py, task change_map); the mixture
+    that labels the ratios is seeded by ``config.seed``."""
+    c = ml_collections.ConfigDict()
+    c.kind = "archive"  # archive (CACo, any form) or records (prepared)
+    c.source = ""  # the archive, or the records data_dir
+    c.builder_config = "rgb"  # records: rgb or all_bands
+    c.encoder = ""  # an official name or an export path; "" = <workdir>/encoder
+    c.output = ""  # folder; "" = <workdir>/change_map
+    c.batch_size = 64
+    c.land_mask = True  # draw land under the map (global-land-mask, ~1 GB while drawing)
+    c.overwrite = False
+    return c
+
+
 SECTIONS = {
     "synthetic": _synthetic,
     "data": _data,
@@ -225,6 +270,9 @@ SECTIONS = {
     "download": _download,
     "eval": _eval,
     "convert": _convert,
+    "pretrained": _pretrained,
+    "embed": _embed,
+    "change_map": _change_map,
 }
 
 
@@ -272,6 +320,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "download": _validate_download,
         "eval": _validate_eval,
         "convert": _validate_convert,
+        "pretrained": _validate_pretrained,
+        "embed": _validate_embed,
+        "change_map": _validate_change_map,
     }
     for name, check in validators.items():
         if name in config:
@@ -479,6 +530,85 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
 def _validate_convert(c: ml_collections.ConfigDict) -> None:
     _check(c.depth in (0, 18, 34, 50, 101, 152), "convert.depth", "0 (infer) or a ResNet depth")
     _check(bool(c.source), "convert.source", "the convert_weights task needs a .pth/.ckpt file")
+
+
+def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
+    _check(
+        "pretrained" not in config.tasks or bool(config.pretrained.name),
+        "pretrained.name",
+        "the pretrained task needs an official name (e.g. r18_100k_caco) or an export path",
+    )
+    _check(
+        config.pretrained.torch_output == ""
+        or config.pretrained.torch_output.endswith((".pth", ".safetensors")),
+        "pretrained.torch_output",
+        "must end in .pth or .safetensors",
+    )
+
+
+def _validate_embed(config: ml_collections.ConfigDict) -> None:
+    e = config.embed
+    _check(e.kind in ("geotiff", "archive", "records"), "embed.kind", "geotiff, archive or records")
+    _check("embed" not in config.tasks or bool(e.source), "embed.source", "the embed task needs it")
+    _check(e.builder_config in ("rgb", "all_bands"), "embed.builder_config", "rgb or all_bands")
+    _check(
+        e.scale in ("auto", "uint8", "reflectance_10000"),
+        "embed.scale",
+        "auto, uint8 or reflectance_10000",
+    )
+    _check(e.dn_offset >= 0, "embed.dn_offset", "must be >= 0")
+    _check(e.tile_stride >= 0, "embed.tile_stride", "must be >= 0 (0 = the tile size)")
+    _check(e.batch_size >= 1, "embed.batch_size", "must be >= 1")
+
+
+def _validate_change_map(config: ml_collections.ConfigDict) -> None:
+    m = config.change_map
+    _check(m.kind in ("archive", "records"), "change_map.kind", "archive or records")
+    _check(
+        "change_map" not in config.tasks or bool(m.source),
+        "change_map.source",
+        "the change_map task needs an archive or a records data_dir",
+    )
+    _check(
+        m.builder_config in ("rgb", "all_bands"), "change_map.builder_config", "rgb or all_bands"
+    )
+    _check(m.batch_size >= 1, "change_map.batch_size", "must be >= 1")
+
+
+def _validate_pretrained(p: ml_collections.ConfigDict) -> None:
+    _check(
+        bool(p.name),
+        "pretrained.name",
+        "the pretrained task needs an official name (e.g. r18_100k_caco) or an export path",
+    )
+    _check(
+        p.torch_output == "" or p.torch_output.endswith((".pth", ".safetensors")),
+        "pretrained.torch_output",
+        "must end in .pth or .safetensors",
+    )
+
+
+def _validate_embed(e: ml_collections.ConfigDict) -> None:
+    _check(e.kind in ("geotiff", "archive", "records"), "embed.kind", "geotiff, archive or records")
+    _check(bool(e.source), "embed.source", "the embed task needs it")
+    _check(e.builder_config in ("rgb", "all_bands"), "embed.builder_config", "rgb or all_bands")
+    _check(
+        e.scale in ("auto", "uint8", "reflectance_10000"),
+        "embed.scale",
+        "auto, uint8 or reflectance_10000",
+    )
+    _check(e.dn_offset >= 0, "embed.dn_offset", "must be >= 0")
+    _check(e.tile_stride >= 0, "embed.tile_stride", "must be >= 0 (0 = the tile size)")
+    _check(e.batch_size >= 1, "embed.batch_size", "must be >= 1")
+
+
+def _validate_change_map(m: ml_collections.ConfigDict) -> None:
+    _check(m.kind in ("archive", "records"), "change_map.kind", "archive or records")
+    _check(bool(m.source), "change_map.source", "the change_map task needs an archive or records")
+    _check(
+        m.builder_config in ("rgb", "all_bands"), "change_map.builder_config", "rgb or all_bands"
+    )
+    _check(m.batch_size >= 1, "change_map.batch_size", "must be >= 1")
 
 
 def _check(ok: bool, key: str, requirement: str) -> None:

@@ -13,6 +13,7 @@ Files are opened with `torch.load(weights_only=True)`; a checkpoint that pickles
 (SeCo's
 hyper-parameters) is refused unless `allow_pickle` says the file is trusted.
 
+The export records the official RGB input normalisation (see `write_export`).
 Conv weights go from torch's OIHW to flax's HWIO; BatchNorm weight/bias/running_mean/running_var
 become
 scale/bias/mean/var; `num_batches_tracked` is ignored. Keys the model lacks, or model weights the
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models import export
 from caco_jax.models.resnet import ARCHITECTURES, ResNet
 
@@ -59,14 +61,19 @@ class ConversionError(ValueError):
 
 
 def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """The tensors of a `.pth` / `.ckpt` file as float32 NumPy arrays, keyed as stored (a Lightning
-    checkpoint's `state_dict` is unwrapped)."""
+    """The tensors of a `.pth` / `.ckpt` / `.safetensors` file as float32 NumPy arrays, keyed as
+    stored (a Lightning checkpoint's `state_dict` is unwrapped)."""
     import pickle
-
-    import torch
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config.convert.source: no file {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return {key: value.astype(np.float32) for key, value in load_file(path).items()}
+
+    import torch
+
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
@@ -137,7 +144,9 @@ def infer_depth(state: dict[str, np.ndarray]) -> int:
     )
 
 
-def _torch_name(path: tuple) -> str:
+def torch_name(path: tuple) -> str:
+    """The torchvision name of a flattened NNX state path: ('layer1', 0, 'bn1', 'mean') ->
+    'layer1.0.bn1.running_mean'."""
     return ".".join(str(p) for p in path[:-1]) + "." + TORCH_LEAF[path[-1]]
 
 
@@ -149,7 +158,7 @@ def build(depth: int, in_channels: int, state: dict[str, np.ndarray]) -> ResNet:
     abstract = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels))
     graphdef, graph_state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(graph_state))
-    expected = {_torch_name(path): path for path in flat}
+    expected = {torch_name(path): path for path in flat}
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:
@@ -186,19 +195,59 @@ def convert(path: str, *, depth: int = 0, allow_pickle: bool = False) -> tuple[R
     return build(inferred, state["conv1.weight"].shape[1], state), notes
 
 
+# The official weights were pretrained on 224 px crops of SeCo-stretched RGB (B4, B3, B2).
+OFFICIAL_IMAGE_SIZE = 224
+
+
+def write_export(
+    source: str,
+    output: str,
+    *,
+    depth: int = 0,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    metadata: dict | None = None,
+) -> tuple[ResNet, list[str]]:
+    """Converts the torch file ``source`` and saves it as an encoder export at ``output``.
+
+    The export records the official RGB input normalisation and 224 px image size (what the
+    official CACo/SeCo/MoCo weights and torchvision's ImageNet weights were trained on), plus
+    ``metadata`` (e.g. the method). Weights with other than 3 input channels are refused: no
+    normalisation is known for them.
+    """
+    model, notes = convert(source, depth=depth, allow_pickle=allow_pickle)
+    if model.in_channels != 3:
+        raise ConversionError(
+            f"{source}: the stem takes {model.in_channels} channels; only RGB (3-channel) weights "
+            "have a known input normalisation"
+        )
+    for note in notes:
+        logging.info("convert: %s", note)
+        print(f"convert: {note}", flush=True)
+    record = {
+        "source": source,
+        "converted_by": "caco_jax.convert",
+        "notes": notes,
+        EXPORT_KEY: Normalization.rgb().to_json(),
+        export.IMAGE_SIZE_KEY: OFFICIAL_IMAGE_SIZE,
+        **(metadata or {}),
+    }
+    export.save_encoder(output, model, record, overwrite=overwrite)
+    return model, notes
+
+
 def run_task(config, workdir: str) -> dict:
     """Task `convert_weights`: `config.convert.source` -> an encoder export (default
     `<workdir>/encoder`)."""
     source = os.path.abspath(config.convert.source)
     output = os.path.abspath(config.convert.output or os.path.join(workdir, "encoder"))
-    model, notes = convert(
-        source, depth=config.convert.depth, allow_pickle=config.convert.allow_pickle
+    model, notes = write_export(
+        source,
+        output,
+        depth=config.convert.depth,
+        allow_pickle=config.convert.allow_pickle,
+        overwrite=config.convert.overwrite,
     )
-    for note in notes:
-        logging.info("convert: %s", note)
-        print(f"convert: {note}", flush=True)
-    metadata = {"source": source, "converted_by": "caco_jax.convert", "notes": notes}
-    export.save_encoder(output, model, metadata, overwrite=config.convert.overwrite)
     return {
         "export": output,
         "depth": model.depth,

@@ -36,6 +36,9 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "eval_bigearthnet": ("caco_jax.evaluators.multilabel:bigearthnet_task", ("eval",)),
     "eval_oscd": ("caco_jax.evaluators.change_detection:oscd_task", ("eval",)),
     "convert_weights": ("caco_jax.convert:run_task", ("convert",)),
+    "pretrained": ("caco_jax.pretrained:run_task", ("pretrained",)),
+    "embed": ("caco_jax.embed:run_task", ("embed", "pretrained")),
+    "change_map": ("caco_jax.change_map:run_task", ("change_map", "pretrained")),
 }
 
 

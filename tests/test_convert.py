@@ -18,6 +18,7 @@ nn = torch.nn
 
 from caco_jax import config as config_lib  # noqa: E402
 from caco_jax import convert  # noqa: E402
+from caco_jax.data.normalization import Normalization  # noqa: E402
 from caco_jax.models import export  # noqa: E402
 
 
@@ -202,5 +203,7 @@ def test_convert_task_writes_an_export_the_evaluators_load(tmp_path):
     model, metadata = export.load_encoder(result["export"])
     assert result["export"] == os.path.join(tmp_path, "encoder")
     assert metadata["depth"] == 18 and metadata["source"] == path
+    assert export.input_normalization(metadata) == Normalization.rgb()
+    assert metadata["image_size"] == 224
     reference, _ = convert.convert(path)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(reference))

@@ -2,13 +2,22 @@
 
 An export is one Orbax checkpoint directory with two items: ``state`` = {"params", "batch_stats"}
 as plain nested dicts of float32 arrays (keyed like the NNX state: ``layer1/0/conv1/kernel``), and
-``metadata``, a JSON dict holding what rebuilds the encoder (``arch``, ``depth``, ``in_channels``)
-and whatever the caller adds (source, step, method, ...). Orbax writes into a temporary directory
-and renames it when complete, so a crash never leaves a half-written export under the final name.
+``metadata``, a JSON dict holding what rebuilds the encoder (``arch``, ``depth``, ``in_channels``),
+what its input is, and whatever the caller adds (source, step, ...):
+
+  input        `Normalization.to_json()`: bands in channel order, stretch ranges, mean/std
+  image_size   the side in pixels of the images the encoder was trained on
+  method       the pretraining method (caco, seco, teco, moco, ...)
+
+Orbax writes into a temporary directory and renames it when complete, so a crash never leaves a
+half-written export under the final name. `input_normalization(metadata)` parses ``input``; an
+RGB export written before ``input`` was recorded gets `Normalization.rgb()` (the official RGB
+input) and a warning.
 """
 
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +25,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models.resnet import ResNet
 
 ARCH = "resnet"
 BUILD_KEYS = ("arch", "depth", "in_channels")
+IMAGE_SIZE_KEY = "image_size"
+METHOD_KEY = "method"
 
 
 def _checkpointer():
@@ -58,6 +70,8 @@ def save_encoder(
                 f"({value!r})"
             )
     record = {**metadata, **build}
+    if EXPORT_KEY in record:
+        _check_input(record, where="save_encoder: metadata")
     try:
         json.dumps(record)
     except TypeError as error:
@@ -108,7 +122,47 @@ def read_metadata(directory) -> dict:
         raise ValueError(f"load_encoder: {directory}/metadata lacks {missing}")
     if metadata["arch"] != ARCH:
         raise ValueError(f"load_encoder: {directory} holds arch {metadata['arch']!r}, not {ARCH!r}")
+    if EXPORT_KEY in metadata:
+        _check_input(metadata, where=f"load_encoder: {directory}/metadata")
     return metadata
+
+
+def input_normalization(metadata: dict) -> Normalization:
+    """The input normalisation an export's metadata records.
+
+    An export written before exports recorded it gets `Normalization.rgb()` (the official RGB
+    input: SeCo's stretch of B4, B3, B2, ImageNet mean/std) with a warning when its encoder takes
+    3 channels; for other channel counts there is no default and it is an error.
+    """
+    if EXPORT_KEY in metadata:
+        return Normalization.from_json(metadata[EXPORT_KEY])
+    if int(metadata.get("in_channels", 0)) != 3:
+        raise ValueError(
+            f"the export records no {EXPORT_KEY!r} normalisation and its encoder takes "
+            f"{metadata.get('in_channels')} channels, for which there is no default"
+        )
+    warnings.warn(
+        "the export records no input normalisation (written before exports recorded it); "
+        "assuming the official RGB input (SeCo's stretch of B4, B3, B2, ImageNet mean/std)",
+        stacklevel=2,
+    )
+    return Normalization.rgb()
+
+
+def _check_input(metadata: dict, *, where: str) -> None:
+    """The recorded normalisation parses and has one band per input channel of the encoder."""
+    try:
+        normalization = Normalization.from_json(metadata[EXPORT_KEY])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}[{EXPORT_KEY!r}] is not a normalisation: {error}") from None
+    if normalization.num_bands != int(metadata["in_channels"]):
+        raise ValueError(
+            f"{where}[{EXPORT_KEY!r}] has {normalization.num_bands} bands "
+            f"{list(normalization.bands)}, but the encoder takes {metadata['in_channels']} channels"
+        )
+    size = metadata.get(IMAGE_SIZE_KEY)
+    if size is not None and not (isinstance(size, int) and size >= 32):
+        raise ValueError(f"{where}[{IMAGE_SIZE_KEY!r}] = {size!r}, expected an int >= 32")
 
 
 def load_encoder(

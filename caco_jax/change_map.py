@@ -1,0 +1,280 @@
+"""Change maps from an encoder alone: which locations of an archive or records changed.
+
+Pretraining estimates change with the key encoder's head-1 embeddings of augmented views
+(`caco_jax/change.py`). An export holds only the encoder, so this module computes a deterministic
+variant on its pooled features, one decision per location:
+
+  e_t     the L2-normalised pooled features of acquisition t (whole, no augmentation, eval mode)
+  d_lt    || mean of the early window's e_t - mean of the late window's e_t ||
+  d_st    the mean of || e_s - e_t || over all pairs s != t within the same window (both windows)
+  ratio   d_lt / (d_st + 1e-4), as `change.change_statistics`
+  changed `change.fit_change_labels` on the ratios (a seeded 2-component Gaussian mixture over the
+          locations; the component with the higher mean is "changed")
+
+Locations with fewer than two acquisitions in a window have no d_st and are skipped with a note.
+Outputs in the output folder: ``change_map.csv`` and ``change_map.geojson`` (location_id, lat, lon
+of the location's centre, d_lt, d_st, ratio, changed), ``change_map.png`` (the locations coloured by
+ratio over the offline land mask, axes fitted to the locations) and ``histograms.png`` (d_lt, d_st,
+ratio by label, bins and axes from the data).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from caco_jax import change
+from caco_jax import embed as embed_lib
+
+EPS = 1e-4
+FILES = ("change_map.csv", "change_map.geojson", "change_map.png", "histograms.png")
+
+
+@dataclasses.dataclass
+class ChangeMap:
+    location_id: list[str]
+    lat: np.ndarray
+    lon: np.ndarray
+    d_lt: np.ndarray
+    d_st: np.ndarray
+    ratio: np.ndarray
+    changed: np.ndarray  # bool
+
+    def rows(self) -> list[dict]:
+        return [
+            {
+                "location_id": loc,
+                "lat": float(self.lat[i]),
+                "lon": float(self.lon[i]),
+                "d_lt": float(self.d_lt[i]),
+                "d_st": float(self.d_st[i]),
+                "ratio": float(self.ratio[i]),
+                "changed": bool(self.changed[i]),
+            }
+            for i, loc in enumerate(self.location_id)
+        ]
+
+
+def location_statistics(embeddings: embed_lib.Embeddings) -> tuple[dict, list[str]]:
+    """{location id: (lat, lon, d_lt, d_st)} from per-acquisition embeddings whose ids are
+    ``<location>/<time>`` and windows 0/1, plus notes on skipped locations."""
+    features = embeddings.embeddings.astype(np.float64)
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(embeddings.ids):
+        groups.setdefault(item.split("/")[0], []).append(index)
+    statistics, notes = {}, []
+    for location, indices in groups.items():
+        windows = [features[[i for i in indices if embeddings.window[i] == w]] for w in (0, 1)]
+        counts = [len(w) for w in windows]
+        if min(counts) < 2:
+            notes.append(
+                f"{location}: {counts[0]} early and {counts[1]} late acquisitions, "
+                "need 2 per window; skipped"
+            )
+            continue
+        d_lt = np.linalg.norm(windows[0].mean(axis=0) - windows[1].mean(axis=0))
+        pairs = [_pairwise_mean(w) for w in windows]
+        pair_counts = [c * (c - 1) for c in counts]
+        d_st = float(np.dot(pairs, pair_counts) / sum(pair_counts))
+        first = indices[0]
+        statistics[location] = (
+            float(embeddings.lat[first]),
+            float(embeddings.lon[first]),
+            float(d_lt),
+            d_st,
+        )
+    return statistics, notes
+
+
+def _pairwise_mean(x: np.ndarray) -> float:
+    """Mean distance over the ordered pairs s != t of the rows of x."""
+    distances = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=-1)
+    n = x.shape[0]
+    return float(distances.sum() / (n * (n - 1)))
+
+
+def from_embeddings(embeddings: embed_lib.Embeddings, *, seed: int = 0) -> ChangeMap:
+    statistics, notes = location_statistics(embeddings)
+    for note in notes:
+        print(f"change_map: {note}", flush=True)
+    if not statistics:
+        raise ValueError("change_map: no location has 2 acquisitions in each window")
+    ids = list(statistics)
+    lat, lon, d_lt, d_st = (np.asarray(column) for column in zip(*statistics.values(), strict=True))
+    ratio = d_lt / (d_st + EPS)
+    values = np.stack([d_lt, d_st, ratio], axis=1)
+    changed = change.fit_change_labels(values, np.ones(len(ids), bool), seed=seed)
+    return ChangeMap(ids, lat, lon, d_lt, d_st, ratio, changed)
+
+
+def compute(
+    source: str,
+    encoder: str,
+    *,
+    kind: str = "archive",
+    builder_config: str = "rgb",
+    batch_size: int = 64,
+    seed: int = 0,
+    cache: str = "",
+    base_url: str = "",
+) -> ChangeMap:
+    """The change map of an archive or records (``kind``) with ``encoder`` (name or export)."""
+    if kind not in ("archive", "records"):
+        raise ValueError(f"change_map: kind {kind!r}, expected archive or records")
+    embeddings = embed_lib.embed(
+        source,
+        encoder,
+        kind=kind,
+        builder_config=builder_config,
+        batch_size=batch_size,
+        cache=cache,
+        base_url=base_url,
+    )
+    return from_embeddings(embeddings, seed=seed)
+
+
+def write(result: ChangeMap, folder: str, *, land_mask: bool = True, overwrite: bool = False):
+    """The CSV, GeoJSON, map and histograms in ``folder``; returns their paths."""
+    paths = {name.replace(".", "_"): os.path.join(folder, name) for name in FILES}
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists (set change_map.overwrite)")
+    os.makedirs(folder, exist_ok=True)
+    rows = result.rows()
+    with open(paths["change_map_csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [row["lon"], row["lat"]]},
+            "properties": {k: v for k, v in row.items() if k not in ("lat", "lon")},
+        }
+        for row in rows
+    ]
+    with open(paths["change_map_geojson"], "w") as f:
+        json.dump({"type": "FeatureCollection", "features": features}, f)
+    plot_map(result, paths["change_map_png"], land_mask=land_mask)
+    plot_histograms(result, paths["histograms_png"])
+    return paths
+
+
+def _figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=120)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def map_extent(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float, float, float]:
+    """(west, east, south, north) around the points with a 5 % margin (at least 0.05 degrees)."""
+    margin_lon = max(0.05 * float(np.ptp(lon)), 0.05)
+    margin_lat = max(0.05 * float(np.ptp(lat)), 0.05)
+    return (
+        max(float(lon.min()) - margin_lon, -180.0),
+        min(float(lon.max()) + margin_lon, 180.0),
+        max(float(lat.min()) - margin_lat, -90.0),
+        min(float(lat.max()) + margin_lat, 90.0),
+    )
+
+
+def plot_map(result: ChangeMap, path: str, *, land_mask: bool = True, cells: int = 400) -> str:
+    """The locations coloured by ratio (changed ones ringed in red) over the land mask."""
+    west, east, south, north = map_extent(result.lat, result.lon)
+    figure = _figure((9, 7))
+    axes = figure.add_subplot()
+    if land_mask:
+        from caco_jax.sampling.landmask import is_land
+
+        lats = np.linspace(north, south, cells)
+        lons = np.linspace(west, east, cells)
+        axes.imshow(
+            is_land(lats[:, None], lons[None, :]),
+            extent=(west, east, south, north),
+            cmap="Greys",
+            vmin=0,
+            vmax=3,
+            origin="upper",
+            aspect="auto",
+        )
+    points = axes.scatter(result.lon, result.lat, c=result.ratio, s=18, cmap="viridis", zorder=2)
+    axes.scatter(
+        result.lon[result.changed],
+        result.lat[result.changed],
+        s=60,
+        facecolors="none",
+        edgecolors="tab:red",
+        zorder=3,
+        label="changed",
+    )
+    figure.colorbar(points, ax=axes, label="ratio d_lt / (d_st + 1e-4)")
+    axes.set_xlim(west, east)
+    axes.set_ylim(south, north)
+    axes.set_xlabel("longitude")
+    axes.set_ylabel("latitude")
+    axes.legend(loc="upper right")
+    axes.set_title(
+        f"{len(result.location_id)} locations, {int(result.changed.sum())} labelled changed"
+    )
+    figure.savefig(path, bbox_inches="tight")
+    return path
+
+
+def plot_histograms(result: ChangeMap, path: str) -> str:
+    """Histograms of d_lt, d_st and the ratio, split by label; bins and axes fitted to the data."""
+    figure = _figure((12, 4))
+    for index, (name, values) in enumerate(
+        (("d_lt", result.d_lt), ("d_st", result.d_st), ("ratio", result.ratio))
+    ):
+        axes = figure.add_subplot(1, 3, index + 1)
+        low, high = float(values.min()), float(values.max())
+        if high <= low:  # a single value: one bin around it
+            low, high = low - 0.5, high + 0.5
+        edges = np.histogram_bin_edges(values, bins="auto", range=(low, high))
+        for label, colour in ((False, "tab:blue"), (True, "tab:red")):
+            chosen = values[result.changed == label]
+            axes.hist(
+                chosen,
+                bins=edges,
+                color=colour,
+                alpha=0.6,
+                label=f"{'changed' if label else 'not changed'} ({chosen.size})",
+            )
+        axes.set_xlim(low, high)
+        axes.set_xlabel(name)
+        axes.set_ylabel("locations")
+        axes.legend()
+    figure.savefig(path, bbox_inches="tight")
+    return path
+
+
+def run_task(config, workdir: str) -> dict:
+    """Task `change_map`: `config.change_map.source` -> the files of `write`."""
+    c = config.change_map
+    result = compute(
+        c.source,
+        c.encoder or os.path.join(workdir, "encoder"),
+        kind=c.kind,
+        builder_config=c.builder_config,
+        batch_size=c.batch_size,
+        seed=config.seed,
+        cache=config.pretrained.cache_dir,
+        base_url=config.pretrained.base_url,
+    )
+    paths = write(
+        result,
+        c.output or os.path.join(workdir, "change_map"),
+        land_mask=c.land_mask,
+        overwrite=c.overwrite,
+    )
+    changed = int(result.changed.sum())
+    print(f"change_map: {changed} of {len(result.location_id)} locations labelled changed")
+    return {**paths, "locations": len(result.location_id), "changed": changed}

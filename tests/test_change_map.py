@@ -1,0 +1,92 @@
+"""Change maps from an encoder alone: per-location statistics as documented, at the centres of the
+locations' GeoTIFF footprints, written as CSV, GeoJSON and figures."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import rasterio
+
+from caco_jax import change_map, embed
+from caco_jax import config as config_lib
+from caco_jax.data import synthetic
+from caco_jax.data.normalization import EXPORT_KEY, Normalization
+from caco_jax.evaluators import common
+from caco_jax.models import export
+
+
+@pytest.fixture(scope="module")
+def archive_and_encoder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("change")
+    path = synthetic.write_archive(str(root), num_locations=3, seed=1, stray_files=False)
+    metadata = {EXPORT_KEY: Normalization.rgb().to_json(), "image_size": 32}
+    encoder = export.save_encoder(root / "encoder", common.random_encoder(18, 3, seed=2), metadata)
+    return path, str(encoder)
+
+
+def reference_statistics(features, windows):
+    """d_lt, d_st of one location, written out from the definitions in numpy."""
+    e = features / np.linalg.norm(features, axis=1, keepdims=True)
+    early, late = e[windows == 0], e[windows == 1]
+    d_lt = np.linalg.norm(early.mean(0) - late.mean(0))
+    within = [
+        np.linalg.norm(w[i] - w[j]) for w in (early, late) for i in range(len(w))
+        for j in range(len(w)) if i != j
+    ]  # fmt: skip
+    return d_lt, np.mean(within)
+
+
+def test_change_map_of_an_archive(tmp_path, archive_and_encoder):
+    path, encoder = archive_and_encoder
+    config = config_lib.for_tasks("change_map")
+    config.change_map.source = path
+    config.change_map.encoder = encoder
+    config.change_map.batch_size = 8
+    config.change_map.land_mask = False  # the 1 GB land mask is not needed to test the map
+    config_lib.validate(config)
+    result = change_map.run_task(config, str(tmp_path))
+    assert result["locations"] == 3
+
+    with open(result["change_map_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    with open(result["change_map_geojson"]) as f:
+        points = json.load(f)["features"]
+    embeddings = embed.embed(path, encoder, kind="archive", batch_size=8)
+    location_of = np.array([i.split("/")[0] for i in embeddings.ids])
+    for row, point in zip(rows, points, strict=True):
+        location = row["location_id"]
+        folder = os.path.join(path, location)
+        first = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))[0]
+        with rasterio.open(os.path.join(folder, first, "B4.tif")) as band:
+            lon, lat = band.transform @ (band.width / 2, band.height / 2)
+        np.testing.assert_allclose([float(row["lat"]), float(row["lon"])], [lat, lon], atol=1e-5)
+        assert point["geometry"]["coordinates"] == [float(row["lon"]), float(row["lat"])]
+        mine = location_of == location
+        d_lt, d_st = reference_statistics(embeddings.embeddings[mine], embeddings.window[mine])
+        np.testing.assert_allclose(
+            [float(row["d_lt"]), float(row["d_st"]), float(row["ratio"])],
+            [d_lt, d_st, d_lt / (d_st + 1e-4)],
+            rtol=1e-5,
+        )
+    changed = np.array([r["changed"] == "True" for r in rows])
+    ratios = np.array([float(r["ratio"]) for r in rows])
+    if changed.any() and (~changed).any():  # the mixture splits the ratios at one threshold
+        assert ratios[changed].min() > ratios[~changed].max()
+    for key in ("change_map_png", "histograms_png"):
+        assert os.path.getsize(result[key]) > 10_000
+
+
+def test_locations_without_two_acquisitions_per_window_are_skipped():
+    features = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    embeddings = embed.Embeddings(
+        ids=["a/1", "a/2", "a/3", "a/4", "b/1"],
+        embeddings=features,
+        lat=np.zeros(5),
+        lon=np.zeros(5),
+        window=np.array([0, 0, 1, 1, 0]),
+    )
+    statistics, notes = change_map.location_statistics(embeddings)
+    assert list(statistics) == ["a"]
+    assert notes == ["b: 1 early and 0 late acquisitions, need 2 per window; skipped"]
