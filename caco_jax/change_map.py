@@ -12,6 +12,8 @@ variant on its pooled features, one decision per location:
           locations; the component with the higher mean is "changed")
 
 Locations with fewer than two acquisitions in a window have no d_st and are skipped with a note.
+With ``kind="pretraining"`` the map is drawn from a CACo run's own estimate instead
+(`from_pretraining`).
 Outputs in the output folder: ``change_map.csv`` and ``change_map.geojson`` (location_id, lat, lon
 of the location's centre, d_lt, d_st, ratio, changed), ``change_map.png`` (the locations coloured by
 ratio over the offline land mask, axes fitted to the locations) and ``histograms.png`` (d_lt, d_st,
@@ -112,6 +114,39 @@ def from_embeddings(embeddings: embed_lib.Embeddings, *, seed: int = 0) -> Chang
     return ChangeMap(ids, lat, lon, d_lt, d_st, ratio, changed)
 
 
+def from_pretraining(labels_csv) -> ChangeMap:
+    """The change map of a CACo pretraining run from its own estimate, ``change/labels.csv``
+    (the key encoder's head-1 running statistics and the labels fitted at the last epoch end, as
+    the official estimator): per location the mean d_lt, d_st and r of its seen items, changed when
+    either of its items is labelled changed."""
+    from etils import epath
+
+    per_location: dict[str, dict] = {}
+    with epath.Path(labels_csv).open() as f:
+        for row in csv.DictReader(f):
+            if row["seen"] != "1":
+                continue
+            entry = per_location.setdefault(
+                row["location_id"],
+                {"lat": float(row["lat"]), "lon": float(row["lon"]), "values": [], "changed": 0},
+            )
+            entry["values"].append([float(row[k]) for k in ("d_lt", "d_st", "r")])
+            entry["changed"] |= row["changed"] == "1"
+    if not per_location:
+        raise ValueError(f"change_map: {labels_csv} has no seen item")
+    ids = list(per_location)
+    means = np.asarray([np.mean(per_location[k]["values"], axis=0) for k in ids])
+    return ChangeMap(
+        ids,
+        np.asarray([per_location[k]["lat"] for k in ids]),
+        np.asarray([per_location[k]["lon"] for k in ids]),
+        means[:, 0],
+        means[:, 1],
+        means[:, 2],
+        np.asarray([bool(per_location[k]["changed"]) for k in ids]),
+    )
+
+
 def compute(
     source: str,
     encoder: str,
@@ -123,9 +158,12 @@ def compute(
     cache: str = "",
     base_url: str = "",
 ) -> ChangeMap:
-    """The change map of an archive or records (``kind``) with ``encoder`` (name or export)."""
+    """The change map of an archive or records (``kind``) with ``encoder`` (name or export), or
+    of a pretraining run's own estimate (``kind="pretraining"``, ``source`` its workdir)."""
+    if kind == "pretraining":
+        return from_pretraining(os.path.join(source, "change", "labels.csv"))
     if kind not in ("archive", "records"):
-        raise ValueError(f"change_map: kind {kind!r}, expected archive or records")
+        raise ValueError(f"change_map: kind {kind!r}, expected archive, records or pretraining")
     embeddings = embed_lib.embed(
         source,
         encoder,
@@ -260,7 +298,7 @@ def run_task(config, workdir: str) -> dict:
     """Task `change_map`: `config.change_map.source` -> the files of `write`."""
     c = config.change_map
     result = compute(
-        c.source,
+        c.source or workdir,
         c.encoder or os.path.join(workdir, "encoder"),
         kind=c.kind,
         builder_config=c.builder_config,

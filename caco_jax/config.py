@@ -244,8 +244,9 @@ def _change_map() -> ml_collections.ConfigDict:
     """Change maps from an encoder alone (caco_jax/change_map.py, task change_map); the mixture
     that labels the ratios is seeded by ``config.seed``."""
     c = ml_collections.ConfigDict()
-    c.kind = "archive"  # archive (CACo, any form) or records (prepared)
-    c.source = ""  # the archive, or the records data_dir
+    # archive (CACo, any form), records (prepared), or pretraining (a CACo run's own estimate)
+    c.kind = "archive"
+    c.source = ""  # the archive, the records data_dir, or the run's workdir ("" = this workdir)
     c.builder_config = "rgb"  # records: rgb or all_bands
     c.encoder = ""  # an official name or an export path; "" = <workdir>/encoder
     c.output = ""  # folder; "" = <workdir>/change_map
@@ -327,6 +328,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, check in validators.items():
         if name in config:
             check(config[name])
+    _check(  # the section also serves embed and change_map, which need no name
+        "pretrained" not in config.tasks or bool(config.pretrained.name),
+        "pretrained.name",
+        "the pretrained task needs an official name (e.g. r18_100k_caco) or an export path",
+    )
 
 
 def _validate_synthetic(s: ml_collections.ConfigDict) -> None:
@@ -577,11 +583,6 @@ def _validate_change_map(config: ml_collections.ConfigDict) -> None:
 
 def _validate_pretrained(p: ml_collections.ConfigDict) -> None:
     _check(
-        bool(p.name),
-        "pretrained.name",
-        "the pretrained task needs an official name (e.g. r18_100k_caco) or an export path",
-    )
-    _check(
         p.torch_output == "" or p.torch_output.endswith((".pth", ".safetensors")),
         "pretrained.torch_output",
         "must end in .pth or .safetensors",
@@ -603,8 +604,16 @@ def _validate_embed(e: ml_collections.ConfigDict) -> None:
 
 
 def _validate_change_map(m: ml_collections.ConfigDict) -> None:
-    _check(m.kind in ("archive", "records"), "change_map.kind", "archive or records")
-    _check(bool(m.source), "change_map.source", "the change_map task needs an archive or records")
+    _check(
+        m.kind in ("archive", "records", "pretraining"),
+        "change_map.kind",
+        "archive, records or pretraining",
+    )
+    _check(
+        bool(m.source) or m.kind == "pretraining",
+        "change_map.source",
+        "the change_map task needs an archive or records",
+    )
     _check(
         m.builder_config in ("rgb", "all_bands"), "change_map.builder_config", "rgb or all_bands"
     )

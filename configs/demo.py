@@ -3,7 +3,8 @@ r"""The embedded default: a small synthetic archive in the published layout, end
   python run.py --config configs/demo.py
 
 Writes the archive, prepares its records, pretrains CACo, scores the change labels against the
-archive's ground truth and probes land cover, all under workdir/demo.
+archive's ground truth, draws the change map (workdir/demo/change_map/) and probes land cover,
+all under workdir/demo.
 """
 
 from caco_jax import config as config_lib
@@ -11,7 +12,7 @@ from caco_jax import config as config_lib
 
 def get_config():
     config = config_lib.for_tasks(
-        "synthesize", "prepare", "pretrain", "score_change", "linear_probe"
+        "synthesize", "prepare", "pretrain", "score_change", "change_map", "linear_probe"
     )
     config.synthetic.num_locations = 64
     # CACo, ResNet-18 on 64x64 crops, 16 locations (32 items) per batch = 4 steps per epoch, 8
@@ -30,5 +31,6 @@ def get_config():
     config.train.base_learning_rate = 0.24
     config.checkpoint.every_steps = 20
     config.logging.every_steps = 4
+    config.change_map.kind = "pretraining"  # the map of the run's own change estimate
     config.eval.image_size = config.augment.crop_size  # probe at the size the encoder trained on
     return config

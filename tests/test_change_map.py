@@ -90,3 +90,35 @@ def test_locations_without_two_acquisitions_per_window_are_skipped():
     statistics, notes = change_map.location_statistics(embeddings)
     assert list(statistics) == ["a"]
     assert notes == ["b: 1 early and 0 late acquisitions, need 2 per window; skipped"]
+
+
+def test_change_map_of_a_pretraining_run_from_its_own_labels(tmp_path):
+    from caco_jax.change_report import LABEL_COLUMNS
+
+    rows = [  # two locations; item 3 never seen; location b labelled changed through item 2
+        (0, 0, "a", 45.5, 7.25, 0, 1, 0.2, 0.1, 2.0, 0),
+        (1, 0, "a", 45.5, 7.25, 1, 1, 0.4, 0.3, 1.0, 0),
+        (2, 1, "b", -3.0, 120.5, 0, 1, 0.9, 0.1, 9.0, 1),
+        (3, 1, "b", -3.0, 120.5, 1, 0, 0.0, 0.0, 0.0, 0),
+    ]
+    (tmp_path / "change").mkdir()
+    with open(tmp_path / "change" / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(LABEL_COLUMNS)
+        writer.writerows(rows)
+    config = config_lib.for_tasks("change_map")
+    config.change_map.kind = "pretraining"
+    config.change_map.land_mask = False
+    config_lib.validate(config)
+    result = change_map.run_task(config, str(tmp_path))
+    with open(result["change_map_csv"]) as f:
+        table = {row["location_id"]: row for row in csv.DictReader(f)}
+    assert set(table) == {"a", "b"}
+    assert (float(table["a"]["lat"]), float(table["a"]["lon"])) == (45.5, 7.25)
+    np.testing.assert_allclose(
+        [float(table["a"][k]) for k in ("d_lt", "d_st", "ratio")], [0.3, 0.2, 1.5]
+    )
+    np.testing.assert_allclose(  # the unseen item is left out of the means
+        [float(table["b"][k]) for k in ("d_lt", "d_st", "ratio")], [0.9, 0.1, 9.0]
+    )
+    assert (table["a"]["changed"], table["b"]["changed"]) == ("False", "True")
