@@ -36,10 +36,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from caco_jax import progress
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
 from caco_jax.evaluators import common
@@ -142,7 +142,7 @@ def embed_tiles(
             window.append(t.window)
         pending.clear()
 
-    for tile in tqdm.tqdm(tiles, total=total, desc="embeddings", unit="image", leave=False):
+    for tile in progress.bar(tiles, total=total, desc="embeddings", unit="image"):
         if tile.pixels.shape[-1] != normalization.num_bands:
             raise InputError(
                 f"{tile.id}: {tile.pixels.shape[-1]} bands, the encoder takes "

@@ -23,9 +23,7 @@ import os
 import urllib.error
 import urllib.request
 
-import tqdm
-
-from caco_jax import convert
+from caco_jax import convert, progress
 from caco_jax.data.normalization import Normalization
 from caco_jax.models import export
 
@@ -153,14 +151,7 @@ def download(checkpoint: Checkpoint, *, cache: str = "", base_url: str = OFFICIA
         total = offset + int(length) if length is not None else None
         with (
             open(partial, "ab" if resumed else "wb") as out,
-            tqdm.tqdm(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                desc=checkpoint.file,
-                leave=False,
-            ) as bar,
+            progress.bar(total=total, initial=offset, unit="B", desc=checkpoint.file) as bar,
         ):
             try:
                 while chunk := response.read(_CHUNK):

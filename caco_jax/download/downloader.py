@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from caco_jax import progress as progress_lib
 from caco_jax.data import layout
 from caco_jax.download import footprint, writer
 from caco_jax.download.client import Acquisition, Client, TransientError
@@ -276,7 +277,6 @@ def download_all(
     Ctrl-C (or any BaseException) stops the workers at their next request and propagates; finished
     locations stay, the unfinished one is never published and the next run starts it again.
     """
-    from tqdm import tqdm
 
     start_time = time.perf_counter()
     os.makedirs(archive_dir, exist_ok=True)
@@ -292,7 +292,7 @@ def download_all(
             raise _Stopped()
         writer.write_location(archive_dir, site.location_id, images, preview=settings.preview)
 
-    bar = tqdm(total=len(todo), desc="locations", unit="loc", disable=not progress)
+    bar = progress_lib.bar(total=len(todo), desc="locations", unit="loc", enabled=progress)
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.concurrent_requests)
     try:
         futures = {executor.submit(work, site): site for site in todo}
