@@ -306,9 +306,9 @@ def train(
         every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep,
     )
-    resumed_from = checkpoints.latest_step()
+    resumed_from, restored = checkpoints.restore_latest(abstract_state(state, mesh))
     if resumed_from is not None:
-        state = checkpoints.restore(resumed_from, abstract_state(state, mesh))
+        state = restored
         print(f"resumed from checkpoint step {resumed_from}", flush=True)
     start_step = int(jax.device_get(state.step))
     stream = stream_settings(config, len(source))
