@@ -36,6 +36,7 @@ import threading
 import warnings
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -124,12 +125,20 @@ class Checkpointer:
         """
         failures = []
         for step in sorted(self.all_steps(), reverse=True):
+            state, failure = None, None
             try:
                 with _silenced_noise():
                     state = self.restore(step, abstract_state)
                     self.restore_data_position(step)
             except Exception as error:  # any failure to read: try an older step
-                failures.append((step, _one_line(error)))
+                failure = _one_line(error)
+            if jax.process_count() > 1:
+                # All processes resume from the same step: a failure on one rules it out for all.
+                restored = multihost_utils.process_allgather(np.array(failure is None))
+                if failure is None and not restored.all():
+                    failure = "it failed to restore on another process"
+            if failure is not None:
+                failures.append((step, failure))
                 continue
             for failed_step, reason in failures:
                 moved_to = self._move_aside(failed_step)
