@@ -27,15 +27,15 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from caco_jax import augment, checkpointing, modes
+from caco_jax import augment, modes
 from caco_jax import change as change_lib
 from caco_jax import step as step_lib
 from caco_jax.data import item_sampler, pipeline
@@ -49,6 +49,12 @@ from caco_jax.train_state import (
     learning_rate_schedule,
     make_optimizer,
 )
+
+if TYPE_CHECKING:
+    import ml_collections
+
+# Orbax (caco_jax.checkpointing) is imported where a run saves or restores: `setup` builds the
+# compiled step on machines that have only JAX, Flax and Optax (benchmarks/device_check.py).
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -208,6 +214,8 @@ def global_batch(local_batch: dict, mesh) -> dict:
 
 def abstract_state(state: TrainState, mesh) -> TrainState:
     """The restore target: shapes and dtypes of ``state``, replicated over the current mesh."""
+    from caco_jax import checkpointing
+
     replicated = NamedSharding(mesh, P())
     shapes = jax.eval_shape(lambda s: s, state)
     return checkpointing.abstract_target(shapes, jax.tree.map(lambda _: replicated, shapes))
@@ -297,6 +305,8 @@ def train(
     mesh=None,
 ) -> dict:
     """Pretrains on ``source`` (random-access records, `data.records`); resumes if it can."""
+    from caco_jax import checkpointing
+
     run = setup(config, len(source), normalization=normalization, mesh=mesh)
     mesh, mode = run.mesh, run.mode
     batch_size = config.train.batch_size

@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import numpy as np
-from absl import flags
 
 from caco_jax.data import item_sampler
+
+if TYPE_CHECKING:
+    import grain
 
 ArraysFn = Callable[[Any], dict]
 
@@ -228,6 +229,11 @@ def make_pipeline(
     record into arrays (default `records.location_arrays`). The first batch is the process's rows
     of global batch `start_batch` (counted from the start of epoch 0). Reads `config.input`.
     """
+    # Imported here: the rest of this module (batch counts, positions) serves `train.setup` on
+    # machines without grain or absl (benchmarks/device_check.py).
+    import grain
+    from absl import flags
+
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
     num_locations = len(source)
