@@ -226,8 +226,9 @@ def supervised_row(modules, args, depth, dtype) -> dict:
     return {"step_time_s": seconds, "compile_s": compile_s, "xla_flops": cost_flops(compiled)}
 
 
-def torch_row(args, depth, dtype) -> dict:
+def torch_row(modules, args, depth, dtype) -> dict:
     """The official step in PyTorch; ``{"skipped": why}`` without torch or torchvision."""
+    del modules  # the PyTorch step uses nothing of caco_jax
     try:
         import torch
         import torchvision
@@ -259,6 +260,10 @@ def torch_row(args, depth, dtype) -> dict:
 
     seconds = timed(lambda: official.training_step(model, optimizer, batch, autocast), args, sync)
     return {"step_time_s": seconds, "torch": torch.__version__}
+
+
+# (row, forward-equivalents of encoder work per item, how it is measured), in the order run.
+ROWS = (("caco_jax", 7, caco_jax_row), ("supervised", 3, supervised_row), ("torch", 7, torch_row))
 
 
 def peak_for(device_kind: str, dtype: str, override) -> float | None:
@@ -306,7 +311,7 @@ class Report:
             "step_ms": _number(step_ms, "{:.1f}"),
             "mfu": _number(row.get("mfu"), "{:.1%}"),
             "ratio": _number(row.get("ratio"), "{:.2f}"),
-            "note": row.get("ratio_of", row.get("skipped", "")),
+            "note": row.get("ratio_of") or row.get("skipped") or row.get("error", ""),
         }
         print("  ".join(f"{cells[c]:>13}" for c in self.COLUMNS), flush=True)
 
@@ -321,7 +326,7 @@ def _number(value, form: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="device_check.jsonl", help="JSONL file of the rows")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, ResNet-18, 2 steps")
+    parser.add_argument("--smoke", action="store_true", help="ResNet-18, batch 4, 32x32, 1 step")
     parser.add_argument("--depths", default="18,50")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=256)
@@ -369,18 +374,18 @@ def main(argv=None) -> None:
             per_item = encoder_forward_flops(modules[2], depth, args.crop, jnp.dtype(dtype))
             peak = peak_for(device.device_kind, dtype, args.peak_tflops)
             measured = {}
-            for name, work in (("caco_jax", 7), ("supervised", 3), ("torch", 7)):
+            for name, work, measure in ROWS:
                 row = {"row": name, "depth": depth, "dtype": dtype, "batch": args.batch}
                 if time.perf_counter() - started > args.budget_s:
                     row["skipped"] = f"time budget of {args.budget_s:.0f} s spent"
                 elif name == "torch" and args.no_torch:
                     row["skipped"] = "--no_torch"
                 else:
-                    measure = {"caco_jax": caco_jax_row, "supervised": supervised_row}.get(name)
-                    if measure:
+                    try:
                         row.update(measure(modules, args, depth, dtype))
-                    else:
-                        row.update(torch_row(args, depth, dtype))
+                    except Exception as error:  # one failed row (out of memory...) ends no run
+                        first_line = (str(error).strip().splitlines() or [""])[0]
+                        row["error"] = f"{type(error).__name__}: {first_line}"[:300]
                 if "step_time_s" in row:
                     measured[name] = row["step_time_s"]
                     row.update(utilisation(row, args.batch, work * per_item, peak, measured, name))
