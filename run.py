@@ -26,8 +26,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from caco_jax import checkpointing, tasks
     from caco_jax import config as config_lib
-    from caco_jax import tasks
 
     if not flags.FLAGS["verbosity"].present:
         # Orbax and grain log every checkpoint operation at INFO; `--verbosity=0` shows them.
@@ -40,13 +40,18 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join(
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     )
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        sys.exit(f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)")
     os.makedirs(workdir, exist_ok=True)
     print(f"workdir: {os.path.abspath(workdir)}", flush=True)
     results = {}
     for name in config.tasks:
         start = time.perf_counter()
         print(f"== {name}", flush=True)
-        results[name] = tasks.get(name)(config, workdir) or {}
+        try:
+            results[name] = tasks.get(name)(config, workdir) or {}
+        except checkpointing.NoRestorableCheckpointError as error:
+            sys.exit(f"run.py: {error}")
         print(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)

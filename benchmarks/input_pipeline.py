@@ -215,8 +215,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="grain epochs timed")
     parser.add_argument("--original-items", type=int, default=24)
     parser.add_argument("--augment-batch", type=int, default=32, help="items per device batch")
-    parser.add_argument("--augment-repeats", type=int, default=5)
+    parser.add_argument(
+        "--augment-repeats",
+        type=int,
+        default=5,
+        help="timed calls of the on-device augmentation (median); 0 skips that measurement",
+    )
     args = parser.parse_args()
+    for name in ("locations", "batch", "epochs", "original_items", "augment_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.augment_repeats < 0:
+        parser.error("--augment-repeats must be 0 (skip) or more")
 
     os.makedirs(args.workdir, exist_ok=True)
     archive_dir, data_dir = prepare(args.workdir, args.locations)
@@ -245,6 +255,9 @@ def main() -> None:
     wall = (grain_items / grain_timer.wall) / (original_items / original_timer.wall)
     print(f"    ratio (1)/(2): {per_core:.1f}x per CPU-second, {wall:.1f}x wall")
 
+    if args.augment_repeats == 0:
+        print("(3) on-device make_views: skipped (--augment-repeats 0)")
+        return
     timer, compile_s = time_device_augment(args.augment_batch, args.augment_repeats)
     print(
         f"(3) on-device make_views (caco: 4 views 224x224 from 264x264), XLA:CPU: "

@@ -29,9 +29,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import dm_pix as pix
 import jax
 import jax.numpy as jnp
+
+try:
+    from dm_pix import adjust_hue as _rotate_hue
+except ImportError:  # no dm-pix (benchmarks/device_check.py): the same op, see hsv.py
+    from caco_jax.hsv import adjust_hue as _rotate_hue
 
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
@@ -174,7 +178,7 @@ def adjust_hue(img: jax.Array, delta) -> jax.Array:
     """Rotate the HSV hue by `delta` turns; dm-pix's op is torchvision's ``(h + delta) % 1``."""
     if not _is_rgb(img):
         return img
-    return jnp.clip(pix.adjust_hue(img, delta), 0.0, 1.0)
+    return jnp.clip(_rotate_hue(img, delta), 0.0, 1.0)
 
 
 JITTER_UNIFORMS = 8

@@ -17,19 +17,36 @@ input stream is rebuilt on each process from ``next_global_batch`` (every proces
 of the same global batches), so a run saved on N hosts (devices) resumes on M. Orbax writes each
 step into a temporary folder and renames it when complete, so a crash mid-save leaves the previous
 checkpoints intact.
+
+A checkpoint damaged after it was written (a data file truncated by a full disk or a partial copy)
+does not stop a resume: `Checkpointer.restore_latest` tries the steps newest first, moves each one
+that fails to read aside as ``<step>.damaged-<n>`` (kept for inspection; Orbax does not take it for
+a step) and resumes from the newest that restores. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging as std_logging
 import signal
+import sys
 import threading
+import warnings
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 STATE, DATA_POSITION, CONFIG = "state", "data_position", "config"
+DAMAGED_SUFFIX = ".damaged-"
+
+
+class NoRestorableCheckpointError(RuntimeError):
+    """Every checkpoint in the folder failed to restore."""
 
 
 def abstract_target(state_shapes, shardings):
@@ -104,6 +121,65 @@ class Checkpointer:
         )
         return restored[STATE]
 
+    def restore_latest(self, abstract_state):
+        """``(step, state)`` of the newest checkpoint that restores, ``(None, None)`` without any.
+
+        A step restores when its state (laid out as ``abstract_state``) and its input position are
+        read without error. Once an older step restored, each newer one that failed is reported in
+        one line and moved aside as ``<step>.damaged-<n>``, so the resumed run saves that step
+        afresh next to the damaged copy. When no step restores, nothing is moved and
+        `NoRestorableCheckpointError` lists every step with its error.
+        """
+        failures = []
+        for step in sorted(self.all_steps(), reverse=True):
+            state, failure = None, None
+            try:
+                with _silenced_noise():
+                    state = self.restore(step, abstract_state)
+                    self.restore_data_position(step)
+            except Exception as error:  # any failure to read: try an older step
+                failure = _one_line(error)
+            if jax.process_count() > 1:
+                # All processes resume from the same step: a failure on one rules it out for all.
+                restored = multihost_utils.process_allgather(np.array(failure is None))
+                if failure is None and not restored.all():
+                    failure = "it failed to restore on another process"
+            if failure is not None:
+                failures.append((step, failure))
+                continue
+            for failed_step, reason in failures:
+                moved_to = self._move_aside(failed_step)
+                logging.warning(
+                    "checkpoint step %d does not restore (%s); moved to %s, resuming from step %d",
+                    failed_step,
+                    reason,
+                    moved_to,
+                    step,
+                )
+            return step, state
+        if failures:
+            listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+            raise NoRestorableCheckpointError(
+                f"no checkpoint in {self.directory} restores ({listed}); move the folder away to "
+                "start afresh"
+            )
+        return None, None
+
+    def _move_aside(self, step: int) -> str:
+        """Renames checkpoint ``step`` to the first free ``<step>.damaged-<n>``; returns that."""
+        directory = self._manager.directory
+        number = 1
+        while (directory / f"{step}{DAMAGED_SUFFIX}{number}").exists():
+            number += 1
+        target = directory / f"{step}{DAMAGED_SUFFIX}{number}"
+        if jax.process_index() == 0:
+            (directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            # Every process must see the rename before Orbax lists the steps again.
+            multihost_utils.sync_global_devices(f"caco_jax_move_aside_{step}_{number}")
+        self._manager.reload()
+        return str(target)
+
     def restore_data_position(self, step: int) -> dict:
         """The input position saved with checkpoint ``step`` (`data.pipeline.Position` JSON)."""
         if not (self._manager.directory / str(step) / DATA_POSITION).exists():
@@ -125,6 +201,57 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost cause of ``error``, as ``Type: first line`` (TensorStore's own message)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+class _Held(std_logging.Filter):
+    """Holds back the records of a logger while installed."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def filter(self, record):
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _silenced_noise():
+    """Keeps a failed restore to the one line `restore_latest` writes.
+
+    A read error inside Orbax's asynchronous restore brings warnings, log records and, when its
+    event loop is torn down, "Event loop is closed" errors from tasks and coroutines collected
+    later. Inside this block those go nowhere; the log records of an attempt that succeeds are
+    replayed afterwards, so nothing worth seeing from a good restore is lost.
+    """
+    held = {std_logging.getLogger(name): _Held() for name in ("absl", "asyncio")}
+    for logger, hold in held.items():
+        logger.addFilter(hold)
+    unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda _: None
+    threading.excepthook = lambda _: None
+    succeeded = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+            succeeded = True
+    finally:
+        gc.collect()  # what a failed attempt left behind is reported now, while silenced
+        sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
+        for logger, hold in held.items():
+            logger.removeFilter(hold)
+            if succeeded:
+                for record in hold.records:
+                    logger.handle(record)
 
 
 class PreemptionGuard:

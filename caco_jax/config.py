@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from caco_jax import methods
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
-
-
-# Allowed values, read by the code that uses them (here so that validating never imports JAX).
-BN_MODES = ("per_device", "sync", "shuffle")  # step.py
-COMPUTE_DTYPES = ("float32", "bfloat16")  # train_state.py
 
 
 def _synthetic() -> ml_collections.ConfigDict:
@@ -83,7 +80,9 @@ def _train() -> ml_collections.ConfigDict:
     c.base_learning_rate = 0.03  # for a batch of 256; scaled linearly with the batch size
     c.sgd_momentum = 0.9
     c.weight_decay = 1e-4  # added to the gradient (torch SGD), query encoder and heads only
-    c.bn_mode = "per_device"  # BN_MODES: "per_device" (official, 1 GPU), "sync", "shuffle" (keys)
+    c.bn_mode = (
+        "per_device"  # methods.BN_MODES: "per_device" (official, 1 GPU), "sync", "shuffle" (keys)
+    )
     c.max_steps = 0  # > 0 stops early (smoke runs); 0 = epochs x steps per epoch
     return c
 
@@ -359,12 +358,14 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     _check(m.depth in (18, 50), "model.depth", "must be 18 or 50")
     _check(m.width >= 1, "model.width", "must be >= 1")
     _check(m.embedding_dim >= 1, "model.embedding_dim", "must be >= 1")
-    _check(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", f"one of {COMPUTE_DTYPES}")
+    _check(
+        m.compute_dtype in methods.COMPUTE_DTYPES,
+        "model.compute_dtype",
+        f"one of {methods.COMPUTE_DTYPES}",
+    )
 
 
 def _validate_method(m: ml_collections.ConfigDict) -> None:
-    from caco_jax import methods
-
     _check(m.name in methods.NAMES, "method.name", f"must be one of {methods.NAMES}")
     _check(m.num_negatives >= 2, "method.num_negatives", "must be >= 2")
     _check(
@@ -403,7 +404,7 @@ def _validate_train(train: ml_collections.ConfigDict) -> None:
     _check(train.base_learning_rate > 0, "train.base_learning_rate", "must be > 0")
     _check(0.0 <= train.sgd_momentum < 1.0, "train.sgd_momentum", "in [0, 1)")
     _check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _check(train.bn_mode in BN_MODES, "train.bn_mode", f"must be one of {BN_MODES}")
+    _check(train.bn_mode in methods.BN_MODES, "train.bn_mode", f"one of {methods.BN_MODES}")
     _check(train.max_steps >= 0, "train.max_steps", "must be >= 0")
 
 

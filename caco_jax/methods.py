@@ -32,6 +32,10 @@ import dataclasses
 
 VIEW_RECIPES = ("seco", "moco")  # implemented in `augment.VIEW_RECIPES`
 QUEUE_KINDS = ("per_window", "single")  # implemented in `queue.QUEUES`
+# The two other choices the step reads, whatever the method: how BatchNorm batches are formed
+# across devices (`step.bn_axis`), and the compute dtype (parameters stay float32).
+BN_MODES = ("per_device", "sync", "shuffle")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)

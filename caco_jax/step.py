@@ -18,7 +18,7 @@ devices). Per device, in the official order:
    global mean, exactly.
 6. SGD on the query side; the gathered keys enqueued in global batch order.
 
-BatchNorm modes (``config.train.bn_mode``, one of `config.BN_MODES`):
+BatchNorm modes (``config.train.bn_mode``, one of `methods.BN_MODES`):
   per_device: statistics of each device's rows (the official single-GPU run is this on one device);
     the running statistics are averaged over devices after the step so that the state stays
     replicated.
@@ -47,9 +47,8 @@ from jax.sharding import PartitionSpec as P
 from caco_jax import change as change_lib
 from caco_jax import momentum, objectives
 from caco_jax import queue as queue_lib
-from caco_jax.config import BN_MODES
 from caco_jax.mesh import AXIS, gather
-from caco_jax.methods import Method
+from caco_jax.methods import BN_MODES, Method
 from caco_jax.train_state import Model, TrainState
 
 

@@ -23,13 +23,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 
-from caco_jax import augment, checkpointing, meters, methods, progress
+from caco_jax import augment, meters, methods, progress
 from caco_jax import mesh as mesh_lib
 from caco_jax import queue as queue_lib
 from caco_jax import step as step_lib
-from caco_jax.change_report import ChangeReport
 from caco_jax.data import pipeline
 from caco_jax.data.normalization import Normalization
 from caco_jax.metrics_writer import MetricsWriter
@@ -145,6 +143,13 @@ def train(
 
     ``locations()`` gives each record's (location_id, lat, lon) for the change labels' CSV.
     """
+    # The loop's I/O (Orbax, etils.epath, grain) is imported here, so that `setup` alone runs on a
+    # bare accelerator image (benchmarks/device_check.py).
+    from etils import epath
+
+    from caco_jax import checkpointing
+    from caco_jax.change_report import ChangeReport
+
     run = setup(config, len(source), normalization=normalization, mesh=mesh)
     workdir = epath.Path(workdir)
     checkpoints = checkpointing.Checkpointer(
@@ -231,15 +236,18 @@ def train(
 
 
 def _initial_or_restored(run: Setup, checkpoints) -> tuple[TrainState, int | None, int]:
-    """(state, checkpoint step or None, first global batch): the newest checkpoint's, if any."""
+    """(state, checkpoint step or None, first global batch) of the newest checkpoint that
+    restores (`Checkpointer.restore_latest` moves damaged ones aside), else the initial ones."""
+    from caco_jax import checkpointing
+
     state = mesh_lib.replicate(run.initial_state, run.mesh)
-    step = checkpoints.latest_step()
+    target = checkpointing.replicated_target(state, run.mesh)
+    step, restored = checkpoints.restore_latest(target)
     if step is None:
         return state, None, 0
-    state = checkpoints.restore(step, checkpointing.replicated_target(state, run.mesh))
     saved = pipeline.Position.from_json(checkpoints.restore_data_position(step))
     print(f"resumed from checkpoint step {step}", flush=True)
-    return state, step, saved.start_batch(run.stream)
+    return restored, step, saved.start_batch(run.stream)
 
 
 def _epoch_record(config, done: int, run: Setup, epoch_means: meters.EpochMeans, writer) -> dict:
@@ -253,7 +261,7 @@ def _epoch_record(config, done: int, run: Setup, epoch_means: meters.EpochMeans,
     return {"epoch": epoch, "queue_full": full, **means}
 
 
-def _next_change_labels(run: Setup, state, report: ChangeReport, done: int, writer):
+def _next_change_labels(run: Setup, state, report, done: int, writer):
     """CACo's epoch end: the next epoch's change labels into the state."""
     epoch = done // run.stream.steps_per_epoch - 1
     labels, fraction = report.end_of_epoch(jax.device_get(state.change["running"]), epoch, done)
@@ -277,8 +285,10 @@ def _check_finite(state, step: int, checkpoints, last_good) -> None:
     )
 
 
-def export_encoder(config, run: Setup, state: TrainState, workdir, step: int) -> epath.Path:
+def export_encoder(config, run: Setup, state: TrainState, workdir, step: int):
     """Writes the query encoder alone, with its input normalisation, to ``<workdir>/encoder``."""
+    from etils import epath
+
     from caco_jax.data import normalization as normalization_lib
     from caco_jax.models import export
 
@@ -299,6 +309,8 @@ def export_encoder(config, run: Setup, state: TrainState, workdir, step: int) ->
 
 def run_task(config, workdir: str) -> dict:
     """Task ``pretrain``: trains on the records in ``config.data.data_dir`` (or the workdir's)."""
+    from etils import epath
+
     from caco_jax.data import normalization, records
 
     data_dir = config.data.data_dir or str(epath.Path(workdir) / "tfds")

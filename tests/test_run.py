@@ -36,3 +36,14 @@ def test_bad_values_fail_before_any_work_with_a_message_naming_them(tmp_path, ar
     assert named in result.stderr
     assert "Traceback" not in result.stderr
     assert not workdir.exists()  # nothing was started
+
+
+def test_workdir_naming_an_existing_file_is_a_one_line_error(tmp_path):
+    workdir = tmp_path / "results.txt"
+    workdir.write_text("not a folder")
+    result = run(workdir=workdir)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)"
+    )
+    assert workdir.read_text() == "not a folder"

@@ -46,14 +46,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import numpy as np
-from absl import flags
 
 from caco_jax import methods
 from caco_jax.data import item_sampler
+
+if TYPE_CHECKING:
+    import grain
 
 ArraysFn = Callable[[Any], dict]
 
@@ -251,6 +252,11 @@ def make_pipeline(
     of global batch `start_batch` (counted from the start of epoch 0); `num_epochs=None` never
     ends. Reads `config.input`.
     """
+    # Imported here: the rest of this module (batch counts, positions) serves `train.setup` on
+    # machines without grain or absl (benchmarks/device_check.py).
+    import grain
+    from absl import flags
+
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
     if stream.num_locations != len(source):

@@ -1,0 +1,150 @@
+"""Resuming past damaged checkpoints: the newest one that restores is used, the others set aside.
+
+A tiny pytree stands in for the training state: what is tested is how `Checkpointer.restore_latest`
+treats the folders on disk, not the model.
+"""
+
+import logging as std_logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from caco_jax import checkpointing
+
+
+def state_at(step):
+    return {"weights": np.full((64, 64), step, np.float32), "step": np.int32(step)}
+
+
+ABSTRACT_STATE = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_at(0))
+
+
+def checkpointer(directory):
+    return checkpointing.Checkpointer(str(directory), every_steps=1, keep=5, async_save=False)
+
+
+def write_steps(directory, steps):
+    checkpoints = checkpointer(directory)
+    for step in steps:
+        checkpoints.save(step, state_at(step), data_position={"next_global_batch": step})
+    checkpoints.close()
+
+
+def largest_file(folder):
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    return max(paths, key=os.path.getsize)
+
+
+def truncate_state(step_dir):
+    """What a full disk or a partial copy leaves: the largest array data file cut short."""
+    path = largest_file(os.path.join(step_dir, "state"))
+    os.truncate(path, os.path.getsize(path) // 3)
+
+
+def remove_state_data(step_dir):
+    os.remove(largest_file(os.path.join(step_dir, "state")))
+
+
+def truncate_data_position(step_dir):
+    os.truncate(os.path.join(step_dir, "data_position", "metadata"), 5)
+
+
+def warnings_logged(caplog):
+    """The warnings `caco_jax.checkpointing` itself logged (not Orbax's)."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == std_logging.WARNING and record.pathname == checkpointing.__file__
+    ]
+
+
+@pytest.mark.parametrize("damage", [truncate_state, remove_state_data, truncate_data_position])
+def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
+    tmp_path, capfd, caplog, damage
+):
+    write_steps(tmp_path, [1, 2, 3])
+    damage(str(tmp_path / "3"))
+
+    checkpoints = checkpointer(tmp_path)
+    step, state = checkpoints.restore_latest(ABSTRACT_STATE)
+
+    assert step == 2
+    np.testing.assert_array_equal(state["weights"], state_at(2)["weights"])
+    assert int(state["step"]) == 2
+    # One line naming the step, what failed and where it went; nothing else on the terminal.
+    (line,) = warnings_logged(caplog)
+    assert "\n" not in line
+    assert line.startswith("checkpoint step 3 does not restore (")
+    assert line.endswith(f"moved to {tmp_path / '3.damaged-1'}, resuming from step 2")
+    output = capfd.readouterr()
+    assert "Traceback" not in output.err + output.out
+    assert "Event loop" not in output.err + output.out
+    # Kept on disk for inspection, and not a step for Orbax.
+    assert (tmp_path / "3.damaged-1").is_dir()
+    assert not (tmp_path / "3").exists()
+    assert checkpoints.all_steps() == [1, 2]
+    checkpoints.close()
+
+
+def test_resumed_run_saves_the_damaged_step_afresh_without_touching_the_damaged_copy(
+    tmp_path, caplog
+):
+    write_steps(tmp_path, [1, 2])
+    truncate_state(str(tmp_path / "2"))
+    checkpoints = checkpointer(tmp_path)
+    assert checkpoints.restore_latest(ABSTRACT_STATE)[0] == 1
+    damaged_files = sorted(os.listdir(tmp_path / "2.damaged-1"))
+    # The resumed run reaches step 2 again and saves it.
+    checkpoints.save(2, state_at(2), data_position={"next_global_batch": 2})
+    checkpoints.close()
+
+    assert sorted(os.listdir(tmp_path / "2.damaged-1")) == damaged_files
+    # The same step damaged a second time goes next to the first copy, not over it.
+    truncate_state(str(tmp_path / "2"))
+    checkpoints = checkpointer(tmp_path)
+    assert checkpoints.restore_latest(ABSTRACT_STATE)[0] == 1
+    checkpoints.close()
+    assert sorted(p for p in os.listdir(tmp_path) if "damaged" in p) == [
+        "2.damaged-1",
+        "2.damaged-2",
+    ]
+    assert len(warnings_logged(caplog)) == 2
+
+
+def test_no_restorable_checkpoint_is_one_line_listing_every_step_and_moves_nothing(
+    tmp_path, capfd, caplog
+):
+    write_steps(tmp_path, [1, 2])
+    truncate_state(str(tmp_path / "2"))
+    remove_state_data(str(tmp_path / "1"))
+
+    checkpoints = checkpointer(tmp_path)
+    with pytest.raises(checkpointing.NoRestorableCheckpointError) as raised:
+        checkpoints.restore_latest(ABSTRACT_STATE)
+
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"no checkpoint in {tmp_path} restores (step 2: ")
+    assert "; step 1: " in message
+    output = capfd.readouterr()
+    assert "Traceback" not in output.err + output.out
+    assert warnings_logged(caplog) == []
+    # A rerun must not silently start afresh: every checkpoint stays where it was.
+    assert checkpoints.all_steps() == [1, 2]
+    checkpoints.close()
+
+
+def test_empty_folder_restores_nothing(tmp_path):
+    checkpoints = checkpointer(tmp_path)
+    assert checkpoints.restore_latest(ABSTRACT_STATE) == (None, None)
+    checkpoints.close()
+
+
+def test_intact_newest_checkpoint_restores_without_a_warning(tmp_path, caplog):
+    write_steps(tmp_path, [1, 2])
+    checkpoints = checkpointer(tmp_path)
+    step, state = checkpoints.restore_latest(ABSTRACT_STATE)
+    checkpoints.close()
+    assert (step, int(state["step"]), warnings_logged(caplog)) == (2, 2, [])
