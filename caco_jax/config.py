@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.builder_config = "rgb"  # "rgb" or "all_bands"
     c.data.max_skip_fraction = 0.05  # the build fails when more locations than this are skipped
     c.data.num_workers = 0  # decode processes; 0 = one per core
+    # Multi-host runs (caco_jax/multihost.py): how long processes other than 0 wait for the records
+    # process 0 prepares before giving up with an error.
+    c.data.wait_seconds = 6 * 3600.0
 
     # The encoders (caco_jax/models/).
     c.model = ml_collections.ConfigDict()
@@ -190,6 +193,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _check(0.0 <= config.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "in [0, 1]")
     _check(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(config.data.wait_seconds > 0, "data.wait_seconds", "must be > 0")
     _validate_training(config)
     _validate_input(config.input, config.augment)
     _validate_sampling(config.sampling)

@@ -21,14 +21,34 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Folder for outputs; default workdir/<config name>."
 )
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "One process of a multi-host run: jax.distributed.initialize() detects the cluster (Cloud TPU, "
+    "SLURM, Open MPI, Kubernetes). See docs/running.md.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 in a multi-host run (any cluster)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-host run.", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in a multi-host run.", lower_bound=0
+)
 flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(
+    ["num_processes", "process_id"],
+    lambda f: None in (f["num_processes"], f["process_id"]) or f["process_id"] < f["num_processes"],
+    message="--process_id must be below --num_processes",
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from caco_jax import config as config_lib
-    from caco_jax import tasks
+    from caco_jax import multihost
 
     if not flags.FLAGS["verbosity"].present:
         # Orbax and grain log every checkpoint operation at INFO; `--verbosity=0` shows them.
@@ -38,20 +58,35 @@ def main(argv):
         config_lib.validate(config)
     except config_lib.ConfigError as error:
         raise app.UsageError(str(error)) from None
+    process = multihost.initialize(
+        auto=_MULTIHOST.value,
+        coordinator_address=_COORDINATOR_ADDRESS.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+    try:
+        multihost.check_tasks(config.tasks, process)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     workdir = _WORKDIR.value or os.path.join(
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     )
     os.makedirs(workdir, exist_ok=True)
-    print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    # Every process runs every task (see caco_jax/multihost.py); only process 0 reports.
+    report = print if process.primary else lambda *args, **kwargs: None
+    report(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    if process.count > 1:
+        report(f"{process.count} processes", flush=True)
     results = {}
     for name in config.tasks:
         start = time.perf_counter()
-        print(f"== {name}", flush=True)
-        results[name] = tasks.get(name)(config, workdir) or {}
-        print(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    print(json.dumps(results, indent=2, default=str))
+        report(f"== {name}", flush=True)
+        results[name] = multihost.task(name, process)(config, workdir) or {}
+        report(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
+    if process.primary:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    report(json.dumps(results, indent=2, default=str))
 
 
 def parse_flags(argv):

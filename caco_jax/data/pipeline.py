@@ -50,6 +50,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from caco_jax import workers
 from caco_jax.data import item_sampler
 
 ArraysFn = Callable[[Any], dict]
@@ -268,6 +269,7 @@ def make_pipeline(
         # parsed them, which is harmless to mark: grain's defaults apply.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
+        workers.install()  # grain's spawned workers must not rerun a caller's unguarded script
         stream = stream.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.input.num_workers)
         )

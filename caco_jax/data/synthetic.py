@@ -27,7 +27,6 @@ import functools
 import gzip
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import tarfile
@@ -36,6 +35,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from caco_jax import workers
 from caco_jax.data import layout
 
 DEFAULT_NAME = "clean_synthetic_geography"  # like clean_10k_geography
@@ -960,7 +960,7 @@ def _write_locations(root: str, plans: list[LocationPlan], seed: int, num_worker
             _write_location(root, plan, seed)
         return
     # spawn, not fork: the caller may have started JAX's threads.
-    context = multiprocessing.get_context("spawn")
+    context = workers.context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
         for _ in pool.map(_write_location, [root] * len(plans), plans, [seed] * len(plans)):
             pass
