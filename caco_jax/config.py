@@ -37,6 +37,9 @@ def _data() -> ml_collections.ConfigDict:
     c.builder_config = "rgb"  # "rgb" or "all_bands"
     c.max_skip_fraction = 0.05  # the build fails when more locations than this are skipped
     c.num_workers = 0  # processes writing the records (and a synthetic archive); 0 = per core
+    # Multi-host runs (caco_jax/multihost.py): how long processes other than 0 wait for the records
+    # process 0 prepares before giving up with an error.
+    c.wait_seconds = 6 * 3600.0
     return c
 
 
@@ -352,6 +355,7 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
     )
     _check(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.wait_seconds > 0, "data.wait_seconds", "must be > 0")
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from caco_jax import methods
+from caco_jax import methods, workers
 from caco_jax.data import item_sampler
 
 if TYPE_CHECKING:
@@ -302,6 +302,7 @@ def make_pipeline(
         # parsed them, which is harmless to mark: grain's defaults apply.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
+        workers.install()  # grain's spawned workers must not rerun a caller's unguarded script
         batches = batches.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.input.num_workers)
         )

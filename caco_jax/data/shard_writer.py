@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import multiprocessing
 import os
 import queue as queue_lib
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 
+from caco_jax import workers as workers_lib
 from caco_jax.data import archive
 
 LANES = 48
@@ -90,7 +90,7 @@ def write_shards(
     """
     num_workers = usable_workers(num_workers)
     # forkserver, not fork: the parent may run JAX's threads; the server forks cheap workers.
-    context = multiprocessing.get_context("forkserver")
+    context = workers_lib.context("forkserver")
     context.set_forkserver_preload(
         ["caco_jax.data.archive", "rasterio", "tensorflow_datasets", "array_record.python"]
     )

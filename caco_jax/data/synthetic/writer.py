@@ -16,7 +16,6 @@ import concurrent.futures
 import datetime
 import gzip
 import json
-import multiprocessing
 import os
 import shutil
 import tarfile
@@ -25,6 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from caco_jax import workers
 from caco_jax.data import layout
 from caco_jax.data.synthetic import ground_truth
 from caco_jax.data.synthetic.plan import Acquisition, LocationPlan, plan_locations
@@ -182,7 +182,7 @@ def _write_locations(root: str, plans: list[LocationPlan], seed: int, num_worker
             _write_location(root, plan, seed)
         return
     # spawn, not fork: the caller may have started JAX's threads.
-    context = multiprocessing.get_context("spawn")
+    context = workers.context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
         for _ in pool.map(_write_location, [root] * len(plans), plans, [seed] * len(plans)):
             pass

@@ -1,0 +1,116 @@
+r"""Runs the tasks a config lists: build the synthetic archive, prepare records, pretrain, evaluate.
+
+  python run.py --config configs/demo.py --workdir workdir/demo
+  caco-jax --config configs/pretrain.py:caco,r18,100k --config.data.archive=/data/caco ...
+
+`run.py` (a checkout) and the `caco-jax` command (an installed package) are this module's `run`.
+Any config value can be overridden with `--config.<key>=<value>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for outputs; default workdir/<config name>."
+)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "One process of a multi-host run: jax.distributed.initialize() detects the cluster (Cloud TPU, "
+    "SLURM, Open MPI, Kubernetes). See docs/running.md.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 in a multi-host run (any cluster)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-host run.", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in a multi-host run.", lower_bound=0
+)
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(
+    ["num_processes", "process_id"],
+    lambda f: None in (f["num_processes"], f["process_id"]) or f["process_id"] < f["num_processes"],
+    message="--process_id must be below --num_processes",
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from caco_jax import checkpointing, multihost
+    from caco_jax import config as config_lib
+
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax and grain log every checkpoint operation at INFO; `--verbosity=0` shows them.
+        logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as error:
+        raise app.UsageError(str(error)) from None
+    process = multihost.initialize(
+        auto=_MULTIHOST.value,
+        coordinator_address=_COORDINATOR_ADDRESS.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+    try:
+        multihost.check_tasks(config.tasks, process)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    workdir = _WORKDIR.value or os.path.join(
+        "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    )
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        sys.exit(f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)")
+    os.makedirs(workdir, exist_ok=True)
+    # Every process runs every task (see caco_jax/multihost.py); only process 0 reports.
+    report = print if process.primary else lambda *args, **kwargs: None
+    report(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    if process.count > 1:
+        report(f"{process.count} processes", flush=True)
+    results = {}
+    for name in config.tasks:
+        start = time.perf_counter()
+        report(f"== {name}", flush=True)
+        try:
+            results[name] = multihost.task(name, process)(config, workdir) or {}
+        except checkpointing.NoRestorableCheckpointError as error:
+            sys.exit(f"run.py: {error}")
+        report(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
+    if process.primary:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    report(json.dumps(results, indent=2, default=str))
+
+
+def parse_flags(argv):
+    """absl's parser, with one-line errors for bad flags and overrides of missing config keys."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"{_program(argv)}: {error}")
+    except (KeyError, AttributeError) as error:
+        key = str(error).strip("\"'")
+        sys.exit(
+            f"{_program(argv)}: a --config.* override names {key!r}, which the config does not have"
+        )
+
+
+def _program(argv) -> str:
+    return os.path.basename(argv[0]) if argv else "caco-jax"
+
+
+def run() -> None:
+    """The command line: `python run.py ...` or `caco-jax ...`."""
+    app.run(main, flags_parser=parse_flags)
