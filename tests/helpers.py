@@ -1,15 +1,27 @@
-"""What several test modules share: tiny pretraining configs and data, tree comparisons, and a
-TensorFlow blocker for subprocesses."""
+"""What several test modules share: tiny pretraining configs and data, tree comparisons, a
+TensorFlow blocker for subprocesses, archives written by hand, prepared records and a fake Earth
+Engine."""
 
 from __future__ import annotations
 
+import datetime
+import io
+import json
 import os
+import tarfile
 import tempfile
+import threading
+import zlib
 
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
 
 from caco_jax import config as config_lib
+from caco_jax.data import archive, builder, layout, records
+from caco_jax.download.client import Acquisition, TransientError
+from caco_jax.download.downloader import Settings
+from caco_jax.sampling.files import Site
 
 NUM_LOCATIONS = 16
 BATCH = 16
@@ -99,3 +111,233 @@ def environment_without_tensorflow(tmp_path) -> dict:
         [str(folder), os.getcwd(), *filter(None, [env.get("PYTHONPATH")])]
     )
     return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Archives in the published layout, written by hand (test_archive, test_builder, test_shard_writer,
+# test_pipeline).
+
+RGB_KEEP = frozenset({layout.METADATA_FILE, *(layout.band_file(b) for b in layout.RGB_BANDS)})
+RGB_GROUPS = {"rgb": layout.RGB_BANDS}
+EARLY = [datetime.datetime(2017, 3, 1) + datetime.timedelta(days=40 * i) for i in range(5)]
+LATE = [datetime.datetime(2021, 4, 2) + datetime.timedelta(days=35 * i) for i in range(5)]
+
+
+def synthetic_folder(tmp_path_factory) -> str:
+    """The embedded synthetic archive (3 locations, folder form), made once per session."""
+    from caco_jax.data import synthetic
+
+    output = tmp_path_factory.getbasetemp() / "caco_synthetic"
+    path = output / "clean_synthetic_geography"
+    if not path.exists():
+        synthetic.write_archive(os.fspath(output), num_locations=3, seed=0)
+    return os.fspath(path)
+
+
+def product_id(time: datetime.datetime, index: int = 0) -> str:
+    return f"{time:%Y%m%dT%H%M%S}_{time:%Y%m%dT%H%M%S}_T31UDQ_{index:04d}_48923_8339"
+
+
+def write_location(root, location_id, times, *, bands=layout.RGB_BANDS, seed=0, cloud=12.5):
+    """A location folder with one acquisition per time (only `bands`), a preview beside each."""
+    rng = np.random.default_rng(seed)
+    box = layout.GeoBox.around(45.0 + seed, 7.0 - seed)
+    for i, time in enumerate(times):
+        folder = os.path.join(root, location_id, product_id(time, i))
+        os.makedirs(folder)
+        for band in bands:
+            pixels = rng.integers(0, 200, size=layout.band_shape(band), dtype=np.uint8)
+            layout.write_band_geotiff(os.path.join(folder, layout.band_file(band)), pixels, box)
+        with open(os.path.join(folder, layout.METADATA_FILE), "w") as f:
+            json.dump({layout.CLOUD_PROPERTY: cloud + i, "SPACECRAFT_NAME": "Sentinel-2A"}, f)
+        with open(folder + ".tif", "wb") as f:  # the RGB preview sibling, to be ignored
+            f.write(b"preview")
+
+
+def pack_tar_gz(folder, destination, *, top=True, order=None) -> str:
+    """Packs `folder` like `tar -czf` (sorted members), with or without its top folder."""
+    arc_root = os.path.basename(folder) if top else ""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in [*dirnames, *sorted(filenames)]:
+            paths.append(os.path.join(dirpath, name))
+    paths.sort()
+    if order is not None:
+        paths = order(paths)
+    with tarfile.open(destination, "w:gz", compresslevel=1) as tar:
+        for path in paths:
+            arcname = os.path.join(arc_root, os.path.relpath(path, folder))
+            tar.add(path, arcname=arcname, recursive=False)
+    return destination
+
+
+def split_parts(path, num_parts=4) -> list[str]:
+    """Cuts a file byte-wise into `<stem>_part0..` like the published 1M archive."""
+    data = open(path, "rb").read()
+    stem = path.removesuffix(".tar.gz")
+    size = -(-len(data) // num_parts)
+    names = []
+    for i in range(num_parts):
+        names.append(f"{stem}_part{i}")
+        with open(names[-1], "wb") as f:
+            f.write(data[i * size : (i + 1) * size])
+    os.remove(path)
+    return names
+
+
+def decode_all(path, keep=RGB_KEEP, groups=RGB_GROUPS):
+    source = archive.find_archive(path)
+    return [archive.decode_location(loc, groups) for loc in archive.read_locations(source, keep)]
+
+
+def as_comparable(decoded):
+    """Everything a record holds, as plain values, to compare across input forms."""
+    out = []
+    for d in decoded:
+        example = d.example
+        acquisitions = [
+            {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
+            for a in example["acquisitions"]
+        ]
+        out.append(
+            (d.location_id, float(example["lat"]), float(example["lon"]), repr(acquisitions))
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Prepared records.
+
+
+def prepare(manual_dir, data_dir, config="rgb", num_workers=2, **kwargs):
+    prepared = builder.CacoGeography(
+        config=config, data_dir=os.fspath(data_dir), num_workers=num_workers, **kwargs
+    )
+    prepared.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+    )
+    return prepared
+
+
+def all_records(data_dir, config="rgb"):
+    source = records.open_records(os.fspath(data_dir), config)
+    return sorted(
+        (records.location_arrays(source[i]) for i in range(len(source))),
+        key=lambda r: r["location_id"],
+    )
+
+
+def assert_same_records(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], dict):
+                for group in x[key]:
+                    np.testing.assert_array_equal(x[key][group], y[key][group])
+            else:
+                np.testing.assert_array_equal(x[key], y[key])
+
+
+def replicated_tar(location_dir, num_locations, destination):
+    """A tar.gz of `num_locations` copies of one location folder (cheap to make at any size)."""
+    files = []
+    for dirpath, _, filenames in os.walk(location_dir):
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            files.append((os.path.relpath(path, location_dir), open(path, "rb").read()))
+    with tarfile.open(destination, "w:gz", compresslevel=1) as tar:
+        for i in range(num_locations):
+            for relative, data in sorted(files):
+                info = tarfile.TarInfo(f"caco/{i:06d}/{relative}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return destination
+
+
+# ----------------------------------------------------------------------------------------------
+# A fake Earth Engine (test_download, test_end_to_end).
+
+WINDOWS = ((datetime.date(2019, 1, 1), datetime.date(2020, 1, 1)),
+           (datetime.date(2023, 1, 1), datetime.date(2024, 1, 1)))  # fmt: skip
+SETTINGS = Settings(windows=WINDOWS, concurrent_requests=2, retry_base_seconds=0.0)
+SITES = [
+    Site("000000", 48.85, 2.35),
+    Site("000001", -33.9, 18.6),
+    Site("000002", 65.0, 179.999),  # a square across the antimeridian
+    Site("000003", 35.7, 139.7),
+]
+
+
+class FakeClient:
+    """A scene every 5 days over every site; some cloudy patches, some without data.
+
+    `fail_search` maps location latitudes to the exception their search raises; `scarce` latitudes
+    get only two scenes per window; `transient_every` makes every n-th fetch fail once with a
+    TransientError; `crash_at_fetch` raises KeyboardInterrupt at that fetch (a Ctrl-C mid-location).
+    """
+
+    def __init__(self, fail_search=None, scarce=(), transient_every=0, crash_at_fetch=0):
+        self.fail_search = fail_search or {}
+        self.scarce = set(scarce)
+        self.transient_every = transient_every
+        self.crash_at_fetch = crash_at_fetch
+        self.fetches = 0
+        self.fetched_products = []
+        self._lock = threading.Lock()
+
+    def search(self, lat, lon, start, end, max_cloud):
+        if lat in self.fail_search:
+            raise self.fail_search[lat]
+        scenes = []
+        day = start
+        while day < end:
+            time = datetime.datetime.combine(day, datetime.time(10, 30, 21))
+            tile = f"T{int(lat * 10) % 100:02d}ABC"
+            product_id = f"{time:%Y%m%dT%H%M%S}_{time:%Y%m%dT%H%M%S}_{tile}"
+            cloud = zlib.crc32(product_id.encode()) % 30
+            if cloud < max_cloud:
+                properties = {
+                    "system:index": product_id,
+                    "system:time_start": int(time.replace(tzinfo=datetime.UTC).timestamp() * 1000),
+                    layout.CLOUD_PROPERTY: float(cloud),
+                    "MGRS_TILE": tile[1:],
+                }
+                scenes.append(Acquisition(product_id, time, float(cloud), properties))
+            day += datetime.timedelta(days=5)
+        return scenes[:2] if lat in self.scarce else scenes
+
+    def fetch(self, acquisition, bands, grid):
+        with self._lock:
+            self.fetches += 1
+            count = self.fetches
+            self.fetched_products.append(acquisition.product_id)
+        if count == self.crash_at_fetch:
+            raise KeyboardInterrupt
+        if self.transient_every and count % self.transient_every == 0:
+            raise TransientError("Too Many Requests: rate limit")
+        return np.stack([fake_band(acquisition.product_id, b, grid.size) for b in bands], -1)
+
+
+def fake_kind(product_id):
+    """Every 4th scene's patch is cloudy, every 7th has no data."""
+    h = zlib.crc32(product_id.encode()) // 31
+    return "cloudy" if h % 4 == 0 else "nodata" if h % 7 == 0 else "good"
+
+
+def fake_band(product_id, band, size):
+    kind = fake_kind(product_id)
+    if kind == "nodata":
+        return np.zeros((size, size), np.uint16)
+    if band in ("SCL", "QA60"):
+        clear, cloud = (4, 9) if band == "SCL" else (0, 1 << 10)
+        mask = np.full((size, size), clear, np.uint16)
+        if kind == "cloudy":
+            mask[:3, :3] = cloud
+        return mask
+    rng = np.random.default_rng(zlib.crc32(f"{product_id}/{band}".encode()))
+    # Smooth fields (JPEG keeps them) spanning reflectances above 1 (clipped).
+    base = rng.uniform(200, 12_000)
+    ramp = np.linspace(0, 1500, size, dtype=np.float64)
+    return (base + ramp[:, None] + ramp[None, :]).clip(1, 65_535).astype(np.uint16)

@@ -9,101 +9,20 @@ import tarfile
 import numpy as np
 import pytest
 import rasterio
+from helpers import (
+    EARLY,
+    LATE,
+    RGB_KEEP,
+    as_comparable,
+    decode_all,
+    pack_tar_gz,
+    product_id,
+    split_parts,
+    synthetic_folder,
+    write_location,
+)
 
 from caco_jax.data import archive, layout
-
-RGB_KEEP = frozenset({layout.METADATA_FILE, *(layout.band_file(b) for b in layout.RGB_BANDS)})
-RGB_GROUPS = {"rgb": layout.RGB_BANDS}
-EARLY = [datetime.datetime(2017, 3, 1) + datetime.timedelta(days=40 * i) for i in range(5)]
-LATE = [datetime.datetime(2021, 4, 2) + datetime.timedelta(days=35 * i) for i in range(5)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Fixtures shared with test_builder.py.
-
-
-def synthetic_folder(tmp_path_factory) -> str:
-    """The colleague-made synthetic archive (3 locations, folder form), made once per session."""
-    from caco_jax.data import synthetic
-
-    output = tmp_path_factory.getbasetemp() / "caco_synthetic"
-    path = output / "clean_synthetic_geography"
-    if not path.exists():
-        synthetic.write_archive(os.fspath(output), num_locations=3, seed=0)
-    return os.fspath(path)
-
-
-def product_id(time: datetime.datetime, index: int = 0) -> str:
-    return f"{time:%Y%m%dT%H%M%S}_{time:%Y%m%dT%H%M%S}_T31UDQ_{index:04d}_48923_8339"
-
-
-def write_location(root, location_id, times, *, bands=layout.RGB_BANDS, seed=0, cloud=12.5):
-    """A location folder with one acquisition per time (only `bands`), a preview beside each."""
-    rng = np.random.default_rng(seed)
-    box = layout.GeoBox.around(45.0 + seed, 7.0 - seed)
-    for i, time in enumerate(times):
-        folder = os.path.join(root, location_id, product_id(time, i))
-        os.makedirs(folder)
-        for band in bands:
-            pixels = rng.integers(0, 200, size=layout.band_shape(band), dtype=np.uint8)
-            layout.write_band_geotiff(os.path.join(folder, layout.band_file(band)), pixels, box)
-        with open(os.path.join(folder, layout.METADATA_FILE), "w") as f:
-            json.dump({layout.CLOUD_PROPERTY: cloud + i, "SPACECRAFT_NAME": "Sentinel-2A"}, f)
-        with open(folder + ".tif", "wb") as f:  # the RGB preview sibling, to be ignored
-            f.write(b"preview")
-
-
-def pack_tar_gz(folder, destination, *, top=True, order=None) -> str:
-    """Packs `folder` like `tar -czf` (sorted members), with or without its top folder."""
-    arc_root = os.path.basename(folder) if top else ""
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in [*dirnames, *sorted(filenames)]:
-            paths.append(os.path.join(dirpath, name))
-    paths.sort()
-    if order is not None:
-        paths = order(paths)
-    with tarfile.open(destination, "w:gz", compresslevel=1) as tar:
-        for path in paths:
-            arcname = os.path.join(arc_root, os.path.relpath(path, folder))
-            tar.add(path, arcname=arcname, recursive=False)
-    return destination
-
-
-def split_parts(path, num_parts=4) -> list[str]:
-    """Cuts a file byte-wise into `<stem>_part0..` like the published 1M archive."""
-    data = open(path, "rb").read()
-    stem = path.removesuffix(".tar.gz")
-    size = -(-len(data) // num_parts)
-    names = []
-    for i in range(num_parts):
-        names.append(f"{stem}_part{i}")
-        with open(names[-1], "wb") as f:
-            f.write(data[i * size : (i + 1) * size])
-    os.remove(path)
-    return names
-
-
-def decode_all(path, keep=RGB_KEEP, groups=RGB_GROUPS):
-    source = archive.find_archive(path)
-    return [archive.decode_location(loc, groups) for loc in archive.read_locations(source, keep)]
-
-
-def as_comparable(decoded):
-    """Everything a record holds, as plain values, to compare across input forms."""
-    out = []
-    for d in decoded:
-        example = d.example
-        acquisitions = [
-            {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
-            for a in example["acquisitions"]
-        ]
-        out.append(
-            (d.location_id, float(example["lat"]), float(example["lon"]), repr(acquisitions))
-        )
-    return out
-
 
 # ----------------------------------------------------------------------------------------------
 # The window split.

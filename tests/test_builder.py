@@ -1,23 +1,25 @@
 """The caco_geography TFDS builder (data/builder.py) and reading its records (data/records.py)."""
 
 import csv
-import io
 import os
 import subprocess
 import sys
-import tarfile
 import tracemalloc
 
 import numpy as np
 import pytest
 import rasterio
 import tensorflow_datasets as tfds
-from test_archive import (
+from helpers import (
     EARLY,
     LATE,
     RGB_GROUPS,
     RGB_KEEP,
+    all_records,
+    assert_same_records,
     pack_tar_gz,
+    prepare,
+    replicated_tar,
     split_parts,
     synthetic_folder,
     write_location,
@@ -25,36 +27,6 @@ from test_archive import (
 
 from caco_jax import config as config_lib
 from caco_jax.data import archive, builder, layout, records, shard_writer
-
-
-def prepare(manual_dir, data_dir, config="rgb", num_workers=2, **kwargs):
-    prepared = builder.CacoGeography(
-        config=config, data_dir=os.fspath(data_dir), num_workers=num_workers, **kwargs
-    )
-    prepared.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
-    )
-    return prepared
-
-
-def all_records(data_dir, config="rgb"):
-    source = records.open_records(os.fspath(data_dir), config)
-    return sorted(
-        (records.location_arrays(source[i]) for i in range(len(source))),
-        key=lambda r: r["location_id"],
-    )
-
-
-def assert_same_records(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for key in x:
-            if isinstance(x[key], dict):
-                for group in x[key]:
-                    np.testing.assert_array_equal(x[key][group], y[key][group])
-            else:
-                np.testing.assert_array_equal(x[key], y[key])
 
 
 @pytest.fixture(scope="module")
@@ -223,22 +195,6 @@ def test_importing_caco_jax_registers_the_builder_and_stays_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(__file__) + "/..")
-
-
-def replicated_tar(location_dir, num_locations, destination):
-    """A tar.gz of `num_locations` copies of one location folder (cheap to make at any size)."""
-    files = []
-    for dirpath, _, filenames in os.walk(location_dir):
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            files.append((os.path.relpath(path, location_dir), open(path, "rb").read()))
-    with tarfile.open(destination, "w:gz", compresslevel=1) as tar:
-        for i in range(num_locations):
-            for relative, data in sorted(files):
-                info = tarfile.TarInfo(f"caco/{i:06d}/{relative}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return destination
 
 
 def test_peak_memory_of_streaming_does_not_grow_with_the_archive(tmp_path):

@@ -7,103 +7,19 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 import zlib
 
 import numpy as np
 import pytest
 import rasterio
+from helpers import SETTINGS, SITES, WINDOWS, FakeClient, fake_band, fake_kind
 
 from caco_jax import config as config_lib
 from caco_jax.data import layout
 from caco_jax.download import downloader, footprint, writer
 from caco_jax.download.client import Acquisition, TransientError
-from caco_jax.download.downloader import Settings, choose_acquisitions, download_all
+from caco_jax.download.downloader import choose_acquisitions, download_all
 from caco_jax.download.task import run
-from caco_jax.sampling.files import Site
-
-WINDOWS = ((datetime.date(2019, 1, 1), datetime.date(2020, 1, 1)),
-           (datetime.date(2023, 1, 1), datetime.date(2024, 1, 1)))  # fmt: skip
-SETTINGS = Settings(windows=WINDOWS, concurrent_requests=2, retry_base_seconds=0.0)
-SITES = [
-    Site("000000", 48.85, 2.35),
-    Site("000001", -33.9, 18.6),
-    Site("000002", 65.0, 179.999),  # a square across the antimeridian
-    Site("000003", 35.7, 139.7),
-]
-
-
-class FakeClient:
-    """A scene every 5 days over every site; some cloudy patches, some without data.
-
-    `fail_search` maps location latitudes to the exception their search raises; `scarce` latitudes
-    get only two scenes per window; `transient_every` makes every n-th fetch fail once with a
-    TransientError; `crash_at_fetch` raises KeyboardInterrupt at that fetch (a Ctrl-C mid-location).
-    """
-
-    def __init__(self, fail_search=None, scarce=(), transient_every=0, crash_at_fetch=0):
-        self.fail_search = fail_search or {}
-        self.scarce = set(scarce)
-        self.transient_every = transient_every
-        self.crash_at_fetch = crash_at_fetch
-        self.fetches = 0
-        self.fetched_products = []
-        self._lock = threading.Lock()
-
-    def search(self, lat, lon, start, end, max_cloud):
-        if lat in self.fail_search:
-            raise self.fail_search[lat]
-        scenes = []
-        day = start
-        while day < end:
-            time = datetime.datetime.combine(day, datetime.time(10, 30, 21))
-            tile = f"T{int(lat * 10) % 100:02d}ABC"
-            product_id = f"{time:%Y%m%dT%H%M%S}_{time:%Y%m%dT%H%M%S}_{tile}"
-            cloud = zlib.crc32(product_id.encode()) % 30
-            if cloud < max_cloud:
-                properties = {
-                    "system:index": product_id,
-                    "system:time_start": int(time.replace(tzinfo=datetime.UTC).timestamp() * 1000),
-                    layout.CLOUD_PROPERTY: float(cloud),
-                    "MGRS_TILE": tile[1:],
-                }
-                scenes.append(Acquisition(product_id, time, float(cloud), properties))
-            day += datetime.timedelta(days=5)
-        return scenes[:2] if lat in self.scarce else scenes
-
-    def fetch(self, acquisition, bands, grid):
-        with self._lock:
-            self.fetches += 1
-            count = self.fetches
-            self.fetched_products.append(acquisition.product_id)
-        if count == self.crash_at_fetch:
-            raise KeyboardInterrupt
-        if self.transient_every and count % self.transient_every == 0:
-            raise TransientError("Too Many Requests: rate limit")
-        return np.stack([fake_band(acquisition.product_id, b, grid.size) for b in bands], -1)
-
-
-def fake_kind(product_id):
-    """Every 4th scene's patch is cloudy, every 7th has no data."""
-    h = zlib.crc32(product_id.encode()) // 31
-    return "cloudy" if h % 4 == 0 else "nodata" if h % 7 == 0 else "good"
-
-
-def fake_band(product_id, band, size):
-    kind = fake_kind(product_id)
-    if kind == "nodata":
-        return np.zeros((size, size), np.uint16)
-    if band in ("SCL", "QA60"):
-        clear, cloud = (4, 9) if band == "SCL" else (0, 1 << 10)
-        mask = np.full((size, size), clear, np.uint16)
-        if kind == "cloudy":
-            mask[:3, :3] = cloud
-        return mask
-    rng = np.random.default_rng(zlib.crc32(f"{product_id}/{band}".encode()))
-    # Smooth fields (JPEG keeps them) spanning reflectances above 1 (clipped).
-    base = rng.uniform(200, 12_000)
-    ramp = np.linspace(0, 1500, size, dtype=np.float64)
-    return (base + ramp[:, None] + ramp[None, :]).clip(1, 65_535).astype(np.uint16)
 
 
 def _fifth(day, window):

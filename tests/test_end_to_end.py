@@ -109,7 +109,7 @@ def test_change_labels_agree_with_the_ground_truth_better_than_chance(synthetic_
 
 
 def test_downloaded_archive_goes_through_prepare_and_a_pretraining_step(tmp_path):
-    from test_download import SETTINGS, FakeClient
+    from helpers import SETTINGS, FakeClient
 
     from caco_jax.download.downloader import download_all
     from caco_jax.sampling.files import Site

@@ -242,7 +242,7 @@ def test_all_bands_batches_and_statistics():
 def test_prepared_records_end_to_end(tmp_path_factory):
     """The real records (synthetic archive -> builder) through the default `location_arrays`."""
     import tensorflow_datasets as tfds
-    from test_archive import synthetic_folder
+    from helpers import synthetic_folder
 
     from caco_jax.data import builder, records
 

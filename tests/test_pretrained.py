@@ -16,7 +16,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from test_convert import random_torch_resnet, sequential_state_dict  # noqa: E402
+from torch_resnet import random_torch_resnet, sequential_state_dict  # noqa: E402
 
 from caco_jax import config as config_lib  # noqa: E402
 from caco_jax import pretrained  # noqa: E402

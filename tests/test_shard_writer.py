@@ -5,8 +5,7 @@ import os
 import signal
 
 import pytest
-from test_archive import EARLY, LATE, RGB_GROUPS, RGB_KEEP, write_location
-from test_builder import prepare, replicated_tar
+from helpers import EARLY, LATE, RGB_GROUPS, RGB_KEEP, prepare, replicated_tar, write_location
 
 from caco_jax.data import archive, builder, records, shard_writer
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from test_convert import random_torch_resnet  # noqa: E402
+from torch_resnet import random_torch_resnet  # noqa: E402
 
 from caco_jax import convert, torch_export  # noqa: E402
 from caco_jax.data.normalization import EXPORT_KEY, Normalization  # noqa: E402
