@@ -142,6 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.data_dir = ""  # TFDS data_dir of eurosat/bigearthnet/oscd; "" = ~/tensorflow_datasets
     c.eval.split_dir = ""  # SeCo's split files, BigEarthNet's cloud/snow lists; "" = seeded split
     c.eval.oscd_dir = ""  # the downloaded Onera archive, to build TFDS oscd when not prepared yet
+    # TFDS manual_dir of datasets built from a manual download when not prepared in data_dir yet
+    # (DynamicEarthNet: the folder of planet.*.zip, labels.zip and dynnet_training_splits/).
+    c.eval.manual_dir = ""
     c.eval.epochs = 100
     c.eval.batch_size = 32
     c.eval.learning_rate = 1e-3  # Adam

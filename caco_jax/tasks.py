@@ -20,6 +20,7 @@ TASKS: dict[str, str] = {
     "eval_eurosat": "caco_jax.evaluators.linear_probe:eurosat_task",
     "eval_bigearthnet": "caco_jax.evaluators.multilabel:bigearthnet_task",
     "eval_oscd": "caco_jax.evaluators.change_detection:oscd_task",
+    "eval_dynamicearthnet": "caco_jax.evaluators.segmentation:dynamicearthnet_task",
     "convert_weights": "caco_jax.convert:run_task",
 }
 

@@ -1,0 +1,299 @@
+"""DynamicEarthNet semantic segmentation: the CACo paper's segmentation table, whose code its
+authors never released. Every choice the paper leaves open is listed in docs/dynamicearthnet.md.
+
+The paper: 55 training and 10 evaluation locations of DynamicEarthNet (the official train and val
+splits), one Planet image per labelled month, a U-Net whose encoder is the pretrained ResNet on a
+single image (its stage maps used directly), Dice loss, the encoder frozen or fine-tuned, mIoU.
+
+Here: the month's first-day image, red/green/blue, surface reflectance x 255 truncated to uint8 like
+the CACo archive (`caco_jax.download.downloader.to_uint8`), then the encoder export's input
+normalisation (`caco_jax.data.normalization`); native 3 m pixels. The encoder's skip maps feed
+SeCo's U-Net decoder (`unet.UNetDecoder`, as for OSCD) with one logit per class. Six classes: snow
+and ice and unlabelled pixels are ignored in the loss and the metric, as in DynamicEarthNet's own
+loader and benchmark. Training: per epoch every training image once, a random `tile_size` crop of
+it with a random flip and rot90, batch 32 (last partial batch dropped), multi-class soft Dice, Adam
+with L2 weight decay, lr x`lr_decay` per epoch (OSCD's optimiser); in fine-tuning mode the encoder
+trains too, at `finetune_learning_rate`, its BatchNorm statistics fixed (as for BigEarthNet).
+Evaluation: every validation image predicted whole, stitched from non-overlapping tiles; IoU per
+class from the confusion matrix of all validation pixels, mIoU over the classes with a non-empty
+union (DynamicEarthNet's `jaccard_index.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from caco_jax.data import layout
+from caco_jax.data.normalization import EXPORT_KEY, Normalization
+from caco_jax.download.downloader import to_uint8
+from caco_jax.evaluators import common, dynamicearthnet_builder, metrics, unet
+from caco_jax.evaluators.tiling import flip_rotate, random_crops, stitch, tile
+from caco_jax.models import export
+
+# The six classes evaluated (DynamicEarthNet's loader and benchmark: `num_classes=6`, the seventh,
+# snow and ice, mapped to the ignore label), as short names for the table.
+CLASS_NAMES = ("impervious", "agriculture", "forest", "wetlands", "soil", "water")
+NUM_CLASSES = len(CLASS_NAMES)
+IGNORE = 255  # target value of snow and ice and of unlabelled pixels
+DICE_EPSILON = 1e-7
+
+
+@dataclasses.dataclass
+class Scenes:
+    """One split in memory: the encoder-ready uint8 images and their targets."""
+
+    names: list[str]  # "<cube> <YYYY-MM>"
+    images: np.ndarray  # uint8 [N, H, W, 3] red, green, blue reflectance x 255
+    targets: np.ndarray  # uint8 [N, H, W]: class 0-5, IGNORE
+
+    @property
+    def locations(self) -> list[str]:
+        return sorted({name.split()[0] for name in self.names})
+
+
+def targets_from_labels(label: np.ndarray) -> np.ndarray:
+    """The builder's 7-class label map -> the 6 evaluated classes, snow and ice and unlabelled
+    pixels -> IGNORE."""
+    return np.where(label < NUM_CLASSES, label, IGNORE).astype(np.uint8)
+
+
+def load_dynamicearthnet(config) -> dict[str, Scenes]:
+    """{"train", "validation"} from TFDS `dynamic_earthnet/rgb`, built from `config.eval.manual_dir`
+    first when it is not prepared yet."""
+    data_dir = os.path.expanduser(config.eval.data_dir or "~/tensorflow_datasets")
+    if not os.path.isdir(os.path.join(data_dir, "dynamic_earthnet", "rgb")):
+        if not config.eval.manual_dir:
+            raise FileNotFoundError(
+                f"config.eval.manual_dir: DynamicEarthNet is not prepared under {data_dir}; point "
+                "--config.eval.manual_dir at the download (planet.*.zip, labels.zip, "
+                "dynnet_training_splits/) to build it"
+            )
+        dynamicearthnet_builder.prepare(config.eval.manual_dir, data_dir)
+    builder = common.open_tfds(data_dir, "dynamic_earthnet", "rgb")
+    scenes = {}
+    for split in ("train", "validation"):
+        source = builder.as_data_source(split)
+        if len(source) == 0:
+            raise ValueError(f"DynamicEarthNet: the {split} split under {data_dir} is empty")
+        first = source[0]["label"].shape
+        names = []
+        images = np.empty((len(source), *first, 3), np.uint8)
+        targets = np.empty((len(source), *first), np.uint8)
+        for i in tqdm.trange(len(source), desc=f"DynamicEarthNet {split}", leave=False):
+            example = source[i]
+            names.append(
+                f"{common.read_text(example['location'])} {common.read_text(example['month'])}"
+            )
+            if example["label"].shape != first:
+                raise ValueError(
+                    f"DynamicEarthNet {names[-1]}: {example['label'].shape} px, the other images "
+                    f"of {split} are {first}"
+                )
+            images[i] = to_uint8(example["image"])
+            targets[i] = targets_from_labels(example["label"])
+        scenes[split] = Scenes(names, images, targets)
+    return scenes
+
+
+def input_normalization(export_dir: str) -> Normalization:
+    """The export's recorded input (`Normalization.to_json` under "input"), else the official RGB
+    recipe (exports written before it was recorded). Planet gives red, green and blue only, so
+    the encoder must take (B4, B3, B2)."""
+    record = export.read_metadata(export_dir).get(EXPORT_KEY)
+    normalization = Normalization.from_json(record) if record else Normalization.rgb()
+    if normalization.bands != layout.RGB_BANDS:
+        raise ValueError(
+            f"DynamicEarthNet: the encoder at {export_dir} takes bands {normalization.bands}; "
+            f"Planet imagery has red, green, blue only, i.e. {layout.RGB_BANDS}"
+        )
+    return normalization
+
+
+def soft_dice_loss(logits, targets, num_classes: int = NUM_CLASSES):
+    """Multi-class soft Dice over the whole batch: per class c, over the pixels whose target is a
+    class (IGNORE pixels count nowhere), D_c = 2 sum(p_c y_c) / (sum(p_c) + sum(y_c)) with p the
+    softmax and y the one-hot target; loss = 1 - the mean of D_c over the classes present in the
+    batch's targets (an absent class has no overlap to reward; predicting it still costs through
+    the other classes' D). A batch with no valid pixel gives 1 and no gradient."""
+    valid = (targets < num_classes)[..., None].astype(jnp.float32)
+    probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * valid
+    one_hot = jax.nn.one_hot(targets, num_classes, dtype=jnp.float32) * valid
+    axes = tuple(range(logits.ndim - 1))
+    intersection = jnp.sum(probabilities * one_hot, axis=axes)
+    support = jnp.sum(one_hot, axis=axes)
+    dice = (
+        2.0 * intersection / jnp.maximum(jnp.sum(probabilities, axis=axes) + support, DICE_EPSILON)
+    )
+    present = support > 0
+    return 1.0 - jnp.sum(jnp.where(present, dice, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+
+
+def _adam(learning_rate: float, steps_per_epoch: int, config):
+    """OSCD's optimiser: torch's Adam with L2 weight decay added to the gradient, lr x lr_decay
+    per epoch."""
+    schedule = optax.exponential_decay(
+        learning_rate, steps_per_epoch, config.eval.lr_decay, staircase=True
+    )
+    return optax.chain(
+        optax.add_decayed_weights(config.eval.weight_decay),
+        optax.scale_by_adam(),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def train_and_evaluate(encoder, normalization: Normalization, scenes, config) -> dict:
+    """Trains a fresh decoder (and, in fine-tuning mode, the encoder) on the training images and
+    reports the validation IoUs."""
+    size = config.eval.tile_size
+    mesh = common.data_mesh()
+    batch_size = common.global_batch_size(config.eval.batch_size, mesh)
+    train = scenes["train"]
+    steps_per_epoch = train.images.shape[0] // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"DynamicEarthNet: {train.images.shape[0]} training images, fewer than one batch of "
+            f"{batch_size}"
+        )
+
+    model = encoder.model
+    model.eval()  # BatchNorm keeps the pretrained statistics in both modes
+    encoder_graph, encoder_params, encoder_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    decoder = unet.UNetDecoder(
+        unet.skip_channels(model), NUM_CLASSES, rngs=nnx.Rngs(config.eval.seed)
+    )
+    decoder.train()
+    train_graph, decoder_params, batch_stats = nnx.split(decoder, nnx.Param, nnx.BatchStat)
+    decoder.eval()
+    eval_graph = nnx.graphdef(decoder)
+
+    trainable = {"decoder": decoder_params}
+    rates = {"decoder": config.eval.learning_rate}
+    if config.eval.finetune:
+        trainable["encoder"] = encoder_params
+        rates["encoder"] = config.eval.finetune_learning_rate
+    optimizer = optax.multi_transform(
+        {part: _adam(rate, steps_per_epoch, config) for part, rate in rates.items()},
+        {part: part for part in trainable},
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec(common.DATA_AXIS))
+    trainable, encoder_params, encoder_stats, batch_stats = jax.device_put(
+        (trainable, encoder_params, encoder_stats, batch_stats), replicated
+    )
+    opt_state = optimizer.init(trainable)
+
+    def skip_maps(params, images):
+        model = nnx.merge(encoder_graph, params, encoder_stats)
+        return unet.skip_features(model, normalization(images, xp=jnp))
+
+    @jax.jit
+    def train_step(trainable, encoder_params, batch_stats, opt_state, images, targets, key):
+        def loss_fn(trainable):
+            # Frozen mode differentiates the decoder only: no gradient reaches the encoder.
+            skips = skip_maps(trainable.get("encoder", encoder_params), images)
+            # Fresh Variables for the statistics: BatchNorm updates them inside this trace.
+            decoder = nnx.merge(
+                train_graph, trainable["decoder"], jax.tree.map(jnp.asarray, batch_stats)
+            )
+            logits = decoder(skips, rngs=nnx.Rngs(dropout=key))
+            return soft_dice_loss(logits, targets), nnx.state(decoder, nnx.BatchStat)
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), batch_stats, opt_state, loss
+
+    @jax.jit
+    def predict(params, decoder_params, batch_stats, images):
+        logits = nnx.merge(eval_graph, decoder_params, batch_stats)(skip_maps(params, images))
+        return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+    rng = np.random.default_rng(config.eval.seed)
+    key = jax.random.key(config.eval.seed)
+    mode = "finetune" if config.eval.finetune else "frozen"
+    progress = tqdm.trange(config.eval.epochs, desc=f"{encoder.name} {mode}", leave=False)
+    for epoch in progress:
+        order = rng.permutation(train.images.shape[0])[: steps_per_epoch * batch_size]
+        for step, batch in enumerate(order.reshape(steps_per_epoch, batch_size)):
+            crops = random_crops((train.images, train.targets), batch, size, rng)
+            images, targets = jax.device_put(tuple(flip_rotate(crops, rng)), batch_sharding)
+            step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
+            trainable, batch_stats, opt_state, loss = train_step(
+                trainable, encoder_params, batch_stats, opt_state, images, targets, step_key
+            )
+        progress.set_postfix(loss=f"{float(loss):.4f}")
+
+    validation = scenes["validation"]
+    params = trainable.get("encoder", encoder_params)
+    grid = tile(validation.images[0], size)[1]
+    tiles = np.concatenate([tile(image, size)[0] for image in validation.images])
+    classes = []
+    for start in tqdm.trange(0, tiles.shape[0], batch_size, desc="predict", leave=False):
+        stop = min(start + batch_size, tiles.shape[0])
+        batch = jax.device_put(common.pad_batch(tiles[start:stop], batch_size), batch_sharding)
+        predicted = predict(params, trainable["decoder"], batch_stats, batch)
+        classes.append(np.asarray(predicted)[: stop - start])
+    per_image = np.concatenate(classes).reshape(len(validation.names), -1, size, size)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    for predicted, target in zip(per_image, validation.targets, strict=True):
+        confusion += metrics.confusion_matrix(
+            stitch(predicted, grid, target.shape), target, NUM_CLASSES
+        )
+    iou = metrics.intersection_over_union(confusion)
+    return {
+        "miou": iou["miou"],
+        **{f"iou_{name}": value for name, value in zip(CLASS_NAMES, iou["iou"], strict=True)},
+        "confusion": confusion.tolist(),
+        "final_loss": float(loss),
+    }
+
+
+def dynamicearthnet_task(config, workdir: str) -> dict:
+    """Task `eval_dynamicearthnet`: frozen (default) or fine-tuned segmentation for every encoder
+    row; the metrics go to `<checkpoint>_eval_dynamicearthnet_<mode>.json`."""
+    scenes = load_dynamicearthnet(config)
+    checkpoint = common.checkpoint_dir(config, workdir)
+    rows = []
+    for encoder in common.encoders(config, workdir):
+        # The random encoder has no export: it gets the checkpoint's input, as it gets its shape.
+        normalization = input_normalization(
+            checkpoint if encoder.name == "random" else encoder.source
+        )
+        result = train_and_evaluate(encoder, normalization, scenes, config)
+        rows.append(
+            {
+                "encoder": encoder.name,
+                "source": encoder.source,
+                **result,
+                "input": normalization.to_json(),
+            }
+        )
+    mode = "finetune" if config.eval.finetune else "frozen"
+    extra = {
+        "mode": mode,
+        "classes": list(CLASS_NAMES),
+        "ignored": ["snow and ice", "unlabelled"],
+        "planet_to_uint8": "surface reflectance x 255, clipped to [0, 255], truncated",
+        **{
+            f"{split}_{what}": value
+            for split, data in scenes.items()
+            for what, value in (("locations", data.locations), ("images", len(data.names)))
+        },
+        "tile_size": config.eval.tile_size,
+        "epochs": config.eval.epochs,
+        "batch_size": config.eval.batch_size,
+        "learning_rate": config.eval.learning_rate,
+        "finetune_learning_rate": config.eval.finetune_learning_rate
+        if config.eval.finetune
+        else None,
+    }
+    columns = ("miou", *(f"iou_{name}" for name in CLASS_NAMES))
+    return common.report(config, workdir, f"eval_dynamicearthnet_{mode}", rows, columns, extra)
