@@ -31,5 +31,6 @@ def get_config(arg=None):
     config.eval.learning_rate = 1e-3
     config.eval.weight_decay = 1e-4
     config.eval.lr_decay = 0.95
+    config.eval.milestones = ()  # the learning rate decays per epoch (lr_decay), no steps
     config.eval.tile_size = 256
     return config
