@@ -22,6 +22,7 @@ union (DynamicEarthNet's `jaccard_index.py`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -137,17 +138,77 @@ def soft_dice_loss(logits, targets, num_classes: int = NUM_CLASSES):
     return 1.0 - jnp.sum(jnp.where(present, dice, 0.0)) / jnp.maximum(jnp.sum(present), 1)
 
 
-def _adam(learning_rate: float, steps_per_epoch: int, config):
-    """OSCD's optimiser: torch's Adam with L2 weight decay added to the gradient, lr x lr_decay
-    per epoch."""
-    schedule = optax.exponential_decay(
-        learning_rate, steps_per_epoch, config.eval.lr_decay, staircase=True
-    )
-    return optax.chain(
-        optax.add_decayed_weights(config.eval.weight_decay),
-        optax.scale_by_adam(),
-        optax.scale_by_learning_rate(schedule),
-    )
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """What the compiled steps depend on besides arrays; hashable, so every encoder row of one
+    architecture and input reuses one compilation."""
+
+    encoder_graph: nnx.GraphDef
+    train_graph: nnx.GraphDef  # the decoder in training mode (BatchNorm batch statistics, dropout)
+    eval_graph: nnx.GraphDef
+    normalization: Normalization
+    learning_rates: tuple[
+        tuple[str, float], ...
+    ]  # ("decoder", lr) and, fine-tuning, ("encoder", lr)
+    weight_decay: float
+    lr_decay: float
+    steps_per_epoch: int
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """OSCD's optimiser for each trained part: torch's Adam with L2 weight decay added to the
+        gradient, lr x lr_decay per epoch."""
+
+        def adam(learning_rate):
+            schedule = optax.exponential_decay(
+                learning_rate, self.steps_per_epoch, self.lr_decay, staircase=True
+            )
+            return optax.chain(
+                optax.add_decayed_weights(self.weight_decay),
+                optax.scale_by_adam(),
+                optax.scale_by_learning_rate(schedule),
+            )
+
+        parts = dict(self.learning_rates)
+        return optax.multi_transform(
+            {part: adam(rate) for part, rate in parts.items()}, {part: part for part in parts}
+        )
+
+    def skip_maps(self, encoder_params, encoder_stats, images):
+        model = nnx.merge(self.encoder_graph, encoder_params, encoder_stats)
+        return unet.skip_features(model, self.normalization(images, xp=jnp))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train_step(
+    protocol: Protocol, trainable, frozen, batch_stats, opt_state, images, targets, key
+):
+    """One step on `trainable` = {"decoder": params} (+ "encoder" when fine-tuning); `frozen` =
+    {"params", "stats"} of the encoder, whose statistics never change."""
+
+    def loss_fn(trainable):
+        # Frozen mode differentiates the decoder only: no gradient reaches the encoder.
+        encoder_params = trainable.get("encoder", frozen["params"])
+        skips = protocol.skip_maps(encoder_params, frozen["stats"], images)
+        # Fresh Variables for the statistics: BatchNorm updates them inside this trace.
+        decoder = nnx.merge(
+            protocol.train_graph, trainable["decoder"], jax.tree.map(jnp.asarray, batch_stats)
+        )
+        logits = decoder(skips, rngs=nnx.Rngs(dropout=key))
+        return soft_dice_loss(logits, targets), nnx.state(decoder, nnx.BatchStat)
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = protocol.optimizer().update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), batch_stats, opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(
+    protocol: Protocol, encoder_params, encoder_stats, decoder_params, batch_stats, images
+):
+    """Class index [N, H, W] of each pixel."""
+    skips = protocol.skip_maps(encoder_params, encoder_stats, images)
+    logits = nnx.merge(protocol.eval_graph, decoder_params, batch_stats)(skips)
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
 
 def train_and_evaluate(encoder, normalization: Normalization, scenes, config) -> dict:
@@ -173,48 +234,28 @@ def train_and_evaluate(encoder, normalization: Normalization, scenes, config) ->
     decoder.train()
     train_graph, decoder_params, batch_stats = nnx.split(decoder, nnx.Param, nnx.BatchStat)
     decoder.eval()
-    eval_graph = nnx.graphdef(decoder)
 
     trainable = {"decoder": decoder_params}
-    rates = {"decoder": config.eval.learning_rate}
+    learning_rates = [("decoder", config.eval.learning_rate)]
     if config.eval.finetune:
         trainable["encoder"] = encoder_params
-        rates["encoder"] = config.eval.finetune_learning_rate
-    optimizer = optax.multi_transform(
-        {part: _adam(rate, steps_per_epoch, config) for part, rate in rates.items()},
-        {part: part for part in trainable},
+        learning_rates.append(("encoder", config.eval.finetune_learning_rate))
+    protocol = Protocol(
+        encoder_graph=encoder_graph,
+        train_graph=train_graph,
+        eval_graph=nnx.graphdef(decoder),
+        normalization=normalization,
+        learning_rates=tuple(learning_rates),
+        weight_decay=config.eval.weight_decay,
+        lr_decay=config.eval.lr_decay,
+        steps_per_epoch=steps_per_epoch,
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec(common.DATA_AXIS))
-    trainable, encoder_params, encoder_stats, batch_stats = jax.device_put(
-        (trainable, encoder_params, encoder_stats, batch_stats), replicated
+    trainable, frozen, batch_stats = jax.device_put(
+        (trainable, {"params": encoder_params, "stats": encoder_stats}, batch_stats), replicated
     )
-    opt_state = optimizer.init(trainable)
-
-    def skip_maps(params, images):
-        model = nnx.merge(encoder_graph, params, encoder_stats)
-        return unet.skip_features(model, normalization(images, xp=jnp))
-
-    @jax.jit
-    def train_step(trainable, encoder_params, batch_stats, opt_state, images, targets, key):
-        def loss_fn(trainable):
-            # Frozen mode differentiates the decoder only: no gradient reaches the encoder.
-            skips = skip_maps(trainable.get("encoder", encoder_params), images)
-            # Fresh Variables for the statistics: BatchNorm updates them inside this trace.
-            decoder = nnx.merge(
-                train_graph, trainable["decoder"], jax.tree.map(jnp.asarray, batch_stats)
-            )
-            logits = decoder(skips, rngs=nnx.Rngs(dropout=key))
-            return soft_dice_loss(logits, targets), nnx.state(decoder, nnx.BatchStat)
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), batch_stats, opt_state, loss
-
-    @jax.jit
-    def predict(params, decoder_params, batch_stats, images):
-        logits = nnx.merge(eval_graph, decoder_params, batch_stats)(skip_maps(params, images))
-        return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+    opt_state = protocol.optimizer().init(trainable)
 
     rng = np.random.default_rng(config.eval.seed)
     key = jax.random.key(config.eval.seed)
@@ -226,20 +267,22 @@ def train_and_evaluate(encoder, normalization: Normalization, scenes, config) ->
             crops = random_crops((train.images, train.targets), batch, size, rng)
             images, targets = jax.device_put(tuple(flip_rotate(crops, rng)), batch_sharding)
             step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
-            trainable, batch_stats, opt_state, loss = train_step(
-                trainable, encoder_params, batch_stats, opt_state, images, targets, step_key
+            trainable, batch_stats, opt_state, loss = _train_step(
+                protocol, trainable, frozen, batch_stats, opt_state, images, targets, step_key
             )
         progress.set_postfix(loss=f"{float(loss):.4f}")
 
     validation = scenes["validation"]
-    params = trainable.get("encoder", encoder_params)
+    encoder_params = trainable.get("encoder", frozen["params"])
     grid = tile(validation.images[0], size)[1]
     tiles = np.concatenate([tile(image, size)[0] for image in validation.images])
     classes = []
     for start in tqdm.trange(0, tiles.shape[0], batch_size, desc="predict", leave=False):
         stop = min(start + batch_size, tiles.shape[0])
         batch = jax.device_put(common.pad_batch(tiles[start:stop], batch_size), batch_sharding)
-        predicted = predict(params, trainable["decoder"], batch_stats, batch)
+        predicted = _predict(
+            protocol, encoder_params, frozen["stats"], trainable["decoder"], batch_stats, batch
+        )
         classes.append(np.asarray(predicted)[: stop - start])
     per_image = np.concatenate(classes).reshape(len(validation.names), -1, size, size)
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
