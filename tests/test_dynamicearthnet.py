@@ -2,6 +2,7 @@
 loss against hand-computed values, tiling, and the evaluator end to end through run.py without
 TensorFlow."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -316,3 +317,19 @@ def test_run_py_evaluates_frozen_and_finetuned_without_tensorflow(download, tmp_
             assert 0.0 <= row["miou"] <= 1.0
             assert np.sum(row["confusion"]) > 0  # every labelled validation pixel is counted
         assert f"eval_dynamicearthnet_{mode} (percent)" in result.stdout
+
+
+def test_config_selects_the_mode_and_validates():
+    from caco_jax import config as config_lib
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_dynamicearthnet", os.path.join(ROOT, "configs", "eval_dynamicearthnet.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for arg, finetune in ((None, False), ("frozen", False), ("finetune", True)):
+        config = module.get_config(arg)
+        config_lib.validate(config)
+        assert config.tasks == ("eval_dynamicearthnet",) and config.eval.finetune == finetune
+    with pytest.raises(ValueError, match="'linear'"):
+        module.get_config("linear")
