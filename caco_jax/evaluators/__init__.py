@@ -1,4 +1,4 @@
-"""Downstream evaluation of pretrained encoders: the paper's protocols (SPEC section 4).
+"""Downstream evaluation of pretrained encoders: the paper's protocols.
 
 - `linear_probe`: EuroSAT linear probe, and the demo's land-cover probe on the synthetic archive.
 - `multilabel`: BigEarthNet-19 multi-label classification, frozen or fine-tuned.
