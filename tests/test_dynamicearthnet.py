@@ -115,7 +115,8 @@ def write_download(root, rng=None):
     os.makedirs(splits)
     for name, listed in (("train.txt", TRAIN_LISTED), ("val.txt", VALIDATION)):
         lines = [
-            f"/reprocess-cropped/UTM-24000/{planet_folder(cube)[7:]}/PF-SR "
+            # A doubled slash (torchgeo's test split files have one) reads like one.
+            f"/reprocess-cropped/UTM-24000/{planet_folder(cube)[7:]}//PF-SR "
             f"/{label_file(cube, month).replace(f'{cube}-', f'{cube}_')} {month}"
             for cube, cube_months in listed.items()
             for month in cube_months

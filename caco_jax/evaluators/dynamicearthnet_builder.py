@@ -206,7 +206,7 @@ def read_split_file(path: str) -> list[tuple[str, str]]:
             if not line.strip():
                 continue
             fields = line.split()
-            parts = fields[0].strip("/").split("/") if fields else []
+            parts = [part for part in fields[0].split("/") if part] if fields else []
             if len(fields) != 3 or len(parts) < 2 or parts[-1] != "PF-SR":
                 raise ValueError(
                     f"DynamicEarthNet: {path}:{number} is not "
