@@ -179,6 +179,7 @@ def _eval() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     c.checkpoint = ""  # encoder export to evaluate; "" = <workdir>/encoder
+    c.manual_dir = ""  # the folder holding a dataset's download (TFDS's name), to build its records
     c.random_baseline = True  # also evaluate a randomly initialised encoder (a table row)
     c.imagenet_checkpoint = ""  # export of converted ImageNet weights: adds an "imagenet" row
     c.data_dir = ""  # TFDS data_dir of eurosat/bigearthnet/oscd; "" = ~/tensorflow_datasets

@@ -35,6 +35,7 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "eval_eurosat": ("caco_jax.evaluators.linear_probe:eurosat_task", ("eval",)),
     "eval_bigearthnet": ("caco_jax.evaluators.multilabel:bigearthnet_task", ("eval",)),
     "eval_oscd": ("caco_jax.evaluators.change_detection:oscd_task", ("eval",)),
+    "eval_dynamicearthnet": ("caco_jax.evaluators.segmentation:dynamicearthnet_task", ("eval",)),
     "convert_weights": ("caco_jax.convert:run_task", ("convert",)),
     "pretrained": ("caco_jax.pretrained:run_task", ("pretrained",)),
     "embed": ("caco_jax.embed:run_task", ("embed", "pretrained")),

@@ -19,6 +19,7 @@ from caco_jax.evaluators import (
     linear_probe,
     multilabel,
     oscd_builder,
+    tiling,
     unet,
 )
 from caco_jax.models import export
@@ -288,18 +289,18 @@ def test_bigearthnet_frozen_and_finetuned(encoder_dir, tmp_path):
 
 def test_tiling_and_stitching_round_trip():
     image = np.random.default_rng(0).integers(0, 9999, (70, 100, 3)).astype(np.uint16)
-    tiles, grid = change_detection.tile(image, 32)
+    tiles, grid = tiling.tile(image, 32)
     assert grid == (3, 4) and tiles.shape == (12, 32, 32, 3)
     np.testing.assert_array_equal(tiles[5], image[32:64, 32:64])  # row-major order
     assert not tiles[11][6:, 4:].any()  # zero padding beyond the border
-    np.testing.assert_array_equal(change_detection.stitch(tiles, grid, (70, 100)), image)
+    np.testing.assert_array_equal(tiling.stitch(tiles, grid, (70, 100)), image)
 
 
 def test_augmentation_moves_images_and_mask_together():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (16, 8, 8, 3)).astype(np.uint8)
     masks = images[..., 0].copy()
-    out_1, out_2, out_masks = change_detection.augment(images, images.copy(), masks, rng)
+    out_1, out_2, out_masks = tiling.flip_rotate((images, images.copy(), masks), rng)
     np.testing.assert_array_equal(out_1, out_2)
     np.testing.assert_array_equal(out_1[..., 0], out_masks)
     assert not np.array_equal(out_1, images)

@@ -17,7 +17,6 @@ Input: SeCo's per-band quantile stretch of the raw reflectance to uint8, then [0
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -30,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
 from caco_jax.evaluators import common, metrics, oscd_builder, unet
+from caco_jax.evaluators.tiling import flip_rotate, stitch, tile
 
 # SeCo's OSCD stretch of the raw Sentinel-2 L1C values (datasets/oscd_dataset.py QUANTILES).
 RGB_QUANTILES = {"B04": (426.0, 3698.0), "B03": (667.0, 2969.0), "B02": (885.0, 2620.0)}
@@ -42,41 +42,6 @@ def stretch_rgb(image: np.ndarray) -> np.ndarray:
     high = np.array([RGB_QUANTILES[b][1] for b in oscd_builder.RGB_BANDS], np.float32)
     unit = np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
     return (unit * 255.0).astype(np.uint8)
-
-
-def tile(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Cuts [H, W, ...] into [rows * cols, size, size, ...] tiles in row-major order, zero-padding
-    the
-    bottom and right borders; returns the tiles and (rows, cols)."""
-    height, width = image.shape[:2]
-    rows, cols = math.ceil(height / size), math.ceil(width / size)
-    padded = np.zeros((rows * size, cols * size, *image.shape[2:]), image.dtype)
-    padded[:height, :width] = image
-    tiles = padded.reshape(rows, size, cols, size, *image.shape[2:]).swapaxes(1, 2)
-    return tiles.reshape(rows * cols, size, size, *image.shape[2:]), (rows, cols)
-
-
-def stitch(tiles: np.ndarray, grid: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of `tile`: reassembles the tiles and crops the padding to `shape` = (H, W)."""
-    rows, cols = grid
-    size = tiles.shape[1]
-    full = tiles.reshape(rows, cols, size, size, *tiles.shape[3:]).swapaxes(1, 2)
-    full = full.reshape(rows * size, cols * size, *tiles.shape[3:])
-    return full[: shape[0], : shape[1]]
-
-
-def augment(images_1, images_2, masks, rng: np.random.Generator):
-    """Per example: horizontal flip with p = 0.5, then rotation by a random multiple of 90 degrees,
-    the
-    same for both dates and the mask (SeCo's RandomFlip + RandomRotation)."""
-    out = [np.empty_like(a) for a in (images_1, images_2, masks)]
-    for i in range(images_1.shape[0]):
-        flip = rng.random() < 0.5
-        turns = int(rng.integers(4))
-        for source, target in zip((images_1, images_2, masks), out, strict=True):
-            x = source[i][:, ::-1] if flip else source[i]
-            target[i] = np.rot90(x, turns, axes=(0, 1))
-    return out
 
 
 def load_oscd(config):
@@ -187,7 +152,7 @@ def train_and_evaluate(encoder, cities, config) -> dict:
     for epoch in progress:
         order = rng.permutation(images_1.shape[0])[: steps_per_epoch * batch_size]
         for step, batch in enumerate(order.reshape(steps_per_epoch, batch_size)):
-            x1, x2, y = augment(images_1[batch], images_2[batch], masks[batch], rng)
+            x1, x2, y = flip_rotate((images_1[batch], images_2[batch], masks[batch]), rng)
             x1, x2, y = jax.device_put((x1, x2, y), batch_sharding)
             step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
             params, batch_stats, opt_state, loss = train_step(

@@ -90,3 +90,33 @@ def precision_recall_f1(counts) -> dict[str, float]:
 
 def _ratio(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else 0.0
+
+
+def confusion_matrix(predictions, targets, num_classes: int) -> np.ndarray:
+    """int64 [num_classes, num_classes] pixel counts, rows = target class, columns = predicted
+    class; target values outside [0, num_classes) (ignored pixels) are not counted. Matrices of
+    many images are summed before `intersection_over_union`."""
+    predictions = np.asarray(predictions).reshape(-1).astype(np.int64)
+    targets = np.asarray(targets).reshape(-1).astype(np.int64)
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"confusion_matrix: {predictions.size} predictions, {targets.size} targets"
+        )
+    if predictions.size and (predictions.min() < 0 or predictions.max() >= num_classes):
+        raise ValueError(f"confusion_matrix: predictions outside [0, {num_classes})")
+    valid = (targets >= 0) & (targets < num_classes)
+    pairs = targets[valid] * num_classes + predictions[valid]
+    counts = np.bincount(pairs, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def intersection_over_union(confusion) -> dict:
+    """Per-class IoU = TP / (TP + FP + FN) from a summed `confusion_matrix`, and mIoU = their mean
+    over the classes whose union is not empty (DynamicEarthNet's own `jaccard_index.py`: a class
+    neither present nor predicted anywhere has no IoU and is left out; its IoU is None)."""
+    confusion = np.asarray(confusion, np.int64)
+    intersections = np.diag(confusion)
+    unions = confusion.sum(axis=0) + confusion.sum(axis=1) - intersections
+    per_class = [int(i) / int(u) if u else None for i, u in zip(intersections, unions, strict=True)]
+    defined = [v for v in per_class if v is not None]
+    return {"miou": float(np.mean(defined)) if defined else 0.0, "iou": per_class}

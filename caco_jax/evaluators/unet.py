@@ -1,14 +1,12 @@
-"""SeCo's change-detection U-Net decoder (`models/segmentation.py`), used by CACo for OSCD.
+"""SeCo's U-Net decoder (`models/segmentation.py`), used by CACo for OSCD change detection and here
+also for DynamicEarthNet semantic segmentation.
 
-The frozen encoder sees both images; at five depths (the stem convolution before its BatchNorm,
-stride 2,
-and the four ResNet stages, strides 4 to 32) the absolute difference of the two feature maps is a
-skip
-input. From the deepest, each decoder level upsamples x2 (nearest), reduces channels with a 3x3
-conv,
+The encoder's maps at five depths (the stem convolution before its BatchNorm, stride 2, and the four
+ResNet stages, strides 4 to 32) are the skip inputs: for change detection the absolute difference of
+the two dates' maps (`feature_differences`), for segmentation one image's maps (`skip_features`).
+From the deepest, each decoder level upsamples x2 (nearest), reduces channels with a 3x3 conv,
 concatenates the next skip, fuses with a bias-free 3x3 conv, BatchNorm, ReLU and channel dropout
-(0.3);
-a last x2 upsampling and a 1x1 conv give one change logit per input pixel.
+(0.3); a last x2 upsampling and a 1x1 conv give the logits of every input pixel.
 """
 
 from __future__ import annotations
@@ -40,11 +38,9 @@ def _torch_conv(in_channels, out_channels, kernel_size, *, use_bias, rngs):
 
 
 def skip_features(encoder: ResNet, images) -> list[jax.Array]:
-    """[stem conv (stride 2), c2, c3, c4, c5] of the encoder, the official `feature_indices=(0, 4,
-    5, 6, 7)`
-    of `nn.Sequential(conv1, bn1, relu, maxpool, layer1..layer4)`. Uses the contract's submodule
-    names;
-    the stem output is taken before BatchNorm, as index 0 of the official Sequential is."""
+    """[stem conv (stride 2), c2, c3, c4, c5] of the encoder: the official `feature_indices=(0, 4,
+    5, 6, 7)` of `nn.Sequential(conv1, bn1, relu, maxpool, layer1..layer4)`, by torchvision's
+    submodule names. The stem output is taken before BatchNorm, as index 0 of that Sequential is."""
     stem = encoder.conv1(images)
     x = nnx.relu(encoder.bn1(stem))
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -68,11 +64,13 @@ def upsample2(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-class ChangeDecoder(nnx.Module):
+class UNetDecoder(nnx.Module):
     """The decoder over `skip_channels` = (stem, c2, c3, c4, c5) widths, e.g. (64, 64, 128, 256,
-    512)."""
+    512), with `num_outputs` logits per pixel."""
 
-    def __init__(self, skip_channels, *, rngs: nnx.Rngs, dropout_rate: float = 0.3):
+    def __init__(
+        self, skip_channels, num_outputs: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.3
+    ):
         levels = len(skip_channels) - 1
         self.reduce = nnx.List(
             [
@@ -89,12 +87,11 @@ class ChangeDecoder(nnx.Module):
         self.norm = nnx.List([BatchNorm(skip_channels[i]) for i in range(levels)])
         # Dropout2d: whole channels, the same mask over height and width.
         self.dropout = nnx.Dropout(dropout_rate, broadcast_dims=(1, 2))
-        self.head = _torch_conv(skip_channels[0], 1, 1, use_bias=True, rngs=rngs)
+        self.head = _torch_conv(skip_channels[0], num_outputs, 1, use_bias=True, rngs=rngs)
 
     def __call__(self, skips: list[jax.Array], *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Change logits [N, H, W] at twice the resolution of the first skip; `rngs` (stream
-        `dropout`)
-        is needed in training mode only."""
+        """Logits [N, H, W, num_outputs] at twice the resolution of the first skip; `rngs` (stream
+        `dropout`) is needed in training mode only."""
         x = skips[-1]
         for i in reversed(range(len(skips) - 1)):
             x = self.reduce[i](upsample2(x))
@@ -103,7 +100,17 @@ class ChangeDecoder(nnx.Module):
                 skip = upsample2(skip)
             x = self.fuse[i](jnp.concatenate([x, skip], axis=-1))
             x = self.dropout(nnx.relu(self.norm[i](x)), rngs=rngs)
-        return self.head(upsample2(x))[..., 0]
+        return self.head(upsample2(x))
+
+
+class ChangeDecoder(UNetDecoder):
+    """OSCD's decoder: one change logit per pixel, [N, H, W]."""
+
+    def __init__(self, skip_channels, *, rngs: nnx.Rngs, dropout_rate: float = 0.3):
+        super().__init__(skip_channels, 1, rngs=rngs, dropout_rate=dropout_rate)
+
+    def __call__(self, skips: list[jax.Array], *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return super().__call__(skips, rngs=rngs)[..., 0]
 
 
 def skip_channels(encoder: ResNet) -> tuple[int, ...]:

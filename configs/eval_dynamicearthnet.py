@@ -1,0 +1,29 @@
+r"""DynamicEarthNet semantic segmentation (the paper's segmentation table; docs/dynamicearthnet.md):
+the encoder's stage maps of one Planet image into SeCo's U-Net decoder, 6 classes (snow and ice
+ignored), random 256 px crops with flips and rot90, soft Dice, Adam 1e-3 (weight decay 1e-4), lr
+x0.95 per epoch, 100 epochs, batch 32; validation images predicted whole from 256 px tiles, mIoU.
+
+  python run.py --config configs/eval_dynamicearthnet.py:frozen --workdir workdir/caco_r18_100k \
+    --config.eval.manual_dir=data/dynamicearthnet
+  python run.py --config configs/eval_dynamicearthnet.py:finetune --workdir workdir/caco_r18_100k \
+    --config.eval.manual_dir=data/dynamicearthnet
+
+`frozen` (the default) trains the decoder on the frozen encoder; `finetune` also trains the encoder
+at `eval.finetune_learning_rate` (1e-5). The first run builds TFDS `dynamic_earthnet/rgb` in
+`eval.data_dir` from the download in `eval.manual_dir`; later runs read it.
+"""
+
+from caco_jax import config as config_lib
+
+MODES = ("frozen", "finetune")
+
+
+def get_config(arg=None):
+    mode = arg or "frozen"
+    if mode not in MODES:
+        raise ValueError(f"configs/eval_dynamicearthnet.py: mode {mode!r}, expected one of {MODES}")
+    config = config_lib.for_tasks("eval_dynamicearthnet")
+    config.eval.finetune = mode == "finetune"  # at eval.finetune_learning_rate, 1e-5
+    config.eval.milestones = ()  # the learning rate decays per epoch (lr_decay), no steps
+    config.eval.tile_size = 256
+    return config
