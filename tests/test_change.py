@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caco_jax import change
+from caco_jax import change, change_report
 
 
 def test_statistics_on_hand_made_embeddings():
@@ -139,7 +139,7 @@ def test_bad_options_are_rejected():
 def test_histograms_png(tmp_path):
     values, truth = bimodal(3, num_items=60)
     path = tmp_path / "histograms" / "epoch_003.png"
-    fraction = change.save_change_histograms(
+    fraction = change_report.save_change_histograms(
         path, values[:, 0], values[:, 1], values[:, 2], truth, epoch=3
     )
     assert fraction == pytest.approx(truth.mean())

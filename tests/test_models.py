@@ -273,6 +273,7 @@ def test_export_round_trip(tmp_path):
         "step": 7,
         "arch": "resnet",
         "depth": 18,
+        "width": 64,
         "in_channels": 3,
     }
     np.testing.assert_array_equal(forward(loaded, x)[0], expected)

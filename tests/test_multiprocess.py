@@ -13,7 +13,8 @@ import sys
 import numpy as np
 from helpers import fake_source, tiny_config
 
-from caco_jax import checkpointing, train
+from caco_jax import checkpointing
+from caco_jax.data import pipeline
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,10 +61,11 @@ def test_two_processes_assemble_the_global_batch_and_save_a_position_one_process
     source = fake_source()
     checkpoints = checkpointing.Checkpointer(directory, every_steps=1, keep=1)
     assert checkpoints.latest_step() == 3
-    start = train.resume_position(checkpoints, 3, -1, train.stream_settings(config, len(source)))
+    stream = pipeline.Stream.from_config(config, len(source))
+    start = pipeline.Position.from_json(checkpoints.restore_data_position(3)).start_batch(stream)
     checkpoints.close()
-    straight = train.input_iterator(config, source, start_batch=0, arrays_fn=dict)
+    straight = pipeline.make_pipeline(config, source, stream, arrays_fn=dict)
     expected = [next(straight)["item_id"] for _ in range(start + 2)][start:]
-    resumed = train.input_iterator(config, source, start_batch=start, arrays_fn=dict)
+    resumed = pipeline.make_pipeline(config, source, stream, start_batch=start, arrays_fn=dict)
     for want in expected:
         np.testing.assert_array_equal(next(resumed)["item_id"], want)

@@ -1,5 +1,6 @@
 """The host input pipeline: epochs, pairs, draws, determinism, resume, process shards."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -189,13 +190,15 @@ def test_stream_started_at_a_global_batch_continues_the_stream_on_any_process_co
 
 
 def test_resume_refuses_a_position_saved_for_another_stream():
-    settings = {"mode": "caco", "global_batch_size": 8, "seed": 0, "num_locations": 16}
-    saved = pipeline.position(5, **settings)
-    assert pipeline.resume_batch(saved, **settings) == 5
+    stream = pipeline.Stream("caco", 8, 0, 16)
+    saved = pipeline.Position.from_json(pipeline.Position(5, stream).to_json())  # as checkpointed
+    assert saved.start_batch(stream) == 5
     with pytest.raises(ValueError, match="global_batch_size=8, this run has global_batch_size=16"):
-        pipeline.resume_batch(saved, **{**settings, "global_batch_size": 16})
+        saved.start_batch(dataclasses.replace(stream, global_batch_size=16))
     with pytest.raises(ValueError, match="seed=0, this run has seed=1"):
-        pipeline.resume_batch(saved, **{**settings, "seed": 1})
+        saved.start_batch(dataclasses.replace(stream, seed=1))
+    with pytest.raises(ValueError, match="method='caco', this run has method='teco'"):
+        saved.start_batch(dataclasses.replace(stream, method="teco"))
 
 
 def test_process_shards_partition_the_global_batch_keeping_pairs():
