@@ -139,22 +139,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.checkpoint = ""  # encoder export to evaluate; "" = <workdir>/encoder
     c.eval.random_baseline = True  # also evaluate a randomly initialised encoder (a table row)
     c.eval.imagenet_checkpoint = ""  # export of converted ImageNet weights: adds an "imagenet" row
-    c.eval.data_dir = ""  # TFDS data_dir of eurosat/bigearthnet/oscd; "" = ~/tensorflow_datasets
-    c.eval.split_dir = ""  # SeCo's split files, BigEarthNet's cloud/snow lists; "" = seeded split
-    c.eval.oscd_dir = ""  # the downloaded Onera archive, to build TFDS oscd when not prepared yet
+    c.eval.data_dir = ""  # TFDS data_dir of the prepared records; "" = ~/tensorflow_datasets
+    # Datasets as downloaded (docs/evaluation.md): the folder holding the download (zip, tar.gz or
+    # extracted) and the published split lists; records are built from it on first use.
+    c.eval.manual_dir = ""
+    c.eval.download_lists = False  # fetch missing split lists from their published addresses
+    c.eval.seeded_split = False  # a seeded 60/20 split instead of the lists (flagged in metrics)
+    c.eval.prepare_workers = 0  # BigEarthNet: processes decoding GeoTIFFs; 0 = one per core
     c.eval.epochs = 100
     c.eval.batch_size = 32
     c.eval.learning_rate = 1e-3  # Adam
     c.eval.milestones = (60, 80)  # epochs at which the learning rate is multiplied by 0.1
     c.eval.dropout = 0.0  # before the linear head (BigEarthNet: 0.2)
     c.eval.image_size = 64  # BigEarthNet: 128; linear_probe (demo): the size the encoder trained on
-    c.eval.update_bn_stats = False  # EuroSAT: refresh BN statistics on the train set (official)
+    # EuroSAT: "official" trains the head with the encoder in train mode (per-batch BatchNorm
+    # statistics, running ones drifting to EuroSAT, as Lightning ran CACo's main_eurosat.py);
+    # "cached" trains on features cached once in eval mode (fast).
+    c.eval.probe = "official"
+    c.eval.update_bn_stats = False  # cached probe: refresh BN statistics on the train set first
     c.eval.train_fraction = 1.0  # BigEarthNet: fraction of the training labels (0.1 or 1.0)
     c.eval.finetune = False  # BigEarthNet: also train the encoder
     c.eval.finetune_learning_rate = 1e-5  # BigEarthNet fine-tuning (SeCo's default)
     c.eval.weight_decay = 1e-4  # OSCD: L2 term of torch's Adam
     c.eval.lr_decay = 0.95  # OSCD: learning rate x this per epoch
     c.eval.tile_size = 96  # OSCD
+    # OSCD: the encoder's BatchNorm while the decoder trains: "train" (SeCo's main_oscd.py: its
+    # encoder is only left out of the optimiser) or "eval" (statistics frozen).
+    c.eval.oscd_encoder_bn = "train"
     c.eval.extract_batch_size = 256  # images per encoder pass when caching features
     c.eval.seed = 0
 
@@ -366,6 +377,14 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
         "must be a multiple of 32 (the decoder undoes the encoder's 5 halvings)",
     )
     _check(e.extract_batch_size >= 1, "eval.extract_batch_size", "must be >= 1")
+    _check(e.probe in ("official", "cached"), "eval.probe", "must be 'official' or 'cached'")
+    _check(
+        e.probe == "cached" or not e.update_bn_stats,
+        "eval.update_bn_stats",
+        "refreshes the statistics for eval.probe='cached' only (the official probe drifts them)",
+    )
+    _check(e.oscd_encoder_bn in ("train", "eval"), "eval.oscd_encoder_bn", "'train' or 'eval'")
+    _check(e.prepare_workers >= 0, "eval.prepare_workers", "must be >= 0 (0 = one per core)")
 
 
 def _validate_convert(config: ml_collections.ConfigDict) -> None:
