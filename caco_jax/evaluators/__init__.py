@@ -1,8 +1,10 @@
-"""Downstream evaluation of pretrained encoders: the paper's protocols (SPEC section 4).
+"""Downstream evaluation of pretrained encoders with the paper's protocols (docs/evaluation.md).
 
 - `linear_probe`: EuroSAT linear probe, and the demo's land-cover probe on the synthetic archive.
 - `multilabel`: BigEarthNet-19 multi-label classification, frozen or fine-tuned.
-- `change_detection`: OSCD change detection with the `unet` decoder; `oscd_builder` prepares OSCD.
-- `common`: encoders to compare, TFDS reading, data-parallel feature extraction, reporting.
+- `change_detection`: OSCD change detection with the `unet` decoder.
+- `eurosat_builder`, `bigearthnet_builder`, `oscd_builder`: TFDS records from the downloads, no
+  TensorFlow; `split_lists`: the published split lists; `bands`: the encoder's bands from each.
+- `common`: encoders to compare, datasets, data-parallel feature extraction, reporting.
 - `metrics`: top-1, average precision, precision / recall / F1.
 """

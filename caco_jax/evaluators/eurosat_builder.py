@@ -7,8 +7,8 @@ The downloads (https://github.com/phelber/EuroSAT, Zenodo 7711810), left as they
   all_bands  EuroSAT_MS.zip    EuroSAT_MS/<Class>/<Class>_<n>.tif     (64x64 13-band uint16 L1C)
              EuroSATallBands.zip  ds/images/remote_sensing/otherDatasets/sentinel_2/tif/<Class>/...
 
-or any of them extracted anywhere under manual_dir. One `train` split with every image, in name
-order: `name` (`<Class>_<n>`, the key of SeCo's split lists), `label` (the ten classes in name
+or any of them extracted anywhere under manual_dir. One `train` split with every image (TFDS
+orders the records by a hash of the name): `name` (`<Class>_<n>`, the key of SeCo's split lists), `label` (the ten classes in name
 order, as SeCo's `EurosatDataset` indexes the class folders) and `image` (uint8 [64, 64, 3] for
 `rgb`, uint16 [64, 64, 13] in `MS_BANDS` order for `all_bands`).
 """

@@ -316,6 +316,7 @@ class EuroSat:
     """One EuroSAT download's images and SeCo's split of them."""
 
     config_name: str  # "rgb" (uint8 JPEG pixels) or "all_bands" (uint16 L1C, 13 bands)
+    names: list[str]  # `<Class>_<n>` of each image
     images: np.ndarray  # [N, 64, 64, bands]
     labels: np.ndarray  # [N]
     train: np.ndarray  # indices
@@ -353,9 +354,8 @@ def load_eurosat(config, config_name: str) -> EuroSat:
         names.append(common.read_text(example["name"]))
     if config.eval.seeded_split:
         train, val = split_lists.seeded_split(len(names), config.eval.seed, "EuroSAT")
-        return EuroSat(
-            config_name, images, labels, train, val, f"seeded (seed {config.eval.seed})", True
-        )
+        split = f"seeded (seed {config.eval.seed})"
+        return EuroSat(config_name, names, images, labels, train, val, split, True)
     paths = split_lists.locate(
         config.eval.manual_dir, split_lists.EUROSAT_SPLITS, download=config.eval.download_lists
     )
@@ -364,7 +364,7 @@ def load_eurosat(config, config_name: str) -> EuroSat:
         split_lists.indices(paths[file], index, "EuroSAT") for file in split_lists.EUROSAT_SPLITS
     )
     split = f"SeCo's {', '.join(split_lists.EUROSAT_SPLITS)} in {config.eval.manual_dir}"
-    return EuroSat(config_name, images, labels, train, val, split, False)
+    return EuroSat(config_name, names, images, labels, train, val, split, False)
 
 
 @functools.cache
