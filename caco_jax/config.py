@@ -179,25 +179,35 @@ def _eval() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     c.checkpoint = ""  # encoder export to evaluate; "" = <workdir>/encoder
-    c.manual_dir = ""  # the folder holding a dataset's download (TFDS's name), to build its records
     c.random_baseline = True  # also evaluate a randomly initialised encoder (a table row)
     c.imagenet_checkpoint = ""  # export of converted ImageNet weights: adds an "imagenet" row
-    c.data_dir = ""  # TFDS data_dir of eurosat/bigearthnet/oscd; "" = ~/tensorflow_datasets
-    c.split_dir = ""  # SeCo's split files, BigEarthNet's cloud/snow lists; "" = seeded split
-    c.oscd_dir = ""  # the downloaded Onera archive, to build TFDS oscd when not prepared yet
+    c.data_dir = ""  # TFDS data_dir of the prepared records; "" = ~/tensorflow_datasets
+    # Datasets as downloaded (docs/evaluation.md): the folder holding the download (zip, tar.gz or
+    # extracted) and the published split lists; records are built from it on first use.
+    c.manual_dir = ""
+    c.download_lists = False  # fetch missing split lists from their published addresses
+    c.seeded_split = False  # a seeded 60/20 split instead of the lists (flagged in metrics)
+    c.prepare_workers = 0  # BigEarthNet: processes decoding GeoTIFFs; 0 = one per core
     c.epochs = 100
     c.batch_size = 32
     c.learning_rate = 1e-3  # Adam
     c.milestones = (60, 80)  # epochs at which the learning rate is multiplied by 0.1
     c.dropout = 0.0  # before the linear head (BigEarthNet: 0.2)
     c.image_size = 64  # BigEarthNet: 128; linear_probe (demo): the size the encoder trained on
-    c.update_bn_stats = False  # EuroSAT: refresh BN statistics on the train set (official)
+    # EuroSAT: "official" trains the head with the encoder in train mode (per-batch BatchNorm
+    # statistics, running ones drifting to EuroSAT, as Lightning ran CACo's main_eurosat.py);
+    # "cached" trains on features cached once in eval mode (fast).
+    c.probe = "official"
+    c.update_bn_stats = False  # cached probe: refresh BN statistics on the train set first
     c.train_fraction = 1.0  # BigEarthNet: fraction of the training labels (0.1 or 1.0)
-    c.finetune = False  # BigEarthNet: also train the encoder
-    c.finetune_learning_rate = 1e-5  # BigEarthNet fine-tuning (SeCo's default)
-    c.weight_decay = 1e-4  # OSCD: L2 term of torch's Adam
-    c.lr_decay = 0.95  # OSCD: learning rate x this per epoch
-    c.tile_size = 96  # OSCD
+    c.finetune = False  # BigEarthNet, DynamicEarthNet: also train the encoder
+    c.finetune_learning_rate = 1e-5  # the encoder's learning rate when fine-tuning (SeCo's)
+    c.weight_decay = 1e-4  # OSCD, DynamicEarthNet: L2 term of torch's Adam
+    c.lr_decay = 0.95  # OSCD, DynamicEarthNet: learning rate x this per epoch
+    c.tile_size = 96  # OSCD (DynamicEarthNet: 256)
+    # OSCD: the encoder's BatchNorm while the decoder trains: "train" (SeCo's main_oscd.py: its
+    # encoder is only left out of the optimiser) or "eval" (statistics frozen).
+    c.oscd_encoder_bn = "train"
     c.extract_batch_size = 256  # images per encoder pass when caching features
     return c
 
@@ -537,6 +547,22 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
         "must be a multiple of 32 (the decoder undoes the encoder's 5 halvings)",
     )
     _check(e.extract_batch_size >= 1, "eval.extract_batch_size", "must be >= 1")
+    _check(e.probe in ("official", "cached"), "eval.probe", "must be 'official' or 'cached'")
+    _check(
+        e.probe == "cached" or not e.update_bn_stats,
+        "eval.update_bn_stats",
+        "refreshes the statistics for eval.probe='cached' only (the official probe drifts them)",
+    )
+    _check(e.oscd_encoder_bn in ("train", "eval"), "eval.oscd_encoder_bn", "'train' or 'eval'")
+    _check(e.prepare_workers >= 0, "eval.prepare_workers", "must be >= 0 (0 = one per core)")
+    _check(e.probe in ("official", "cached"), "eval.probe", "must be 'official' or 'cached'")
+    _check(
+        e.probe == "cached" or not e.update_bn_stats,
+        "eval.update_bn_stats",
+        "refreshes the statistics for eval.probe='cached' only (the official probe drifts them)",
+    )
+    _check(e.oscd_encoder_bn in ("train", "eval"), "eval.oscd_encoder_bn", "'train' or 'eval'")
+    _check(e.prepare_workers >= 0, "eval.prepare_workers", "must be >= 0 (0 = one per core)")
 
 
 def _validate_convert(c: ml_collections.ConfigDict) -> None:

@@ -1,9 +1,11 @@
-r"""EuroSAT linear probe: frozen encoder, Linear(d, 10), Adam 1e-3, 100 epochs,
-x0.1 at
-60 and 80, batch 32, 64x64 input in [0, 1]; top-1 on SeCo's validation split.
+r"""EuroSAT linear probe (CACo's src/main_eurosat.py): Linear(d, 10) on the encoder, Adam 1e-3,
+100 epochs, x0.1 at 60 and 80, batch 32, 64x64 input in [0, 1]; top-1 on SeCo's validation split.
+The encoder stays in training mode while the head trains, as the official run did
+(`--config.eval.probe=cached` for the fast probe on eval-mode features). docs/evaluation.md says
+what to download.
 
   python run.py --config configs/eval_eurosat.py --workdir workdir/caco_r18_100k \
-    --config.eval.data_dir=~/tensorflow_datasets --config.eval.split_dir=data/splits
+    --config.eval.manual_dir=data/eurosat --config.eval.data_dir=data/tfds
 """
 
 from caco_jax import config as config_lib

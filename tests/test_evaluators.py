@@ -1,104 +1,153 @@
-"""The evaluators end to end on tiny fake datasets written in the exact TFDS / OSCD formats (no
-network)."""
+"""The evaluators on tiny fixtures written in each download's exact layout and formats (member
+paths, JPEG / GeoTIFF dtypes and sizes, label JSON), end to end through run.py with TensorFlow made
+unimportable (no network)."""
 
+import functools
+import http.server
+import io
 import json
 import os
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import rasterio
-import tensorflow_datasets as tfds
 from flax import nnx
 from PIL import Image
+from rasterio.io import MemoryFile
 
 from caco_jax import config as config_lib
+from caco_jax.data import layout
+from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import (
-    change_detection,
+    bands,
+    bigearthnet_builder,
     common,
+    eurosat_builder,
     linear_probe,
     multilabel,
     oscd_builder,
+    split_lists,
     tiling,
     unet,
 )
 from caco_jax.models import export
+from caco_jax.models.resnet import BatchNorm
 
-EUROSAT_CLASSES = (
-    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-    "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
-)  # fmt: skip
-BIGEARTHNET_LABELS = sorted(
-    [*multilabel.MERGED_LABELS, *multilabel.UNMAPPED_LABELS]
-    + [c for c in multilabel.CLASSES_19 if c not in multilabel.MERGED_LABELS.values()]
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EUROSAT_PER_CLASS = 4
+BIGEARTHNET_PATCHES = 24
 
 
-class FakeEurosat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """TFDS `eurosat/rgb`'s feature names and splits; pixels as a Tensor (Image features need
-    TF)."""
-
-    name = "eurosat"
-    VERSION = tfds.core.Version("2.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="rgb")]  # noqa: RUF012
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(64, 64, 3), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(names=EUROSAT_CLASSES),
-                    "filename": tfds.features.Text(),
-                }
-            ),
-        )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        rng = np.random.default_rng(0)
-        for label, name in enumerate(EUROSAT_CLASSES):
-            for n in range(4):
-                colour = np.array([25 * label, 255 - 25 * label, 120], np.float32)
-                image = np.clip(colour + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
-                filename = f"{name}_{n + 1}.jpg"
-                yield filename, {"image": image, "label": label, "filename": filename}
+# --------------------------------------------------------------------------------------------------
+# The downloads, in miniature.
 
 
-class FakeBigEarthNet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """TFDS `bigearthnet/rgb`'s feature names (43 label names, `filename` = patch name); 40x40
-    pixels."""
+def geotiff_bytes(bands_first: np.ndarray) -> bytes:
+    """A GeoTIFF of [bands, H, W] (dtype kept), written by GDAL like the published files."""
+    count, height, width = bands_first.shape
+    with MemoryFile() as memory:
+        with memory.open(
+            driver="GTiff", height=height, width=width, count=count, dtype=bands_first.dtype.name,
+            crs="EPSG:32632", transform=rasterio.transform.from_origin(500000, 5000000, 10, 10),
+        ) as dst:  # fmt: skip
+            dst.write(bands_first)
+        return memory.read()
 
-    name = "bigearthnet"
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="rgb")]  # noqa: RUF012
 
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(40, 40, 3), dtype=np.uint8),
-                    "labels": tfds.features.Sequence(
-                        tfds.features.ClassLabel(names=BIGEARTHNET_LABELS)
-                    ),
-                    "filename": tfds.features.Text(),
-                }
-            ),
-        )
+def eurosat_pixels(label: int, n: int, channels: int, dtype) -> np.ndarray:
+    """A class-coloured image with noise: the classes are separable."""
+    rng = np.random.default_rng(100 * label + n)
+    top = 255 if dtype == np.uint8 else 3000
+    colour = np.linspace(0.1, 0.9, channels)[::-1] * top * (label + 1) / 10
+    noise = rng.normal(0, top / 40, (64, 64, channels))
+    return np.clip(colour + noise, 0, top).astype(dtype)
 
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
 
-    def _generate_examples(self):
-        rng = np.random.default_rng(1)
-        for n in range(24):
-            labels = sorted(rng.choice(len(BIGEARTHNET_LABELS), size=2, replace=False).tolist())
-            image = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
-            name = f"S2A_MSIL2A_20170613T101031_{n}_48"
-            yield name, {"image": image, "labels": labels, "filename": name}
+def write_eurosat_rgb_zip(folder) -> dict:
+    """EuroSAT_RGB.zip: EuroSAT_RGB/<Class>/<Class>_<n>.jpg, 64x64 RGB JPEGs; {name: JPEG}."""
+    written = {}
+    with zipfile.ZipFile(folder / "EuroSAT_RGB.zip", "w") as archive:
+        for label, cls in enumerate(eurosat_builder.CLASSES):
+            for n in range(1, EUROSAT_PER_CLASS + 1):
+                buffer = io.BytesIO()
+                Image.fromarray(eurosat_pixels(label, n, 3, np.uint8)).save(buffer, "JPEG")
+                archive.writestr(f"EuroSAT_RGB/{cls}/{cls}_{n}.jpg", buffer.getvalue())
+                written[f"{cls}_{n}"] = buffer.getvalue()
+    return written
+
+
+def write_eurosat_ms_folder(folder) -> dict:
+    """Extracted EuroSAT_MS.zip: EuroSAT_MS/<Class>/<Class>_<n>.tif, 13-band uint16 64x64."""
+    written = {}
+    for label, cls in enumerate(eurosat_builder.CLASSES):
+        (folder / "EuroSAT_MS" / cls).mkdir(parents=True)
+        for n in range(1, EUROSAT_PER_CLASS + 1):
+            pixels = eurosat_pixels(label, n, 13, np.uint16)
+            path = folder / "EuroSAT_MS" / cls / f"{cls}_{n}.tif"
+            path.write_bytes(geotiff_bytes(np.moveaxis(pixels, -1, 0)))
+            written[f"{cls}_{n}"] = pixels
+    return written
+
+
+def write_eurosat_lists(folder):
+    """SeCo's lists name the RGB JPEGs: n = 1..3 train, n = 4 val."""
+    names = [f"{c}_{n}.jpg" for c in eurosat_builder.CLASSES for n in range(1, 5)]
+    (folder / "eurosat-train.txt").write_text("\n".join(n for n in names if n[-5] != "4") + "\n")
+    (folder / "eurosat-val.txt").write_text("\n".join(n for n in names if n[-5] == "4") + "\n")
+
+
+def bigearthnet_name(n: int) -> str:
+    return f"S2A_MSIL2A_20170613T101031_{n}_48"
+
+
+def bigearthnet_patches():
+    """{patch: ({file: bytes}, labels, {band: uint16 pixels})} at the published sizes."""
+    rng = np.random.default_rng(1)
+    patches = {}
+    for n in range(BIGEARTHNET_PATCHES):
+        name = bigearthnet_name(n)
+        labels = sorted(rng.choice(bigearthnet_builder.LABELS, size=2, replace=False).tolist())
+        files, pixels = {}, {}
+        for band in bigearthnet_builder.ALL_BANDS:
+            size = bigearthnet_builder.BAND_PIXELS[band]
+            pixels[band] = rng.integers(0, 4000, (size, size)).astype(np.uint16)
+            files[f"{name}_{band}.tif"] = geotiff_bytes(pixels[band][None])
+        metadata = {"labels": labels, "coordinates": {}, "projection": "", "tile_source": "",
+                    "acquisition_date": "2017-06-13 10:10:31"}  # fmt: skip
+        files[f"{name}_labels_metadata.json"] = json.dumps(metadata).encode()
+        patches[name] = (files, labels, pixels)
+    return patches
+
+
+def write_bigearthnet(folder, patches, *, as_tar: bool):
+    """BigEarthNet-S2-v1.0.tar.gz (BigEarthNet-v1.0/<patch>/<patch>_<band>.tif, labels JSON), or
+    the extracted folder."""
+    if as_tar:
+        with tarfile.open(folder / "BigEarthNet-S2-v1.0.tar.gz", "w:gz") as archive:
+            for name, (files, _, _) in patches.items():
+                for file, data in files.items():
+                    info = tarfile.TarInfo(f"BigEarthNet-v1.0/{name}/{file}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    else:
+        for name, (files, _, _) in patches.items():
+            (folder / "BigEarthNet-v1.0" / name).mkdir(parents=True)
+            for file, data in files.items():
+                (folder / "BigEarthNet-v1.0" / name / file).write_bytes(data)
+
+
+def write_bigearthnet_lists(folder):
+    names = [bigearthnet_name(n) for n in range(BIGEARTHNET_PATCHES)]
+    (folder / "bigearthnet-train.txt").write_text("\n".join(names[:16]) + "\n")
+    (folder / "bigearthnet-val.txt").write_text("\n".join(names[16:]) + "\n")
+    (folder / "patches_with_cloud_and_shadow.csv").write_text(f"{names[0]}\n{names[17]}\n")
+    (folder / "patches_with_seasonal_snow.csv").write_text(f"{names[1]}\n")
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +157,20 @@ def encoder_dir(tmp_path_factory):
     return str(path)
 
 
+ALL_BANDS_INPUT = Normalization(
+    bands=layout.BANDS, low=(0.0,) * 12, high=(80.0,) * 12, mean=(0.4,) * 12, std=(0.25,) * 12
+)
+
+
 def eval_config(encoder_dir, tmp_path, **eval_values):
-    config = config_lib.base_config()
+    config = config_lib.for_tasks("linear_probe")  # the eval section and data (land cover)
     config.eval.checkpoint = encoder_dir
     config.eval.data_dir = str(tmp_path / "tfds")
     config.eval.epochs = 3
     config.eval.milestones = (1, 2)
     config.eval.extract_batch_size = 16
     config.eval.random_baseline = False
+    config.eval.prepare_workers = 1
     for key, value in eval_values.items():
         config.eval[key] = value
     config_lib.validate(config)
@@ -160,46 +215,6 @@ def test_learning_rate_is_multiplied_by_a_tenth_at_each_milestone_epoch():
     assert per_epoch == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
 
 
-def test_eurosat_probe_with_seco_split_files_writes_metrics(encoder_dir, tmp_path):
-    FakeEurosat(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
-    split_dir = tmp_path / "splits"
-    split_dir.mkdir()
-    names = [f"{c}_{n}.jpg" for c in EUROSAT_CLASSES for n in range(1, 5)]
-    (split_dir / "eurosat-train.txt").write_text("\n".join(n for n in names if n[-5] in "123"))
-    (split_dir / "eurosat-val.txt").write_text("\n".join(n for n in names if n[-5] == "4"))
-    config = eval_config(
-        encoder_dir,
-        tmp_path,
-        split_dir=str(split_dir),
-        batch_size=8,
-        learning_rate=0.01,
-        epochs=20,
-        milestones=(15,),
-        random_baseline=True,
-    )
-
-    result = linear_probe.eurosat_task(config, str(tmp_path))
-
-    record = read_metrics(encoder_dir, "eval_eurosat")
-    assert result["metrics_file"] == common.metrics_path(encoder_dir, "eval_eurosat")
-    assert [row["encoder"] for row in record["rows"]] == ["checkpoint", "random"]
-    assert (record["train_examples"], record["val_examples"]) == (30, 10)
-    assert record["split"].startswith("SeCo split files")
-    for row in record["rows"]:
-        assert 0.0 <= row["top1"] <= 1.0
-    # The colours separate the classes: even a random frozen encoder fits the training set.
-    assert record["rows"][0]["train_top1"] > 0.5
-
-    (split_dir / "eurosat-val.txt").write_text("Forest_99.jpg\n")
-    with pytest.raises(ValueError, match="Forest_99"):
-        linear_probe.load_eurosat(config)
-    config.eval.split_dir = ""
-    with pytest.warns(UserWarning, match="seeded random split"):
-        _, _, train, val, description = linear_probe.load_eurosat(config)
-    assert (train.size, val.size) == (24, 8) and not set(train) & set(val)
-    assert description.startswith("seeded split")
-
-
 def test_refresh_batch_stats_moves_running_statistics_to_the_data():
     model = common.random_encoder(18, 3, seed=0)
     images = np.full((16, 32, 32, 3), 200, np.uint8)
@@ -211,26 +226,17 @@ def test_refresh_batch_stats_moves_running_statistics_to_the_data():
     assert model.bn1.use_running_average  # back in eval mode
 
 
-def test_missing_dataset_and_checkpoint_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tfds build eurosat/rgb"):
-        common.open_tfds(str(tmp_path), "eurosat", "rgb")
-    config = config_lib.base_config()
-    with pytest.raises(FileNotFoundError, match=r"config\.eval\.checkpoint"):
-        common.encoders(config, str(tmp_path))
-
-
 # --------------------------------------------------------------------------------------------------
 # BigEarthNet.
 
 
 def test_nineteen_class_mapping_covers_the_43_labels():
-    assert len(BIGEARTHNET_LABELS) == 43
-    mapping = multilabel.nineteen_class_index(BIGEARTHNET_LABELS)
+    labels = bigearthnet_builder.LABELS
+    assert len(labels) == 43 and list(labels) == sorted(labels)
+    mapping = multilabel.nineteen_class_index(labels)
     assert sorted(set(mapping.tolist()) - {-1}) == list(range(19))
     assert (mapping == -1).sum() == 11
-    target = multilabel.multi_hot(
-        [BIGEARTHNET_LABELS.index("Rice fields"), BIGEARTHNET_LABELS.index("Airports")], mapping
-    )
+    target = multilabel.multi_hot([labels.index("Rice fields"), labels.index("Airports")], mapping)
     assert np.flatnonzero(target).tolist() == [multilabel.CLASSES_19.index("Arable land")]
 
 
@@ -238,49 +244,6 @@ def test_label_subset_is_seeded_and_without_duplicates():
     subset = multilabel.label_subset(1000, 0.1, seed=3)
     assert subset.size == 100 and np.unique(subset).size == 100
     np.testing.assert_array_equal(subset, multilabel.label_subset(1000, 0.1, seed=3))
-
-
-def test_bigearthnet_frozen_and_finetuned(encoder_dir, tmp_path):
-    FakeBigEarthNet(
-        data_dir=str(tmp_path / "tfds"), file_format="array_record"
-    ).download_and_prepare()
-    split_dir = tmp_path / "splits"
-    split_dir.mkdir()
-    names = [f"S2A_MSIL2A_20170613T101031_{n}_48" for n in range(24)]
-    (split_dir / "bigearthnet-train.txt").write_text("\n".join(names[:16]))
-    (split_dir / "bigearthnet-val.txt").write_text("\n".join(names[16:]))
-    (split_dir / "patches_with_cloud_and_shadow.csv").write_text(f"{names[0]},x\n{names[17]},x\n")
-    (split_dir / "patches_with_seasonal_snow.csv").write_text(f"{names[1]},x\n")
-    config = eval_config(
-        encoder_dir,
-        tmp_path,
-        split_dir=str(split_dir),
-        batch_size=4,
-        dropout=0.2,
-        image_size=32,
-        train_fraction=0.5,
-    )
-
-    multilabel.bigearthnet_task(config, str(tmp_path))
-    record = read_metrics(encoder_dir, "eval_bigearthnet")
-    assert record["cloud_snow_removed"] == 3
-    assert (record["train_patches"], record["val_patches"]) == (7, 7)  # half of 16 - 2; 8 - 1
-    assert 0.0 < record["rows"][0]["micro_ap"] <= 1.0
-    assert record["mode"] == "frozen"
-
-    config = eval_config(
-        encoder_dir,
-        tmp_path,
-        split_dir=str(split_dir),
-        batch_size=8,
-        image_size=32,
-        epochs=1,
-        milestones=(),
-        finetune=True,
-    )
-    multilabel.bigearthnet_task(config, str(tmp_path))
-    record = read_metrics(encoder_dir, "eval_bigearthnet")
-    assert record["mode"] == "finetune" and 0.0 < record["rows"][0]["micro_ap"] <= 1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,7 +287,7 @@ def test_decoder_gives_one_logit_per_pixel_and_zero_differences_for_equal_images
     assert logits.shape == (2, 64, 64)
 
 
-def write_fake_oscd(root, size=(70, 100)):
+def write_fake_oscd(root, size=(70, 100), band_names=oscd_builder.RGB_BANDS):
     """The Onera archive's layout: city lists, rectified bands, one city with native-layout bands,
     labels as cm.png for train cities and <city>-cm.tif for the test city."""
     rng = np.random.default_rng(0)
@@ -338,9 +301,9 @@ def write_fake_oscd(root, size=(70, 100)):
             native = city == "beta"
             folder = images_dir / city / (f"imgs_{date}" if native else f"imgs_{date}_rect")
             folder.mkdir(parents=True)
-            bands = rng.integers(0, 4000, (3, *size)).astype(np.uint16)
-            written[city, date] = np.moveaxis(bands, 0, -1)
-            for band, values in zip(oscd_builder.RGB_BANDS, bands, strict=True):
+            values_first = rng.integers(0, 4000, (len(band_names), *size)).astype(np.uint16)
+            written[city, date] = np.moveaxis(values_first, 0, -1)
+            for band, values in zip(band_names, values_first, strict=True):
                 name = f"S2A_OPER_MSI_{city}_{band}.tif" if native else f"{band}.tif"
                 with rasterio.open(
                     folder / name, "w", driver="GTiff", height=size[0], width=size[1], count=1,
@@ -366,8 +329,8 @@ def write_fake_oscd(root, size=(70, 100)):
 def test_oscd_builder_reads_the_onera_layout(tmp_path):
     written = write_fake_oscd(tmp_path / "oscd")
     path = oscd_builder.prepare(str(tmp_path / "oscd"), str(tmp_path / "tfds"))
-    builder = common.open_tfds(str(tmp_path / "tfds"), "oscd", "rgb")
-    assert os.path.samefile(path, builder.data_dir)
+    builder = oscd_builder.Oscd(config="rgb", data_dir=str(tmp_path / "tfds"))
+    assert builder.is_prepared() and os.path.samefile(path, builder.data_dir)
     for split, cities in (("train", {"alpha", "beta"}), ("test", {"gamma"})):
         source = builder.as_data_source(split)
         assert {common.read_text(source[i]["city"]) for i in range(len(source))} == cities
@@ -386,26 +349,6 @@ def test_oscd_builder_names_a_missing_mask(tmp_path):
         oscd_builder.prepare(str(tmp_path / "oscd"), str(tmp_path / "tfds"))
 
 
-def test_oscd_change_detection_trains_and_reports(encoder_dir, tmp_path):
-    write_fake_oscd(tmp_path / "oscd")
-    config = eval_config(
-        encoder_dir,
-        tmp_path,
-        oscd_dir=str(tmp_path / "oscd"),
-        tile_size=32,
-        batch_size=8,
-        epochs=2,
-        milestones=(1,),
-    )
-    result = change_detection.oscd_task(config, str(tmp_path))
-    record = read_metrics(encoder_dir, "eval_oscd")
-    assert result["rows"] == record["rows"]
-    row = record["rows"][0]
-    assert record["test_cities"] == ["gamma"] and set(row["per_city_f1"]) == {"gamma"}
-    for key in ("precision", "recall", "f1"):
-        assert 0.0 <= row[key] <= 1.0
-
-
 # --------------------------------------------------------------------------------------------------
 # The demo's land-cover probe on the synthetic archive (its ground truth and records).
 
@@ -414,6 +357,7 @@ def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path):
     from caco_jax.data import builder, synthetic
 
     config = eval_config(encoder_dir, tmp_path, image_size=32, batch_size=4, epochs=3)
+    config.synthetic = config_lib.for_tasks("synthesize").synthetic
     config.synthetic.num_locations = 10
     config.data.num_workers = 1
     synthetic.run_task(config, str(tmp_path))
@@ -427,3 +371,274 @@ def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path):
     # Early-window acquisitions only, locations split in halves: 5 locations x 5 images each.
     assert (record["train_images"], record["test_images"]) == (25, 25)
     assert 0.0 <= record["rows"][0]["top1"] <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The official EuroSAT probe: the encoder in training mode while the head trains.
+
+
+class PooledBatchNorm(nnx.Module):
+    """The smallest encoder with BatchNorm: torch's BatchNorm2d over one channel, then pooling."""
+
+    def __init__(self):
+        self.bn = BatchNorm(1)
+        self.feature_dim = 1
+
+    def __call__(self, x):
+        return self.bn(x).mean(axis=(1, 2))
+
+
+def identity(images):
+    return images
+
+
+def test_official_probe_step_by_hand():
+    """Pixels 3 and 5 with labels 0 and 1, head kernel (1, -1): with the batch's own statistics
+    (mean 4, biased variance 1) the features are -1 and +1, so each loss is log(1 + e^2); with the
+    initial running statistics (0, 1) they would be 3 and 5 (mean loss ~5.0)."""
+    model = PooledBatchNorm()
+    model.train()
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    images = jnp.array([3.0, 5.0]).reshape(2, 1, 1, 1)
+    head = {"kernel": jnp.array([[1.0, -1.0]]), "bias": jnp.zeros(2)}
+    stats, new_head, _, loss = linear_probe.official_head_epoch(
+        graphdef, params, stats, head, linear_probe.ADAM.init(head), images, jnp.array([0, 1]),
+        jnp.asarray(np.array([0, 7], np.uint32)), jnp.float32(1e-3),
+        preprocess=identity, batch_size=2, steps_per_epoch=1,
+    )  # fmt: skip
+    assert float(loss) == pytest.approx(np.log1p(np.exp(2.0)), rel=1e-4)
+    # torch's momentum 0.1; the running variance takes the unbiased batch variance (2).
+    assert float(stats["bn"]["mean"][...][0]) == pytest.approx(0.4)
+    assert float(stats["bn"]["var"][...][0]) == pytest.approx(0.9 * 1.0 + 0.1 * 2.0)
+    # Adam's first step moves each weight by the learning rate against its gradient's sign.
+    np.testing.assert_allclose(new_head["kernel"] - head["kernel"], [[-1e-3, 1e-3]], rtol=1e-3)
+
+
+def test_official_probe_drifts_running_statistics_and_evaluates_with_them():
+    model = PooledBatchNorm()
+    model.eval()
+    images = np.array([3.0, 5.0], np.float32).reshape(2, 1, 1, 1)
+    settings = linear_probe.HeadSettings(epochs=3, batch_size=2, milestones=())
+    linear_probe.train_head_with_encoder_in_train_mode(
+        model, images, np.array([0, 1]), preprocess=identity, num_classes=2,
+        settings=settings, seed=0,
+    )  # fmt: skip
+    # Three updates with batch mean 4 and unbiased variance 2, from (0, 1).
+    mean = 4.0 * (1 - 0.9**3)
+    var = 0.9**3 * 1.0 + (1 - 0.9**3) * 2.0
+    assert float(model.bn.mean[...][0]) == pytest.approx(mean, rel=1e-5)
+    assert float(model.bn.var[...][0]) == pytest.approx(var, rel=1e-5)
+    assert model.bn.use_running_average  # evaluation uses the drifted running statistics
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(images)))[:, 0],
+        (np.array([3.0, 5.0]) - mean) / np.sqrt(var + 1e-5),
+        rtol=1e-5,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Split lists, bands.
+
+
+def test_missing_lists_name_the_files_and_where_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        split_lists.locate(str(tmp_path), split_lists.BIGEARTHNET_EXCLUDED, download=False)
+    message = str(error.value)
+    for file in split_lists.BIGEARTHNET_EXCLUDED:
+        assert file in message and split_lists.URLS[file] in message
+    assert "download_lists" in message and "seeded_split" in message
+
+
+def test_download_lists_fetches_the_missing_lists(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "eurosat-train.txt").write_text("Forest_1.jpg\nRiver_2.jpg\n")
+    (served / "eurosat-val.txt").write_text("SeaLake_3.jpg\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for file in split_lists.EUROSAT_SPLITS:
+            monkeypatch.setitem(
+                split_lists.URLS, file, f"http://127.0.0.1:{server.server_port}/{file}"
+            )
+        manual_dir = tmp_path / "manual"
+        manual_dir.mkdir()
+        paths = split_lists.locate(str(manual_dir), split_lists.EUROSAT_SPLITS, download=True)
+    finally:
+        server.shutdown()
+        thread.join()
+    assert split_lists.read_names(paths["eurosat-train.txt"]) == ["Forest_1", "River_2"]
+    index = {"Forest_1": 0, "River_2": 1}
+    with pytest.raises(ValueError, match=r"eurosat-val\.txt: 1 of its 1 names .*SeaLake_3"):
+        split_lists.indices(paths["eurosat-val.txt"], index, "EuroSAT")
+
+
+def test_bands_are_taken_by_name_and_a_missing_one_names_both_sides():
+    assert bands.channel_indices("OSCD", oscd_builder.ALL_BANDS, ("B4", "B8A", "B1")) == [3, 8, 0]
+    with pytest.raises(ValueError, match=r"BigEarthNet has bands B1, .*needs .*missing B10"):
+        needs_b10 = dict(ALL_BANDS_INPUT.__dict__, bands=(*layout.BANDS[:-1], "B10"))
+        multilabel.bigearthnet_input(Normalization(**needs_b10), "all_bands", 32)
+    with pytest.raises(ValueError, match="EuroSAT RGB has bands B4, B3, B2; the encoder needs B1"):
+        linear_probe.eurosat_input(ALL_BANDS_INPUT, "rgb")
+    # Reflectance x 10000 -> reflectance x 255, truncated and clipped like a uint8 cast.
+    dn = np.array([0, 5000, 10000, 20000], np.uint16)
+    np.testing.assert_array_equal(bands.to_archive_scale(dn, np), [0, 127, 255, 255])
+
+
+def test_seco_bigearthnet_stretch_is_mean_plus_minus_two_std():
+    stretch = multilabel.seco_stretch(["B04"])
+    mean, std = multilabel.BAND_MEAN["B04"], multilabel.BAND_STD["B04"]
+    raw = np.array([[mean - 2 * std], [mean], [mean + 2 * std], [mean + 3 * std]])
+    np.testing.assert_allclose(stretch(raw)[:, 0], [0.0, 127 / 255, 1.0, 1.0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The builders read the downloads exactly.
+
+
+def test_eurosat_records_hold_the_downloaded_pixels(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    jpegs = write_eurosat_rgb_zip(manual)
+    tiffs = write_eurosat_ms_folder(manual)
+    write_eurosat_lists(manual)
+    config = eval_config("", tmp_path, manual_dir=str(manual))
+    for config_name, written in (("rgb", jpegs), ("all_bands", tiffs)):
+        data = linear_probe.load_eurosat(config, config_name)
+        assert data.images.shape == (40, 64, 64, 3 if config_name == "rgb" else 13)
+        assert (data.train.size, data.val.size) == (30, 10) and not data.seeded_split
+        assert sorted(data.names) == sorted(written)
+        for i, name in enumerate(data.names):
+            expected = written[name]
+            if config_name == "rgb":
+                expected = np.asarray(Image.open(io.BytesIO(expected)).convert("RGB"))
+            np.testing.assert_array_equal(data.images[i], expected)
+            assert data.labels[i] == eurosat_builder.CLASSES.index(name.split("_")[0])
+
+
+def test_bigearthnet_records_hold_the_downloaded_bands_and_labels(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    patches = bigearthnet_patches()
+    write_bigearthnet(manual, patches, as_tar=True)
+    write_bigearthnet_lists(manual)
+    config = eval_config("", tmp_path, manual_dir=str(manual), train_fraction=0.5)
+    data = multilabel.load_bigearthnet(config, "all_bands")
+    assert data.removed_cloud_snow == 3
+    assert (data.train.size, data.val.size) == (7, 7)  # half of 16 - 2; 8 - 1
+    for i in range(len(data.source)):
+        example = data.source[i]
+        name = common.read_text(example["name"])
+        _, labels, pixels = patches[name]
+        assert [bigearthnet_builder.LABELS[j] for j in example["labels"]] == labels
+        for channel, band in enumerate(bigearthnet_builder.ALL_BANDS):
+            repeat = 120 // bigearthnet_builder.BAND_PIXELS[band]
+            np.testing.assert_array_equal(
+                example["image"][::repeat, ::repeat, channel], pixels[band]
+            )
+
+
+def test_unprepared_dataset_without_manual_dir_names_the_key(tmp_path):
+    config = eval_config("", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"config\.eval\.manual_dir: .*EuroSAT_RGB\.zip"):
+        linear_probe.load_eurosat(config, "rgb")
+    with pytest.raises(FileNotFoundError, match=r"config\.eval\.checkpoint"):
+        common.encoders(config_lib.for_tasks("eval_eurosat"), str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Every evaluation through run.py, from the downloads, with TensorFlow unimportable.
+
+
+def run_evaluations(tmp_path, encoder, manual_dir, *overrides):
+    """run.py with the three evaluation tasks; a `tensorflow` package first on the path records
+    any import attempt and raises ImportError. Returns the marker file's path."""
+    fake = tmp_path / "no_tensorflow" / "tensorflow"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "tensorflow_was_imported"
+    (fake / "__init__.py").write_text(
+        "import traceback\n"
+        f"with open({str(marker)!r}, 'a') as f:\n"
+        "    traceback.print_stack(file=f)\n"
+        "raise ImportError('TensorFlow is not available in this test')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), ROOT]))
+    env.pop("XLA_FLAGS", None)  # one CPU device: the multi-device paths have their own tests
+    command = [
+        sys.executable, "run.py", "--config", "configs/eval_eurosat.py",
+        "--workdir", str(tmp_path / "work"),
+        "--config.tasks=('eval_eurosat', 'eval_bigearthnet', 'eval_oscd')",
+        f"--config.eval.checkpoint={encoder}", f"--config.eval.manual_dir={manual_dir}",
+        f"--config.eval.data_dir={tmp_path / 'tfds'}", "--config.eval.random_baseline=False",
+        "--config.eval.epochs=2", "--config.eval.milestones=(1,)", "--config.eval.batch_size=8",
+        "--config.eval.image_size=32", "--config.eval.tile_size=32",
+        "--config.eval.extract_batch_size=16", "--config.eval.prepare_workers=1", *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not marker.exists(), marker.read_text()
+    return {
+        task: read_metrics(encoder, task)
+        for task in ("eval_eurosat", "eval_bigearthnet", "eval_oscd")
+    }
+
+
+def test_rgb_evaluations_from_the_downloaded_archives(encoder_dir, tmp_path):
+    manual = tmp_path / "downloads"
+    manual.mkdir()
+    write_eurosat_rgb_zip(manual)
+    write_eurosat_lists(manual)
+    write_bigearthnet(manual, bigearthnet_patches(), as_tar=True)
+    write_bigearthnet_lists(manual)
+    write_fake_oscd(manual)
+
+    records = run_evaluations(tmp_path, encoder_dir, manual)
+
+    eurosat = records["eval_eurosat"]
+    assert eurosat["probe"] == "official" and not eurosat["seeded_split"]
+    assert (eurosat["train_examples"], eurosat["val_examples"]) == (30, 10)
+    assert eurosat["rows"][0]["dataset"] == "eurosat_download/rgb"
+    assert eurosat["rows"][0]["bands"] == list(layout.RGB_BANDS)
+    assert 0.0 <= eurosat["rows"][0]["top1"] <= 1.0
+    bigearthnet = records["eval_bigearthnet"]
+    assert bigearthnet["cloud_snow_removed"] == 3 and not bigearthnet["seeded_split"]
+    assert (bigearthnet["train_patches"], bigearthnet["val_patches"]) == (14, 7)
+    assert 0.0 < bigearthnet["rows"][0]["micro_ap"] <= 1.0
+    oscd = records["eval_oscd"]
+    assert oscd["encoder_bn"] == "train" and oscd["test_cities"] == ["gamma"]
+    assert 0.0 <= oscd["rows"][0]["f1"] <= 1.0
+
+
+def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
+    encoder = tmp_path / "encoder"
+    export.save_encoder(
+        encoder, common.random_encoder(18, 12, seed=5), {EXPORT_KEY: ALL_BANDS_INPUT.to_json()}
+    )
+    manual = tmp_path / "downloads"
+    manual.mkdir()
+    write_eurosat_ms_folder(manual)
+    write_bigearthnet(manual, bigearthnet_patches(), as_tar=False)
+    write_fake_oscd(manual, band_names=oscd_builder.ALL_BANDS)
+
+    records = run_evaluations(
+        tmp_path, str(encoder), manual, "--config.seeded_split=True",
+        "--config.eval.probe=cached", "--config.eval.finetune=True",
+        "--config.eval.oscd_encoder_bn=eval",
+    )  # fmt: skip
+
+    for task, dataset in (
+        ("eval_eurosat", "eurosat_download"),
+        ("eval_bigearthnet", "bigearthnet_download"),
+        ("eval_oscd", "oscd"),
+    ):
+        row = records[task]["rows"][0]
+        assert row["dataset"] == f"{dataset}/all_bands" and row["bands"] == list(layout.BANDS)
+    eurosat, bigearthnet = records["eval_eurosat"], records["eval_bigearthnet"]
+    assert eurosat["seeded_split"] and bigearthnet["seeded_split"]
+    assert (eurosat["train_examples"], eurosat["val_examples"]) == (24, 8)  # 60 % / 20 % of 40
+    assert (bigearthnet["train_patches"], bigearthnet["val_patches"]) == (14, 5)
+    assert bigearthnet["cloud_snow_removed"] == 0  # no lists in manual_dir
+    assert bigearthnet["mode"] == "finetune" and 0.0 < bigearthnet["rows"][0]["micro_ap"] <= 1.0
+    assert records["eval_oscd"]["encoder_bn"] == "eval"

@@ -1,23 +1,20 @@
 """OSCD change detection (SeCo's `main_oscd.py` protocol, reused by CACo).
 
-The frozen encoder (eval mode) embeds both dates; |f(x1) - f(x2)| at five depths feeds the U-Net
-decoder
-of `unet.py`. Training: the 14 train cities cut into 96x96 tiles (zero-padded at the borders, as
-PIL's crop
-did), random horizontal flip and rot90 applied alike to both images and the mask, batch 32 (last
-partial
-batch dropped), BCE on logits, Adam lr 1e-3 with L2 weight decay 1e-4 (torch's Adam), lr x0.95 per
-epoch,
-100 epochs. Evaluation: each of the 10 test cities predicted whole, stitched from its tiles,
-thresholded at
+The encoder embeds both dates; |f(x1) - f(x2)| at five depths feeds the U-Net decoder of `unet.py`.
+The encoder is not trained, but by default its BatchNorm runs in training mode while the decoder
+trains, as in SeCo's code (`config.eval.oscd_encoder_bn`). Training: the 14 train cities cut into
+96x96 tiles (zero-padded at the borders, as PIL's crop did), random horizontal flip and rot90
+applied alike to both images and the mask, batch 32 (last partial batch dropped), BCE on logits,
+Adam lr 1e-3 with L2 weight decay 1e-4 (torch's Adam), lr x0.95 per epoch, 100 epochs.
+Evaluation: each of the 10 test cities predicted whole, stitched from its tiles, thresholded at
 0.5; precision / recall / F1 of the "changed" class from the pixel counts of all test cities
-together.
-Input: SeCo's per-band quantile stretch of the raw reflectance to uint8, then [0, 1], no mean/std.
+together. Input (RGB encoders): SeCo's per-band quantile stretch of the raw L1C values to uint8,
+then [0, 1], no mean/std; other encoders see their bands as `oscd_input` says.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,42 +25,62 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
-from caco_jax.evaluators import common, metrics, oscd_builder, unet
+from caco_jax.data import layout
+from caco_jax.data.normalization import Normalization
+from caco_jax.evaluators import bands, common, metrics, oscd_builder, unet
 from caco_jax.evaluators.tiling import flip_rotate, stitch, tile
 
 # SeCo's OSCD stretch of the raw Sentinel-2 L1C values (datasets/oscd_dataset.py QUANTILES).
 RGB_QUANTILES = {"B04": (426.0, 3698.0), "B03": (667.0, 2969.0), "B02": (885.0, 2620.0)}
 
 
-def stretch_rgb(image: np.ndarray) -> np.ndarray:
-    """uint16 (B04, B03, B02) -> uint8, each band mapped linearly from its (low, high) quantiles to
-    [0, 255], clipped and truncated, as SeCo's reader did before ToTensor."""
-    low = np.array([RGB_QUANTILES[b][0] for b in oscd_builder.RGB_BANDS], np.float32)
-    high = np.array([RGB_QUANTILES[b][1] for b in oscd_builder.RGB_BANDS], np.float32)
-    unit = np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-    return (unit * 255.0).astype(np.uint8)
+def seco_rgb_stretch() -> Normalization:
+    """SeCo's OSCD input: each of (B04, B03, B02) mapped linearly from its (low, high) quantiles to
+    uint8, clipped and truncated, then [0, 1] (ToTensor), no standardisation."""
+    return Normalization(
+        bands=layout.RGB_BANDS,
+        low=tuple(RGB_QUANTILES[b][0] for b in oscd_builder.RGB_BANDS),
+        high=tuple(RGB_QUANTILES[b][1] for b in oscd_builder.RGB_BANDS),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
 
 
-def load_oscd(config):
-    """{split: list of (city, image1 uint8, image2 uint8, mask)} from TFDS `oscd/rgb`, built from
-    `config.eval.oscd_dir` first when it is not prepared yet."""
-    data_dir = os.path.expanduser(config.eval.data_dir or "~/tensorflow_datasets")
-    if not os.path.isdir(os.path.join(data_dir, "oscd", "rgb")):
-        if not config.eval.oscd_dir:
-            raise FileNotFoundError(
-                f"config.eval.oscd_dir: OSCD is not prepared under {data_dir}; point "
-                "--config.eval.oscd_dir at the downloaded Onera archive to build it"
-            )
-        oscd_builder.prepare(config.eval.oscd_dir, data_dir, "rgb")
-    builder = common.open_tfds(data_dir, "oscd", "rgb")
+def oscd_config_name(norm: Normalization) -> str:
+    return "rgb" if bands.is_rgb(norm) else "all_bands"
+
+
+@functools.cache
+def oscd_input(norm: Normalization, config_name: str):
+    """The encoder's input from OSCD's uint16 L1C values. RGB encoders: SeCo's quantile stretch
+    (the paper's protocol). Others (no official recipe): the encoder's bands by name, brought to
+    the archive's scale, then the export's normalisation."""
+    stored = oscd_builder.RGB_BANDS if config_name == "rgb" else oscd_builder.ALL_BANDS
+    channels = np.asarray(bands.channel_indices("OSCD", stored, norm.bands))
+    if config_name == "rgb":
+        stretch = seco_rgb_stretch()
+        return lambda images: stretch.stretch(images[..., channels], jnp)
+    return lambda images: norm(bands.to_archive_scale(images[..., channels], jnp), jnp)
+
+
+def load_oscd(config, config_name: str):
+    """{split: list of (city, image1, image2, mask)}, images uint16 as downloaded, from the records
+    of `oscd_builder`, built from `config.eval.manual_dir` the first time."""
+    builder = common.prepared(
+        oscd_builder.Oscd(
+            config=config_name, data_dir=common.data_dir(config), file_format="array_record"
+        ),
+        config,
+        "the three Onera archives (Images, Train Labels, Test Labels)",
+    )
     cities = {}
     for split in ("train", "test"):
         source = builder.as_data_source(split)
         cities[split] = [
             (
                 common.read_text(source[i]["city"]),
-                stretch_rgb(source[i]["image1"]),
-                stretch_rgb(source[i]["image2"]),
+                source[i]["image1"],
+                source[i]["image2"],
                 source[i]["mask"],
             )
             for i in range(len(source))
@@ -85,8 +102,13 @@ def binary_cross_entropy(logits, targets):
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
 
 
-def train_and_evaluate(encoder, cities, config) -> dict:
-    """Trains a fresh decoder on the frozen `encoder` and reports test precision / recall / F1."""
+def train_and_evaluate(encoder, cities, config, preprocess) -> dict:
+    """Trains a fresh decoder on the frozen `encoder` and reports test precision / recall / F1.
+
+    With `config.eval.oscd_encoder_bn="train"` (SeCo's main_oscd.py, which only leaves the encoder
+    out of the optimiser) the encoder's BatchNorm normalises each date's batch with its own
+    statistics while the decoder trains and its running statistics drift to OSCD; the test cities
+    are predicted with the drifted statistics. "eval" keeps the exported statistics throughout."""
     size = config.eval.tile_size
     mesh = mesh_lib.data_mesh()
     batch_size = common.global_batch_size(config.eval.batch_size, mesh)
@@ -97,9 +119,14 @@ def train_and_evaluate(encoder, cities, config) -> dict:
             f"OSCD: {images_1.shape[0]} training tiles, fewer than one batch of {batch_size}"
         )
 
+    # The encoder's graph while the decoder trains: its BatchNorm mode is static in the graph.
+    encoder.model.set_attributes(use_running_average=config.eval.oscd_encoder_bn == "eval")
+    encoder_training_graph, encoder_params, encoder_stats = nnx.split(
+        encoder.model, nnx.Param, nnx.BatchStat
+    )
     encoder.model.eval()
-    encoder_graph, encoder_state = nnx.split(encoder.model)
-    decoder = unet.ChangeDecoder(unet.skip_channels(encoder.model), rngs=nnx.Rngs(config.eval.seed))
+    encoder_eval_graph = nnx.graphdef(encoder.model)
+    decoder = unet.ChangeDecoder(unet.skip_channels(encoder.model), rngs=nnx.Rngs(config.seed))
     decoder.train()
     train_graph, params, batch_stats = nnx.split(decoder, nnx.Param, nnx.BatchStat)
     decoder.eval()
@@ -116,18 +143,20 @@ def train_and_evaluate(encoder, cities, config) -> dict:
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec(common.DATA_AXIS))
-    encoder_state, params, batch_stats = jax.device_put(
-        (encoder_state, params, batch_stats), replicated
+    encoder_params, encoder_stats, params, batch_stats = jax.device_put(
+        (encoder_params, encoder_stats, params, batch_stats), replicated
     )
     opt_state = optimizer.init(params)
 
-    def differences(encoder_state, x1, x2):
-        model = nnx.merge(encoder_graph, encoder_state)
-        return unet.feature_differences(model, common.as_unit_float(x1), common.as_unit_float(x2))
+    def differences(graph, encoder_stats, x1, x2):
+        # Fresh Variables for the statistics: in training mode BatchNorm updates them.
+        model = nnx.merge(graph, encoder_params, jax.tree.map(jnp.asarray, encoder_stats))
+        skips = unet.feature_differences(model, preprocess(x1), preprocess(x2))
+        return skips, nnx.state(model, nnx.BatchStat)
 
     @jax.jit
-    def train_step(encoder_state, params, batch_stats, opt_state, x1, x2, y, key):
-        skips = differences(encoder_state, x1, x2)
+    def train_step(encoder_stats, params, batch_stats, opt_state, x1, x2, y, key):
+        skips, encoder_stats = differences(encoder_training_graph, encoder_stats, x1, x2)
 
         def loss_fn(params):
             # Fresh Variables for the statistics: BatchNorm updates them inside this trace.
@@ -139,15 +168,15 @@ def train_and_evaluate(encoder, cities, config) -> dict:
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+        return encoder_stats, optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     @jax.jit
-    def predict(encoder_state, params, batch_stats, x1, x2):
-        skips = differences(encoder_state, x1, x2)
+    def predict(encoder_stats, params, batch_stats, x1, x2):
+        skips, _ = differences(encoder_eval_graph, encoder_stats, x1, x2)
         return jax.nn.sigmoid(nnx.merge(eval_graph, params, batch_stats)(skips))
 
-    rng = np.random.default_rng(config.eval.seed)
-    key = jax.random.key(config.eval.seed)
+    rng = np.random.default_rng(config.seed)
+    key = jax.random.key(config.seed)
     progress = tqdm.trange(config.eval.epochs, desc=f"{encoder.name} OSCD", leave=False)
     for epoch in progress:
         order = rng.permutation(images_1.shape[0])[: steps_per_epoch * batch_size]
@@ -155,8 +184,8 @@ def train_and_evaluate(encoder, cities, config) -> dict:
             x1, x2, y = flip_rotate((images_1[batch], images_2[batch], masks[batch]), rng)
             x1, x2, y = jax.device_put((x1, x2, y), batch_sharding)
             step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
-            params, batch_stats, opt_state, loss = train_step(
-                encoder_state, params, batch_stats, opt_state, x1, x2, y, step_key
+            encoder_stats, params, batch_stats, opt_state, loss = train_step(
+                encoder_stats, params, batch_stats, opt_state, x1, x2, y, step_key
             )
         progress.set_postfix(loss=f"{float(loss):.4f}")
 
@@ -173,7 +202,7 @@ def train_and_evaluate(encoder, cities, config) -> dict:
                 for t in (tiles_1, tiles_2)
             )
             probabilities.append(
-                np.asarray(predict(encoder_state, params, batch_stats, x1, x2))[: stop - start]
+                np.asarray(predict(encoder_stats, params, batch_stats, x1, x2))[: stop - start]
             )
         full = stitch(np.concatenate(probabilities), grid, mask.shape)
         city_counts = metrics.binary_counts(full, mask)
@@ -184,15 +213,30 @@ def train_and_evaluate(encoder, cities, config) -> dict:
 
 def oscd_task(config, workdir: str) -> dict:
     """Task `eval_oscd`: change detection on OSCD for every encoder row."""
-    cities = load_oscd(config)
+    datasets = {}
     rows = []
     for encoder in common.encoders(config, workdir):
-        result = train_and_evaluate(encoder, cities, config)
-        rows.append({"encoder": encoder.name, "source": encoder.source, **result})
+        config_name = oscd_config_name(encoder.input)
+        preprocess = oscd_input(encoder.input, config_name)  # checks the bands first
+        if config_name not in datasets:
+            datasets[config_name] = load_oscd(config, config_name)
+        cities = datasets[config_name]
+        result = train_and_evaluate(encoder, cities, config, preprocess)
+        rows.append(
+            {
+                "encoder": encoder.name,
+                "source": encoder.source,
+                "dataset": f"oscd/{config_name}",
+                "bands": list(encoder.input.bands),
+                **result,
+            }
+        )
+    cities = next(iter(datasets.values()))
     extra = {
         "train_cities": [c[0] for c in cities["train"]],
         "test_cities": [c[0] for c in cities["test"]],
         "tile_size": config.eval.tile_size,
         "epochs": config.eval.epochs,
+        "encoder_bn": config.eval.oscd_encoder_bn,
     }
     return common.report(config, workdir, "eval_oscd", rows, ("precision", "recall", "f1"), extra)

@@ -19,17 +19,19 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow_datasets as tfds
 import tqdm
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
+from caco_jax.data.normalization import EXPORT_KEY, Normalization
+from caco_jax.evaluators import bands
 from caco_jax.models import export
 from caco_jax.models.resnet import ResNet
 
@@ -43,6 +45,7 @@ class Encoder:
     name: str  # "checkpoint", "random" or "imagenet"
     model: ResNet
     source: str  # the export directory, or "random init (seed s)"
+    input: Normalization  # the bands it reads and their normalisation (RGB for older exports)
 
 
 def checkpoint_dir(config, workdir: str) -> str:
@@ -61,16 +64,27 @@ def encoders(config, workdir: str) -> list[Encoder]:
             "weights with the convert_weights task, or point --config.eval.checkpoint at an export)"
         )
     model, metadata = export.load_encoder(directory)
-    rows = [Encoder("checkpoint", model, directory)]
+    norm = bands.encoder_input(metadata)
+    if norm.num_bands != model.in_channels:
+        raise ValueError(
+            f"{directory}: metadata {EXPORT_KEY!r} names {norm.num_bands} bands, the encoder takes "
+            f"{model.in_channels} input channels"
+        )
+    rows = [Encoder("checkpoint", model, directory, norm)]
     if config.eval.random_baseline:
         random_model = random_encoder(
-            int(metadata["depth"]), int(metadata["in_channels"]), config.eval.seed
+            int(metadata["depth"]), int(metadata["in_channels"]), config.seed
         )
-        rows.append(Encoder("random", random_model, f"random init (seed {config.eval.seed})"))
+        rows.append(Encoder("random", random_model, f"random init (seed {config.seed})", norm))
     if config.eval.imagenet_checkpoint:
-        imagenet_model, _ = export.load_encoder(config.eval.imagenet_checkpoint)
+        imagenet_model, imagenet_metadata = export.load_encoder(config.eval.imagenet_checkpoint)
         rows.append(
-            Encoder("imagenet", imagenet_model, os.path.abspath(config.eval.imagenet_checkpoint))
+            Encoder(
+                "imagenet",
+                imagenet_model,
+                os.path.abspath(config.eval.imagenet_checkpoint),
+                bands.encoder_input(imagenet_metadata),
+            )
         )
     return rows
 
@@ -104,65 +118,34 @@ def random_encoder(depth: int, in_channels: int, seed: int) -> ResNet:
 
 
 # --------------------------------------------------------------------------------------------------
-# TFDS datasets, read as array_record data sources (numpy decoding: no TensorFlow at run time).
+# Datasets: TFDS records built by caco_jax's own builders from the downloads, read as array_record
+# data sources (numpy decoding: no TensorFlow to build or read).
 
 
-def open_tfds(data_dir: str, name: str, config_name: str):
-    """The prepared TFDS builder `<data_dir>/<name>/<config_name>/<newest version>`, read from its
-    files
-    (no builder code, no TensorFlow). The data must be in array_record format."""
-    import tensorflow_datasets as tfds
-
-    data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
-    folder = os.path.join(data_dir, name, config_name)
-    versions = []
-    if os.path.isdir(folder):
-        for entry in os.listdir(folder):
-            parts = entry.split(".")
-            if len(parts) == 3 and all(p.isdigit() for p in parts):
-                if os.path.exists(os.path.join(folder, entry, "dataset_info.json")):
-                    versions.append(tuple(int(p) for p in parts))
-    if not versions:
-        raise FileNotFoundError(
-            f"config.eval.data_dir: no prepared TFDS dataset {name}/{config_name} "
-            f"under {data_dir}; "
-            f"prepare it with `tfds build {name}/{config_name} --file_format=array_record "
-            f"--data_dir={data_dir}` (see the README)"
-        )
-    version = ".".join(str(v) for v in max(versions))
-    builder = tfds.builder_from_directory(os.path.join(folder, version))
-    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-        raise ValueError(
-            f"{name}/{config_name} under {data_dir} is stored as {builder.info.file_format}; "
-            "caco_jax "
-            "reads array_record without TensorFlow: rebuild with --file_format=array_record"
+def prepared(builder, config, download: str):
+    """`builder` with its records under `config.eval.data_dir`, built from `config.eval.manual_dir`
+    (which holds `download`) the first time."""
+    if not builder.is_prepared():
+        if not config.eval.manual_dir:
+            raise FileNotFoundError(
+                f"config.eval.manual_dir: {builder.name}/{builder.builder_config.name} is not "
+                f"prepared under {builder.data_dir}; point --config.eval.manual_dir at the folder "
+                f"holding {download} (see docs/evaluation.md)"
+            )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.path.abspath(os.path.expanduser(config.eval.manual_dir))
+            )
         )
     return builder
 
 
+def data_dir(config) -> str:
+    return os.path.expanduser(config.eval.data_dir or "~/tensorflow_datasets")
+
+
 def read_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def read_split_list(path: str) -> list[str]:
-    """Names listed one per line (SeCo's split files and BigEarthNet's patch lists; a CSV keeps its
-    first column)."""
-    with open(path) as f:
-        return [line.split(",")[0].strip() for line in f if line.strip()]
-
-
-def seeded_split(
-    count: int, fraction: float, seed: int, reason: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, evaluation indices): a seeded random `fraction` for training. Warns, since
-    the
-    paper's numbers come from SeCo's fixed split."""
-    warnings.warn(
-        f"{reason}: using a seeded random split ({fraction:.0%} train, seed {seed})", stacklevel=2
-    )
-    order = np.random.default_rng(seed).permutation(count)
-    cut = round(count * fraction)
-    return np.sort(order[:cut]), np.sort(order[cut:])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Linear probes on a frozen encoder: EuroSAT (the paper's protocol) and the demo's synthetic land
 cover.
 
-The encoder is frozen and in eval mode, so its features are computed once and cached; the linear
-head then
-trains on the cached features with whole epochs compiled as one `lax.scan`, so the paper's 100
-epochs take
-seconds. Protocol (SeCo's `main_eurosat.py`, reused by CACo): 64x64 RGB scaled to [0, 1] without
-mean/std,
-Linear(d, 10), Adam lr 1e-3, batch 32 (last partial batch dropped), 100 epochs, lr x0.1 at epochs
-60 and 80,
-top-1 on SeCo's validation split.
+Protocol (SeCo's `main_eurosat.py`, reused by CACo's `src/main_eurosat.py`): 64x64 RGB scaled to
+[0, 1] without mean/std, Linear(d, 10), Adam lr 1e-3, batch 32 (last partial batch dropped), 100
+epochs, lr x0.1 at epochs 60 and 80, top-1 on SeCo's validation split. Two probes
+(`config.eval.probe`):
+
+- "official" (default): as Lightning ran the official code, the "frozen" encoder stays in training
+  mode while the head trains (per-batch BatchNorm statistics, running statistics drifting to
+  EuroSAT); validation uses the drifted running statistics. Every epoch runs the encoder.
+- "cached": the encoder in eval mode, its features computed once; the head trains on the cache with
+  whole epochs compiled as one `lax.scan`, so 100 epochs take seconds.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from flax import nnx
 
 from caco_jax.data.normalization import Normalization
-from caco_jax.evaluators import common, metrics
+from caco_jax.evaluators import bands, common, eurosat_builder, metrics, split_lists
 
 EUROSAT_CLASSES = 10
 
@@ -199,108 +201,266 @@ def probe_top1(
 
 
 # --------------------------------------------------------------------------------------------------
+# The official probe: the encoder in training mode while the head trains.
+
+
+def train_mode_features(graphdef, params, batch_stats, images):
+    """Pooled features of `images` with the encoder in training mode: each batch normalised with its
+    own BatchNorm statistics, the running statistics updated (torch's momentum 0.1). Returns
+    (features, updated running statistics). `graphdef` must be split from a model in train mode."""
+    module = nnx.merge(graphdef, params, batch_stats)
+    features = module(images)
+    return jax.lax.stop_gradient(features), nnx.state(module, nnx.BatchStat)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "preprocess", "batch_size", "steps_per_epoch")
+)
+def official_head_epoch(
+    graphdef,
+    params,
+    batch_stats,
+    head,
+    opt_state,
+    images,
+    labels,
+    key,
+    learning_rate,
+    *,
+    preprocess,
+    batch_size: int,
+    steps_per_epoch: int,
+):
+    """One epoch of the official probe as a `lax.scan`: a seeded shuffle cut into full batches,
+    each through the encoder in training mode (no gradient into it), then an Adam step on the head.
+    Returns (running statistics, head, opt_state, mean loss)."""
+    order = jax.random.permutation(key, images.shape[0])
+    batches = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+
+    def step(carry, indices):
+        batch_stats, head, opt_state = carry
+        features, batch_stats = train_mode_features(
+            graphdef, params, batch_stats, preprocess(images[indices])
+        )
+        loss, grads = jax.value_and_grad(
+            lambda h: softmax_cross_entropy(linear(h, features), labels[indices])
+        )(head)
+        updates, opt_state = ADAM.update(grads, opt_state)
+        head = jax.tree.map(lambda p, u: p - learning_rate * u, head, updates)
+        return (batch_stats, head, opt_state), loss
+
+    (batch_stats, head, opt_state), losses = jax.lax.scan(
+        step, (batch_stats, head, opt_state), batches
+    )
+    return batch_stats, head, opt_state, losses.mean()
+
+
+def train_head_with_encoder_in_train_mode(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    preprocess,
+    num_classes: int,
+    settings: HeadSettings,
+    seed: int,
+    description: str = "probe",
+) -> dict:
+    """CACo's `main_eurosat.py` as Lightning ran it: the "frozen" encoder stays in training mode,
+    so the head trains on features normalised with each batch's own BatchNorm statistics while the
+    running statistics drift to the training images (torch's momentum 0.1). Leaves `model` in eval
+    mode with the drifted statistics (what the official validation used); returns the head."""
+    count = images.shape[0]
+    steps_per_epoch = count // settings.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{description}: {count} training examples, fewer than one batch of "
+            f"{settings.batch_size}"
+        )
+    model.train()
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    model.eval()
+    key = jax.random.key(seed)
+    init_key, key = jax.random.split(key)
+    head = init_linear(init_key, model.feature_dim, num_classes)
+    opt_state = ADAM.init(head)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    progress = tqdm.trange(settings.epochs, desc=description, leave=False)
+    for epoch in progress:
+        batch_stats, head, opt_state, loss = official_head_epoch(
+            graphdef,
+            params,
+            batch_stats,
+            head,
+            opt_state,
+            images,
+            labels,
+            jax.random.fold_in(key, epoch),
+            jnp.float32(epoch_learning_rate(settings, epoch)),
+            preprocess=preprocess,
+            batch_size=settings.batch_size,
+            steps_per_epoch=steps_per_epoch,
+        )
+        progress.set_postfix(loss=f"{float(loss):.4f}")
+    nnx.update(model, batch_stats)
+    model.eval()
+    return jax.device_get(head)
+
+
+# --------------------------------------------------------------------------------------------------
 # EuroSAT.
 
 
-def load_eurosat(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
-    """(images uint8 [N, 64, 64, 3], labels [N], train indices, val indices, split description).
+@dataclasses.dataclass
+class EuroSat:
+    """One EuroSAT download's images and SeCo's split of them."""
 
-    Reads TFDS `eurosat/rgb` (one `train` split of 27,000 images, `filename` like `Forest_12.jpg`)
-    and
-    splits it with SeCo's `eurosat-train.txt` / `eurosat-val.txt` when `config.eval.split_dir`
-    holds them.
-    """
-    builder = common.open_tfds(config.eval.data_dir, "eurosat", "rgb")
+    config_name: str  # "rgb" (uint8 JPEG pixels) or "all_bands" (uint16 L1C, 13 bands)
+    names: list[str]  # `<Class>_<n>` of each image
+    images: np.ndarray  # [N, 64, 64, bands]
+    labels: np.ndarray  # [N]
+    train: np.ndarray  # indices
+    val: np.ndarray
+    split: str  # where the split came from
+    seeded_split: bool
+
+
+def eurosat_config_name(norm: Normalization) -> str:
+    """The EuroSAT download an encoder reads: the RGB JPEGs for an RGB encoder (the paper's
+    protocol), the 13-band GeoTIFFs otherwise."""
+    return "rgb" if bands.is_rgb(norm) else "all_bands"
+
+
+def load_eurosat(config, config_name: str) -> EuroSat:
+    """Every image of the download, split with SeCo's `eurosat-train.txt` / `eurosat-val.txt` from
+    `config.eval.manual_dir` (or a flagged seeded split)."""
+    downloads = " or ".join(eurosat_builder.DOWNLOADS[config_name])
+    builder = common.prepared(
+        eurosat_builder.EurosatDownload(
+            config=config_name, data_dir=common.data_dir(config), file_format="array_record"
+        ),
+        config,
+        downloads,
+    )
     source = builder.as_data_source("train")
-    images = np.empty((len(source), 64, 64, 3), np.uint8)
+    example = source[0]
+    images = np.empty((len(source), *example["image"].shape), example["image"].dtype)
     labels = np.empty((len(source),), np.int64)
     names = []
-    for i in tqdm.trange(len(source), desc="eurosat", leave=False):
+    for i in tqdm.trange(len(source), desc=f"eurosat {config_name}", leave=False):
         example = source[i]
-        if example["image"].shape != (64, 64, 3):
-            raise ValueError(
-                f"eurosat/rgb example {i}: image shape {example['image'].shape}, not (64, 64, 3)"
-            )
         images[i] = example["image"]
         labels[i] = example["label"]
-        names.append(os.path.splitext(common.read_text(example["filename"]))[0])
-    train, val, description = _eurosat_split(config, names)
-    return images, labels, train, val, description
+        names.append(common.read_text(example["name"]))
+    if config.seeded_split:
+        train, val = split_lists.seeded_split(len(names), config.seed, "EuroSAT")
+        split = f"seeded (seed {config.seed})"
+        return EuroSat(config_name, names, images, labels, train, val, split, True)
+    paths = split_lists.locate(
+        config.eval.manual_dir, split_lists.EUROSAT_SPLITS, download=config.eval.download_lists
+    )
+    index = {name: i for i, name in enumerate(names)}
+    train, val = (
+        split_lists.indices(paths[file], index, "EuroSAT") for file in split_lists.EUROSAT_SPLITS
+    )
+    split = f"SeCo's {', '.join(split_lists.EUROSAT_SPLITS)} in {config.eval.manual_dir}"
+    return EuroSat(config_name, names, images, labels, train, val, split, False)
 
 
-def _eurosat_split(config, names: list[str]):
-    split_dir = config.eval.split_dir
-    files = (
-        [os.path.join(split_dir, f"eurosat-{s}.txt") for s in ("train", "val")] if split_dir else []
-    )
-    if files and all(os.path.exists(f) for f in files):
-        index = {name: i for i, name in enumerate(names)}
-        splits = []
-        for path in files:
-            listed = [os.path.splitext(name)[0] for name in common.read_split_list(path)]
-            missing = [name for name in listed if name not in index]
-            if missing:
-                raise ValueError(
-                    f"{path}: {len(missing)} listed images are not in eurosat/rgb, "
-                    f"e.g. {missing[:5]}"
-                )
-            splits.append(np.array(sorted(index[name] for name in listed), np.int64))
-        return splits[0], splits[1], f"SeCo split files in {split_dir}"
-    reason = (
-        f"config.eval.split_dir={split_dir!r} lacks eurosat-train.txt/eurosat-val.txt"
-        if split_dir
-        else "config.eval.split_dir is not set"
-    )
-    # SeCo's split: 16,200 train and 5,400 val of 27,000 (60 % / 20 %); the rest is its unused test
-    # set.
-    train, rest = common.seeded_split(len(names), 0.6, config.eval.seed, reason)
-    val = rest[: round(len(names) * 0.2)]
-    return train, val, f"seeded split (seed {config.eval.seed})"
+@functools.cache
+def eurosat_input(norm: Normalization, config_name: str):
+    """The encoder's input from EuroSAT pixels. RGB JPEGs: SeCo's EuroSAT recipe, [0, 1] without
+    mean/std. Multispectral GeoTIFFs (no official recipe): the encoder's bands by name, the L1C
+    values brought to the archive's scale, then the export's normalisation."""
+    if config_name == "rgb":
+        bands.channel_indices("EuroSAT RGB", eurosat_builder.RGB_BANDS, norm.bands)
+        return common.as_unit_float
+    channels = np.asarray(bands.channel_indices("EuroSAT MS", eurosat_builder.MS_BANDS, norm.bands))
+
+    def preprocess(images):
+        return norm(bands.to_archive_scale(images[..., channels], jnp), jnp)
+
+    return preprocess
 
 
 def eurosat_task(config, workdir: str) -> dict:
     """Task `eval_eurosat`: the paper's EuroSAT linear probe for every encoder row."""
-    images, labels, train, val, split_description = load_eurosat(config)
     settings = HeadSettings.from_config(config.eval)
+    datasets = {}
     rows = []
     for encoder in common.encoders(config, workdir):
+        config_name = eurosat_config_name(encoder.input)
+        preprocess = eurosat_input(encoder.input, config_name)  # checks the bands first
+        if config_name not in datasets:
+            datasets[config_name] = load_eurosat(config, config_name)
+        data = datasets[config_name]
 
-        def load(indices, subset):
+        def load(indices, subset, images=data.images):
             return images[subset[indices]]
 
-        if config.eval.update_bn_stats:
+        if config.eval.probe == "official":
+            head = train_head_with_encoder_in_train_mode(
+                encoder.model,
+                data.images[data.train],
+                data.labels[data.train],
+                preprocess=preprocess,
+                num_classes=EUROSAT_CLASSES,
+                settings=settings,
+                seed=config.seed,
+                description=f"{encoder.name} probe",
+            )
+        elif config.eval.update_bn_stats:
             common.refresh_batch_stats(
                 encoder.model,
-                lambda i: load(i, train),
-                train.size,
-                preprocess=common.as_unit_float,
+                lambda i, data=data: load(i, data.train),
+                data.train.size,
+                preprocess=preprocess,
                 batch_size=settings.batch_size,
-                seed=config.eval.seed,
+                seed=config.seed,
             )
         features = {
             name: common.extract_features(
                 encoder.model,
                 lambda i, subset=subset: load(i, subset),
                 subset.size,
-                preprocess=common.as_unit_float,
+                preprocess=preprocess,
                 batch_size=config.eval.extract_batch_size,
                 description=f"{encoder.name} {name}",
             )
-            for name, subset in (("train", train), ("val", val))
+            for name, subset in (("train", data.train), ("val", data.val))
         }
-        result = probe_top1(
-            (features["train"], labels[train]),
-            (features["val"], labels[val]),
-            num_classes=EUROSAT_CLASSES,
-            settings=settings,
-            seed=config.eval.seed,
-            description=f"{encoder.name} probe",
+        train = (features["train"], data.labels[data.train])
+        val = (features["val"], data.labels[data.val])
+        if config.eval.probe == "official":
+            result = {
+                "top1": metrics.top1_accuracy(np.asarray(linear(head, val[0])), val[1]),
+                "train_top1": metrics.top1_accuracy(np.asarray(linear(head, train[0])), train[1]),
+            }
+        else:
+            result = probe_top1(
+                train,
+                val,
+                num_classes=EUROSAT_CLASSES,
+                settings=settings,
+                seed=config.seed,
+                description=f"{encoder.name} probe",
+            )
+        rows.append(
+            {
+                "encoder": encoder.name,
+                "source": encoder.source,
+                "dataset": f"eurosat_download/{config_name}",
+                "bands": list(encoder.input.bands),
+                **result,
+            }
         )
-        rows.append({"encoder": encoder.name, "source": encoder.source, **result})
+    first = next(iter(datasets.values()))
     extra = {
-        "split": split_description,
-        "train_examples": int(train.size),
-        "val_examples": int(val.size),
+        "probe": config.eval.probe,
+        "split": first.split,
+        "seeded_split": first.seeded_split,
+        "train_examples": int(first.train.size),
+        "val_examples": int(first.val.size),
         "settings": dataclasses.asdict(settings),
         "update_bn_stats": bool(config.eval.update_bn_stats),
     }
@@ -363,7 +523,7 @@ def land_cover_task(config, workdir: str) -> dict:
     images, labels, locations = load_synthetic_land_cover(config, workdir)
     num_locations = int(locations.max()) + 1
     # The synthetic archive has no fixed split: seeded halves of its locations.
-    order = np.random.default_rng(config.eval.seed).permutation(num_locations)
+    order = np.random.default_rng(config.seed).permutation(num_locations)
     train_locations = order[: num_locations // 2]
     in_train = np.isin(locations, train_locations)
     train, test = np.flatnonzero(in_train), np.flatnonzero(~in_train)
@@ -388,7 +548,7 @@ def land_cover_task(config, workdir: str) -> dict:
             (features[1], labels[test]),
             num_classes=num_classes,
             settings=settings,
-            seed=config.eval.seed,
+            seed=config.seed,
             description=f"{encoder.name} probe",
         )
         rows.append({"encoder": encoder.name, "source": encoder.source, **result})

@@ -1,18 +1,14 @@
 """BigEarthNet multi-label classification (SeCo's `main_bigearthnet.py` protocol, reused by CACo).
 
-TFDS `bigearthnet/rgb` patches (43 CORINE labels) are mapped to the 19-class nomenclature,
-cloud/snow
-patches are removed when their lists are given, images are resized to 128x128 (bicubic) and scaled
-to
-[0, 1]. The head is Dropout(0.2) + Linear(d, 19) trained with the multi-label soft-margin loss and
-Adam for
-100 epochs (lr x0.1 at 60 and 80) on 10 % or 100 % of the training labels; the metric is
-micro-averaged AP
-on the validation split (macro AP reported beside it, labelled). The frozen mode trains the head on
-cached
-features; `config.eval.finetune` also trains the encoder (its BatchNorm stays in eval mode, as the
-official
-`on_train_epoch_start` sets it).
+Patches of the downloaded BigEarthNet-S2 v1.0 (`bigearthnet_builder`; 43 CORINE labels) are mapped
+to the 19-class nomenclature, split with SeCo's lists, and the cloud/shadow and seasonal-snow
+patches are removed. Input: SeCo's per-band stretch (mean +- 2 std to uint8) to [0, 1], resized to
+128x128 (bicubic). The head is Dropout(0.2) + Linear(d, 19) trained with the multi-label
+soft-margin loss and Adam for 100 epochs (lr x0.1 at 60 and 80), batch 1024 at lr 1e-3 (SeCo's
+README command), on 10 % or 100 % of the training labels; the metric is micro-averaged AP on the
+validation split (macro AP reported beside it, labelled). The frozen mode trains the head on cached
+features (the official `on_train_epoch_start` puts the encoder in eval mode, so they are what it
+sees); `config.eval.finetune` also trains the encoder (BatchNorm still in eval mode).
 """
 
 from __future__ import annotations
@@ -30,7 +26,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
-from caco_jax.evaluators import common, linear_probe, metrics
+from caco_jax.data.normalization import Normalization
+from caco_jax.evaluators import (
+    bands,
+    bigearthnet_builder,
+    common,
+    linear_probe,
+    metrics,
+    split_lists,
+)
 
 # The 19-class nomenclature of Sumbul et al. (BigEarthNet-19), in its published order.
 CLASSES_19 = (
@@ -97,7 +101,18 @@ UNMAPPED_LABELS = frozenset(
         "Sport and leisure facilities",
     }
 )
-CLOUD_AND_SNOW_LISTS = ("patches_with_cloud_and_shadow.csv", "patches_with_seasonal_snow.csv")
+# SeCo's per-band mean and std of the BigEarthNet L2A values (datasets/bigearthnet_dataset.py
+# BAND_STATS): its input is each band stretched linearly from mean - 2 std .. mean + 2 std to uint8.
+BAND_MEAN = {
+    "B01": 340.76769064, "B02": 429.9430203, "B03": 614.21682446, "B04": 590.23569706,
+    "B05": 950.68368468, "B06": 1792.46290469, "B07": 2075.46795189, "B08": 2218.94553375,
+    "B8A": 2266.46036911, "B09": 2246.0605464, "B11": 1594.42694882, "B12": 1009.32729131,
+}  # fmt: skip
+BAND_STD = {
+    "B01": 554.81258967, "B02": 572.41639287, "B03": 582.87945694, "B04": 675.88746967,
+    "B05": 729.89827633, "B06": 1096.01480586, "B07": 1273.45393088, "B08": 1365.45589904,
+    "B8A": 1356.13789355, "B09": 1302.3292881, "B11": 1079.19066363, "B12": 818.86747235,
+}  # fmt: skip
 
 
 def nineteen_class_index(label_names) -> np.ndarray:
@@ -132,78 +147,107 @@ def label_subset(count: int, fraction: float, seed: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class BigEarthNet:
-    source: object  # random-access TFDS data source of bigearthnet/rgb `train`
+    config_name: str  # "rgb" or "all_bands" records of `bigearthnet_builder`
+    source: object  # random-access data source of its `train` split (every patch)
     targets: np.ndarray  # [N, 19] multi-hot
     train: np.ndarray  # indices of the (label-fraction) training patches
     val: np.ndarray
-    description: str
+    split: str
+    seeded_split: bool
     removed_cloud_snow: int
 
     def images(self, indices) -> np.ndarray:
         return np.stack([self.source[int(i)]["image"] for i in indices])
 
 
-def load_bigearthnet(config) -> BigEarthNet:
+def bigearthnet_config_name(norm: Normalization) -> str:
+    return "rgb" if bands.is_rgb(norm) else "all_bands"
+
+
+def load_bigearthnet(config, config_name: str) -> BigEarthNet:
+    """The patches of the download, split with SeCo's lists and without the cloud/shadow and
+    seasonal-snow patches, all read from `config.eval.manual_dir`."""
     import tensorflow_datasets as tfds
 
-    builder = common.open_tfds(config.eval.data_dir, "bigearthnet", "rgb")
-    mapping = nineteen_class_index(builder.info.features["labels"].feature.names)
+    builder = common.prepared(
+        bigearthnet_builder.BigearthnetDownload(
+            config=config_name,
+            data_dir=common.data_dir(config),
+            file_format="array_record",
+            num_workers=config.eval.prepare_workers,
+        ),
+        config,
+        " or ".join(bigearthnet_builder.DOWNLOADS),
+    )
+    mapping = nineteen_class_index(bigearthnet_builder.LABELS)
     # Names and labels only: skip decoding the images in this pass.
     metadata = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
     names, targets = [], []
     for i in tqdm.trange(len(metadata), desc="bigearthnet labels", leave=False):
         example = metadata[i]
-        names.append(common.read_text(example["filename"]))
+        names.append(common.read_text(example["name"]))
         targets.append(multi_hot(example["labels"], mapping))
     targets = np.stack(targets)
-    split_dir = config.eval.split_dir
-
-    bad = set()
-    for list_name in CLOUD_AND_SNOW_LISTS:
-        path = os.path.join(split_dir, list_name) if split_dir else ""
-        if path and os.path.exists(path):
-            bad.update(common.read_split_list(path))
-    keep = np.array([name not in bad for name in names])
-    removed = int((~keep).sum())
-
-    files = (
-        [os.path.join(split_dir, f"bigearthnet-{s}.txt") for s in ("train", "val")]
-        if split_dir
-        else []
-    )
-    if files and all(os.path.exists(f) for f in files):
-        index = {name: i for i, name in enumerate(names)}
-        splits = []
-        for path in files:
-            listed = common.read_split_list(path)
-            missing = [name for name in listed if name not in index]
-            if missing:
-                raise ValueError(
-                    f"{path}: {len(missing)} patches not in bigearthnet/rgb, e.g. {missing[:3]}"
-                )
-            chosen = np.array(sorted(index[name] for name in listed), np.int64)
-            splits.append(chosen[keep[chosen]])
-        train, val = splits
-        description = f"SeCo split files in {split_dir}"
+    index = {name: i for i, name in enumerate(names)}
+    manual_dir = config.eval.manual_dir
+    excluded_lists = split_lists.BIGEARTHNET_EXCLUDED
+    if config.seeded_split:
+        train, val = split_lists.seeded_split(len(names), config.seed, "BigEarthNet")
+        split = f"seeded (seed {config.seed})"
+        # The cloud and snow lists are still applied when they are there.
+        present = [f for f in excluded_lists if os.path.exists(os.path.join(manual_dir, f))]
+        paths = split_lists.locate(manual_dir, present, download=False)
     else:
-        reason = "config.eval.split_dir lacks bigearthnet-train.txt/bigearthnet-val.txt"
-        train, rest = common.seeded_split(len(names), 0.6, config.eval.seed, reason)
-        val = rest[: round(len(names) * 0.2)]
-        train, val = train[keep[train]], val[keep[val]]
-        description = f"seeded split (seed {config.eval.seed})"
+        paths = split_lists.locate(
+            manual_dir,
+            split_lists.BIGEARTHNET_SPLITS + excluded_lists,
+            download=config.eval.download_lists,
+        )
+        train, val = (
+            split_lists.indices(paths[f], index, "BigEarthNet")
+            for f in split_lists.BIGEARTHNET_SPLITS
+        )
+        split = f"SeCo's {', '.join(split_lists.BIGEARTHNET_SPLITS)} in {manual_dir}"
+    excluded = np.zeros(len(names), bool)
+    for file in excluded_lists:
+        if file in paths:
+            excluded[split_lists.indices(paths[file], index, "BigEarthNet")] = True
+    removed = int(excluded[train].sum() + excluded[val].sum())
+    train, val = train[~excluded[train]], val[~excluded[val]]
     if config.eval.train_fraction < 1.0:
-        train = train[label_subset(train.size, config.eval.train_fraction, config.eval.seed)]
+        train = train[label_subset(train.size, config.eval.train_fraction, config.seed)]
     source = builder.as_data_source("train")
-    return BigEarthNet(source, targets, train, val, description, removed)
+    return BigEarthNet(
+        config_name, source, targets, train, val, split, config.seeded_split, removed
+    )
+
+
+def seco_stretch(band_names) -> Normalization:
+    """SeCo's BigEarthNet input as a `Normalization`: each band stretched from mean - 2 std to
+    mean + 2 std, no standardisation."""
+    mean = np.array([BAND_MEAN[b] for b in band_names])
+    std = np.array([BAND_STD[b] for b in band_names])
+    return Normalization(
+        bands=tuple(band_names),
+        low=tuple((mean - 2 * std).tolist()),
+        high=tuple((mean + 2 * std).tolist()),
+        mean=(0.0,) * len(band_names),
+        std=(1.0,) * len(band_names),
+    )
 
 
 @functools.cache
-def bigearthnet_input(image_size: int):
-    """uint8 RGB -> [0, 1], resized bicubically to `image_size` (torchvision's Resize then
-    ToTensor)."""
+def bigearthnet_input(norm: Normalization, config_name: str, image_size: int):
+    """The encoder's bands by name from the patch, SeCo's per-band stretch to [0, 1], resized
+    bicubically to `image_size` (torchvision's Resize then ToTensor)."""
+    stored = (
+        bigearthnet_builder.RGB_BANDS if config_name == "rgb" else bigearthnet_builder.ALL_BANDS
+    )
+    channels = np.asarray(bands.channel_indices("BigEarthNet", stored, norm.bands))
+    stretch = seco_stretch([stored[c] for c in channels])
 
     def preprocess(images):
-        x = common.as_unit_float(images)
+        x = stretch.stretch(images[..., channels], jnp)
         return jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[-1]), "bicubic")
 
     return preprocess
@@ -215,7 +259,7 @@ def _ap(targets, scores) -> dict:
 
 
 def frozen_probe(encoder, data: BigEarthNet, config) -> dict:
-    preprocess = bigearthnet_input(config.eval.image_size)
+    preprocess = bigearthnet_input(encoder.input, data.config_name, config.eval.image_size)
     features = {
         name: common.extract_features(
             encoder.model,
@@ -233,7 +277,7 @@ def frozen_probe(encoder, data: BigEarthNet, config) -> dict:
         num_outputs=len(CLASSES_19),
         loss_fn=linear_probe.multilabel_soft_margin,
         settings=linear_probe.HeadSettings.from_config(config.eval),
-        seed=config.eval.seed,
+        seed=config.seed,
         description=f"{encoder.name} probe",
     )
     scores = np.asarray(jax.nn.sigmoid(linear_probe.linear(params, features["val"])))
@@ -246,7 +290,7 @@ def finetune(encoder, data: BigEarthNet, config) -> dict:
     every device; the encoder's BatchNorm keeps its statistics (eval mode), as in the official
     code."""
     settings = linear_probe.HeadSettings.from_config(config.eval)
-    preprocess = bigearthnet_input(config.eval.image_size)
+    preprocess = bigearthnet_input(encoder.input, data.config_name, config.eval.image_size)
     mesh = mesh_lib.data_mesh()
     batch_size = common.global_batch_size(settings.batch_size, mesh)
     steps_per_epoch = data.train.size // batch_size
@@ -255,7 +299,7 @@ def finetune(encoder, data: BigEarthNet, config) -> dict:
     model = encoder.model
     model.eval()
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    key = jax.random.key(config.eval.seed)
+    key = jax.random.key(config.seed)
     trainable = {
         "encoder": params,
         "head": linear_probe.init_linear(key, model.feature_dim, len(CLASSES_19)),
@@ -286,7 +330,7 @@ def finetune(encoder, data: BigEarthNet, config) -> dict:
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    rng = np.random.default_rng(config.eval.seed)
+    rng = np.random.default_rng(config.seed)
     progress = tqdm.trange(settings.epochs, desc=f"{encoder.name} finetune", leave=False)
     for epoch in progress:
         order = rng.permutation(data.train)[: steps_per_epoch * batch_size]
@@ -313,17 +357,30 @@ def finetune(encoder, data: BigEarthNet, config) -> dict:
 def bigearthnet_task(config, workdir: str) -> dict:
     """Task `eval_bigearthnet`: frozen probe (default) or full fine-tuning, for every encoder
     row."""
-    data = load_bigearthnet(config)
     evaluate = finetune if config.eval.finetune else frozen_probe
+    datasets = {}
     rows = []
     for encoder in common.encoders(config, workdir):
+        config_name = bigearthnet_config_name(encoder.input)
+        bigearthnet_input(encoder.input, config_name, config.eval.image_size)  # checks the bands
+        if config_name not in datasets:
+            datasets[config_name] = load_bigearthnet(config, config_name)
+        result = evaluate(encoder, datasets[config_name], config)
         rows.append(
-            {"encoder": encoder.name, "source": encoder.source, **evaluate(encoder, data, config)}
+            {
+                "encoder": encoder.name,
+                "source": encoder.source,
+                "dataset": f"bigearthnet_download/{config_name}",
+                "bands": list(encoder.input.bands),
+                **result,
+            }
         )
+    data = next(iter(datasets.values()))
     extra = {
         "mode": "finetune" if config.eval.finetune else "frozen",
         "train_fraction": config.eval.train_fraction,
-        "split": data.description,
+        "split": data.split,
+        "seeded_split": data.seeded_split,
         "train_patches": int(data.train.size),
         "val_patches": int(data.val.size),
         "cloud_snow_removed": data.removed_cloud_snow,

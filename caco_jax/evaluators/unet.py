@@ -53,10 +53,14 @@ def skip_features(encoder: ResNet, images) -> list[jax.Array]:
 
 
 def feature_differences(encoder: ResNet, images_1, images_2) -> list[jax.Array]:
-    """|f(x1) - f(x2)| at each skip depth; the frozen encoder receives no gradient."""
-    both = skip_features(encoder, jnp.concatenate([images_1, images_2]))
-    count = images_1.shape[0]
-    return [jax.lax.stop_gradient(jnp.abs(f[:count] - f[count:])) for f in both]
+    """|f(x1) - f(x2)| at each skip depth; the frozen encoder receives no gradient.
+
+    The dates go through the encoder one after the other, as SeCo's `SegmentationEncoder` did: in
+    training mode each date's batch is normalised with its own BatchNorm statistics, and the
+    running statistics are updated once per date."""
+    first = skip_features(encoder, images_1)
+    second = skip_features(encoder, images_2)
+    return [jax.lax.stop_gradient(jnp.abs(a - b)) for a, b in zip(first, second, strict=True)]
 
 
 def upsample2(x):
