@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from caco_jax import mesh as mesh_lib
 from caco_jax import progress
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
@@ -119,7 +120,7 @@ def embed_tiles(
     total: int | None = None,
 ) -> Embeddings:
     """Pooled features of ``tiles`` (eval mode), batched over the devices with a progress bar."""
-    mesh = common.data_mesh()
+    mesh = mesh_lib.data_mesh()
     batch_size = common.global_batch_size(batch_size, mesh)
     model.eval()
     graphdef, state = nnx.split(model)

@@ -15,7 +15,9 @@ class LogProgress:
 
     def __init__(self, iterable=None, *, total=None, initial=0, desc="", unit="it", file=None):
         self.iterable = iterable
-        self.total = len(iterable) if total is None and iterable is not None else total
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total = total
         self.n = initial
         self.desc = desc
         self.unit = unit

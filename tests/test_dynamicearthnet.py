@@ -155,7 +155,7 @@ def download(tmp_path_factory):
 
 
 def records(data_dir):
-    source = common.open_tfds(data_dir, "dynamic_earthnet", "rgb")
+    source = builder.DynamicEarthNet(config="rgb", data_dir=str(data_dir))
     out = {}
     for split in ("train", "validation"):
         data = source.as_data_source(split)

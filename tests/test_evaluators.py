@@ -623,7 +623,7 @@ def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
     write_fake_oscd(manual, band_names=oscd_builder.ALL_BANDS)
 
     records = run_evaluations(
-        tmp_path, str(encoder), manual, "--config.seeded_split=True",
+        tmp_path, str(encoder), manual, "--config.eval.seeded_split=True",
         "--config.eval.probe=cached", "--config.eval.finetune=True",
         "--config.eval.oscd_encoder_bn=eval",
     )  # fmt: skip

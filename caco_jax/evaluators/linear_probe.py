@@ -352,7 +352,7 @@ def load_eurosat(config, config_name: str) -> EuroSat:
         images[i] = example["image"]
         labels[i] = example["label"]
         names.append(common.read_text(example["name"]))
-    if config.seeded_split:
+    if config.eval.seeded_split:
         train, val = split_lists.seeded_split(len(names), config.seed, "EuroSAT")
         split = f"seeded (seed {config.seed})"
         return EuroSat(config_name, names, images, labels, train, val, split, True)

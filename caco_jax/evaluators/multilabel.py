@@ -191,7 +191,7 @@ def load_bigearthnet(config, config_name: str) -> BigEarthNet:
     index = {name: i for i, name in enumerate(names)}
     manual_dir = config.eval.manual_dir
     excluded_lists = split_lists.BIGEARTHNET_EXCLUDED
-    if config.seeded_split:
+    if config.eval.seeded_split:
         train, val = split_lists.seeded_split(len(names), config.seed, "BigEarthNet")
         split = f"seeded (seed {config.seed})"
         # The cloud and snow lists are still applied when they are there.
@@ -218,7 +218,7 @@ def load_bigearthnet(config, config_name: str) -> BigEarthNet:
         train = train[label_subset(train.size, config.eval.train_fraction, config.seed)]
     source = builder.as_data_source("train")
     return BigEarthNet(
-        config_name, source, targets, train, val, split, config.seeded_split, removed
+        config_name, source, targets, train, val, split, config.eval.seeded_split, removed
     )
 
 

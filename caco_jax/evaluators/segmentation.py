@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -71,16 +70,14 @@ def targets_from_labels(label: np.ndarray) -> np.ndarray:
 def load_dynamicearthnet(config) -> dict[str, Scenes]:
     """{"train", "validation"} from TFDS `dynamic_earthnet/rgb`, built from `config.eval.manual_dir`
     first when it is not prepared yet."""
-    data_dir = os.path.expanduser(config.eval.data_dir or "~/tensorflow_datasets")
-    if not os.path.isdir(os.path.join(data_dir, "dynamic_earthnet", "rgb")):
-        if not config.eval.manual_dir:
-            raise FileNotFoundError(
-                f"config.eval.manual_dir: DynamicEarthNet is not prepared under {data_dir}; point "
-                "--config.eval.manual_dir at the download (planet.*.zip, labels.zip, "
-                "dynnet_training_splits/) to build it"
-            )
-        dynamicearthnet_builder.prepare(config.eval.manual_dir, data_dir)
-    builder = common.open_tfds(data_dir, "dynamic_earthnet", "rgb")
+    data_dir = common.data_dir(config)
+    builder = common.prepared(
+        dynamicearthnet_builder.DynamicEarthNet(
+            config="rgb", data_dir=data_dir, file_format="array_record"
+        ),
+        config,
+        "the download (planet.*.zip, labels.zip, dynnet_training_splits/)",
+    )
     scenes = {}
     for split in ("train", "validation"):
         source = builder.as_data_source(split)

@@ -4,7 +4,7 @@ cloud/shadow and seasonal-snow patches, read from manual_dir beside the download
 They are part of the protocol, so a missing list is an error naming the files and where to get them.
 `--config.eval.download_lists=True` fetches the missing ones from their published addresses into
 manual_dir (no checksum is published: a list is checked by parsing it, every name must be an example
-of the download). `--config.seeded_split=True` replaces the train/val lists by a seeded random
+of the download). `--config.eval.seeded_split=True` replaces the train/val lists by a seeded random
 split, flagged in the metrics file.
 """
 
@@ -56,7 +56,7 @@ def locate(manual_dir: str, files, *, download: bool) -> dict[str, str]:
         where = "; ".join(f"{f}: {URLS[f]}" for f in missing)
         raise FileNotFoundError(
             f"config.eval.manual_dir={manual_dir!r} lacks {', '.join(missing)} (get them from "
-            f"{where}, or pass --config.eval.download_lists=True; --config.seeded_split=True "
+            f"{where}, or pass --config.eval.download_lists=True; --config.eval.seeded_split=True "
             "uses a seeded split instead of the official lists)"
         )
     return paths
@@ -88,7 +88,7 @@ def indices(path: str, index: dict[str, int], dataset: str) -> np.ndarray:
 def seeded_split(count: int, seed: int, dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices: a seeded 60 % / 20 % of `count` (the proportions of SeCo's splits)."""
     warnings.warn(
-        f"{dataset}: config.seeded_split=True: seeded random split (60 % train, 20 % val, "
+        f"{dataset}: config.eval.seeded_split=True: seeded random split (60 % train, 20 % val, "
         f"seed {seed}), not the official lists; the numbers are not the paper's protocol",
         stacklevel=2,
     )
