@@ -8,9 +8,9 @@ The downloads (https://github.com/phelber/EuroSAT, Zenodo 7711810), left as they
              EuroSATallBands.zip  ds/images/remote_sensing/otherDatasets/sentinel_2/tif/<Class>/...
 
 or any of them extracted anywhere under manual_dir. One `train` split with every image (TFDS
-orders the records by a hash of the name): `name` (`<Class>_<n>`, the key of SeCo's split lists), `label` (the ten classes in name
-order, as SeCo's `EurosatDataset` indexes the class folders) and `image` (uint8 [64, 64, 3] for
-`rgb`, uint16 [64, 64, 13] in `MS_BANDS` order for `all_bands`).
+orders the records by a hash of the name): `name` (`<Class>_<n>`, the key of SeCo's split lists),
+`label` (the ten classes in name order, as SeCo's `EurosatDataset` indexes the class folders) and
+`image` (uint8 [64, 64, 3] for `rgb`, uint16 [64, 64, 13] in `MS_BANDS` order for `all_bands`).
 """
 
 from __future__ import annotations
