@@ -350,7 +350,7 @@ def test_oscd_builder_names_a_missing_mask(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The demo's land-cover probe on the synthetic archive (contract 1 and 2 data).
+# The demo's land-cover probe on the synthetic archive.
 
 
 def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path):
