@@ -350,7 +350,7 @@ def test_oscd_builder_names_a_missing_mask(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The demo's land-cover probe on the synthetic archive (its ground truth and records).
+# The demo's land-cover probe on the synthetic archive.
 
 
 def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path):
@@ -538,6 +538,42 @@ def test_bigearthnet_records_hold_the_downloaded_bands_and_labels(tmp_path):
             np.testing.assert_array_equal(
                 example["image"][::repeat, ::repeat, channel], pixels[band]
             )
+
+
+def test_older_eurosat_zips_and_bad_images(tmp_path):
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(jpeg, "JPEG")
+    with zipfile.ZipFile(tmp_path / "EuroSAT.zip", "w") as archive:
+        archive.writestr("2750/Forest/Forest_2.jpg", jpeg.getvalue())
+        archive.writestr("2750/Forest/Forest_10.jpg", jpeg.getvalue())
+    found = eurosat_builder.find_images(str(tmp_path), "rgb")
+    assert [name for name, _, _ in found] == ["Forest_2", "Forest_10"]
+    tif = geotiff_bytes(np.zeros((13, 64, 64), np.uint16))
+    prefix = "ds/images/remote_sensing/otherDatasets/sentinel_2/tif"
+    with zipfile.ZipFile(tmp_path / "EuroSATallBands.zip", "w") as archive:
+        archive.writestr(f"{prefix}/River/River_7.tif", tif)
+    ((name, path, read),) = eurosat_builder.find_images(str(tmp_path), "all_bands")
+    assert name == "River_7" and eurosat_builder._decode_geotiff(read(), path).shape == (64, 64, 13)
+    with pytest.raises(ValueError, match=r"River_7\.tif is uint16\(12, 64, 64\), not uint16\(13"):
+        eurosat_builder._decode_geotiff(geotiff_bytes(np.zeros((12, 64, 64), np.uint16)), path)
+
+
+def test_bigearthnet_tar_with_a_split_patch_or_a_wrong_band_size_is_an_error(tmp_path):
+    patches = bigearthnet_patches()
+    first, second = list(patches)[:2]
+    with tarfile.open(tmp_path / "BigEarthNet-S2-v1.0.tar.gz", "w:gz") as archive:
+        for name in (first, second, first):
+            info = tarfile.TarInfo(f"BigEarthNet-v1.0/{name}/{name}_B04.tif")
+            data = patches[name][0][f"{name}_B04.tif"]
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=f"patch {first} are not contiguous"):
+        list(bigearthnet_builder.read_patches(str(tmp_path), ("B04",)))
+    files = dict(
+        patches[first][0], **{f"{first}_B05.tif": geotiff_bytes(np.zeros((1, 120, 120), np.uint16))}
+    )
+    with pytest.raises(ValueError, match=r"_B05\.tif is \(120, 120\), not \(60, 60\)"):
+        bigearthnet_builder.decode_patch(first, files, ("B05",))
 
 
 def test_unprepared_dataset_without_manual_dir_names_the_key(tmp_path):

@@ -1,14 +1,11 @@
-"""What every evaluator shares: the encoders to compare, TFDS datasets read without TensorFlow,
-data-parallel
-feature extraction, and the metrics file and console table.
+"""What every evaluator shares: the encoders to compare (with the bands each reads), datasets
+prepared from the downloads and read without TensorFlow, data-parallel feature extraction, and the
+metrics file and console table.
 
 Each evaluator compares the same rows: the checkpoint under test (an export written by
-`save_encoder`, by
-pretraining or by `caco_jax.convert`), a randomly initialised encoder of the same architecture,
-and, when
-`config.eval.imagenet_checkpoint` names one, a supervised ImageNet encoder converted from a
-torchvision
-state dict.
+`save_encoder`, by pretraining or by `caco_jax.convert`), a randomly initialised encoder of the
+same architecture and, when `config.eval.imagenet_checkpoint` names one, a supervised ImageNet
+encoder converted from a torchvision state dict.
 """
 
 from __future__ import annotations

@@ -9,9 +9,8 @@ The downloads (https://github.com/phelber/EuroSAT, Zenodo 7711810), left as they
 
 or any of them extracted anywhere under manual_dir. One `train` split with every image (TFDS
 orders the records by a hash of the name): `name` (`<Class>_<n>`, the key of SeCo's split lists),
-`label` (the ten classes in name order, as SeCo's `EurosatDataset` indexes the class folders)
-and `image` (uint8 [64, 64, 3] for `rgb`, uint16 [64, 64, 13] in `MS_BANDS` order for
-`all_bands`).
+`label` (the ten classes in name order, as SeCo's `EurosatDataset` indexes the class folders) and
+`image` (uint8 [64, 64, 3] for `rgb`, uint16 [64, 64, 13] in `MS_BANDS` order for `all_bands`).
 """
 
 from __future__ import annotations

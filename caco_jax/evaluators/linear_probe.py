@@ -473,9 +473,9 @@ def eurosat_task(config, workdir: str) -> dict:
 
 def load_synthetic_land_cover(config, workdir: str):
     """(images uint8 [M, 264, 264, 3], labels [M], location index [M]): the early-window
-    acquisitions of every location of the prepared synthetic records, labelled with the
-    location's dominant land cover (the synthetic ground truth describes the early window; changed
-    locations may differ later)."""
+    acquisitions of every location of the prepared synthetic records, labelled with the location's
+    dominant land cover (the synthetic ground truth describes the early window; changed locations
+    may differ later)."""
     from caco_jax.data import records, synthetic
 
     truth_path = synthetic.ground_truth_path(config, workdir)

@@ -38,9 +38,10 @@ def _torch_conv(in_channels, out_channels, kernel_size, *, use_bias, rngs):
 
 
 def skip_features(encoder: ResNet, images) -> list[jax.Array]:
-    """[stem conv (stride 2), c2, c3, c4, c5] of the encoder: the official `feature_indices=(0, 4,
-    5, 6, 7)` of `nn.Sequential(conv1, bn1, relu, maxpool, layer1..layer4)`, by torchvision's
-    submodule names. The stem output is taken before BatchNorm, as index 0 of that Sequential is."""
+    """[stem conv (stride 2), c2, c3, c4, c5] of the encoder, the official
+    `feature_indices=(0, 4, 5, 6, 7)` of `nn.Sequential(conv1, bn1, relu, maxpool, layer1..layer4)`,
+    by the ResNet's submodule names; the stem output is taken before BatchNorm, as index 0 of the
+    official Sequential is."""
     stem = encoder.conv1(images)
     x = nnx.relu(encoder.bn1(stem))
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
