@@ -28,13 +28,15 @@ so they survive a resume and are updated on device.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from caco_jax import storage
 
 # Columns of the statistics triple, as in the official ``train_dataset.loss`` array.
 LONG_TERM, SHORT_TERM, RATIO = 0, 1, 2
@@ -212,6 +214,9 @@ def save_change_histograms(path, d_lt, d_st, r, labels, epoch: int) -> float:
         axes.legend()
     figure.suptitle(f"epoch {epoch}: {100 * fraction:.1f}% of {labels.size} seen items changed")
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path)
+    target = storage.path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image = io.BytesIO()  # through bytes: the path may be a bucket URL
+    figure.savefig(image, format="png")
+    target.write_bytes(image.getvalue())
     return fraction

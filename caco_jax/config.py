@@ -194,6 +194,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0.0 <= config.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "in [0, 1]")
     _check(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(config.data.wait_seconds > 0, "data.wait_seconds", "must be > 0")
+    _check(
+        "prepare" not in config.tasks or "://" not in config.data.data_dir,
+        "data.data_dir",
+        "prepare writes the records as local files: a local folder or a mounted bucket "
+        "(gcsfuse), not a URL (see docs/running.md)",
+    )
     _validate_training(config)
     _validate_input(config.input, config.augment)
     _validate_sampling(config.sampling)

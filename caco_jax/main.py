@@ -48,7 +48,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from caco_jax import config as config_lib
-    from caco_jax import multihost
+    from caco_jax import multihost, storage
 
     if not flags.FLAGS["verbosity"].present:
         # Orbax and grain log every checkpoint operation at INFO; `--verbosity=0` shows them.
@@ -71,10 +71,11 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join(
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     )
-    os.makedirs(workdir, exist_ok=True)
+    workdir_path = storage.path(workdir)  # a local folder or a bucket URL
+    workdir_path.mkdir(parents=True, exist_ok=True)
     # Every process runs every task (see caco_jax/multihost.py); only process 0 reports.
     report = print if process.primary else lambda *args, **kwargs: None
-    report(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    report(f"workdir: {workdir_path}", flush=True)
     if process.count > 1:
         report(f"{process.count} processes", flush=True)
     results = {}
@@ -84,8 +85,7 @@ def main(argv):
         results[name] = multihost.task(name, process)(config, workdir) or {}
         report(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
     if process.primary:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        (workdir_path / "results.json").write_text(json.dumps(results, indent=2, default=str))
     report(json.dumps(results, indent=2, default=str))
 
 

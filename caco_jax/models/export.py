@@ -8,7 +8,6 @@ and renames it when complete, so a crash never leaves a half-written export unde
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from caco_jax import storage
 from caco_jax.models.resnet import ResNet
 
 ARCH = "resnet"
@@ -44,7 +44,7 @@ def save_encoder(
     leaves the new export complete under ``.incoming`` and the old one under ``.retired``). Call
     from every process in a multi-process run.
     """
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = storage.path(directory)
     build = {"arch": ARCH, "depth": model.depth, "in_channels": model.in_channels}
     for key, value in build.items():
         if key in metadata and metadata[key] != value:
@@ -87,7 +87,7 @@ def save_encoder(
 
 def read_metadata(directory) -> dict:
     """The metadata JSON of an export, checked for the keys that rebuild the encoder."""
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = storage.path(directory)
     if not all((directory / item).exists() for item in ("metadata", "state")) or (
         not ocp.utils.is_checkpoint_finalized(directory)
     ):
@@ -119,7 +119,7 @@ def load_encoder(
     to fine-tune). Arrays are placed with ``sharding`` (default: the first local device), whatever
     the device count at save time.
     """
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = storage.path(directory)
     metadata = read_metadata(directory)
     abstract_model = nnx.eval_shape(
         lambda: ResNet(
