@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-from etils import epath
 
 from caco_jax import change as change_lib
+from caco_jax import storage
 from caco_jax.metrics_writer import MetricsWriter
 
 LABEL_COLUMNS = (
@@ -36,7 +36,7 @@ Locations = Callable[[], list[tuple[str, float, float]]]
 class ChangeReport:
     def __init__(self, config, workdir, writer: MetricsWriter, locations: Locations | None = None):
         self.config = config
-        self.folder = epath.Path(workdir) / "change"
+        self.folder = storage.path(workdir) / "change"
         self.writer = writer
         self._locations = locations
         self._location_table = None
@@ -117,7 +117,7 @@ def save_change_histograms(path, d_lt, d_st, r, labels, epoch: int) -> float:
         axes.legend()
     figure.suptitle(f"epoch {epoch}: {100 * fraction:.1f}% of {labels.size} seen items changed")
     figure.tight_layout()
-    path = epath.Path(path)
+    path = storage.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
         figure.savefig(f, format="png")

@@ -367,6 +367,12 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
     _check(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.wait_seconds > 0, "data.wait_seconds", "must be > 0")
+    _check(
+        "://" not in d.data_dir,
+        "data.data_dir",
+        "prepare writes the records as local files: a local folder or a mounted bucket "
+        "(gcsfuse), not a URL (see docs/running.md)",
+    )
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:

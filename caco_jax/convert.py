@@ -23,6 +23,7 @@ lacks, are an error listing them.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from caco_jax import storage
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models import export
 from caco_jax.models.resnet import ARCHITECTURES, ResNet
@@ -65,17 +67,19 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.nd
     stored (a Lightning checkpoint's `state_dict` is unwrapped)."""
     import pickle
 
-    if not os.path.isfile(path):
+    source = storage.path(path)
+    if not source.is_file():
         raise FileNotFoundError(f"config.convert.source: no file {path}")
+    data = source.read_bytes()  # through bytes: the path may be a bucket URL
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
-        return {key: value.astype(np.float32) for key, value in load_file(path).items()}
+        return {key: value.astype(np.float32) for key, value in load(data).items()}
 
     import torch
 
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
         if not allow_pickle:
             raise ConversionError(
@@ -83,7 +87,7 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.nd
                 f"({str(error).splitlines()[0]}); "
                 "if you trust the file, set config.convert.allow_pickle=True"
             ) from error
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
@@ -239,8 +243,8 @@ def write_export(
 def run_task(config, workdir: str) -> dict:
     """Task `convert_weights`: `config.convert.source` -> an encoder export (default
     `<workdir>/encoder`)."""
-    source = os.path.abspath(config.convert.source)
-    output = os.path.abspath(config.convert.output or os.path.join(workdir, "encoder"))
+    source = os.fspath(storage.path(config.convert.source))
+    output = os.fspath(storage.path(config.convert.output or os.path.join(workdir, "encoder")))
     model, notes = write_export(
         source,
         output,

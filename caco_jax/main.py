@@ -47,7 +47,7 @@ flags.register_multi_flags_validator(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from caco_jax import checkpointing, multihost
+    from caco_jax import checkpointing, multihost, storage
     from caco_jax import config as config_lib
 
     if not flags.FLAGS["verbosity"].present:
@@ -71,12 +71,13 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join(
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     )
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    workdir_path = storage.path(workdir)  # a local folder or a bucket URL
+    if workdir_path.exists() and not workdir_path.is_dir():
         sys.exit(f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)")
-    os.makedirs(workdir, exist_ok=True)
+    workdir_path.mkdir(parents=True, exist_ok=True)
     # Every process runs every task (see caco_jax/multihost.py); only process 0 reports.
     report = print if process.primary else lambda *args, **kwargs: None
-    report(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    report(f"workdir: {workdir_path}", flush=True)
     if process.count > 1:
         report(f"{process.count} processes", flush=True)
     results = {}
@@ -89,8 +90,7 @@ def main(argv):
             sys.exit(f"run.py: {error}")
         report(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
     if process.primary:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        (workdir_path / "results.json").write_text(json.dumps(results, indent=2, default=str))
     report(json.dumps(results, indent=2, default=str))
 
 

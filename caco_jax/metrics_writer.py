@@ -1,15 +1,19 @@
 """Scalars to TensorBoard event files and to ``metrics.jsonl``, from process 0 only.
 
 Every other process gets a writer that does nothing, so training code calls it unconditionally.
+The workdir may be a bucket URL (`caco_jax.storage`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
 import jax
 import numpy as np
+
+from caco_jax import storage
 
 
 class MetricsWriter:
@@ -18,21 +22,20 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._jsonl = None
+        self._jsonl = storage.path(workdir) / "metrics.jsonl"
         self._tensorboard = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl.parent.mkdir(parents=True, exist_ok=True)
+            # tensorboardX writes gs:// itself (through google-cloud-storage).
+            self._tensorboard = SummaryWriter(os.fspath(storage.path(workdir) / "tensorboard"))
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         values = {name: float(np.asarray(value)) for name, value in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-        self._jsonl.flush()
+        storage.append_text(self._jsonl, json.dumps({"step": int(step), **values}) + "\n")
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, int(step))
 
@@ -41,13 +44,11 @@ class MetricsWriter:
         if not self.enabled:
             return
         import matplotlib.image
-        from etils import epath
 
-        with epath.Path(png_path).open("rb") as f:
-            image = matplotlib.image.imread(f, format="png")[..., :3]
+        png = io.BytesIO(storage.path(png_path).read_bytes())
+        image = matplotlib.image.imread(png, format="png")[..., :3]
         self._tensorboard.add_image(tag, image, int(step), dataformats="HWC")
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
             self._tensorboard.close()

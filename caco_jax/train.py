@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -145,13 +146,11 @@ def train(
     """
     # The loop's I/O (Orbax, etils.epath, grain) is imported here, so that `setup` alone runs on a
     # bare accelerator image (benchmarks/device_check.py).
-    from etils import epath
-
-    from caco_jax import checkpointing
+    from caco_jax import checkpointing, storage
     from caco_jax.change_report import ChangeReport
 
     run = setup(config, len(source), normalization=normalization, mesh=mesh)
-    workdir = epath.Path(workdir)
+    workdir = storage.path(workdir)  # a local folder or a bucket URL
     checkpoints = checkpointing.Checkpointer(
         workdir / "checkpoints",
         every_steps=config.checkpoint.every_steps,
@@ -287,8 +286,7 @@ def _check_finite(state, step: int, checkpoints, last_good) -> None:
 
 def export_encoder(config, run: Setup, state: TrainState, workdir, step: int):
     """Writes the query encoder alone, with its input normalisation, to ``<workdir>/encoder``."""
-    from etils import epath
-
+    from caco_jax import storage
     from caco_jax.data import normalization as normalization_lib
     from caco_jax.models import export
 
@@ -302,18 +300,16 @@ def export_encoder(config, run: Setup, state: TrainState, workdir, step: int):
         "image_size": config.augment.crop_size,
         normalization_lib.EXPORT_KEY: run.normalization.to_json(),
     }
-    directory = epath.Path(workdir) / "encoder"
+    directory = storage.path(workdir) / "encoder"
     export.save_encoder(directory, run.model.encoder(params, stats), metadata, overwrite=True)
     return directory
 
 
 def run_task(config, workdir: str) -> dict:
     """Task ``pretrain``: trains on the records in ``config.data.data_dir`` (or the workdir's)."""
-    from etils import epath
-
     from caco_jax.data import normalization, records
 
-    data_dir = config.data.data_dir or str(epath.Path(workdir) / "tfds")
+    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
     source = records.open_records(data_dir, builder_config=config.data.builder_config)
     return train(
         config,

@@ -19,6 +19,7 @@ LOCKS = {
     "dependencies": "requirements.txt",
     "torch": "requirements-torch.txt",
     "earthengine": "requirements-earthengine.txt",
+    "cloud": "requirements-cloud.txt",
     "dev": "requirements-dev.txt",
 }
 

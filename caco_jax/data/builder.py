@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from tensorflow_datasets.core import dataset_builder
 
+from caco_jax import storage
 from caco_jax.data import archive, layout, shard_writer
 
 SKIP_REPORT = "skip_report.tsv"
@@ -152,6 +153,7 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
                 f"caco_geography writes array_record files only, not {self.info.file_format}: "
                 "leave file_format unset (random access for tfds.data_source and grain)"
             )
+        storage.local_records_dir(os.fspath(self.data_dir_root), key="data_dir")
         source = archive.find_archive(self._archive_path or dl_manager.manual_dir)
         groups = self.builder_config.pixel_groups
         keep = frozenset(

@@ -27,6 +27,7 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
+from caco_jax import storage
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import bands
 from caco_jax.models import export
@@ -47,14 +48,14 @@ class Encoder:
 
 def checkpoint_dir(config, workdir: str) -> str:
     """The export under test: `config.eval.checkpoint`, else pretraining's `<workdir>/encoder`."""
-    return os.path.abspath(config.eval.checkpoint or os.path.join(workdir, "encoder"))
+    return os.fspath(storage.path(config.eval.checkpoint or os.path.join(workdir, "encoder")))
 
 
 def encoders(config, workdir: str) -> list[Encoder]:
     """The rows to evaluate, in table order. The random encoder copies the checkpoint's
     architecture."""
     directory = checkpoint_dir(config, workdir)
-    if not os.path.isdir(directory):
+    if not storage.path(directory).is_dir():
         raise FileNotFoundError(
             f"config.eval.checkpoint: no encoder export at {directory} (pretrain first, convert "
             "official "
@@ -79,7 +80,7 @@ def encoders(config, workdir: str) -> list[Encoder]:
             Encoder(
                 "imagenet",
                 imagenet_model,
-                os.path.abspath(config.eval.imagenet_checkpoint),
+                os.fspath(storage.path(config.eval.imagenet_checkpoint)),
                 bands.encoder_input(imagenet_metadata),
             )
         )
@@ -255,10 +256,10 @@ def metrics_path(checkpoint: str, task: str) -> str:
 def write_metrics(path: str, record: dict) -> str:
     """Writes the JSON atomically (temporary file, then rename)."""
     record = {"written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(record, f, indent=2, default=_json_default)
-    os.replace(temporary, path)
+    target = storage.path(path)
+    temporary = target.parent / f"{target.name}.tmp-{os.getpid()}"
+    temporary.write_text(json.dumps(record, indent=2, default=_json_default))
+    temporary.replace(target)
     return path
 
 

@@ -16,7 +16,6 @@ input) and a warning.
 """
 
 import json
-import os
 import warnings
 
 import jax
@@ -25,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from caco_jax import storage
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models.resnet import ResNet
 
@@ -56,7 +56,7 @@ def save_encoder(
     leaves the new export complete under ``.incoming`` and the old one under ``.retired``). Call
     from every process in a multi-process run.
     """
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = storage.path(directory)
     build = {
         "arch": ARCH,
         "depth": model.depth,
@@ -106,7 +106,7 @@ def save_encoder(
 
 def read_metadata(directory) -> dict:
     """The metadata JSON of an export, checked for the keys that rebuild the encoder."""
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = storage.path(directory)
     if not all((directory / item).exists() for item in ("metadata", "state")) or (
         not ocp.utils.is_checkpoint_finalized(directory)
     ):
@@ -178,7 +178,7 @@ def load_encoder(
     to fine-tune). Arrays are placed with ``sharding`` (default: the first local device), whatever
     the device count at save time.
     """
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = storage.path(directory)
     metadata = read_metadata(directory)
     abstract_model = nnx.eval_shape(
         lambda: ResNet(

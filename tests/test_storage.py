@@ -1,0 +1,156 @@
+"""Workdir outputs on a bucket (caco_jax/storage.py), against a local GCS emulator on 127.0.0.1.
+
+gcsfs (etils epath's gs:// backend) and google-cloud-storage (tensorboardX's) both follow
+STORAGE_EMULATOR_HOST. The emulator does not serve the object generations tensorstore needs, so
+Orbax exports to gs:// are not exercised here; their paths are (URLs are no longer made "absolute").
+"""
+
+import gc
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from caco_jax import config as config_lib
+from caco_jax import metrics_writer, storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="caco")
+    server.start()
+    try:
+        with mock.patch.dict(os.environ, {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}):
+            yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+    finally:
+        # tensorboardX uploads each bucket event file again from an exit handler and when the
+        # writer is collected, long after the tests: with the emulator gone, each would retry for
+        # minutes. Those uploads repeat what the closed writers already uploaded.
+        from tensorboardX import record_writer
+
+        mock.patch.object(record_writer.GCSRecordWriter, "flush", lambda self: None).start()
+        server.stop()
+
+
+def test_local_paths_become_absolute_and_urls_stay_as_they_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(storage.path("w/encoder")) == str(tmp_path / "w" / "encoder")
+    assert os.fspath(storage.path("gs://caco/runs/a/encoder")) == "gs://caco/runs/a/encoder"
+    assert storage.is_url("gs://caco/x") and not storage.is_url("/data/x")
+
+
+def test_metrics_append_to_a_bucket_across_runs_with_tensorboard_beside(emulator):
+    workdir = "gs://caco/metrics_run"
+    writer = metrics_writer.MetricsWriter(workdir, enabled=True)
+    writer.write(1, {"loss": 1.0})
+    writer.write(2, {"loss": 0.5})
+    writer.close()
+    resumed = metrics_writer.MetricsWriter(workdir, enabled=True)  # a resumed run appends
+    resumed.write(3, {"loss": 0.25})
+    resumed.close()
+    del writer, resumed
+    gc.collect()
+    lines = storage.path(f"{workdir}/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 0.5},
+        {"step": 3, "loss": 0.25},
+    ]
+    events = list(storage.path(f"{workdir}/tensorboard").iterdir())
+    assert events and all(e.name.startswith("events.out.tfevents") for e in events)
+    assert all(e.stat().length > 0 for e in events)
+
+
+def test_change_histograms_and_evaluator_results_are_written_to_a_bucket(emulator):
+    from caco_jax import change
+    from caco_jax.evaluators import common
+
+    png = "gs://caco/run/change/histogram_epoch=001.png"
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0, 1, size=(3, 20))
+    fraction = change.save_change_histograms(png, *values, labels=values[2] > 0.5, epoch=1)
+    assert fraction == np.mean(values[2] > 0.5)
+    assert storage.path(png).read_bytes().startswith(b"\x89PNG")
+    writer = metrics_writer.MetricsWriter("gs://caco/run", enabled=True)
+    writer.write_image(1, "change/histogram", png)  # reads the PNG back from the bucket
+    writer.close()
+    del writer
+    gc.collect()
+
+    checkpoint = "gs://caco/run/encoder"
+    path = common.metrics_path(checkpoint, "eurosat")
+    assert path == "gs://caco/run/encoder_eurosat.json"
+    common.write_metrics(path, {"top1": np.float32(0.5)})
+    assert json.loads(storage.path(path).read_text())["top1"] == 0.5
+    assert sorted(p.name for p in storage.path("gs://caco/run").iterdir()) == [
+        "change",
+        "encoder_eurosat.json",
+        "tensorboard",
+    ]  # no temporary file left
+
+
+def test_official_weights_are_read_from_a_bucket(emulator):
+    torch = pytest.importorskip("torch")
+    from caco_jax import convert
+
+    weights = {"conv1.weight": torch.ones(2, 3, 1, 1), "bn1.running_var": torch.ones(2)}
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    storage.path("gs://caco/weights/r18.pth").write_bytes(buffer.getvalue())
+    loaded = convert.load_state_dict("gs://caco/weights/r18.pth")
+    assert sorted(loaded) == ["bn1.running_var", "conv1.weight"]
+    np.testing.assert_array_equal(loaded["conv1.weight"], np.ones((2, 3, 1, 1), np.float32))
+    with pytest.raises(FileNotFoundError, match=r"config\.convert\.source: no file gs://caco/none"):
+        convert.load_state_dict("gs://caco/none.pth")
+
+
+def test_run_py_writes_its_results_into_a_bucket_workdir(emulator):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "--config",
+            "configs/smoke.py",
+            "--config.tasks=()",
+            "--workdir",
+            "gs://caco/run_py",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **emulator},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "workdir: gs://caco/run_py" in result.stdout
+    assert json.loads(storage.path("gs://caco/run_py/results.json").read_text()) == {}
+
+
+def test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix(tmp_path):
+    config = config_lib.base_config()
+    config.tasks = ("prepare",)
+    config.data.data_dir = "gs://caco/tfds"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.data_dir: .*gcsfuse"):
+        config_lib.validate(config)
+    config.tasks = ("pretrain",)  # reading prepared records from a bucket is allowed
+    config_lib.validate(config)
+    with pytest.raises(ValueError, match=r"data_dir=gs://caco/tfds: .*gcsfuse BUCKET"):
+        storage.local_records_dir("gs://caco/tfds", key="data_dir")
+    assert storage.local_records_dir(str(tmp_path)) == str(tmp_path)
