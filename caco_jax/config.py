@@ -576,49 +576,6 @@ def _validate_convert(c: ml_collections.ConfigDict) -> None:
     _check(bool(c.source), "convert.source", "the convert_weights task needs a .pth/.ckpt file")
 
 
-def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
-    _check(
-        "pretrained" not in config.tasks or bool(config.pretrained.name),
-        "pretrained.name",
-        "the pretrained task needs an official name (e.g. r18_100k_caco) or an export path",
-    )
-    _check(
-        config.pretrained.torch_output == ""
-        or config.pretrained.torch_output.endswith((".pth", ".safetensors")),
-        "pretrained.torch_output",
-        "must end in .pth or .safetensors",
-    )
-
-
-def _validate_embed(config: ml_collections.ConfigDict) -> None:
-    e = config.embed
-    _check(e.kind in ("geotiff", "archive", "records"), "embed.kind", "geotiff, archive or records")
-    _check("embed" not in config.tasks or bool(e.source), "embed.source", "the embed task needs it")
-    _check(e.builder_config in ("rgb", "all_bands"), "embed.builder_config", "rgb or all_bands")
-    _check(
-        e.scale in ("auto", "uint8", "reflectance_10000"),
-        "embed.scale",
-        "auto, uint8 or reflectance_10000",
-    )
-    _check(e.dn_offset >= 0, "embed.dn_offset", "must be >= 0")
-    _check(e.tile_stride >= 0, "embed.tile_stride", "must be >= 0 (0 = the tile size)")
-    _check(e.batch_size >= 1, "embed.batch_size", "must be >= 1")
-
-
-def _validate_change_map(config: ml_collections.ConfigDict) -> None:
-    m = config.change_map
-    _check(m.kind in ("archive", "records"), "change_map.kind", "archive or records")
-    _check(
-        "change_map" not in config.tasks or bool(m.source),
-        "change_map.source",
-        "the change_map task needs an archive or a records data_dir",
-    )
-    _check(
-        m.builder_config in ("rgb", "all_bands"), "change_map.builder_config", "rgb or all_bands"
-    )
-    _check(m.batch_size >= 1, "change_map.batch_size", "must be >= 1")
-
-
 def _validate_pretrained(p: ml_collections.ConfigDict) -> None:
     _check(
         p.torch_output == "" or p.torch_output.endswith((".pth", ".safetensors")),

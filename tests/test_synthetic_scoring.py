@@ -11,22 +11,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from caco_jax import config as config_lib
+from caco_jax.change_report import LABEL_COLUMNS
 from caco_jax.data.synthetic import ground_truth, scoring
 
-# labels.csv as caco_jax/change_report.py writes it.
-COLUMNS = (
-    "item_id",
-    "location_index",
-    "location_id",
-    "lat",
-    "lon",
-    "window",
-    "seen",
-    "d_lt",
-    "d_st",
-    "r",
-    "changed",
-)
+COLUMNS = LABEL_COLUMNS  # labels.csv as pretraining writes it
 
 
 def _write_labels(workdir, items):
