@@ -245,7 +245,8 @@ def _initial_or_restored(run: Setup, checkpoints) -> tuple[TrainState, int | Non
     if step is None:
         return state, None, 0
     saved = pipeline.Position.from_json(checkpoints.restore_data_position(step))
-    print(f"resumed from checkpoint step {step}", flush=True)
+    if jax.process_index() == 0:
+        print(f"resumed from checkpoint step {step}", flush=True)
     return restored, step, saved.start_batch(run.stream)
 
 
