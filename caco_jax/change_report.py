@@ -119,6 +119,7 @@ def save_change_histograms(path, d_lt, d_st, r, labels, epoch: int) -> float:
     figure.tight_layout()
     path = storage.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        figure.savefig(f, format="png")
+    image = io.BytesIO()  # through bytes: the path may be a bucket URL
+    figure.savefig(image, format="png")
+    path.write_bytes(image.getvalue())
     return fraction

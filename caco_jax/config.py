@@ -341,6 +341,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, check in validators.items():
         if name in config:
             check(config[name])
+    _check(  # reading prepared records from a bucket works; writing them does not
+        "prepare" not in config.tasks or "://" not in config.data.data_dir,
+        "data.data_dir",
+        "prepare writes the records as local files: a local folder or a mounted bucket "
+        "(gcsfuse), not a URL (see docs/running.md)",
+    )
     _check(  # the section also serves embed and change_map, which need no name
         "pretrained" not in config.tasks or bool(config.pretrained.name),
         "pretrained.name",
@@ -367,12 +373,6 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
     _check(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.wait_seconds > 0, "data.wait_seconds", "must be > 0")
-    _check(
-        "://" not in d.data_dir,
-        "data.data_dir",
-        "prepare writes the records as local files: a local folder or a mounted bucket "
-        "(gcsfuse), not a URL (see docs/running.md)",
-    )
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:

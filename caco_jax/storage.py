@@ -13,8 +13,10 @@ Reading prepared records from ``gs://`` works (array_record reads ``gs://`` itse
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from etils import epath
+if TYPE_CHECKING:  # imported where used: `train.setup` runs where etils.epath is absent
+    from etils import epath
 
 
 def is_url(value) -> bool:
@@ -24,6 +26,8 @@ def is_url(value) -> bool:
 
 def path(value) -> epath.Path:
     """`value` as an `epath.Path`: a URL as it is, a local path expanded and made absolute."""
+    from etils import epath
+
     text = os.fspath(value)
     if is_url(text):
         return epath.Path(text)

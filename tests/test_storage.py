@@ -79,13 +79,13 @@ def test_metrics_append_to_a_bucket_across_runs_with_tensorboard_beside(emulator
 
 
 def test_change_histograms_and_evaluator_results_are_written_to_a_bucket(emulator):
-    from caco_jax import change
+    from caco_jax import change_report
     from caco_jax.evaluators import common
 
     png = "gs://caco/run/change/histogram_epoch=001.png"
     rng = np.random.default_rng(0)
     values = rng.uniform(0, 1, size=(3, 20))
-    fraction = change.save_change_histograms(png, *values, labels=values[2] > 0.5, epoch=1)
+    fraction = change_report.save_change_histograms(png, *values, labels=values[2] > 0.5, epoch=1)
     assert fraction == np.mean(values[2] > 0.5)
     assert storage.path(png).read_bytes().startswith(b"\x89PNG")
     writer = metrics_writer.MetricsWriter("gs://caco/run", enabled=True)
@@ -144,8 +144,7 @@ def test_run_py_writes_its_results_into_a_bucket_workdir(emulator):
 
 
 def test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix(tmp_path):
-    config = config_lib.base_config()
-    config.tasks = ("prepare",)
+    config = config_lib.for_tasks("prepare", "pretrain")
     config.data.data_dir = "gs://caco/tfds"
     with pytest.raises(config_lib.ConfigError, match=r"config\.data\.data_dir: .*gcsfuse"):
         config_lib.validate(config)
