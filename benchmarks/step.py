@@ -3,15 +3,13 @@ device.
 
   python benchmarks/step.py --depth 18 --batch 32 --crop 96
 
-The CACo step (`caco_jax.step`, jitted under `shard_map` on a one-device mesh) runs the
-augmentation of
-four views, four key-encoder forwards (k0, k1, k2 and the query views for the change estimate), and
-one query forward and backward. The plain step is one forward and backward of the same ResNet with a
-linear classifier on already-normalised images, with the same SGD. A backward costs about two
-forwards,
-so the model work is (4 + 3) / 3 = 7/3 of the plain step: the ratio should stay near 2.3, plus the
-augmentation. Both are compiled first, then timed over --steps steps each (median), in the same
-process.
+The CACo step (`caco_jax.step`, jitted under `shard_map` on a one-device mesh) runs the augmentation
+of four views, four key-encoder forwards (k0, k1, k2 and the query views for the change estimate),
+and one query forward and backward. The plain step is one forward and backward of the same ResNet
+with a linear classifier on already-normalised images, with the same SGD. A backward costs about two
+forwards, so the model work is (4 + 3) / 3 = 7/3 of the plain step: the ratio should stay near 2.3,
+plus the augmentation. Both are compiled first, then timed over --steps steps each (median), in the
+same process.
 """
 
 from __future__ import annotations

@@ -7,18 +7,15 @@ Reads (torch is an optional extra: `pip install -r requirements-torch.txt`):
 - plain torchvision ResNet state dicts (`conv1.weight`, `layer1.0.conv1.weight`, ...; the classifier
   `fc.*` is dropped with a note), e.g. the supervised ImageNet weights for the baseline rows;
 - Lightning `.ckpt` files of SeCo/CACo pretraining (`state_dict` with `encoder_q.` keys; the key
-encoder,
-  heads and queues are dropped with a note).
+  encoder, heads and queues are dropped with a note);
+- `.safetensors` files of any of these layouts.
 Files are opened with `torch.load(weights_only=True)`; a checkpoint that pickles other objects
-(SeCo's
-hyper-parameters) is refused unless `allow_pickle` says the file is trusted.
+(SeCo's hyper-parameters) is refused unless `allow_pickle` says the file is trusted.
 
 The export records the official RGB input normalisation (see `write_export`).
 Conv weights go from torch's OIHW to flax's HWIO; BatchNorm weight/bias/running_mean/running_var
-become
-scale/bias/mean/var; `num_batches_tracked` is ignored. Keys the model lacks, or model weights the
-file
-lacks, are an error listing them.
+become scale/bias/mean/var; `num_batches_tracked` is ignored. Keys the model lacks, or model weights
+the file lacks, are an error listing them.
 """
 
 from __future__ import annotations

@@ -125,8 +125,7 @@ def read_locations(
     source: ArchiveSource, keep: frozenset[str], progress: ReadProgress | None = None
 ) -> Iterator[Location]:
     """Yields the archive's locations one at a time, with the bytes of the acquisition files in
-    `keep`
-    (e.g. {"B4.tif", "B3.tif", "B2.tif", "metadata.json"}); other files are skipped unread.
+    `keep` (e.g. {"B4.tif", "B3.tif", "B2.tif", "metadata.json"}); other files are skipped unread.
 
     Folder form: locations and acquisitions in name order. Tar forms: in stream order.
     `progress.bytes_read` follows the compressed bytes consumed (tar forms).

@@ -210,14 +210,13 @@ def refresh_batch_stats(
     seed: int,
 ) -> None:
     """One shuffled pass in training mode over `count` examples, updating the BatchNorm running
-    statistics
-    in place (batches of `batch_size`, the last partial one dropped, as the official loaders did).
+    statistics in place (batches of `batch_size`, the last partial one dropped, as the official
+    loaders did).
 
-    This reproduces what the official linear probe did by accident: Lightning kept the "frozen"
-    encoder in
-    training mode, so its statistics drifted to the probe's training set. One pass gives what 100
-    epochs
-    give: with torch's momentum 0.1 the running averages forget everything older than ~50 batches.
+    The cached probe's option to approach what the official linear probe did: Lightning kept the
+    "frozen" encoder in training mode, so its statistics drifted to the probe's training set. One
+    pass gives the drifted statistics that 100 epochs give: with torch's momentum 0.1 the running
+    averages forget everything older than ~50 batches.
     """
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 

@@ -516,8 +516,7 @@ def pretraining_input(image_size: int):
 
 def land_cover_task(config, workdir: str) -> dict:
     """Task `linear_probe`: a linear probe of land cover on the synthetic archive, locations split
-    in
-    halves (seeded), so the demo shows whether pretraining beats a random encoder."""
+    in halves (seeded), so the demo shows whether pretraining beats a random encoder."""
     from caco_jax.data import synthetic
 
     images, labels, locations = load_synthetic_land_cover(config, workdir)

@@ -24,8 +24,8 @@ def top1_accuracy(logits, labels) -> float:
 
 def average_precision(targets, scores) -> float:
     """Area under the precision-recall curve as sklearn's ``average_precision_score`` computes it:
-    the sum
-    over distinct score thresholds of (recall gain) x precision. 0.0 when there is no positive."""
+    the sum over distinct score thresholds of (recall gain) x precision. 0.0 when there is no
+    positive."""
     targets = np.asarray(targets).reshape(-1).astype(np.float64)
     scores = np.asarray(scores).reshape(-1).astype(np.float64)
     if targets.shape != scores.shape:
@@ -47,8 +47,8 @@ def average_precision(targets, scores) -> float:
 
 def multilabel_average_precision(targets, scores) -> dict[str, float]:
     """Micro AP (all (example, class) pairs pooled: the paper's BigEarthNet number) and macro AP
-    (the mean
-    of per-class APs over the classes that have at least one positive; how many is reported)."""
+    (the mean of per-class APs over the classes that have at least one positive; how many is
+    reported)."""
     targets = np.asarray(targets)
     scores = np.asarray(scores)
     if targets.ndim != 2 or targets.shape != scores.shape:
@@ -66,8 +66,7 @@ def multilabel_average_precision(targets, scores) -> dict[str, float]:
 
 def binary_counts(probabilities, targets, threshold: float = 0.5) -> np.ndarray:
     """(true positives, false positives, false negatives) of ``probabilities >= threshold``, int64,
-    so
-    that counts of many images can be summed before the ratios are taken."""
+    so that counts of many images can be summed before the ratios are taken."""
     predicted = np.asarray(probabilities) >= threshold
     actual = np.asarray(targets).astype(bool)
     if predicted.shape != actual.shape:

@@ -139,8 +139,7 @@ def multi_hot(label_ids, mapping: np.ndarray) -> np.ndarray:
 
 def label_subset(count: int, fraction: float, seed: int) -> np.ndarray:
     """A seeded subset of `round(fraction * count)` distinct training indices (the official subset
-    was
-    drawn with replacement, so it held duplicates)."""
+    was drawn with replacement, so it held duplicates)."""
     size = max(1, round(fraction * count))
     return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
 
@@ -286,8 +285,7 @@ def frozen_probe(encoder, data: BigEarthNet, config) -> dict:
 
 def finetune(encoder, data: BigEarthNet, config) -> dict:
     """Trains encoder and head together (Adam, `config.eval.finetune_learning_rate`), data-parallel
-    over
-    every device; the encoder's BatchNorm keeps its statistics (eval mode), as in the official
+    over every device; the encoder's BatchNorm keeps its statistics (eval mode), as in the official
     code."""
     settings = linear_probe.HeadSettings.from_config(config.eval)
     preprocess = bigearthnet_input(encoder.input, data.config_name, config.eval.image_size)
