@@ -7,11 +7,13 @@ import sys
 import time
 
 LOG_EVERY_FRACTION = 0.05
+LOG_EVERY_SECONDS = 30.0  # when the total is unknown (e.g. streaming an archive)
 
 
 class LogProgress:
     """tqdm's interface (update, set_postfix, close, iteration), printing one line per
-    `LOG_EVERY_FRACTION` of ``total`` (and at the end) instead of redrawing."""
+    `LOG_EVERY_FRACTION` of ``total`` (and at the end), or every `LOG_EVERY_SECONDS` when the
+    total is unknown, instead of redrawing."""
 
     def __init__(self, iterable=None, *, total=None, initial=0, desc="", unit="it", file=None):
         self.iterable = iterable
@@ -26,6 +28,7 @@ class LogProgress:
         self._start_n = initial
         self._postfix = ""
         self._next = self._after(initial)
+        self._printed = self._start
         self._closed = False
 
     def _after(self, n: int) -> float:
@@ -42,7 +45,8 @@ class LogProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self.n >= self._next or self.n == self.total:
+        overdue = self.total is None and time.perf_counter() - self._printed >= LOG_EVERY_SECONDS
+        if self.n >= self._next or self.n == self.total or overdue:
             self._print()
             self._next = self._after(self.n)
 
@@ -59,6 +63,7 @@ class LogProgress:
             f"{self.desc}: {percent}{done} {self.unit} [{elapsed:.0f}s, {rate:.2f} {self.unit}/s]"
         )
         print(line + (f" {self._postfix}" if self._postfix else ""), file=self.file, flush=True)
+        self._printed = time.perf_counter()
 
     def close(self) -> None:
         if not self._closed and self.total is None and self.n > self._start_n:
@@ -94,5 +99,6 @@ def bar(iterable=None, *, total=None, initial=0, desc="", unit="it", enabled=Tru
     return LogProgress(iterable, total=total, initial=initial, desc=desc, unit=unit)
 
 
-def trange(n: int, **kwargs):
-    return bar(range(n), **kwargs)
+def trange(*args, **kwargs):
+    """`bar` over ``range(*args)``."""
+    return bar(range(*args), **kwargs)

@@ -29,9 +29,9 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 from tensorflow_datasets.core import dataset_builder
 
+from caco_jax import progress as progress_lib
 from caco_jax import storage
 from caco_jax.data import archive, layout, shard_writer
 
@@ -162,7 +162,7 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
         progress = archive.ReadProgress()
         report = SkipReport()
         template = self._get_filename_template(split_name="train")
-        bar = tqdm.tqdm(desc=f"Preparing {source.label}", unit=" locations", mininterval=1)
+        bar = progress_lib.bar(desc=f"Preparing {source.label}", unit="locations")
 
         def on_location(written: shard_writer.WrittenLocation) -> None:
             report.add(written)

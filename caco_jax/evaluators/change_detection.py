@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
+from caco_jax import progress
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
 from caco_jax.evaluators import bands, common, metrics, oscd_builder, unet
@@ -177,8 +177,8 @@ def train_and_evaluate(encoder, cities, config, preprocess) -> dict:
 
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
-    progress = tqdm.trange(config.eval.epochs, desc=f"{encoder.name} OSCD", leave=False)
-    for epoch in progress:
+    epochs = progress.trange(config.eval.epochs, desc=f"{encoder.name} OSCD", leave=False)
+    for epoch in epochs:
         order = rng.permutation(images_1.shape[0])[: steps_per_epoch * batch_size]
         for step, batch in enumerate(order.reshape(steps_per_epoch, batch_size)):
             x1, x2, y = flip_rotate((images_1[batch], images_2[batch], masks[batch]), rng)
@@ -187,7 +187,7 @@ def train_and_evaluate(encoder, cities, config, preprocess) -> dict:
             encoder_stats, params, batch_stats, opt_state, loss = train_step(
                 encoder_stats, params, batch_stats, opt_state, x1, x2, y, step_key
             )
-        progress.set_postfix(loss=f"{float(loss):.4f}")
+        epochs.set_postfix(loss=f"{float(loss):.4f}")
 
     counts = np.zeros(3, np.int64)
     per_city = {}

@@ -22,12 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
-from caco_jax import storage
+from caco_jax import progress, storage
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import bands
 from caco_jax.models import export
@@ -185,7 +184,7 @@ def extract_features(
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     features = []
-    for start in tqdm.trange(0, count, batch_size, desc=description, leave=False):
+    for start in progress.trange(0, count, batch_size, desc=description, leave=False):
         indices = np.arange(start, min(start + batch_size, count))
         images = jax.device_put(pad_batch(load_batch(indices), batch_size), batch_sharding)
         pooled = _pooled_features(graphdef, preprocess, state, images)
@@ -228,7 +227,9 @@ def refresh_batch_stats(
         return nnx.state(module, nnx.BatchStat)
 
     order = np.random.default_rng(seed).permutation(count)
-    for start in tqdm.trange(0, count - batch_size + 1, batch_size, desc="BN stats", leave=False):
+    for start in progress.trange(
+        0, count - batch_size + 1, batch_size, desc="BN stats", leave=False
+    ):
         batch_stats = update(
             params, batch_stats, load_batch(np.sort(order[start : start + batch_size]))
         )

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 
+from caco_jax import progress
 from caco_jax.data.normalization import Normalization
 from caco_jax.evaluators import bands, common, eurosat_builder, metrics, split_lists
 
@@ -158,8 +158,8 @@ def train_linear_head(
     opt_state = ADAM.init(params)
     features = jnp.asarray(features, jnp.float32)
     targets = jnp.asarray(targets)
-    progress = tqdm.trange(settings.epochs, desc=description, leave=False)
-    for epoch in progress:
+    epochs = progress.trange(settings.epochs, desc=description, leave=False)
+    for epoch in epochs:
         params, opt_state, loss = train_head_epoch(
             params,
             opt_state,
@@ -172,7 +172,7 @@ def train_linear_head(
             dropout=settings.dropout,
             steps_per_epoch=steps_per_epoch,
         )
-        progress.set_postfix(loss=f"{float(loss):.4f}")
+        epochs.set_postfix(loss=f"{float(loss):.4f}")
     return jax.device_get(params)
 
 
@@ -285,8 +285,8 @@ def train_head_with_encoder_in_train_mode(
     head = init_linear(init_key, model.feature_dim, num_classes)
     opt_state = ADAM.init(head)
     images, labels = jnp.asarray(images), jnp.asarray(labels)
-    progress = tqdm.trange(settings.epochs, desc=description, leave=False)
-    for epoch in progress:
+    epochs = progress.trange(settings.epochs, desc=description, leave=False)
+    for epoch in epochs:
         batch_stats, head, opt_state, loss = official_head_epoch(
             graphdef,
             params,
@@ -301,7 +301,7 @@ def train_head_with_encoder_in_train_mode(
             batch_size=settings.batch_size,
             steps_per_epoch=steps_per_epoch,
         )
-        progress.set_postfix(loss=f"{float(loss):.4f}")
+        epochs.set_postfix(loss=f"{float(loss):.4f}")
     nnx.update(model, batch_stats)
     model.eval()
     return jax.device_get(head)
@@ -347,7 +347,7 @@ def load_eurosat(config, config_name: str) -> EuroSat:
     images = np.empty((len(source), *example["image"].shape), example["image"].dtype)
     labels = np.empty((len(source),), np.int64)
     names = []
-    for i in tqdm.trange(len(source), desc=f"eurosat {config_name}", leave=False):
+    for i in progress.trange(len(source), desc=f"eurosat {config_name}", leave=False):
         example = source[i]
         images[i] = example["image"]
         labels[i] = example["label"]
@@ -487,7 +487,7 @@ def load_synthetic_land_cover(config, workdir: str):
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
     source = records.open_records(data_dir, builder_config="rgb", split="train")
     images, labels, locations = [], [], []
-    for i in tqdm.trange(len(source), desc="land cover", leave=False):
+    for i in progress.trange(len(source), desc="land cover", leave=False):
         arrays = records.location_arrays(source[i])
         if arrays["location_id"] not in land_cover:
             raise ValueError(

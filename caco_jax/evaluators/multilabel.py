@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
+from caco_jax import progress
 from caco_jax.data.normalization import Normalization
 from caco_jax.evaluators import (
     bands,
@@ -182,7 +182,7 @@ def load_bigearthnet(config, config_name: str) -> BigEarthNet:
     # Names and labels only: skip decoding the images in this pass.
     metadata = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
     names, targets = [], []
-    for i in tqdm.trange(len(metadata), desc="bigearthnet labels", leave=False):
+    for i in progress.trange(len(metadata), desc="bigearthnet labels", leave=False):
         example = metadata[i]
         names.append(common.read_text(example["name"]))
         targets.append(multi_hot(example["labels"], mapping))
@@ -329,15 +329,15 @@ def finetune(encoder, data: BigEarthNet, config) -> dict:
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     rng = np.random.default_rng(config.seed)
-    progress = tqdm.trange(settings.epochs, desc=f"{encoder.name} finetune", leave=False)
-    for epoch in progress:
+    epochs = progress.trange(settings.epochs, desc=f"{encoder.name} finetune", leave=False)
+    for epoch in epochs:
         order = rng.permutation(data.train)[: steps_per_epoch * batch_size]
         for step, batch in enumerate(order.reshape(steps_per_epoch, batch_size)):
             images = jax.device_put(data.images(np.sort(batch)), batch_sharding)
             targets = jax.device_put(data.targets[np.sort(batch)], batch_sharding)
             step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
             trainable, opt_state, loss = train_step(trainable, opt_state, images, targets, step_key)
-        progress.set_postfix(loss=f"{float(loss):.4f}")
+        epochs.set_postfix(loss=f"{float(loss):.4f}")
     nnx.update(model, jax.device_get(trainable["encoder"]))
     features = common.extract_features(
         model,

@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
+from caco_jax import progress
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
 from caco_jax.download.downloader import to_uint8
@@ -87,7 +87,7 @@ def load_dynamicearthnet(config) -> dict[str, Scenes]:
         names = []
         images = np.empty((len(source), *first, 3), np.uint8)
         targets = np.empty((len(source), *first), np.uint8)
-        for i in tqdm.trange(len(source), desc=f"DynamicEarthNet {split}", leave=False):
+        for i in progress.trange(len(source), desc=f"DynamicEarthNet {split}", leave=False):
             example = source[i]
             names.append(
                 f"{common.read_text(example['location'])} {common.read_text(example['month'])}"
@@ -255,8 +255,8 @@ def train_and_evaluate(encoder, normalization: Normalization, scenes, config) ->
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
     mode = "finetune" if config.eval.finetune else "frozen"
-    progress = tqdm.trange(config.eval.epochs, desc=f"{encoder.name} {mode}", leave=False)
-    for epoch in progress:
+    epochs = progress.trange(config.eval.epochs, desc=f"{encoder.name} {mode}", leave=False)
+    for epoch in epochs:
         order = rng.permutation(train.images.shape[0])[: steps_per_epoch * batch_size]
         for step, batch in enumerate(order.reshape(steps_per_epoch, batch_size)):
             crops = random_crops((train.images, train.targets), batch, size, rng)
@@ -265,14 +265,14 @@ def train_and_evaluate(encoder, normalization: Normalization, scenes, config) ->
             trainable, batch_stats, opt_state, loss = _train_step(
                 protocol, trainable, frozen, batch_stats, opt_state, images, targets, step_key
             )
-        progress.set_postfix(loss=f"{float(loss):.4f}")
+        epochs.set_postfix(loss=f"{float(loss):.4f}")
 
     validation = scenes["validation"]
     encoder_params = trainable.get("encoder", frozen["params"])
     grid = tile(validation.images[0], size)[1]
     tiles = np.concatenate([tile(image, size)[0] for image in validation.images])
     classes = []
-    for start in tqdm.trange(0, tiles.shape[0], batch_size, desc="predict", leave=False):
+    for start in progress.trange(0, tiles.shape[0], batch_size, desc="predict", leave=False):
         stop = min(start + batch_size, tiles.shape[0])
         batch = jax.device_put(common.pad_batch(tiles[start:stop], batch_size), batch_sharding)
         predicted = _predict(
