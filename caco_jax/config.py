@@ -561,14 +561,6 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
     )
     _check(e.oscd_encoder_bn in ("train", "eval"), "eval.oscd_encoder_bn", "'train' or 'eval'")
     _check(e.prepare_workers >= 0, "eval.prepare_workers", "must be >= 0 (0 = one per core)")
-    _check(e.probe in ("official", "cached"), "eval.probe", "must be 'official' or 'cached'")
-    _check(
-        e.probe == "cached" or not e.update_bn_stats,
-        "eval.update_bn_stats",
-        "refreshes the statistics for eval.probe='cached' only (the official probe drifts them)",
-    )
-    _check(e.oscd_encoder_bn in ("train", "eval"), "eval.oscd_encoder_bn", "'train' or 'eval'")
-    _check(e.prepare_workers >= 0, "eval.prepare_workers", "must be >= 0 (0 = one per core)")
 
 
 def _validate_convert(c: ml_collections.ConfigDict) -> None:
