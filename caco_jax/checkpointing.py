@@ -166,11 +166,13 @@ class Checkpointer:
         while (directory / f"{step}{DAMAGED_SUFFIX}{number}").exists():
             number += 1
         target = directory / f"{step}{DAMAGED_SUFFIX}{number}"
+        several = jax.process_count() > 1
+        if several:  # every process has chosen the same name before the folder moves
+            multihost_utils.sync_global_devices(f"caco_jax_damaged_{step}_named")
         if jax.process_index() == 0:
             (directory / str(step)).rename(target)
-        if jax.process_count() > 1:
-            # Every process must see the rename before Orbax lists the steps again.
-            multihost_utils.sync_global_devices(f"caco_jax_move_aside_{step}_{number}")
+        if several:  # and sees it moved before Orbax lists the steps again
+            multihost_utils.sync_global_devices(f"caco_jax_damaged_{step}_moved")
         self._manager.reload()
         return str(target)
 
