@@ -26,7 +26,6 @@ a step) and resumes from the newest that restores. See docs/reliability.md.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging as std_logging
@@ -133,12 +132,14 @@ class Checkpointer:
         failures = []
         for step in sorted(self.all_steps(), reverse=True):
             state, failure = None, None
-            try:
-                with _silenced_noise():
+            # The error is dropped inside the block, so what it holds on to is collected there.
+            with _SilencedNoise() as noise:
+                try:
                     state = self.restore(step, abstract_state)
                     self.restore_data_position(step)
-            except Exception as error:  # any failure to read: try an older step
-                failure = _one_line(error)
+                except Exception as error:  # any failure to read: try an older step
+                    failure = _one_line(error)
+                    noise.failed()
             if jax.process_count() > 1:
                 # All processes resume from the same step: a failure on one rules it out for all.
                 restored = multihost_utils.process_allgather(np.array(failure is None))
@@ -172,11 +173,13 @@ class Checkpointer:
         while (directory / f"{step}{DAMAGED_SUFFIX}{number}").exists():
             number += 1
         target = directory / f"{step}{DAMAGED_SUFFIX}{number}"
+        several = jax.process_count() > 1
+        if several:  # every process has chosen the same name before the folder moves
+            multihost_utils.sync_global_devices(f"caco_jax_damaged_{step}_named")
         if jax.process_index() == 0:
             (directory / str(step)).rename(target)
-        if jax.process_count() > 1:
-            # Every process must see the rename before Orbax lists the steps again.
-            multihost_utils.sync_global_devices(f"caco_jax_move_aside_{step}_{number}")
+        if several:  # and sees it moved before Orbax lists the steps again
+            multihost_utils.sync_global_devices(f"caco_jax_damaged_{step}_moved")
         self._manager.reload()
         return str(target)
 
@@ -223,35 +226,41 @@ class _Held(std_logging.Filter):
         return False
 
 
-@contextlib.contextmanager
-def _silenced_noise():
-    """Keeps a failed restore to the one line `restore_latest` writes.
+class _SilencedNoise:
+    """Keeps a restore attempt to the one line `restore_latest` writes about it.
 
     A read error inside Orbax's asynchronous restore brings warnings, log records and, when its
     event loop is torn down, "Event loop is closed" errors from tasks and coroutines collected
-    later. Inside this block those go nowhere; the log records of an attempt that succeeds are
-    replayed afterwards, so nothing worth seeing from a good restore is lost.
+    later. Inside the block those go nowhere, and what the attempt left behind is collected before
+    it ends. The log records are replayed at the end unless `failed` was called, so nothing worth
+    seeing from a good restore is lost.
     """
-    held = {std_logging.getLogger(name): _Held() for name in ("absl", "asyncio")}
-    for logger, hold in held.items():
-        logger.addFilter(hold)
-    unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
-    sys.unraisablehook = lambda _: None
-    threading.excepthook = lambda _: None
-    succeeded = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-            succeeded = True
-    finally:
+
+    def __enter__(self):
+        self._held = {std_logging.getLogger(name): _Held() for name in ("absl", "asyncio")}
+        for logger, hold in self._held.items():
+            logger.addFilter(hold)
+        self._hooks = sys.unraisablehook, threading.excepthook
+        sys.unraisablehook = threading.excepthook = lambda _: None
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._replay = True
+        return self
+
+    def failed(self) -> None:
+        self._replay = False
+
+    def __exit__(self, *exc):
         gc.collect()  # what a failed attempt left behind is reported now, while silenced
-        sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
-        for logger, hold in held.items():
+        self._warnings.__exit__(*exc)
+        sys.unraisablehook, threading.excepthook = self._hooks
+        for logger, hold in self._held.items():
             logger.removeFilter(hold)
-            if succeeded:
+            if self._replay and exc[0] is None:
                 for record in hold.records:
                     logger.handle(record)
+        return False
 
 
 class PreemptionGuard:

@@ -4,12 +4,16 @@ A tiny pytree stands in for the training state: what is tested is how `Checkpoin
 treats the folders on disk, not the model.
 """
 
+import gc
 import logging as std_logging
 import os
+import sys
+import warnings
 
 import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from caco_jax import checkpointing
 
@@ -148,3 +152,44 @@ def test_intact_newest_checkpoint_restores_without_a_warning(tmp_path, caplog):
     step, state = checkpoints.restore_latest(ABSTRACT_STATE)
     checkpoints.close()
     assert (step, int(state["step"]), warnings_logged(caplog)) == (2, 2, [])
+
+
+def test_noise_of_a_failed_attempt_is_dropped_and_the_log_of_a_good_one_kept(
+    tmp_path, capfd, caplog, monkeypatch
+):
+    write_steps(tmp_path, [1, 2])
+    checkpoints = checkpointer(tmp_path)
+    restore = checkpoints.restore
+
+    class LeftBehind:
+        """What a torn-down event loop leaves: an error raised when the garbage is collected."""
+
+        def __del__(self):
+            raise RuntimeError("Event loop is closed")
+
+    def noisy_restore(step, target):
+        if step == 2:
+            absl_logging.error("tensorstore read failed")
+            warnings.warn("coroutine was never awaited", RuntimeWarning, stacklevel=1)
+            garbage = LeftBehind()
+            garbage.cycle = garbage  # only the cycle collector frees it
+            del garbage
+            raise ValueError("OUT_OF_RANGE: byte range not valid")
+        absl_logging.warning("restored with a note")
+        return restore(step, target)
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(checkpoints, "restore", noisy_restore)
+    assert checkpoints.restore_latest(ABSTRACT_STATE)[0] == 1
+    gc.collect()
+    checkpoints.close()
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert "restored with a note" in messages
+    assert "tensorstore read failed" not in messages
+    assert warnings_logged(caplog)[0].startswith(
+        "checkpoint step 2 does not restore (ValueError: OUT_OF_RANGE: byte range not valid)"
+    )
+    assert unraisable == []
+    assert "never awaited" not in capfd.readouterr().err
