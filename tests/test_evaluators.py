@@ -678,3 +678,15 @@ def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
     assert bigearthnet["cloud_snow_removed"] == 0  # no lists in manual_dir
     assert bigearthnet["mode"] == "finetune" and 0.0 < bigearthnet["rows"][0]["micro_ap"] <= 1.0
     assert records["eval_oscd"]["encoder_bn"] == "eval"
+
+
+def test_the_random_row_copies_the_checkpoint_architecture(tmp_path):
+    narrow = common.random_encoder(18, 3, seed=1, width=8)
+    export.save_encoder(tmp_path / "encoder", narrow, {"method": "test"})
+    config = config_lib.for_tasks("eval_eurosat")
+    config.eval.checkpoint = str(tmp_path / "encoder")
+    rows = common.encoders(config, str(tmp_path))
+    assert [(r.name, r.model.width, r.model.depth) for r in rows] == [
+        ("checkpoint", 8, 18),
+        ("random", 8, 18),
+    ]

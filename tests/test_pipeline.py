@@ -199,6 +199,9 @@ def test_resume_refuses_a_position_saved_for_another_stream():
         saved.start_batch(dataclasses.replace(stream, seed=1))
     with pytest.raises(ValueError, match="method='caco', this run has method='teco'"):
         saved.start_batch(dataclasses.replace(stream, method="teco"))
+    # A position saved before the method table, when the method was called "mode", still resumes.
+    old = {"next_global_batch": 5, "mode": "caco", "global_batch_size": 8, "seed": 0}
+    assert pipeline.Position.from_json({**old, "num_locations": 16}).start_batch(stream) == 5
 
 
 def test_process_shards_partition_the_global_batch_keeping_pairs():

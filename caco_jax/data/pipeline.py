@@ -114,6 +114,8 @@ class Position:
 
     @classmethod
     def from_json(cls, record: dict) -> Position:
+        # Checkpoints written before the method table named the method "mode".
+        record = {"method": record.get("mode"), **record}
         fields = {f.name for f in dataclasses.fields(Stream)}
         return cls(
             int(record["next_global_batch"]), Stream(**{k: record[k] for k in sorted(fields)})

@@ -70,7 +70,7 @@ def encoders(config, workdir: str) -> list[Encoder]:
     rows = [Encoder("checkpoint", model, directory, norm)]
     if config.eval.random_baseline:
         random_model = random_encoder(
-            int(metadata["depth"]), int(metadata["in_channels"]), config.seed
+            int(metadata["depth"]), int(metadata["in_channels"]), config.seed, model.width
         )
         rows.append(Encoder("random", random_model, f"random init (seed {config.seed})", norm))
     if config.eval.imagenet_checkpoint:
@@ -86,13 +86,15 @@ def encoders(config, workdir: str) -> list[Encoder]:
     return rows
 
 
-def random_encoder(depth: int, in_channels: int, seed: int) -> ResNet:
+def random_encoder(depth: int, in_channels: int, seed: int, width: int = 64) -> ResNet:
     """A ResNet with torchvision's random initialisation, in eval mode: convolutions normal with
     variance 2 / fan_out (`resnet.conv_init`), BatchNorm scale 1, bias 0, statistics 0 / 1.
 
     Drawn with NumPy into an abstract model: compiling the initialisers costs far more than drawing.
     """
-    abstract = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels))
+    abstract = nnx.eval_shape(
+        lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels, width=width)
+    )
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
     fill = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 1.0}
