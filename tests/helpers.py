@@ -9,7 +9,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import threading
 import zlib
 
@@ -26,10 +25,11 @@ from caco_jax.sampling.files import Site
 NUM_LOCATIONS = 16
 BATCH = 16
 
-# Compiled programs are shared between the tests of one worker through a persistent cache.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="caco_jax_test_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+def xla_flags(devices: int) -> str:
+    """The suite's XLA flags (tests/conftest.py) for a subprocess with `devices` CPU devices."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
 
 
 def tiny_config(*tasks, **train_overrides):

@@ -10,7 +10,11 @@ replicated state and the input position) together with the other process.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# 4 devices per process; the suite's compile flags (tests/conftest.py) are kept.
+os.environ["XLA_FLAGS"] = " ".join(
+    ["--xla_force_host_platform_device_count=4"]
+    + [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -54,7 +55,7 @@ def test_smoke_run_writes_every_row_without_the_data_and_checkpoint_packages(tmp
     out = tmp_path / "rows.jsonl"
     argv = ["--smoke", "--out", str(out), "--peak_tflops", "2"]
     script = RUN_BLOCKED.format(blocked=BLOCKED, argv=argv)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
     )

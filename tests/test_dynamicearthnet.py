@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import rasterio
+from helpers import xla_flags
 
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import common, metrics, segmentation, tiling
@@ -273,7 +274,7 @@ def test_run_py_evaluates_frozen_and_finetuned_without_tensorflow(download, tmp_
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), ROOT]),
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": xla_flags(1),
         "JAX_PLATFORMS": "cpu",
     }
     blocked = subprocess.run(

@@ -10,7 +10,6 @@ locations (seeds 0 and 1: AUC 0.65 and 0.64, agreement 0.58 against chance 0.50)
 """
 
 import os
-import tempfile
 
 import jax
 import numpy as np
@@ -21,10 +20,6 @@ from caco_jax import mesh as mesh_lib
 from caco_jax import train
 from caco_jax.data import builder, records, synthetic
 from caco_jax.data.synthetic import scoring
-
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="caco_jax_test_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 NUM_LOCATIONS = 24
 BATCH = 16  # 8 locations: 3 steps per epoch

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 from flax import nnx
+from helpers import xla_flags
 from PIL import Image
 from rasterio.io import MemoryFile
 
@@ -601,7 +602,7 @@ def run_evaluations(tmp_path, encoder, manual_dir, *overrides):
         "raise ImportError('TensorFlow is not available in this test')\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), ROOT]))
-    env.pop("XLA_FLAGS", None)  # one CPU device: the multi-device paths have their own tests
+    env["XLA_FLAGS"] = xla_flags(1)  # one CPU device: the multi-device paths have their own tests
     command = [
         sys.executable, "run.py", "--config", "configs/eval_eurosat.py",
         "--workdir", str(tmp_path / "work"),
