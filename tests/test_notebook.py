@@ -18,7 +18,8 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "caco_jax_colab.ipynb")
 
-# tests/helpers.py's tiny network and crops; 16 locations = 2 steps of 8 locations per epoch.
+# tests/helpers.py's tiny network and crops; 16 locations = 2 steps of 8 per epoch (and the
+# land-cover probe one batch of 32 training images: 8 locations x 5 early acquisitions).
 TINY = {"NUM_LOCATIONS": 16, "CROP_SIZE": 32, "WIDTH": 8, "BATCH_SIZE": 16, "EPOCHS": 2}
 # Cells that draw, by id, and how many PNGs each shows.
 FIGURES = {"views": 1, "loss": 1, "change": 1, "map": 1, "probe": 1}
@@ -123,7 +124,7 @@ def test_the_figures_and_the_probe_are_shown(executed):
     notebook, workdir = executed
     for cell_id, count in FIGURES.items():
         assert pngs(cell(notebook, cell_id)) == count, cell_id
-    assert "16 locations" in texts(cell(notebook, "data"))
+    assert f"{TINY['NUM_LOCATIONS']} locations," in texts(cell(notebook, "data"))
     assert "agreement with the ground truth" in texts(cell(notebook, "change"))
     printed = texts(cell(notebook, "probe"))
     top1 = dict(re.findall(r"^\s*(\w+): top-1 ([\d.]+) %", printed, flags=re.MULTILINE))
@@ -167,9 +168,11 @@ def test_the_install_cell_asks_for_the_repository_or_installs_from_it(tmp_path):
     )
     asked = run(source)
     assert asked.returncode == 1
-    assert asked.stderr.strip() == "caco_jax is not installed: set REPOSITORY to its repository's URL"
+    assert asked.stderr.strip() == (
+        "caco_jax is not installed: set REPOSITORY to its repository's URL"
+    )
 
-    stub = "import subprocess, json\nsubprocess.run = lambda command, check: print(json.dumps(command))\n"
+    stub = "import json, subprocess\nsubprocess.run = lambda cmd, check: print(json.dumps(cmd))\n"
     with_url = source.replace('REPOSITORY = ""', 'REPOSITORY = "https://example.org/caco_jax"')
     assert with_url != source
     installed = run(stub + with_url)
