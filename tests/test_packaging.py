@@ -20,6 +20,7 @@ LOCKS = {
     "torch": "requirements-torch.txt",
     "earthengine": "requirements-earthengine.txt",
     "cloud": "requirements-cloud.txt",
+    "notebook": "requirements-notebook.txt",
     "dev": "requirements-dev.txt",
 }
 
