@@ -11,6 +11,7 @@ import sys
 
 import nbformat
 import pytest
+from helpers import xla_flags
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -51,9 +52,10 @@ def kernel_of_this_python(tmp_path) -> KernelManager:
 def kernel_environment() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
-    # One CPU device, as a CPU runtime has (conftest.py simulates 8 for the other tests), and the
-    # kernel's own inline figures (ipykernel's default when MPLBACKEND is unset).
-    env.pop("XLA_FLAGS", None)
+    # One CPU device, as a CPU runtime has (conftest.py simulates 8 for the other tests, and its
+    # compile flags and cache are kept), and the kernel's own inline figures (ipykernel's default
+    # when MPLBACKEND is unset).
+    env["XLA_FLAGS"] = xla_flags(1)
     env.pop("MPLBACKEND", None)
     # Should the install cell run pip after all, it fails here instead of reaching the network.
     env["PIP_NO_INDEX"] = "1"
