@@ -105,13 +105,44 @@ def move(request, response, storage, *args, **kwargs):
     response.json(moved)
 
 
-def _routes():
-    """The emulator's routes, its object reads, writes and deletes `generation_aware`, and
-    `move` added."""
+class Emulator:
+    """A running emulator: the ``environment`` that points clients at it, and the bytes of every
+    upload request it received (``uploads``: object name or upload id, Content-Length)."""
+
+    def __init__(self, environment: dict):
+        self.environment = environment
+        self.uploads: list[tuple[str, int]] = []
+
+    def counted(self, handler):
+        """``handler`` (an upload route's) recording each request's size in `uploads`."""
+
+        @functools.wraps(handler)
+        def wrapped(request, response, storage, *args, **kwargs):
+            name = _upload_name(request) or request.query.get("upload_id", [""])[0]
+            self.uploads.append((name, int(request.get_header("Content-Length", 0))))
+            return handler(request, response, storage, *args, **kwargs)
+
+        return wrapped
+
+    def uploaded_bytes(self, prefix: str) -> int:
+        """Bytes sent in uploads of the objects whose names start with ``prefix``."""
+        return sum(size for name, size in self.uploads if name.startswith(prefix))
+
+
+def _routes(emulator: Emulator):
+    """The emulator's routes, its object reads, writes and deletes `generation_aware`, its
+    uploads counted, and `move` added."""
     from gcp_storage_emulator import server, settings
     from gcp_storage_emulator.handlers import objects
 
     patched = {objects.get, objects.download, objects.insert, objects.delete}
+
+    def patch(handler):
+        patched_handler = generation_aware(handler) if handler in patched else handler
+        if handler in (objects.insert, objects.upload_partial):
+            return emulator.counted(patched_handler)
+        return patched_handler
+
     move_route = (
         rf"^{settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
         r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$",
@@ -120,7 +151,7 @@ def _routes():
     return (
         move_route,  # before the object route, which would take ".../moveTo/o/..." for a name
         *(
-            (regex, {m: generation_aware(h) if h in patched else h for m, h in methods.items()})
+            (regex, {method: patch(handler) for method, handler in methods.items()})
             for regex, methods in server.HANDLERS
         ),
     )
@@ -129,7 +160,7 @@ def _routes():
 @contextlib.contextmanager
 def running(bucket: str = BUCKET):
     """A fresh in-memory emulator with ``bucket`` on a free port, the environment pointing every
-    client at it; yields that environment (for subprocesses). Stopped on exit."""
+    client at it; yields its `Emulator`. Stopped on exit."""
     from gcp_storage_emulator import server
     from google.auth.compute_engine import _metadata
 
@@ -140,14 +171,15 @@ def running(bucket: str = BUCKET):
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "NO_GCE_CHECK": "true",
     }
+    emulator = Emulator(environment)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(server, "HANDLERS", _routes()))
+        stack.enter_context(mock.patch.object(server, "HANDLERS", _routes(emulator)))
         stack.enter_context(mock.patch.dict(os.environ, environment))
         # google-auth reads NO_GCE_CHECK when imported: set here for a process that already did.
         stack.enter_context(mock.patch.object(_metadata, "_NO_GCE_CHECK", True))
-        emulator = server.create_server(
+        instance = server.create_server(
             "127.0.0.1", int(url.rsplit(":", 1)[1]), in_memory=True, default_bucket=bucket
         )
-        emulator.start()
-        stack.callback(emulator.stop)
-        yield environment
+        instance.start()
+        stack.callback(instance.stop)
+        yield emulator
