@@ -3,6 +3,7 @@
 is tests/test_cloud_workdir.py.
 """
 
+import csv
 import io
 import json
 import os
@@ -159,8 +160,64 @@ def test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix(tm
     config.data.data_dir = "gs://caco/tfds"
     with pytest.raises(config_lib.ConfigError, match=r"config\.data\.data_dir: .*gcsfuse"):
         config_lib.validate(config)
+    synthesize = config_lib.for_tasks("synthesize")
+    synthesize.data.archive = "gs://caco/archive"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.archive: .*gcsfuse"):
+        config_lib.validate(synthesize)
+    change_map = config_lib.for_tasks("change_map")
+    change_map.change_map.kind = "pretraining"
+    change_map.pretrained.cache_dir = "gs://caco/cache"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.pretrained\.cache_dir: .*local"):
+        config_lib.validate(change_map)
     config.tasks = ("pretrain",)  # reading prepared records from a bucket is allowed
     config_lib.validate(config)
     with pytest.raises(ValueError, match=r"data_dir=gs://caco/tfds: .*gcsfuse BUCKET"):
         storage.local_records_dir("gs://caco/tfds", key="data_dir")
     assert storage.local_records_dir(str(tmp_path)) == str(tmp_path)
+
+
+def test_embeddings_and_change_maps_are_written_to_a_bucket(emulator):
+    import pyarrow.parquet as pq
+
+    from caco_jax import change_map, embed
+
+    rng = np.random.default_rng(0)
+    ids = ["000000/0", "000000/1", "000001/0"]
+    embeddings = embed.Embeddings(
+        ids=ids,
+        embeddings=rng.normal(size=(3, 4)).astype(np.float32),
+        lat=np.array([45.0, 45.0, 46.0]),
+        lon=np.array([7.0, 7.0, 8.0]),
+        window=np.array([0, 1, 0]),
+    )
+    paths = embeddings.write("gs://caco/outputs/embeddings")
+    assert paths == {
+        "npz": "gs://caco/outputs/embeddings.npz",
+        "parquet": "gs://caco/outputs/embeddings.parquet",
+    }
+    saved = np.load(io.BytesIO(storage.path(paths["npz"]).read_bytes()))
+    np.testing.assert_array_equal(saved["embeddings"], embeddings.embeddings)
+    assert list(saved["ids"]) == ids
+    table = pq.read_table(io.BytesIO(storage.path(paths["parquet"]).read_bytes()))
+    assert table.column("id").to_pylist() == ids
+    with pytest.raises(FileExistsError, match=r"gs://caco/outputs/embeddings\.npz already exists"):
+        embeddings.write("gs://caco/outputs/embeddings")
+
+    d_lt, d_st = np.array([0.5, 0.1]), np.array([0.1, 0.1])
+    result = change_map.ChangeMap(
+        ["000000", "000001"], np.array([45.0, 46.0]), np.array([7.0, 8.0]), d_lt, d_st,
+        d_lt / (d_st + change_map.EPS), np.array([True, False]),
+    )  # fmt: skip
+    paths = change_map.write(result, "gs://caco/outputs/change_map", land_mask=False)
+    assert paths["change_map_csv"] == "gs://caco/outputs/change_map/change_map.csv"
+    rows = list(csv.DictReader(io.StringIO(storage.path(paths["change_map_csv"]).read_text())))
+    assert [(r["location_id"], r["changed"]) for r in rows] == [
+        ("000000", "True"),
+        ("000001", "False"),
+    ]
+    features = json.loads(storage.path(paths["change_map_geojson"]).read_text())["features"]
+    assert [f["geometry"]["coordinates"] for f in features] == [[7.0, 45.0], [8.0, 46.0]]
+    for png in ("change_map_png", "histograms_png"):
+        assert storage.path(paths[png]).read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(FileExistsError, match=r"change_map\.csv already exists"):
+        change_map.write(result, "gs://caco/outputs/change_map", land_mask=False)
