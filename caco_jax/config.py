@@ -581,6 +581,11 @@ def _validate_pretrained(p: ml_collections.ConfigDict) -> None:
         "the download cache is a local folder (downloads resume from partial files), not a URL",
     )
     _check(
+        "://" not in p.torch_output,
+        "pretrained.torch_output",
+        "the torch weights are written as a local file, not a URL",
+    )
+    _check(
         p.torch_output == "" or p.torch_output.endswith((".pth", ".safetensors")),
         "pretrained.torch_output",
         "must end in .pth or .safetensors",

@@ -169,6 +169,11 @@ def test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix(tm
     change_map.pretrained.cache_dir = "gs://caco/cache"
     with pytest.raises(config_lib.ConfigError, match=r"config\.pretrained\.cache_dir: .*local"):
         config_lib.validate(change_map)
+    pretrained = config_lib.for_tasks("pretrained")
+    pretrained.pretrained.name = "r18_100k_caco"
+    pretrained.pretrained.torch_output = "gs://caco/r18.pth"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.pretrained\.torch_output: .*local"):
+        config_lib.validate(pretrained)
     config.tasks = ("pretrain",)  # reading prepared records from a bucket is allowed
     config_lib.validate(config)
     with pytest.raises(ValueError, match=r"data_dir=gs://caco/tfds: .*gcsfuse BUCKET"):
