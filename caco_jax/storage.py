@@ -40,7 +40,8 @@ def append_bytes(target, data: bytes) -> None:
 
     Buckets have no append. On ``gs://`` the new bytes are uploaded as an object beside the target
     and composed onto its end (GCS compose: the server concatenates), so each append sends only
-    the new bytes; the extra object is deleted. Other URLs are rewritten whole.
+    the new bytes; the extra object (``<name>.append-<id>``) is deleted then, and only a process
+    killed in between leaves it behind. Other URLs are rewritten whole.
     """
     target = path(target)
     if not is_url(target):
@@ -57,9 +58,10 @@ def append_bytes(target, data: bytes) -> None:
 
     part = target.parent / f"{target.name}.append-{uuid.uuid4().hex}"
     part.write_bytes(data)
+    gcs, name = fsspec.filesystem("gs"), os.fspath(target).removeprefix("gs://")
     try:
-        name = os.fspath(target).removeprefix("gs://")
-        fsspec.filesystem("gs").merge(name, [name, os.fspath(part).removeprefix("gs://")])
+        gcs.merge(name, [name, os.fspath(part).removeprefix("gs://")])
+        gcs.invalidate_cache(name)  # its listed size is the old one
     finally:
         part.unlink()
 
