@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 
 import numpy as np
 
-from caco_jax import change
+from caco_jax import change, storage
 from caco_jax import embed as embed_lib
 
 EPS = 1e-4
@@ -177,17 +178,20 @@ def compute(
 
 
 def write(result: ChangeMap, folder: str, *, land_mask: bool = True, overwrite: bool = False):
-    """The CSV, GeoJSON, map and histograms in ``folder``; returns their paths."""
-    paths = {name.replace(".", "_"): os.path.join(folder, name) for name in FILES}
-    existing = [p for p in paths.values() if os.path.exists(p)]
+    """The CSV, GeoJSON, map and histograms in ``folder`` (local or in a bucket,
+    `storage.path`); returns their paths."""
+    folder = storage.path(folder)
+    paths = {name.replace(".", "_"): folder / name for name in FILES}
+    existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists (set change_map.overwrite)")
-    os.makedirs(folder, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     rows = result.rows()
-    with open(paths["change_map_csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    paths["change_map_csv"].write_text(table.getvalue())
     features = [
         {
             "type": "Feature",
@@ -196,11 +200,12 @@ def write(result: ChangeMap, folder: str, *, land_mask: bool = True, overwrite: 
         }
         for row in rows
     ]
-    with open(paths["change_map_geojson"], "w") as f:
-        json.dump({"type": "FeatureCollection", "features": features}, f)
+    paths["change_map_geojson"].write_text(
+        json.dumps({"type": "FeatureCollection", "features": features})
+    )
     plot_map(result, paths["change_map_png"], land_mask=land_mask)
     plot_histograms(result, paths["histograms_png"])
-    return paths
+    return {name: os.fspath(path) for name, path in paths.items()}
 
 
 def _figure(size):
@@ -210,6 +215,13 @@ def _figure(size):
     figure = Figure(figsize=size, dpi=120)
     FigureCanvasAgg(figure)
     return figure
+
+
+def _save_png(figure, path) -> None:
+    """``figure`` as a PNG at ``path`` (local or in a bucket)."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", bbox_inches="tight")
+    storage.path(path).write_bytes(png.getvalue())
 
 
 def map_extent(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float, float, float]:
@@ -262,7 +274,7 @@ def plot_map(result: ChangeMap, path: str, *, land_mask: bool = True, cells: int
     axes.set_title(
         f"{len(result.location_id)} locations, {int(result.changed.sum())} labelled changed"
     )
-    figure.savefig(path, bbox_inches="tight")
+    _save_png(figure, path)
     return path
 
 
@@ -290,7 +302,7 @@ def plot_histograms(result: ChangeMap, path: str) -> str:
         axes.set_xlabel(name)
         axes.set_ylabel("locations")
         axes.legend()
-    figure.savefig(path, bbox_inches="tight")
+    _save_png(figure, path)
     return path
 
 

@@ -347,6 +347,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "prepare writes the records as local files: a local folder or a mounted bucket "
         "(gcsfuse), not a URL (see docs/running.md)",
     )
+    _check(
+        "synthesize" not in config.tasks or "://" not in config.data.archive,
+        "data.archive",
+        "synthesize writes the archive as local files: a local folder or a mounted bucket "
+        "(gcsfuse), not a URL (see docs/running.md)",
+    )
     _check(  # the section also serves embed and change_map, which need no name
         "pretrained" not in config.tasks or bool(config.pretrained.name),
         "pretrained.name",
@@ -569,6 +575,16 @@ def _validate_convert(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_pretrained(p: ml_collections.ConfigDict) -> None:
+    _check(
+        "://" not in p.cache_dir,
+        "pretrained.cache_dir",
+        "the download cache is a local folder (downloads resume from partial files), not a URL",
+    )
+    _check(
+        "://" not in p.torch_output,
+        "pretrained.torch_output",
+        "the torch weights are written as a local file, not a URL",
+    )
     _check(
         p.torch_output == "" or p.torch_output.endswith((".pth", ".safetensors")),
         "pretrained.torch_output",

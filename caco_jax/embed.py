@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax import mesh as mesh_lib
-from caco_jax import progress
+from caco_jax import progress, storage
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
 from caco_jax.evaluators import common
@@ -74,23 +74,25 @@ class Embeddings:
     window: np.ndarray  # [N] int64
 
     def write(self, stem: str, *, overwrite: bool = False) -> dict:
-        """``<stem>.npz`` and ``<stem>.parquet``; returns their paths."""
+        """``<stem>.npz`` and ``<stem>.parquet`` (local or in a bucket, `storage.path`); returns
+        their paths."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        paths = {"npz": stem + ".npz", "parquet": stem + ".parquet"}
+        paths = {kind: storage.path(f"{os.fspath(stem)}.{kind}") for kind in ("npz", "parquet")}
         for path in paths.values():
-            if os.path.exists(path) and not overwrite:
+            if path.exists() and not overwrite:
                 raise FileExistsError(f"{path} already exists (set embed.overwrite to replace it)")
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        np.savez(
-            paths["npz"],
-            ids=np.asarray(self.ids, dtype=str),
-            embeddings=self.embeddings,
-            lat=self.lat,
-            lon=self.lon,
-            window=self.window,
-        )
+        paths["npz"].parent.mkdir(parents=True, exist_ok=True)
+        with paths["npz"].open("wb") as f:
+            np.savez(
+                f,
+                ids=np.asarray(self.ids, dtype=str),
+                embeddings=self.embeddings,
+                lat=self.lat,
+                lon=self.lon,
+                window=self.window,
+            )
         dim = self.embeddings.shape[1]
         table = pa.table(
             {
@@ -103,8 +105,9 @@ class Embeddings:
                 ),
             }
         )
-        pq.write_table(table, paths["parquet"])
-        return paths
+        with paths["parquet"].open("wb") as f:
+            pq.write_table(table, f)
+        return {kind: os.fspath(path) for kind, path in paths.items()}
 
 
 # ----------------------------------------------------------------------------- the encoder side

@@ -23,7 +23,7 @@ import os
 import urllib.error
 import urllib.request
 
-from caco_jax import convert, progress
+from caco_jax import convert, progress, storage
 from caco_jax.data.normalization import Normalization
 from caco_jax.models import export
 
@@ -234,7 +234,7 @@ def run_task(config, workdir: str) -> dict:
     p = config.pretrained
     if p.name in CHECKPOINTS:
         checkpoint = CHECKPOINTS[p.name]
-        output = os.path.abspath(p.output or os.path.join(workdir, "encoder"))
+        output = os.fspath(storage.path(p.output or os.path.join(workdir, "encoder")))
         source = download(checkpoint, cache=p.cache_dir, base_url=p.base_url)
         write_official_export(
             checkpoint, source, output, base_url=p.base_url, overwrite=p.overwrite

@@ -13,6 +13,7 @@ Reading prepared records from ``gs://`` works (array_record reads ``gs://`` itse
 from __future__ import annotations
 
 import os
+import uuid
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: `train.setup` runs where etils.epath is absent
@@ -34,15 +35,40 @@ def path(value) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
-def append_text(target: epath.Path, text: str) -> None:
-    """Appends `text` to the file `target`. Buckets have no append: there the object is rewritten
-    with the old content and `text` (the files appended to, like metrics.jsonl, stay small)."""
-    if is_url(target):
-        old = target.read_text() if target.exists() else ""
-        target.write_text(old + text)
+def append_bytes(target, data: bytes) -> None:
+    """Appends ``data`` to the file ``target`` (created if missing).
+
+    Buckets have no append. On ``gs://`` the new bytes are uploaded as an object beside the target
+    and composed onto its end (GCS compose: the server concatenates), so each append sends only
+    the new bytes; the extra object (``<name>.append-<id>``) is deleted then, and only a process
+    killed in between leaves it behind. Other URLs are rewritten whole.
+    """
+    target = path(target)
+    if not is_url(target):
+        with target.open("ab") as f:
+            f.write(data)
         return
-    with target.open("a") as f:
-        f.write(text)
+    if not target.exists():
+        target.write_bytes(data)
+        return
+    if not os.fspath(target).startswith("gs://"):
+        target.write_bytes(target.read_bytes() + data)
+        return
+    import fsspec
+
+    part = target.parent / f"{target.name}.append-{uuid.uuid4().hex}"
+    part.write_bytes(data)
+    gcs, name = fsspec.filesystem("gs"), os.fspath(target).removeprefix("gs://")
+    try:
+        gcs.merge(name, [name, os.fspath(part).removeprefix("gs://")])
+        gcs.invalidate_cache(name)  # its listed size is the old one
+    finally:
+        part.unlink()
+
+
+def append_text(target, text: str) -> None:
+    """Appends ``text`` (UTF-8) to the file ``target``; see `append_bytes`."""
+    append_bytes(target, text.encode("utf-8"))
 
 
 def local_records_dir(data_dir: str, key: str = "config.data.data_dir") -> str:

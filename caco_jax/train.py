@@ -203,6 +203,7 @@ def train(
                     _check_finite(state, done, checkpoints, last_good)
                     position = pipeline.Position(done, run.stream)  # one global batch per step
                     checkpoints.save(done, state, data_position=position.to_json(), config=config)
+                    writer.flush()  # metrics.jsonl holds every line up to the checkpoint
                     last_good = done
                     if config.checkpoint.export_encoder_every_checkpoint:
                         export_encoder(config, run, state, workdir, done)

@@ -1,19 +1,17 @@
-"""Workdir outputs on a bucket (caco_jax/storage.py), against a local GCS emulator on 127.0.0.1.
-
-gcsfs (etils epath's gs:// backend) and google-cloud-storage (tensorboardX's) both follow
-STORAGE_EMULATOR_HOST. The emulator does not serve the object generations tensorstore needs, so
-Orbax exports to gs:// are not exercised here; their paths are (URLs are no longer made "absolute").
+"""Workdir outputs on a bucket (caco_jax/storage.py), against the local GCS emulator of
+`gcs_emulator` on 127.0.0.1. Pretraining into a bucket (checkpoints, the encoder export, resuming)
+is tests/test_cloud_workdir.py.
 """
 
-import gc
+import csv
 import io
 import json
 import os
-import socket
+import struct
 import subprocess
 import sys
-from unittest import mock
 
+import gcs_emulator
 import numpy as np
 import pytest
 
@@ -23,30 +21,10 @@ from caco_jax import metrics_writer, storage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulator():
-    from gcp_storage_emulator.server import create_server
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="caco")
-    server.start()
-    try:
-        with mock.patch.dict(os.environ, {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}):
-            yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
-    finally:
-        # tensorboardX uploads each bucket event file again from an exit handler and when the
-        # writer is collected, long after the tests: with the emulator gone, each would retry for
-        # minutes. Those uploads repeat what the closed writers already uploaded.
-        from tensorboardX import record_writer
-
-        mock.patch.object(record_writer.GCSRecordWriter, "flush", lambda self: None).start()
-        server.stop()
+    with gcs_emulator.running() as running:
+        yield running
 
 
 def test_local_paths_become_absolute_and_urls_stay_as_they_are(tmp_path, monkeypatch):
@@ -61,12 +39,11 @@ def test_metrics_append_to_a_bucket_across_runs_with_tensorboard_beside(emulator
     writer = metrics_writer.MetricsWriter(workdir, enabled=True)
     writer.write(1, {"loss": 1.0})
     writer.write(2, {"loss": 0.5})
+    assert not storage.path(f"{workdir}/metrics.jsonl").exists()  # held back until a flush
     writer.close()
     resumed = metrics_writer.MetricsWriter(workdir, enabled=True)  # a resumed run appends
     resumed.write(3, {"loss": 0.25})
     resumed.close()
-    del writer, resumed
-    gc.collect()
     lines = storage.path(f"{workdir}/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
         {"step": 1, "loss": 1.0},
@@ -75,7 +52,44 @@ def test_metrics_append_to_a_bucket_across_runs_with_tensorboard_beside(emulator
     ]
     events = list(storage.path(f"{workdir}/tensorboard").iterdir())
     assert events and all(e.name.startswith("events.out.tfevents") for e in events)
-    assert all(e.stat().length > 0 for e in events)
+    points = [point for event_file in sorted(events) for point in scalar_points(event_file)]
+    assert points == [(1, "loss", 1.0), (2, "loss", 0.5), (3, "loss", 0.25)]
+
+
+def scalar_points(event_file) -> list[tuple]:
+    """(step, tag, value) of every scalar in a TensorBoard event file (TFRecord framing: length,
+    its CRC, the serialised `Event`, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    data, offset, points = event_file.read_bytes(), 0, []
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        points += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+        offset += 12 + length + 4
+    assert offset == len(data), f"{event_file} ends inside a record"
+    return points
+
+
+def test_metrics_flushed_at_every_line_send_each_line_once(emulator):
+    """The worst case (a flush per line) of a long run's metrics.jsonl: rewriting the object at
+    each flush would send about lines/2 times its final size; appending by compose sends each line
+    once, plus each request's headers."""
+    workdir = "gs://caco/flushed_run"
+    writer = metrics_writer.MetricsWriter(workdir, enabled=True, flush_seconds=0.0)
+    scalars = {f"accuracy/class_{i:03d}": i / 100 for i in range(40)}  # a line of ~1.3 kB
+    for step in range(1, 41):
+        writer.write(step, scalars)
+        assert storage.path(f"{workdir}/metrics.jsonl").read_text().count("\n") == step
+    writer.close()
+    content = storage.path(f"{workdir}/metrics.jsonl").read_bytes()
+    assert [json.loads(line)["step"] for line in content.splitlines()] == list(range(1, 41))
+    sent = emulator.uploaded_bytes("flushed_run/metrics.jsonl")  # with the parts composed
+    assert len(content) < sent < 1.2 * len(content)  # rewriting: ~20x
+    assert sorted(p.name for p in storage.path(workdir).iterdir()) == [
+        "metrics.jsonl",
+        "tensorboard",
+    ]  # the composed parts were deleted
 
 
 def test_change_histograms_and_evaluator_results_are_written_to_a_bucket(emulator):
@@ -91,8 +105,6 @@ def test_change_histograms_and_evaluator_results_are_written_to_a_bucket(emulato
     writer = metrics_writer.MetricsWriter("gs://caco/run", enabled=True)
     writer.write_image(1, "change/histogram", png)  # reads the PNG back from the bucket
     writer.close()
-    del writer
-    gc.collect()
 
     checkpoint = "gs://caco/run/encoder"
     path = common.metrics_path(checkpoint, "eurosat")
@@ -133,7 +145,7 @@ def test_run_py_writes_its_results_into_a_bucket_workdir(emulator):
             "gs://caco/run_py",
         ],
         cwd=ROOT,
-        env={**os.environ, **emulator},
+        env={**os.environ, **emulator.environment},
         capture_output=True,
         text=True,
         timeout=120,
@@ -148,8 +160,69 @@ def test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix(tm
     config.data.data_dir = "gs://caco/tfds"
     with pytest.raises(config_lib.ConfigError, match=r"config\.data\.data_dir: .*gcsfuse"):
         config_lib.validate(config)
+    synthesize = config_lib.for_tasks("synthesize")
+    synthesize.data.archive = "gs://caco/archive"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.archive: .*gcsfuse"):
+        config_lib.validate(synthesize)
+    change_map = config_lib.for_tasks("change_map")
+    change_map.change_map.kind = "pretraining"
+    change_map.pretrained.cache_dir = "gs://caco/cache"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.pretrained\.cache_dir: .*local"):
+        config_lib.validate(change_map)
+    pretrained = config_lib.for_tasks("pretrained")
+    pretrained.pretrained.name = "r18_100k_caco"
+    pretrained.pretrained.torch_output = "gs://caco/r18.pth"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.pretrained\.torch_output: .*local"):
+        config_lib.validate(pretrained)
     config.tasks = ("pretrain",)  # reading prepared records from a bucket is allowed
     config_lib.validate(config)
     with pytest.raises(ValueError, match=r"data_dir=gs://caco/tfds: .*gcsfuse BUCKET"):
         storage.local_records_dir("gs://caco/tfds", key="data_dir")
     assert storage.local_records_dir(str(tmp_path)) == str(tmp_path)
+
+
+def test_embeddings_and_change_maps_are_written_to_a_bucket(emulator):
+    import pyarrow.parquet as pq
+
+    from caco_jax import change_map, embed
+
+    rng = np.random.default_rng(0)
+    ids = ["000000/0", "000000/1", "000001/0"]
+    embeddings = embed.Embeddings(
+        ids=ids,
+        embeddings=rng.normal(size=(3, 4)).astype(np.float32),
+        lat=np.array([45.0, 45.0, 46.0]),
+        lon=np.array([7.0, 7.0, 8.0]),
+        window=np.array([0, 1, 0]),
+    )
+    paths = embeddings.write("gs://caco/outputs/embeddings")
+    assert paths == {
+        "npz": "gs://caco/outputs/embeddings.npz",
+        "parquet": "gs://caco/outputs/embeddings.parquet",
+    }
+    saved = np.load(io.BytesIO(storage.path(paths["npz"]).read_bytes()))
+    np.testing.assert_array_equal(saved["embeddings"], embeddings.embeddings)
+    assert list(saved["ids"]) == ids
+    table = pq.read_table(io.BytesIO(storage.path(paths["parquet"]).read_bytes()))
+    assert table.column("id").to_pylist() == ids
+    with pytest.raises(FileExistsError, match=r"gs://caco/outputs/embeddings\.npz already exists"):
+        embeddings.write("gs://caco/outputs/embeddings")
+
+    d_lt, d_st = np.array([0.5, 0.1]), np.array([0.1, 0.1])
+    result = change_map.ChangeMap(
+        ["000000", "000001"], np.array([45.0, 46.0]), np.array([7.0, 8.0]), d_lt, d_st,
+        d_lt / (d_st + change_map.EPS), np.array([True, False]),
+    )  # fmt: skip
+    paths = change_map.write(result, "gs://caco/outputs/change_map", land_mask=False)
+    assert paths["change_map_csv"] == "gs://caco/outputs/change_map/change_map.csv"
+    rows = list(csv.DictReader(io.StringIO(storage.path(paths["change_map_csv"]).read_text())))
+    assert [(r["location_id"], r["changed"]) for r in rows] == [
+        ("000000", "True"),
+        ("000001", "False"),
+    ]
+    features = json.loads(storage.path(paths["change_map_geojson"]).read_text())["features"]
+    assert [f["geometry"]["coordinates"] for f in features] == [[7.0, 45.0], [8.0, 46.0]]
+    for png in ("change_map_png", "histograms_png"):
+        assert storage.path(paths[png]).read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(FileExistsError, match=r"change_map\.csv already exists"):
+        change_map.write(result, "gs://caco/outputs/change_map", land_mask=False)
