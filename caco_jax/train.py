@@ -137,10 +137,8 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
 # The loop.
 
 
-def train(
-    config, workdir, source, *, arrays_fn=None, normalization=None, locations=None, mesh=None
-):
-    """Pretrains on ``source`` (random-access records, `data.records`); resumes if it can.
+def train(config, workdir, source, *, normalization=None, locations=None, mesh=None):
+    """Pretrains on ``source`` (the locations, `data.records.Records`); resumes if it can.
 
     ``locations()`` gives each record's (location_id, lat, lon) for the change labels' CSV.
     """
@@ -163,7 +161,6 @@ def train(
         run.stream,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        arrays_fn=arrays_fn,
         start_batch=start_batch,
     )
     writer = MetricsWriter(workdir)

@@ -1,7 +1,16 @@
 """The host input pipeline for pretraining: prepared records -> this process's shard of each batch.
 
-The host only reads, decodes, chooses acquisitions (`caco_jax.data.item_sampler`) and stacks uint8
-batches; every augmentation and the normalisation run on the accelerator (`caco_jax.augment`).
+The host only chooses acquisitions (`caco_jax.data.item_sampler`), reads and decodes them and
+stacks uint8 batches; every augmentation and the normalisation run on the accelerator
+(`caco_jax.augment`).
+
+The source of locations (`records.Records`, or anything with the same methods) gives
+``len(source)`` (the number of locations), ``source.windows(i)`` (int [T], the window of each of
+location i's T acquisitions, in time order), ``source.location_id(i)`` and
+``source.pixels(i, acquisitions)`` (uint8 ``[len(acquisitions), H, W, C]``, or a dict of such
+groups). An item's acquisitions are drawn from the windows alone; then one `pixels` call per
+location reads the acquisitions its items drew, each distinct one decompressed once (caco/teco: at
+most 6 of the location's ~10, seco: at most 3, moco: 1).
 
 Contract (the training step relies on it):
 
@@ -45,8 +54,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -56,7 +65,17 @@ from caco_jax.data import item_sampler
 if TYPE_CHECKING:
     import grain
 
-ArraysFn = Callable[[Any], dict]
+
+class Locations(Protocol):
+    """The source the pipeline reads (`records.Records`; see the module docstring)."""
+
+    def __len__(self) -> int: ...
+
+    def windows(self, location: int) -> np.ndarray: ...
+
+    def location_id(self, location: int) -> str: ...
+
+    def pixels(self, location: int, acquisitions: Sequence[int]) -> np.ndarray | dict: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,20 +184,13 @@ class _EpochOrder:
         return epoch, int(self.permutation(epoch)[position])
 
 
-def _take(pixels, indices):
-    """Selects acquisitions from `pixels` ([T, ...] or a dict of such groups)."""
-    if isinstance(pixels, dict):
-        return {group: np.ascontiguousarray(arr[indices]) for group, arr in pixels.items()}
-    return np.ascontiguousarray(pixels[indices])
-
-
 class _LoadLocation:
-    """Reads one location and draws its items' acquisitions: one grain element per location."""
+    """Draws one location's items from its windows, then reads only the drawn acquisitions: one
+    grain element per location."""
 
-    def __init__(self, source, order, arrays_fn, method: methods.Method, seed, acquisition_draws):
+    def __init__(self, source, order, method: methods.Method, seed, acquisition_draws):
         self.source = source
         self.order = order
-        self.arrays_fn = arrays_fn
         self.method = method
         self.seed = seed
         self.acquisition_draws = acquisition_draws
@@ -186,8 +198,7 @@ class _LoadLocation:
 
     def __call__(self, element: int) -> dict:
         epoch, location_index = self.order(element)
-        arrays = self.arrays_fn(self.source[location_index])
-        windows = np.asarray(arrays["window"])
+        windows = self.source.windows(location_index)
         picks = [
             item_sampler.draw_acquisitions(
                 windows,
@@ -195,7 +206,7 @@ class _LoadLocation:
                 item_window=window,
                 rng=item_sampler.item_rng(self.seed, epoch, location_index, window),
                 acquisition_draws=self.acquisition_draws,
-                location=f"{location_index} ({arrays.get('location_id', '?')})",
+                location=f"{location_index} ({self.source.location_id(location_index)})",
             )
             for window in self.windows
         ]
@@ -203,11 +214,9 @@ class _LoadLocation:
         item_windows = [
             w if paired else int(windows[p[0]]) for w, p in zip(self.windows, picks, strict=True)
         ]
-        stacked = [_take(arrays["pixels"], p) for p in picks]
-        if isinstance(stacked[0], dict):
-            images = {g: np.stack([s[g] for s in stacked]) for g in stacked[0]}
-        else:
-            images = np.stack(stacked)
+        pixels = self.source.pixels(location_index, np.concatenate(picks))
+        items, views = len(picks), self.method.acquisitions_per_item
+        images = _tree_map(lambda x: x.reshape((items, views, *x.shape[1:])), pixels)
         return {
             "images": images,
             "item_id": np.asarray(
@@ -215,42 +224,34 @@ class _LoadLocation:
                 np.int32,
             ),
             "window": np.asarray(item_windows, np.int32),
-            "location_index": np.full(len(picks), location_index, np.int32),
+            "location_index": np.full(items, location_index, np.int32),
         }
+
+
+def _tree_map(fn, x):
+    """`fn` on an array, or on each array of a dict of them (the ``all_bands`` groups)."""
+    return {k: _tree_map(fn, v) for k, v in x.items()} if isinstance(x, dict) else fn(x)
 
 
 def _merge_items(batch: dict) -> dict:
     """[locations, items_per_location, ...] -> [locations * items_per_location, ...]."""
-
-    def merge(x):
-        if isinstance(x, dict):
-            return {k: merge(v) for k, v in x.items()}
-        return x.reshape((x.shape[0] * x.shape[1], *x.shape[2:]))
-
-    return {k: merge(v) for k, v in batch.items()}
-
-
-def _default_arrays_fn() -> ArraysFn:
-    from caco_jax.data import records
-
-    return records.location_arrays
+    return _tree_map(lambda x: x.reshape((x.shape[0] * x.shape[1], *x.shape[2:])), batch)
 
 
 def make_pipeline(
     config,
-    source: Sequence,
+    source: Locations,
     stream: Stream,
     *,
     num_epochs: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
-    arrays_fn: ArraysFn | None = None,
     start_batch: int = 0,
 ) -> grain.DatasetIterator:
     """This process's rows of ``stream``'s global batches (see the module docstring).
 
-    `source` is a random-access source of records (`records.open_records`), `arrays_fn` turns one
-    record into arrays (default `records.location_arrays`). The first batch is the process's rows
+    `source` gives the locations (`records.open_records`; see the module docstring for what the
+    pipeline asks of it). The first batch is the process's rows
     of global batch `start_batch` (counted from the start of epoch 0); `num_epochs=None` never
     ends. Reads `config.input`.
     """
@@ -284,7 +285,6 @@ def make_pipeline(
     load = _LoadLocation(
         source,
         order,
-        arrays_fn or _default_arrays_fn(),
         methods.get(stream.method),
         stream.seed,
         config.input.acquisition_draws,
