@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
-from helpers import InMemoryLocations, count_record_reads
+from helpers import InMemoryLocations, count_record_reads, prepare, synthetic_folder, tiny_config
 
 from caco_jax import config as config_lib
 from caco_jax import methods
-from caco_jax.data import item_sampler, normalization, pipeline
+from caco_jax.data import item_sampler, normalization, pipeline, records
 
 SIZE = 4  # pixels per side of the fake images
 WINDOWS = np.asarray((0,) * 5 + (1,) * 5)
@@ -274,19 +274,18 @@ def test_batches_are_those_of_the_per_location_layout(method):
         np.testing.assert_array_equal(decode(batch)[0][:, 0], locations)
 
 
-def test_prepared_records_end_to_end(tmp_path_factory):
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The `rgb` records of the synthetic archive (3 locations): their data_dir."""
+    data_dir = tmp_path_factory.mktemp("pipeline_tfds")
+    prepare(synthetic_folder(tmp_path_factory), data_dir, num_workers=1)
+    return os.fspath(data_dir)
+
+
+def test_prepared_records_end_to_end(prepared):
     """The real records (synthetic archive -> builder): each location reads only the acquisitions
     its items drew, each once, and the batches hold exactly those acquisitions' pixels."""
-    import tensorflow_datasets as tfds
-    from helpers import synthetic_folder
-
-    from caco_jax.data import builder, records
-
-    data_dir = os.fspath(tmp_path_factory.mktemp("pipeline_tfds"))
-    builder.CacoGeography(config="rgb", data_dir=data_dir, num_workers=1).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=synthetic_folder(tmp_path_factory))
-    )
-    source = records.open_records(data_dir, "rgb")
+    source = records.open_records(prepared, "rgb")
     whole = [source[i] for i in range(len(source))]
     reads = count_record_reads(source)
     config = config_lib.for_tasks("pretrain")
@@ -315,3 +314,37 @@ def test_prepared_records_end_to_end(tmp_path_factory):
             np.testing.assert_array_equal(batch["images"], arrays["pixels"][np.stack(picks)])
         assert len(reads) == drawn  # each drawn acquisition read once, nothing else
         assert drawn <= {"caco": 6, "seco": 3, "moco": 1}[method] * len(source)
+
+
+def test_pretrain_reads_no_pixels_before_its_first_batch(prepared, tmp_path, monkeypatch):
+    """Counting locations, their ids and coordinates, the normalisation and the stream: what the
+    `pretrain` task prepares before its first step comes from the side index. (`train.train` then
+    only builds the model from ``len(source)`` and asks the change report's table lazily.)"""
+    from caco_jax import train
+
+    opened, handed_to_train = [], {}
+    open_records = records.open_records
+
+    def counted_records(*args, **kwargs):
+        source = open_records(*args, **kwargs)
+        opened.append(count_record_reads(source))
+        return source
+
+    monkeypatch.setattr(records, "open_records", counted_records)
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: handed_to_train.update(kwargs))
+    config = tiny_config(batch_size=2)  # caco: one location per batch
+    config.data.data_dir = prepared
+    train.run_task(config, os.fspath(tmp_path))
+    (reads,) = opened
+    table = handed_to_train["locations"]()
+    assert [row[0] for row in table] == ["000000", "000001", "000002"]
+    assert handed_to_train["normalization"].bands == ("B4", "B3", "B2")
+    assert reads == []
+    source = records.open_records(prepared)
+    reads = opened[-1]
+    stream = pipeline.Stream.from_config(config, len(source))
+    batches = pipeline.make_pipeline(config, source, stream)
+    assert reads == []
+    first = next(batches)
+    assert first["images"].shape == (2, 3, 264, 264, 3)
+    assert 3 <= len(reads) <= 6 * 3  # the drawn acquisitions of the first batch(es) prefetched
