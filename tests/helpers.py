@@ -70,6 +70,9 @@ class InMemoryLocations:
     def windows(self, index):
         return np.asarray(self.locations[index]["window"])
 
+    def acquisition_counts(self):
+        return np.asarray([len(location["window"]) for location in self.locations])
+
     def location_id(self, index):
         return self.locations[index]["location_id"]
 

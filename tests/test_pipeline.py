@@ -40,10 +40,11 @@ def make(
     config = config_lib.for_tasks("pretrain")
     config.input.num_workers = workers
     config.input.num_threads = threads
+    config.method.name, config.train.batch_size, config.seed = mode, batch, seed
     return pipeline.make_pipeline(
         config,
         source,
-        pipeline.Stream(mode, batch, seed, len(source)),
+        pipeline.Stream.from_config(config, len(source), int(source.acquisition_counts().sum())),
         num_epochs=epochs,
         process_index=process[0],
         process_count=process[1],
@@ -128,15 +129,13 @@ def test_draw_rules_per_mode():
         )
 
 
-@pytest.mark.parametrize("mode", ["seco", "moco"])
-def test_seco_and_moco_one_row_per_location_from_all_acquisitions(mode):
+def test_seco_one_row_per_location_from_all_acquisitions():
     source = fake_records(8)
-    batches = list(make(source, mode=mode, batch=4))
+    batches = list(make(source, mode="seco", batch=4))
     assert len(batches) == 2
-    views = methods.get(mode).acquisitions_per_item
     picked = set()
     for b in batches:
-        assert b["images"].shape == (4, views, SIZE, SIZE, 3)
+        assert b["images"].shape == (4, 3, SIZE, SIZE, 3)
         np.testing.assert_array_equal(b["item_id"], b["location_index"])
         locations, acquisitions = decode(b)
         np.testing.assert_array_equal(locations[:, 0], b["location_index"])
@@ -144,6 +143,40 @@ def test_seco_and_moco_one_row_per_location_from_all_acquisitions(mode):
         picked.update(acquisitions.ravel().tolist())
     assert sorted(np.concatenate([b["location_index"] for b in batches])) == list(range(8))
     assert len(picked & {0, 1, 2, 3, 4}) > 0 and len(picked & {5, 6, 7, 8, 9}) > 0
+
+
+def test_moco_epoch_visits_every_acquisition_once():
+    windows = [WINDOWS, WINDOWS[1:], WINDOWS]  # 10, 9 and 10 acquisitions
+    locations = [fake_records(1, windows=w).locations[0] for w in windows]
+    for index, location in enumerate(locations):
+        location["pixels"][:, 0, 0, 0] = index
+        location["location_id"] = f"{index:06d}"
+    source = InMemoryLocations(locations)
+    assert pipeline.Stream("moco", 4, 0, 3, num_acquisitions=29).steps_per_epoch == 7  # 1 dropped
+    assert pipeline.Stream("moco", 1, 0, 3, num_acquisitions=29).steps_per_epoch == 29
+    with pytest.raises(ValueError, match="needs more acquisitions than the 0 in the dataset"):
+        pipeline.Stream("moco", 1, 0, 3).steps_per_epoch  # noqa: B018
+    batches = list(make(source, mode="moco", batch=1, epochs=2))
+    assert len(batches) == 58
+    epochs = []
+    for epoch in (batches[:29], batches[29:]):
+        seen = []
+        for b in epoch:
+            assert b["images"].shape == (1, 1, SIZE, SIZE, 3)
+            location, acquisition = (int(x[0, 0]) for x in decode(b))
+            assert b["location_index"][0] == b["item_id"][0] == location
+            assert b["window"][0] == windows[location][acquisition]
+            seen.append((location, acquisition))
+        assert sorted(seen) == [(i, t) for i in range(3) for t in range(len(windows[i]))]
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
+    assert source.pixel_reads == 58  # one acquisition read per item
+    with pytest.raises(ValueError, match="the stream is of 30 acquisitions, the source holds 29"):
+        pipeline.make_pipeline(
+            config_lib.for_tasks("pretrain"),
+            source,
+            pipeline.Stream("moco", 1, 0, 3, num_acquisitions=30),
+        )
 
 
 def test_reproducible_and_independent_of_threads_and_workers():
@@ -162,22 +195,28 @@ def test_reproducible_and_independent_of_threads_and_workers():
     )
 
 
-def test_stream_started_at_a_global_batch_continues_the_stream_on_any_process_count():
-    source = fake_records(16)  # 4 locations per global batch of 8: 4 batches per epoch
-    straight = list(make(source, batch=8, epochs=3))
-    assert len(straight) == 12
-    for count in (1, 2, 4):  # resumed mid-epoch 1 (batch 5) by 1, 2 or 4 processes
+@pytest.mark.parametrize("method", ["caco", "moco"])
+def test_stream_started_at_a_global_batch_continues_the_stream_on_any_process_count(method):
+    # caco: 16 locations, 4 per global batch of 8; moco: 16 x 10 acquisitions, 8 per batch.
+    source = fake_records(16)
+    batches = {"caco": 4, "moco": 20}[method]
+    straight = list(make(source, mode=method, batch=8, epochs=3))
+    assert len(straight) == 3 * batches
+    for count in (1, 2, 4):  # resumed mid-epoch 1 (batch batches + 1) by 1, 2 or 4 processes
+        start = batches + 1
         shards = [
-            list(make(source, batch=8, epochs=3, process=(p, count), start=5)) for p in range(count)
+            list(make(source, mode=method, batch=8, epochs=3, process=(p, count), start=start))
+            for p in range(count)
         ]
-        assert [len(s) for s in shards] == [7] * count
-        for step, want in enumerate(straight[5:]):
+        assert [len(s) for s in shards] == [2 * batches - 1] * count
+        for step, want in enumerate(straight[start:]):
             for key in want:
                 joined = np.concatenate([shard[step][key] for shard in shards])
                 np.testing.assert_array_equal(joined, want[key])
-    assert list(make(source, batch=8, epochs=3, start=12)) == []
-    with pytest.raises(ValueError, match="start_batch=13 is not within the stream's 12"):
-        make(source, batch=8, epochs=3, start=13)
+    end = 3 * batches
+    assert list(make(source, mode=method, batch=8, epochs=3, start=end)) == []
+    with pytest.raises(ValueError, match=f"start_batch={end + 1} is not within the stream's {end}"):
+        make(source, mode=method, batch=8, epochs=3, start=end + 1)
 
 
 def test_resume_refuses_a_position_saved_for_another_stream():
@@ -193,6 +232,14 @@ def test_resume_refuses_a_position_saved_for_another_stream():
     # A position saved before the method table, when the method was called "mode", still resumes.
     old = {"next_global_batch": 5, "mode": "caco", "global_batch_size": 8, "seed": 0}
     assert pipeline.Position.from_json({**old, "num_locations": 16}).start_batch(stream) == 5
+    # A moco position from when its epochs were over locations means other batches now.
+    moco = pipeline.Stream("moco", 8, 0, 16, num_acquisitions=160)
+    assert moco.epoch_over == "acquisitions" and stream.epoch_over == "locations"
+    saved = pipeline.Position.from_json({**old, "mode": "moco", "num_locations": 16})
+    with pytest.raises(ValueError, match="epoch_over='locations', this run has epoch_over='acq"):
+        saved.start_batch(moco)
+    with pytest.raises(ValueError, match="num_acquisitions=160, this run has num_acquisitions=150"):
+        pipeline.Position(5, moco).start_batch(dataclasses.replace(moco, num_acquisitions=150))
 
 
 def test_process_shards_partition_the_global_batch_keeping_pairs():
@@ -289,7 +336,7 @@ def test_prepared_records_end_to_end(prepared):
     whole = [source[i] for i in range(len(source))]
     reads = count_record_reads(source)
     config = config_lib.for_tasks("pretrain")
-    for method, batch_size in (("caco", 2), ("seco", 1), ("moco", 1)):
+    for method, batch_size in (("caco", 2), ("seco", 1)):
         reads.clear()
         batches = list(
             pipeline.make_pipeline(
@@ -313,7 +360,18 @@ def test_prepared_records_end_to_end(prepared):
             drawn += len(np.unique(np.concatenate(picks)))
             np.testing.assert_array_equal(batch["images"], arrays["pixels"][np.stack(picks)])
         assert len(reads) == drawn  # each drawn acquisition read once, nothing else
-        assert drawn <= {"caco": 6, "seco": 3, "moco": 1}[method] * len(source)
+        assert drawn <= {"caco": 6, "seco": 3}[method] * len(source)
+    reads.clear()  # moco: each acquisition once, read alone
+    stream = pipeline.Stream("moco", 1, 0, len(source), num_acquisitions=30)
+    batches = list(pipeline.make_pipeline(config, source, stream, num_epochs=1))
+    assert len(batches) == 30 and sorted(reads) == list(range(30))
+    visited = set()
+    for batch in batches:
+        location = int(batch["location_index"][0])
+        pixels = whole[location]["pixels"]
+        (t,) = [t for t in range(len(pixels)) if np.array_equal(pixels[t], batch["images"][0, 0])]
+        visited.add((location, t))
+    assert len(visited) == 30
 
 
 def test_pretrain_reads_no_pixels_before_its_first_batch(prepared, tmp_path, monkeypatch):
@@ -348,3 +406,16 @@ def test_pretrain_reads_no_pixels_before_its_first_batch(prepared, tmp_path, mon
     first = next(batches)
     assert first["images"].shape == (2, 3, 264, 264, 3)
     assert 3 <= len(reads) <= 6 * 3  # the drawn acquisitions of the first batch(es) prefetched
+
+
+def test_the_pretrain_config_runs_the_official_moco_schedule():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_config", "configs/pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for data in ("100k", "1m"):
+        moco = module.get_config(f"moco,r18,{data}")
+        assert (moco.train.epochs, tuple(moco.train.milestones)) == (200, (120, 160))
+    caco = module.get_config("caco,r50,100k")
+    assert (caco.train.epochs, tuple(caco.train.milestones)) == (1000, (600, 800))

@@ -47,6 +47,10 @@ class Records:
     def location_id(self, location: int) -> str:
         return str(self.index.location_id[location])
 
+    def acquisition_counts(self) -> np.ndarray:
+        """The number of acquisitions of every location, in record order."""
+        return self.index.count
+
     def windows(self, location: int) -> np.ndarray:
         """The window (0 early, 1 late) of each of the location's acquisitions, in time order."""
         return self.index.window[self.index.records(location)].astype(np.int64)
