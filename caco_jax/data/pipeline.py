@@ -317,9 +317,8 @@ def make_pipeline(
     """This process's rows of ``stream``'s global batches (see the module docstring).
 
     `source` gives the locations (`records.open_records`; see the module docstring for what the
-    pipeline asks of it). The first batch is the process's rows
-    of global batch `start_batch` (counted from the start of epoch 0); `num_epochs=None` never
-    ends. Reads `config.input`.
+    pipeline asks of it). The first batch is the process's rows of global batch `start_batch`
+    (counted from the start of epoch 0); `num_epochs=None` never ends. Reads `config.input`.
     """
     # Imported here: the rest of this module (batch counts, positions) serves `train.setup` on
     # machines without grain or absl (benchmarks/device_check.py).
