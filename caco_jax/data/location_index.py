@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import datetime
 import os
 
 import numpy as np
@@ -132,29 +131,23 @@ class IndexBuilder:
         self._count.append(len(location.windows))
         self._shard.append(shard_rank)
         self._window.extend(location.windows)
-        self._date.extend(_epoch_seconds(d) for d in location.dates)
+        self._date.frombytes(np.asarray(location.dates, "datetime64[s]").astype(np.int64).tobytes())
         self._cloud.extend(location.clouds)
 
     def build(self) -> LocationIndex:
-        count = np.frombuffer(self._count, np.int32)
+        count = np.frombuffer(self._count, np.int32).astype(np.int64)
         order = np.argsort(np.frombuffer(self._shard, np.int64), kind="stable")
-        starts = np.concatenate([[0], np.cumsum(count, dtype=np.int64)[:-1]])
-        # The acquisition rows of the locations in record order: each location's run, in turn.
-        runs = [np.arange(starts[i], starts[i] + count[i]) for i in order]
-        rows = np.concatenate(runs) if runs else np.zeros(0, np.int64)
-        ordered_count = count[order]
-        first = np.concatenate([[0], np.cumsum(ordered_count, dtype=np.int64)[:-1]])
+        added_first = np.cumsum(count) - count  # where each location's acquisitions were added
+        first = np.cumsum(count[order]) - count[order]  # and where they go, in record order
+        # The added row of every acquisition record, location runs in record order.
+        rows = np.repeat(added_first[order] - first, count[order]) + np.arange(int(count.sum()))
         return LocationIndex(
             location_id=np.asarray(self._ids, dtype=str)[order],
             lat=np.frombuffer(self._lat, np.float32)[order],
             lon=np.frombuffer(self._lon, np.float32)[order],
-            first=first.astype(np.int64)[: len(order)],
-            count=ordered_count,
+            first=first,
+            count=count[order].astype(np.int32),
             window=np.frombuffer(self._window, np.int8)[rows],
             date=np.frombuffer(self._date, np.int64)[rows].astype("datetime64[s]"),
             cloud=np.frombuffer(self._cloud, np.float32)[rows],
         )
-
-
-def _epoch_seconds(iso: str) -> int:
-    return int(np.datetime64(datetime.datetime.fromisoformat(iso), "s").astype(np.int64))
