@@ -180,6 +180,10 @@ def compare_layouts(trees: dict, batch: int, passes: int) -> dict:
     return results
 
 
+def _per_item(runs: list[dict], key: str) -> float:
+    return sum(r[key] for r in runs) / sum(r["items"] for r in runs)
+
+
 def layout_table(results: dict) -> list[str]:
     kib, mib = 1 / 1024, 1 / 2**20
     lines = [
@@ -373,7 +377,7 @@ def main() -> None:
     )
     for method in METHODS:
         old, new = results[(method, "1.0.0")], results[(method, "2.0.0")]
-        fewer = sum(r["decompressed"] for r in old) / sum(r["decompressed"] for r in new)
+        fewer = _per_item(old, "decompressed") / _per_item(new, "decompressed")
         faster = max(r["items"] / r["cpu"] for r in new) / max(r["items"] / r["cpu"] for r in old)
         print(
             f"    {method}: {fewer:.2f}x fewer bytes decompressed per item, "
