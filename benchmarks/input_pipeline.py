@@ -1,54 +1,159 @@
-r"""Host input pipeline cost: caco_jax's grain pipeline against the original approach, same run.
+r"""Host input pipeline cost: record layouts side by side, and against the original approach.
 
-  .venv/bin/python benchmarks/input_pipeline.py [--locations 24] [--workdir /tmp/caco_bench_input]
+  git archive f2e9dd8 | (mkdir -p /tmp/caco_v1 && tar -x -C /tmp/caco_v1)   # or git worktree add
+  .venv/bin/python benchmarks/input_pipeline.py --baseline-tree /tmp/caco_v1 [--locations 48]
 
-Writes a synthetic archive (published layout) and its `rgb` records into --workdir (reused when
-present), then measures, one after the other on one core:
+Writes a synthetic archive (published layout) into --workdir (reused when present) and prepares its
+`rgb` records twice: with this tree's builder (2.0.0, one record per acquisition and a side index)
+and with --baseline-tree's (a checkout of the one-record-per-location builder 1.0.0). Then:
 
-1. caco_jax: the grain pipeline (`caco_jax.data.pipeline`, mode caco, no worker processes or reader
-   threads, so one core does everything): read + decode a record, draw the acquisitions, stack
-   uint8 batches. Augmentation is not on the host any more.
+1. Layouts: for caco, seco and moco, alternating between the two trees, --passes one-epoch passes
+   of each tree's grain pipeline (one process, no worker processes or reader threads), each pass
+   cold: every shard's reader opened (as a training run holds them), then `os.fsync` and
+   `os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)` on every shard file. Each pass
+   runs in a fresh subprocess with that tree first on sys.path and counts per item: records read
+   (each one zstd chunk decompressed and one example parsed), bytes decompressed (the records'
+   serialised size), bytes the reader asked the kernel for (/proc/self/io rchar) and bytes that
+   came from storage (read_bytes: about rchar when the cache drop took effect, ~0 when it did not);
+   and items per CPU-second (process CPU time of the pass). Per location = per item x the items a
+   location gives (caco 2, seco and moco 1). This tree's moco epoch visits every acquisition (10x
+   the items of 1.0.0's epoch over locations); its costs are compared per item.
 2. the original approach, as `utkarshmall13/CACo`'s `ChangeAwareContrastMultiAug.__getitem__` does
    it per item: open the acquisition folders of the window, read B4/B3/B2 of 3 acquisitions with
    rasterio, stretch to uint8, build PIL images and make the four views with torchvision's PIL code
    path written out (torchvision is not installable here): colour jitter via ImageEnhance and PIL's
    HSV hue shift in a random order, grayscale, ImageFilter.GaussianBlur, flip, random resized crop
-   with PIL's bilinear resize, ToTensor and normalisation.
+   with PIL's bilinear resize, ToTensor and normalisation; compared with (1)'s caco on this tree.
 3. the on-device replacement of (2)'s augmentation: jitted `augment.make_views` on this machine's
    CPU (XLA), time per batch.
-
-Prints, for each, items per second of wall time and per CPU-second (process CPU time over all its
-threads: the per-core cost, robust to other processes sharing the machine), and the ratio (1)/(2).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+METHODS = ("caco", "seco", "moco")
+# A location's items in a training batch (caco: one per window), to state costs per location.
+ITEMS_PER_LOCATION = {"caco": 2, "seco": 1, "moco": 1}
+
+# One cold pass of one tree's pipeline: python - TREE DATA_DIR METHOD BATCH -> one JSON line.
+_PASS_SCRIPT = r"""
+import json, os, sys, time
+tree, data_dir, method, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+sys.path.insert(0, tree)
+os.environ["TQDM_DISABLE"] = "1"
+from caco_jax import config as config_lib
+from caco_jax.data import pipeline, records
+
+def io():
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(":") for line in f)}
+
+class Counting:
+    # Wraps the array_record data source: every record read is one chunk decompressed.
+    def __init__(self, inner):
+        self.inner, self.records, self.bytes = inner, 0, 0
+    def __len__(self):
+        return len(self.inner)
+    def __getitem__(self, key):
+        record = self.inner[key]
+        self.records += 1
+        self.bytes += len(record)
+        return record
+    def __getitems__(self, keys):
+        return [self[k] for k in keys]
+
+config = config_lib.for_tasks("pretrain")
+config.input.num_workers = 0
+config.input.num_threads = 0
+source = records.open_records(data_dir, "rgb")
+holder = getattr(source, "acquisitions", source)  # 2.0.0: Records; 1.0.0: the tfds source
+counting = holder.data_source = Counting(holder.data_source)
+folder = os.path.dirname(holder.dataset_info.data_dir + "/")
+shards = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if ".array_record-" in n]
+# Open every shard's reader first, as a training run holds them open: opening one reads its footer
+# (array_record prefetches up to 1 MiB of it), a cost per shard and run, not per item.
+first = 0
+for length in holder.dataset_info.splits["train"].shard_lengths:
+    counting.inner[first]
+    first += length
+for path in shards:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # dirty pages (records just written) are not dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+# 2.0.0 with moco's epoch over acquisitions counts them; 1.0.0's Stream has no such field.
+counts = getattr(source, "acquisition_counts", None)
+extra = {"num_acquisitions": int(counts().sum())} if counts else {}
+stream = pipeline.Stream(method, batch, 0, len(source), **extra)
+batches = pipeline.make_pipeline(config, source, stream, num_epochs=1)
+before, cpu = io(), time.process_time()
+items = sum(len(b["item_id"]) for b in batches)
+cpu, after = time.process_time() - cpu, io()
+print(json.dumps(dict(
+    items=items, cpu=cpu, records=counting.records, decompressed=counting.bytes,
+    rchar=after["rchar"] - before["rchar"], storage=after["read_bytes"] - before["read_bytes"],
+    disk=sum(os.path.getsize(p) for p in shards), locations=len(source),
+)))
+"""
+
+_PREPARE_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+os.environ["TQDM_DISABLE"] = "1"
+import tensorflow_datasets as tfds
+from caco_jax.data import builder
+builder.CacoGeography(config="rgb", data_dir=sys.argv[2], num_workers=2).download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[3]))
+"""
 
 
-def prepare(workdir: str, num_locations: int) -> tuple[str, str]:
-    from caco_jax import config as config_lib
-    from caco_jax.data import builder, synthetic
+def prepare(workdir: str, num_locations: int, baseline_tree: str) -> tuple[str, dict]:
+    """The archive folder and {tree: data_dir} of its records prepared by each tree."""
+    from caco_jax.data import synthetic
 
     archive_root = os.path.join(workdir, "archive")
     archive_dir = os.path.join(archive_root, "clean_synthetic_geography")
     if not os.path.isdir(archive_dir):
         synthetic.write_archive(archive_root, num_locations=num_locations, num_workers=2)
-    config = config_lib.for_tasks("pretrain")
-    config.data.archive = archive_dir
-    config.data.data_dir = os.path.join(workdir, "tfds")
-    builder.run_task(config, workdir)
-    return archive_dir, config.data.data_dir
+    trees = {}
+    for label, tree in (("1.0.0", baseline_tree), ("2.0.0", HERE)):
+        data_dir = os.path.join(workdir, f"tfds_{label}")
+        _python(_PREPARE_SCRIPT, tree, data_dir, archive_dir)  # reused when already prepared
+        trees[label] = (tree, data_dir)
+    return archive_dir, trees
+
+
+def _python(script: str, tree: str, *args: str) -> str:
+    """Runs `script` with `tree` as its caco_jax (its worker processes too: they re-import)."""
+    env = {**os.environ, "PYTHONPATH": tree}
+    done = subprocess.run(
+        [sys.executable, "-c", script, tree, *args],
+        capture_output=True,
+        text=True,
+        cwd=tree,
+        env=env,
+    )
+    if done.returncode:
+        raise RuntimeError(f"{tree} {args}: exit code {done.returncode}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def cold_pass(tree: str, data_dir: str, method: str, batch: int) -> dict:
+    return json.loads(_python(_PASS_SCRIPT, tree, data_dir, method, str(batch)).splitlines()[-1])
 
 
 class Timer:
@@ -63,23 +168,43 @@ class Timer:
         self.cpu = time.process_time() - self.cpu
 
 
-def time_grain(data_dir: str, batch: int, epochs: int, threads: int) -> tuple[Timer, int]:
-    from caco_jax import config as config_lib
-    from caco_jax.data import pipeline, records
+def compare_layouts(trees: dict, batch: int, passes: int) -> dict:
+    """{(method, layout): [pass results]}, the layouts alternating pass by pass."""
+    results = {}
+    for method in METHODS:
+        for _ in range(passes):
+            for label, (tree, data_dir) in trees.items():
+                results.setdefault((method, label), []).append(
+                    cold_pass(tree, data_dir, method, batch)
+                )
+    return results
 
-    config = config_lib.for_tasks("pretrain")
-    config.input.num_workers = 0
-    config.input.num_threads = threads
-    source = records.open_records(data_dir, "rgb")
-    iterator = pipeline.make_pipeline(
-        config, source, mode="caco", global_batch_size=batch, seed=0, num_epochs=epochs
-    )
-    next(iterator)  # opens the files; not counted
-    items = 0
-    with Timer() as timer:
-        for b in iterator:
-            items += len(b["item_id"])
-    return timer, items
+
+def _per_item(runs: list[dict], key: str) -> float:
+    return sum(r[key] for r in runs) / sum(r["items"] for r in runs)
+
+
+def layout_table(results: dict) -> list[str]:
+    kib, mib = 1 / 1024, 1 / 2**20
+    lines = [
+        "| method | layout | items / CPU-s (best) | records read / item | MiB decompressed / item "
+        "| KiB read (rchar) / item | KiB from storage / item | MiB decompressed / location |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, label), runs in results.items():
+        items = runs[0]["items"]
+        per_location = ITEMS_PER_LOCATION[method]
+
+        def mean(key, runs=runs, items=items):
+            return sum(r[key] for r in runs) / len(runs) / items
+
+        best = max(r["items"] / r["cpu"] for r in runs)
+        lines.append(
+            f"| {method} | {label} | {best:.0f} | {mean('records'):.2f} | "
+            f"{mean('decompressed') * mib:.3f} | {mean('rchar') * kib:.0f} | "
+            f"{mean('storage') * kib:.0f} | {mean('decompressed') * mib * per_location:.3f} |"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------------- the original approach
@@ -209,10 +334,15 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--locations", type=int, default=24)
+    parser.add_argument(
+        "--baseline-tree",
+        required=True,
+        help="a checkout of caco_jax with the one-record-per-location builder (1.0.0)",
+    )
+    parser.add_argument("--locations", type=int, default=48)
     parser.add_argument("--workdir", default="/tmp/caco_bench_input")
     parser.add_argument("--batch", type=int, default=8, help="items per host batch")
-    parser.add_argument("--epochs", type=int, default=2, help="grain epochs timed")
+    parser.add_argument("--passes", type=int, default=3, help="cold passes per method and layout")
     parser.add_argument("--original-items", type=int, default=24)
     parser.add_argument("--augment-batch", type=int, default=32, help="items per device batch")
     parser.add_argument(
@@ -222,38 +352,49 @@ def main() -> None:
         help="timed calls of the on-device augmentation (median); 0 skips that measurement",
     )
     args = parser.parse_args()
-    for name in ("locations", "batch", "epochs", "original_items", "augment_batch"):
+    for name in ("locations", "batch", "passes", "original_items", "augment_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.augment_repeats < 0:
         parser.error("--augment-repeats must be 0 (skip) or more")
 
     os.makedirs(args.workdir, exist_ok=True)
-    archive_dir, data_dir = prepare(args.workdir, args.locations)
+    archive_dir, trees = prepare(args.workdir, args.locations, args.baseline_tree)
     print(f"machine: {machine()}")
-    print(f"data: {args.locations} synthetic locations x 10 acquisitions, 264x264 RGB, mode caco")
+    print(f"data: {args.locations} synthetic locations x 10 acquisitions, 264x264 RGB")
+    for label, (_, data_dir) in trees.items():
+        folder = os.path.join(data_dir, "caco_geography", "rgb", label)
+        size = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder))
+        print(f"records {label}: {size / args.locations / 2**20:.3f} MiB per location on disk")
+
+    results = compare_layouts(trees, args.batch, args.passes)
+    print(f"(1) record layouts, {args.passes} cold one-epoch passes each, batches of {args.batch}")
+    print("\n".join(layout_table(results)))
+    storage = [r["storage"] / max(r["rchar"], 1) for runs in results.values() for r in runs]
+    print(
+        f"    cache drop (POSIX_FADV_DONTNEED): storage reads / rchar = {min(storage):.2f}-"
+        f"{max(storage):.2f} per pass ({'took effect' if min(storage) > 0.5 else 'NOT effective'})"
+    )
+    for method in METHODS:
+        old, new = results[(method, "1.0.0")], results[(method, "2.0.0")]
+        fewer = _per_item(old, "decompressed") / _per_item(new, "decompressed")
+        faster = max(r["items"] / r["cpu"] for r in new) / max(r["items"] / r["cpu"] for r in old)
+        print(
+            f"    {method}: {fewer:.2f}x fewer bytes decompressed per item, "
+            f"{faster:.2f}x items per CPU-second"
+        )
 
     def rates(timer, items):
         return f"{items / timer.wall:7.1f} items/s wall, {items / timer.cpu:7.1f} items/CPU-s"
 
-    grain_timer, grain_items = time_grain(data_dir, args.batch, args.epochs, threads=0)
     original_timer, original_items = time_original(archive_dir, args.original_items)
-    threaded_timer, _ = time_grain(data_dir, args.batch, args.epochs, threads=2)
-    print(
-        f"(1) caco_jax grain pipeline, in-process, no reader threads: "
-        f"{rates(grain_timer, grain_items)} ({grain_items} items, batches of {args.batch})"
-    )
-    print(
-        f"    same, 2 reader threads:                                "
-        f"{rates(threaded_timer, grain_items)}"
-    )
+    caco = max(r["items"] / r["cpu"] for r in results[("caco", "2.0.0")])
     print(
         f"(2) original, rasterio + 4 views on the host (PIL):          "
         f"{rates(original_timer, original_items)} ({original_items} items)"
     )
-    per_core = (grain_items / grain_timer.cpu) / (original_items / original_timer.cpu)
-    wall = (grain_items / grain_timer.wall) / (original_items / original_timer.wall)
-    print(f"    ratio (1)/(2): {per_core:.1f}x per CPU-second, {wall:.1f}x wall")
+    per_core = caco / (original_items / original_timer.cpu)
+    print(f"    ratio (1) caco 2.0.0 / (2): {per_core:.1f}x per CPU-second")
 
     if args.augment_repeats == 0:
         print("(3) on-device make_views: skipped (--augment-repeats 0)")

@@ -7,7 +7,8 @@ On disk, one folder per saved step under ``<workdir>/checkpoints/``::
                      written asynchronously by all processes together
     data_position/   ``metadata``, JSON written by process 0 alone: ``next_global_batch`` (the
                      global step) and the stream settings that give it its meaning (method,
-                     global_batch_size, seed, num_locations); see `data.pipeline.Position`
+                     global_batch_size, seed, num_locations, epoch_over, num_acquisitions); see
+                     `data.pipeline.Position`
     config/          ``metadata``, the run's config as JSON, for the record
     _CHECKPOINT_METADATA
 

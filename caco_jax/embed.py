@@ -429,7 +429,7 @@ def record_tiles(data_dir: str, builder_config: str, normalization: Normalizatio
 
     def tiles():
         for index in range(len(source)):
-            arrays = records.location_arrays(source[index])
+            arrays = source[index]
             pixels = arrays["pixels"]
             groups = pixels if isinstance(pixels, dict) else {"rgb": pixels}
             try:

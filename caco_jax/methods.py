@@ -6,14 +6,18 @@ views (`augment`), the queue (`queue`) and the step (`step`) read these fields; 
 which method it runs. No JAX here, so validating a config or feeding the input pipeline never
 imports it.
 
-| method | items/location | acquisitions/item | drawn from  | subspaces | views | queue      |
-|--------|----------------|-------------------|-------------|-----------|-------|------------|
-| caco   | 2 (per window) | 3 distinct        | item window | 3         | seco  | per_window |
-| teco   | 2              | 3, replacement    | item window | 3         | seco  | per_window |
-| seco   | 1              | 3, replacement    | all         | 3         | seco  | single     |
-| moco   | 1              | 1                 | all         | 1         | moco  | single     |
+| method | items/location | acq./item      | drawn from  | subspaces | views | queue      | epoch |
+|--------|----------------|----------------|-------------|-----------|-------|------------|-------|
+| caco   | 2 (per window) | 3 distinct     | item window | 3         | seco  | per_window | loc.  |
+| teco   | 2              | 3, replacement | item window | 3         | seco  | per_window | loc.  |
+| seco   | 1              | 3, replacement | all         | 3         | seco  | single     | loc.  |
+| moco   | 1              | 1              | each once   | 1         | moco  | single     | acq.  |
 
-Only caco estimates change (``tracks_change``).
+Only caco estimates change (``tracks_change``). An epoch (``epoch_over``) visits every location
+once (loc.), drawing its items' acquisitions, except MoCo's, which visits every acquisition once
+(acq.: one item each, nothing drawn), as the official MoCo baseline's dataset lists every
+acquisition of every location (``resnet{18,50}_moco_geo_100k_200``: 200 such epochs, learning
+rate x0.1 at 120 and 160).
 
 The draws are the official code's (`utkarshmall13/CACo`, ``src/datasets/seco_dataset.py``: caco
 ``np.random.choice(paths, 3, replace=False)``, teco and seco ``np.random.choice(paths, 3)``);
@@ -36,6 +40,7 @@ QUEUE_KINDS = ("per_window", "single")  # implemented in `queue.QUEUES`
 # across devices (`step.bn_axis`), and the compute dtype (parameters stay float32).
 BN_MODES = ("per_device", "sync", "shuffle")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+EPOCHS_OVER = ("locations", "acquisitions")  # implemented in `data.pipeline`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,17 @@ class Method:
     views: str  # a VIEW_RECIPES entry
     queue: str  # a QUEUE_KINDS entry
     tracks_change: bool  # estimates per-item change; the objective reads the labels
+    # What an epoch visits once (an EPOCHS_OVER entry); over acquisitions, each is one item.
+    epoch_over: str = "locations"
+
+    def __post_init__(self):
+        if self.epoch_over not in EPOCHS_OVER or (
+            self.epoch_over == "acquisitions" and self.items_per_location != 1
+        ):
+            raise ValueError(
+                f"method {self.name}: epoch_over must be one of {EPOCHS_OVER}, 'acquisitions' "
+                f"only with one item per location; got {self.epoch_over!r}"
+            )
 
     @property
     def paired(self) -> bool:
@@ -63,7 +79,18 @@ METHODS: dict[str, Method] = {
         Method("caco", 2, 3, True, False, 3, views="seco", queue="per_window", tracks_change=True),
         Method("teco", 2, 3, True, True, 3, views="seco", queue="per_window", tracks_change=False),
         Method("seco", 1, 3, False, True, 3, views="seco", queue="single", tracks_change=False),
-        Method("moco", 1, 1, False, False, 1, views="moco", queue="single", tracks_change=False),
+        Method(
+            "moco",
+            1,
+            1,
+            False,
+            False,
+            1,
+            views="moco",
+            queue="single",
+            tracks_change=False,
+            epoch_over="acquisitions",
+        ),
     )
 }
 NAMES = tuple(METHODS)

@@ -62,8 +62,11 @@ class Setup:
     initial_state: TrainState  # on the host, not yet placed
 
 
-def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup:
-    """Builds the model, optimiser, initial state and the jitted step for ``num_locations``."""
+def setup(
+    config, num_locations: int, *, num_acquisitions: int = 0, normalization=None, mesh=None
+) -> Setup:
+    """Builds the model, optimiser, initial state and the jitted step for ``num_locations``
+    (holding ``num_acquisitions``: needed when the method's epoch is over acquisitions)."""
     method = methods.get(config.method.name)
     mesh = mesh or mesh_lib.data_mesh()
     batch_size = config.train.batch_size
@@ -74,7 +77,7 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
             f"{method.items_per_location} items per location) so that every device holds whole "
             "locations"
         )
-    stream = pipeline.Stream.from_config(config, num_locations)
+    stream = pipeline.Stream.from_config(config, num_locations, num_acquisitions)
     total_steps = config.train.epochs * stream.steps_per_epoch
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
@@ -137,10 +140,8 @@ def setup(config, num_locations: int, *, normalization=None, mesh=None) -> Setup
 # The loop.
 
 
-def train(
-    config, workdir, source, *, arrays_fn=None, normalization=None, locations=None, mesh=None
-):
-    """Pretrains on ``source`` (random-access records, `data.records`); resumes if it can.
+def train(config, workdir, source, *, normalization=None, locations=None, mesh=None):
+    """Pretrains on ``source`` (the locations, `data.records.Records`); resumes if it can.
 
     ``locations()`` gives each record's (location_id, lat, lon) for the change labels' CSV.
     """
@@ -149,7 +150,13 @@ def train(
     from caco_jax import checkpointing, storage
     from caco_jax.change_report import ChangeReport
 
-    run = setup(config, len(source), normalization=normalization, mesh=mesh)
+    run = setup(
+        config,
+        len(source),
+        num_acquisitions=int(source.acquisition_counts().sum()),
+        normalization=normalization,
+        mesh=mesh,
+    )
     workdir = storage.path(workdir)  # a local folder or a bucket URL
     checkpoints = checkpointing.Checkpointer(
         workdir / "checkpoints",
@@ -163,7 +170,6 @@ def train(
         run.stream,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        arrays_fn=arrays_fn,
         start_batch=start_batch,
     )
     writer = MetricsWriter(workdir)

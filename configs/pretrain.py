@@ -10,15 +10,18 @@ r"""The paper's pretraining runs: method x ResNet-18/50 x the 100k or 1M archive
 
 Every run is the official code's (`utkarshmall13/CACo`, `src/main_pretrain.py` with
 ``--data_mode caco|teco|seco|moco --base_encoder resnet18|resnet50``): SGD lr 0.03 for a batch
-of 256, momentum 0.9, weight decay 1e-4, K = 16384, m = 0.999, temperature 0.07. The archive size
-sets the schedule: 100k images 1000 epochs (lr x0.1 at 600 and 800), 1M images 200 epochs (x0.1 at
-120 and 160).
+of 256, momentum 0.9, weight decay 1e-4, K = 16384, m = 0.999, temperature 0.07. For caco, teco
+and seco, whose epoch visits every location, the archive size sets the schedule: 100k images 1000
+epochs (lr x0.1 at 600 and 800), 1M images 200 epochs (x0.1 at 120 and 160). MoCo's epoch visits
+every acquisition (`methods.Method.epoch_over`), and the official MoCo runs
+(``resnet{18,50}_moco_geo_100k_200``) train 200 of them, lr x0.1 at 120 and 160.
 """
 
 from caco_jax import config as config_lib
 from caco_jax import methods
 
 SCHEDULES = {"100k": (1000, (600, 800)), "1m": (200, (120, 160))}  # epochs, lr milestones
+ACQUISITION_EPOCHS = (200, (120, 160))  # the official MoCo runs, whatever the archive
 ARCHITECTURES = {"r18": 18, "r50": 50}
 
 
@@ -34,5 +37,7 @@ def get_config(arg: str = "caco,r18,100k"):
     config = config_lib.for_tasks("prepare", "pretrain")
     config.method.name = method
     config.model.depth = ARCHITECTURES[arch]
-    config.train.epochs, config.train.milestones = SCHEDULES[data]
+    over_acquisitions = methods.get(method).epoch_over == "acquisitions"
+    schedule = ACQUISITION_EPOCHS if over_acquisitions else SCHEDULES[data]
+    config.train.epochs, config.train.milestones = schedule
     return config

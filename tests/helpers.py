@@ -53,6 +53,37 @@ def tiny_config(*tasks, **train_overrides):
     return config
 
 
+class InMemoryLocations:
+    """Whole-location arrays ({"pixels", "window", "location_id", ...}) in a list, read like
+    `records.Records`; `pixel_reads` counts the acquisitions `pixels` handed out."""
+
+    def __init__(self, locations):
+        self.locations = locations
+        self.pixel_reads = 0
+
+    def __len__(self):
+        return len(self.locations)
+
+    def __getitem__(self, index):
+        return self.locations[index]
+
+    def windows(self, index):
+        return np.asarray(self.locations[index]["window"])
+
+    def acquisition_counts(self):
+        return np.asarray([len(location["window"]) for location in self.locations])
+
+    def location_id(self, index):
+        return self.locations[index]["location_id"]
+
+    def pixels(self, index, acquisitions):
+        self.pixel_reads += len(acquisitions)
+        pixels = self.locations[index]["pixels"]
+        if isinstance(pixels, dict):
+            return {group: arr[acquisitions] for group, arr in pixels.items()}
+        return pixels[acquisitions]
+
+
 def fake_source(num_locations=NUM_LOCATIONS, size=32, seed=0):
     """Locations of ten 32x32 acquisitions (five per window) around a per-location base image."""
     rng = np.random.default_rng(seed)
@@ -64,7 +95,7 @@ def fake_source(num_locations=NUM_LOCATIONS, size=32, seed=0):
         source.append(
             {"pixels": pixels, "window": np.repeat([0, 1], 5), "location_id": f"{index:06d}"}
         )
-    return source
+    return InMemoryLocations(source)
 
 
 def fake_batch(seed=0, batch=BATCH, size=32):
@@ -222,10 +253,25 @@ def prepare(manual_dir, data_dir, config="rgb", num_workers=2, **kwargs):
 
 def all_records(data_dir, config="rgb"):
     source = records.open_records(os.fspath(data_dir), config)
-    return sorted(
-        (records.location_arrays(source[i]) for i in range(len(source))),
-        key=lambda r: r["location_id"],
-    )
+    return sorted((source[i] for i in range(len(source))), key=lambda r: r["location_id"])
+
+
+def count_record_reads(source) -> list[int]:
+    """Makes `source` (`records.Records`) log the key of every record it reads into the returned
+    list (pixels are read from the records' serialised bytes, `acquisitions.data_source`)."""
+    serialized, keys = source.acquisitions.data_source, []
+
+    class Counting:
+        data_source = None
+
+        def __getitem__(self, key):
+            keys.append(int(key))
+            return serialized[key]
+
+    counting = Counting()
+    counting.data_source = counting
+    source.acquisitions = counting
+    return keys
 
 
 def assert_same_records(a, b):

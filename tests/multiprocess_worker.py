@@ -40,11 +40,10 @@ mine = pipeline.make_pipeline(
     config,
     source,
     stream,
-    arrays_fn=dict,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
 )
-whole = pipeline.make_pipeline(config, source, stream, arrays_fn=dict)
+whole = pipeline.make_pipeline(config, source, stream)
 for _ in range(STEPS):
     expected = next(whole)
     batch = mesh_lib.global_batch(next(mine), mesh)

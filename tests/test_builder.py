@@ -70,7 +70,7 @@ def test_every_input_form_gives_identical_records_and_run_task_uses_the_syntheti
     config.data.archive, config.data.data_dir = tar, os.fspath(tmp_path / "tfds_tar")
     assert builder.run_task(config, os.fspath(tmp_path / "work"))["locations_written"] == 3
     metadata = tfds.builder_from_directory(
-        tmp_path / "tfds_tar/caco_geography/rgb/1.0.0"
+        tmp_path / "tfds_tar/caco_geography/rgb/2.0.0"
     ).info.metadata
     assert metadata["source_form"] == "tar.gz"
     assert_same_records(all_records(tmp_path / "tfds_tar"), folder)
@@ -139,8 +139,8 @@ def test_skips_are_reported_beside_the_records_and_in_the_metadata(
     assert (
         "4 of 5 locations written (39 acquisitions); skipped 1 locations" in capsys.readouterr().out
     )
-    lengths = [len(records.location_arrays(r)["window"]) for r in records.open_records(tmp_path)]
-    assert sorted(lengths) == [9, 10, 10, 10]
+    source = records.open_records(tmp_path)
+    assert sorted(len(source.windows(i)) for i in range(len(source))) == [9, 10, 10, 10]
 
 
 def test_too_many_skips_fail_the_build_and_leave_only_the_report(faulty_archive, tmp_path):
@@ -154,7 +154,7 @@ def test_too_many_skips_fail_the_build_and_leave_only_the_report(faulty_archive,
     with pytest.raises(FileNotFoundError, match="no prepared caco_geography/rgb records"):
         records.open_records(os.fspath(tmp_path))
     prepare(root.parent, tmp_path, max_skip_fraction=0.2)
-    assert sorted(os.listdir(config_dir)) == ["1.0.0"]
+    assert sorted(os.listdir(config_dir)) == ["2.0.0"]
 
 
 def test_truncated_archive_fails_without_leaving_a_dataset(tmp_path):
@@ -180,11 +180,46 @@ def test_records_read_through_tfds_data_source_and_grain_without_tensorflow(synt
     source = tfds.data_source(
         "caco_geography/rgb", split="train", data_dir=os.fspath(tmp_path), download=False
     )
-    dataset = grain.MapDataset.source(source).map(records.location_arrays)
-    ids = sorted(dataset[i]["location_id"] for i in range(len(dataset)))
-    assert ids == ["000000", "000001", "000002"]
-    assert dataset[1]["pixels"].dtype == np.uint8
+    dataset = grain.MapDataset.source(source).map(lambda r: (r["location_id"], r["rgb"]))
+    ids = [dataset[i][0].decode() for i in range(len(dataset))]
+    # One record per acquisition, a location's acquisitions contiguous.
+    assert ids == [f"{i:06d}" for i in range(3) for _ in range(10)]
+    assert dataset[1][1].dtype == np.uint8 and dataset[1][1].shape == (264, 264, 3)
     assert "tensorflow" not in sys.modules
+
+
+def test_the_side_index_agrees_with_the_records(faulty_archive, tmp_path):
+    root, bad_acquisition = faulty_archive
+    prepare(root.parent, tmp_path, max_skip_fraction=0.25, num_workers=2)
+    source = records.open_records(os.fspath(tmp_path))
+    acquisitions = source.acquisitions  # the tfds.data_source, decoded by TFDS
+    index = source.index
+    assert len(source) == 4 and index.num_acquisitions == len(acquisitions) == 39
+    assert index.count.tolist() == [10, 9, 10, 10]  # 000001 lost one acquisition
+    for location in range(len(source)):
+        span = index.records(location)
+        for t, key in enumerate(range(span.start, span.stop)):
+            record = acquisitions[key]
+            assert record["location_id"].decode() == index.location_id[location]
+            assert (record["lat"], record["lon"]) == (index.lat[location], index.lon[location])
+            assert record["window"] == index.window[key]
+            assert record["date"].decode() == str(index.date[key])
+            assert record["cloud"] == index.cloud[key]
+            np.testing.assert_array_equal(record["rgb"], source.pixels(location, [t])[0])
+            if location == 1:
+                assert record["product_id"].decode() != bad_acquisition
+    assert records.location_table(source)[1][0] == "000001"
+
+
+def test_records_of_builder_version_1_are_refused_with_how_to_prepare_again(synthetic, tmp_path):
+    prepared = prepare(synthetic, tmp_path)
+    old = tmp_path / "caco_geography" / "rgb" / "1.0.0"
+    os.rename(prepared.data_path, old)  # what the one-record-per-location builder left
+    with pytest.raises(records.OutdatedRecordsError) as error:
+        records.open_records(os.fspath(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{old}: caco_geography/rgb records")
+    assert f"delete {old} and run the 'prepare' task" in message
 
 
 def test_importing_caco_jax_registers_the_builder_and_stays_light():
@@ -210,7 +245,7 @@ def test_peak_memory_of_streaming_does_not_grow_with_the_archive(tmp_path):
         shards = shard_writer.write_shards(
             locations,
             groups=RGB_GROUPS,
-            features=builder.location_features(RGB_GROUPS),
+            features=builder.acquisition_features(RGB_GROUPS),
             directory=os.fspath(out),
             prefix="records",
             num_workers=2,
@@ -219,7 +254,7 @@ def test_peak_memory_of_streaming_does_not_grow_with_the_archive(tmp_path):
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert [w.decoded.location_id for w in written] == [f"{i:06d}" for i in range(n)]
-        assert sum(shard.num_records for shard in shards) == n
+        assert sum(shard.num_records for shard in shards) == 10 * n  # one per acquisition
     location_bytes = 10 * 264 * 264 * 3  # one decoded location
     assert peaks[40] < 1.3 * peaks[10] + location_bytes
     assert peaks[40] < 12 * location_bytes  # far below the 40 locations streamed

@@ -278,7 +278,7 @@ def test_a_downloaded_archive_goes_through_the_builder(tmp_path):
     source = records.open_records(config.data.data_dir, "rgb")
     assert len(source) == 2
     for index, site in enumerate(sites):
-        arrays = records.location_arrays(source[index])
+        arrays = source[index]
         assert arrays["location_id"] == site.location_id
         assert abs(arrays["lat"] - site.lat) < 1e-3 and abs(arrays["lon"] - site.lon) < 1e-3
         np.testing.assert_array_equal(arrays["window"], [0] * 5 + [1] * 5)

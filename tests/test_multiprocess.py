@@ -64,8 +64,8 @@ def test_two_processes_assemble_the_global_batch_and_save_a_position_one_process
     stream = pipeline.Stream.from_config(config, len(source))
     start = pipeline.Position.from_json(checkpoints.restore_data_position(3)).start_batch(stream)
     checkpoints.close()
-    straight = pipeline.make_pipeline(config, source, stream, arrays_fn=dict)
+    straight = pipeline.make_pipeline(config, source, stream)
     expected = [next(straight)["item_id"] for _ in range(start + 2)][start:]
-    resumed = pipeline.make_pipeline(config, source, stream, start_batch=start, arrays_fn=dict)
+    resumed = pipeline.make_pipeline(config, source, stream, start_batch=start)
     for want in expected:
         np.testing.assert_array_equal(next(resumed)["item_id"], want)

@@ -31,9 +31,13 @@ def test_shard_layout_and_record_order_do_not_depend_on_the_number_of_workers(
         data_dir = tmp_path / f"workers{num_workers}"
         prepared = prepare(seven_locations, data_dir, num_workers=num_workers)
         source = records.open_records(os.fspath(data_dir))
-        order = [records.location_arrays(source[i])["location_id"] for i in range(len(source))]
+        order = [source.location_id(i) for i in range(len(source))]
         assert order == ["000000", "000002", "000001", "000003", "000004", "000006", "000005"]
-        assert prepared.info.splits["train"].shard_lengths == [2, 2, 2, 1]
+        assert source.index.first.tolist() == [10 * i for i in range(7)]
+        # Each location's 10 acquisition records are contiguous, in the locations' order.
+        ids = [r["location_id"].decode() for r in source.acquisitions]
+        assert ids == [i for i in order for _ in range(10)]
+        assert prepared.info.splits["train"].shard_lengths == [20, 20, 20, 10]
         names = sorted(os.listdir(prepared.data_path))
         assert [n for n in names if ".array_record-" in n] == [
             f"caco_geography-train.array_record-{i:05d}-of-00004" for i in range(4)
@@ -45,7 +49,7 @@ def _write(tar, out, on_location, features=None):
     return shard_writer.write_shards(
         archive.read_locations(archive.find_archive(tar), RGB_KEEP),
         groups=RGB_GROUPS,
-        features=features or builder.location_features(RGB_GROUPS),
+        features=features or builder.acquisition_features(RGB_GROUPS),
         directory=os.fspath(out),
         prefix="records",
         num_workers=2,
@@ -55,7 +59,7 @@ def _write(tar, out, on_location, features=None):
 
 def test_an_error_in_a_worker_stops_the_build_and_names_the_location(seven_locations, tmp_path):
     # Records that do not fit the features make the worker raise: a bug, not a bad file.
-    wrong = builder.location_features(builder.PIXEL_GROUPS["all_bands"])
+    wrong = builder.acquisition_features(builder.PIXEL_GROUPS["all_bands"])
     with pytest.raises(shard_writer.WorkerError, match=r"decoding location 0000\d\d failed"):
         _write(seven_locations / "caco10k.tar.gz", tmp_path, lambda _: None, wrong)
 
@@ -78,7 +82,7 @@ def test_a_killed_worker_stops_the_build_and_names_its_locations(seven_locations
         shard_writer.write_shards(
             locations_killing_a_worker(),
             groups=RGB_GROUPS,
-            features=builder.location_features(RGB_GROUPS),
+            features=builder.acquisition_features(RGB_GROUPS),
             directory=os.fspath(tmp_path),
             prefix="records",
             num_workers=2,

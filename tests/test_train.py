@@ -169,12 +169,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     config = tiny_config(max_steps=3)  # 2 steps per epoch: the labels are fitted at step 2
     source = fake_source()
     mesh = mesh_lib.data_mesh(jax.devices()[:1])
-    straight = train.train(config, str(tmp_path / "straight"), source, arrays_fn=dict, mesh=mesh)
+    straight = train.train(config, str(tmp_path / "straight"), source, mesh=mesh)
 
     config.train.max_steps = 1  # "interrupted" after one step (a checkpoint is written at the end)
-    first = train.train(config, str(tmp_path / "resumed"), source, arrays_fn=dict, mesh=mesh)
+    first = train.train(config, str(tmp_path / "resumed"), source, mesh=mesh)
     config.train.max_steps = 3
-    resumed = train.train(config, str(tmp_path / "resumed"), source, arrays_fn=dict, mesh=mesh)
+    resumed = train.train(config, str(tmp_path / "resumed"), source, mesh=mesh)
     assert (first["steps"], resumed["resumed_from"], resumed["steps"], straight["steps"]) == (
         1,
         1,
@@ -217,7 +217,6 @@ def test_input_position_saved_by_two_hosts_resumes_on_one_and_on_four_hosts(tmp_
                 source,
                 stream,
                 start_batch=start_batch,
-                arrays_fn=dict,
                 process_index=index,
                 process_count=hosts,
             )
@@ -251,12 +250,12 @@ def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
     mesh = mesh_lib.data_mesh(jax.devices()[:1])
     config = tiny_config(max_steps=1)
     config.checkpoint.every_steps = 1
-    train.train(config, str(tmp_path), fake_source(), arrays_fn=dict, mesh=mesh)
+    train.train(config, str(tmp_path), fake_source(), mesh=mesh)
     # Resumed with a learning rate of 1e38: the next update sends the parameters to Inf.
     config.train.max_steps = 3
     config.train.base_learning_rate = 1e38
     with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 1"):
-        train.train(config, str(tmp_path), fake_source(), arrays_fn=dict, mesh=mesh)
+        train.train(config, str(tmp_path), fake_source(), mesh=mesh)
     checkpoints = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), every_steps=1, keep=3)
     assert checkpoints.latest_step() == 1  # nothing of the bad state was saved
     checkpoints.close()

@@ -1,4 +1,4 @@
-"""The `caco_geography` TFDS builder: a CACo archive -> array_record records, one per location.
+"""The `caco_geography` TFDS builder: a CACo archive -> array_record records, one per acquisition.
 
     builder = tfds.builder("caco_geography/rgb", data_dir=DATA_DIR)   # after `import caco_jax`
     builder.download_and_prepare(
@@ -8,7 +8,16 @@ ARCHIVE holds the `.tar.gz`, the `*_part*` files or the extracted folder (see ar
 is extracted. The parent process streams the archive and ships one location's raw bytes at a time to
 worker processes that decode the GeoTIFFs and write the records into their own array_record shards
 (shard_writer.py); a few locations per worker are in flight, so memory does not grow with the
-archive. The builder is a `FileReaderBuilder` with its own `_download_and_prepare` because TFDS's
+archive.
+
+Records (version 2.0.0): one per acquisition, each with its location's id and centre, the
+acquisitions of a location contiguous and in time order, so a training item decompresses only the
+acquisitions it draws. Beside them, ``location_index.npz`` (`location_index.py`) lists every
+location and its acquisitions (window, date, cloud) in record order: what the input pipeline draws
+from and what start-up reads, without touching pixels. Version 1.0.0 (one record per location,
+holding all its acquisitions) is refused with a message saying how to prepare again.
+
+The builder is a `FileReaderBuilder` with its own `_download_and_prepare` because TFDS's
 generator path funnels every record through the parent and compresses them all in one thread after
 the last location, which made preparing 2-2.4x slower than `tar -xzf` (BENCHMARKS.md).
 
@@ -33,7 +42,7 @@ from tensorflow_datasets.core import dataset_builder
 
 from caco_jax import progress as progress_lib
 from caco_jax import storage
-from caco_jax.data import archive, layout, shard_writer
+from caco_jax.data import archive, layout, location_index, shard_writer
 
 SKIP_REPORT = "skip_report.tsv"
 # Where the report of a build that failed for too many skips goes, beside the version folders.
@@ -68,21 +77,20 @@ def pixel_features(groups) -> dict:
     }
 
 
-def location_features(groups) -> tfds.features.FeaturesDict:
-    """One record: a location and its acquisitions, with the pixels of `groups`."""
-    acquisition = {
-        "product_id": tfds.features.Text(doc="acquisition folder name (Earth Engine id)"),
-        "date": tfds.features.Text(doc="sensing time, ISO YYYY-MM-DDTHH:MM:SS"),
-        "window": tfds.features.Scalar(np.int64, doc="0 early, 1 late"),
-        "cloud": tfds.features.Scalar(np.float32, doc="CLOUDY_PIXEL_PERCENTAGE, NaN if unknown"),
-        **pixel_features(groups),
-    }
+def acquisition_features(groups) -> tfds.features.FeaturesDict:
+    """One record: an acquisition, with its location and the pixels of `groups`."""
     return tfds.features.FeaturesDict(
         {
             "location_id": tfds.features.Text(doc="location folder name"),
-            "lat": tfds.features.Scalar(np.float32, doc="centre latitude (degrees)"),
-            "lon": tfds.features.Scalar(np.float32, doc="centre longitude (degrees)"),
-            "acquisitions": tfds.features.Sequence(acquisition),
+            "lat": tfds.features.Scalar(np.float32, doc="location centre latitude (degrees)"),
+            "lon": tfds.features.Scalar(np.float32, doc="location centre longitude (degrees)"),
+            "product_id": tfds.features.Text(doc="acquisition folder name (Earth Engine id)"),
+            "date": tfds.features.Text(doc="sensing time, ISO YYYY-MM-DDTHH:MM:SS"),
+            "window": tfds.features.Scalar(np.int64, doc="0 early, 1 late"),
+            "cloud": tfds.features.Scalar(
+                np.float32, doc="CLOUDY_PIXEL_PERCENTAGE, NaN if unknown"
+            ),
+            **pixel_features(groups),
         }
     )
 
@@ -92,8 +100,11 @@ def location_features(groups) -> tfds.features.FeaturesDict:
 class CacoGeography(dataset_builder.FileReaderBuilder):
     """The locations of a CACo archive (10k, 100k, 1m or the synthetic one), both windows each."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES: ClassVar = {
+        "1.0.0": "First release: one record per location.",
+        "2.0.0": "One record per acquisition, and the side index location_index.npz.",
+    }
     BUILDER_CONFIGS: ClassVar = [
         CacoGeographyConfig(
             name="rgb",
@@ -132,14 +143,15 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description=(
-                "CACo (Mall et al., CVPR 2023) pretraining locations: per location its id, "
-                "centre lat/lon and its Sentinel-2 acquisitions in time order, each with its "
-                "window (early / late), uint8 pixels as stored in the archive's GeoTIFFs and "
-                "cloud percentage. "
+                "CACo (Mall et al., CVPR 2023) pretraining locations, one record per Sentinel-2 "
+                "acquisition: its location's id and centre lat/lon, its window (early / late), "
+                "uint8 pixels as stored in the archive's GeoTIFFs and cloud percentage; the "
+                "acquisitions of a location are contiguous and in time order, and "
+                f"{location_index.FILENAME} beside the records lists the locations. "
                 "The source archive, counts and skips are in the metadata; skipped locations and "
                 f"acquisitions are listed in {SKIP_REPORT} beside the records."
             ),
-            features=location_features(self.builder_config.pixel_groups),
+            features=acquisition_features(self.builder_config.pixel_groups),
             homepage="https://github.com/utkarshmall13/CACo",
             metadata=tfds.core.MetadataDict(),
             # Records are in archive order (interleaved over shard_writer.LANES), not hashed.
@@ -161,11 +173,14 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
         )
         progress = archive.ReadProgress()
         report = SkipReport()
+        index = location_index.IndexBuilder()
         template = self._get_filename_template(split_name="train")
         bar = progress_lib.bar(desc=f"Preparing {source.label}", unit="locations")
 
         def on_location(written: shard_writer.WrittenLocation) -> None:
             report.add(written)
+            if written.indexed:
+                index.add(written.shard_rank, written.indexed)
             bar.update(1)
             if source.total_bytes:
                 bar.set_postfix(
@@ -183,6 +198,7 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
                 on_location=on_location,
             )
         self._finish(source, report)
+        index.build().save(self.data_path / location_index.FILENAME)
         self._name_shards(template, shards)
 
     def _name_shards(self, template, shards: list[shard_writer.Shard]) -> None:

@@ -16,7 +16,7 @@ The stretch is SeCo's reader (a linear map of each band's (low, high) range to u
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -109,41 +109,27 @@ class Normalization:
         return self.standardize(self.stretch(raw, xp), xp)
 
 
-def for_records(
-    builder_config: str,
-    source: Sequence,
-    arrays_fn: Callable[[object], dict] | None = None,
-    *,
-    num_locations: int = 64,
-) -> Normalization:
-    """The pretraining input of ``builder_config`` records: `Normalization.rgb()` for ``rgb``,
-    `from_records` for ``all_bands``."""
+def for_records(builder_config: str, source: Sequence, *, num_locations: int = 64) -> Normalization:
+    """The pretraining input of ``builder_config`` records: `Normalization.rgb()` for ``rgb`` (no
+    pixels read), `from_records` for ``all_bands``."""
     if builder_config == "rgb":
         return Normalization.rgb()
-    if arrays_fn is None:
-        from caco_jax.data import records
-
-        arrays_fn = records.location_arrays
-    return from_records(source, arrays_fn, num_locations=num_locations)
+    return from_records(source, num_locations=num_locations)
 
 
-def from_records(
-    source: Sequence,
-    arrays_fn: Callable[[object], dict],
-    *,
-    num_locations: int,
-) -> Normalization:
+def from_records(source: Sequence, *, num_locations: int) -> Normalization:
     """The official recipe's numbers for the 12 bands of ``all_bands`` records.
 
     SeCo publishes stretch ranges for RGB only, so for all bands they are computed the same way
     for every band: the stretch range is the 2nd-98th percentile of the band's raw values, mean and
     std those of the stretched [0, 1] values, over ``num_locations`` locations evenly spaced
-    through the records (deterministic, a few seconds).
+    through the records (deterministic, a few seconds). ``source[i]`` is location i's arrays
+    (`records.Records`).
     """
     count = min(num_locations, len(source))
     picks = np.linspace(0, len(source) - 1, count).round().astype(int)
     stacked = np.concatenate(
-        [_bands_in_order(arrays_fn(source[int(i)])["pixels"]) for i in picks], axis=0
+        [_bands_in_order(source[int(i)]["pixels"]) for i in picks], axis=0
     )  # [N, 12] raw values
     low = np.percentile(stacked, 2, axis=0)
     high = np.maximum(np.percentile(stacked, 98, axis=0), low + 1.0)

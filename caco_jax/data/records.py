@@ -1,62 +1,159 @@
 """Random access to the prepared `caco_geography` records, without TensorFlow.
 
-`open_records` gives a `tfds.data_source` (len, getitem, usable by grain): record i is location i of
-the split, and the training item of its window h is 2 * i + h. `location_arrays` turns one record
-into the numpy arrays the input pipeline needs.
+`open_records` gives `Records`: location i of the split (in record order) is ``records[i]``, and the
+training item of its window h is 2 * i + h. What a location is (id, centre, the window, date and
+cloud of each acquisition) comes from the side index (`location_index`), so counting locations,
+listing them and drawing acquisitions read no pixels; `Records.pixels` then reads only the
+acquisition records asked for, each decompressed once.
+
+`Records.acquisitions` is the split's `tfds.data_source` (one decoded acquisition record per item,
+usable by grain). `Records.pixels` reads the same records' bytes and takes the pixel features from
+the serialised example itself: TFDS's generic decoding of every feature cost more than the
+decompression it follows (BENCHMARKS.md "Record layout").
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
 
 from caco_jax.data import builder as builder_lib
+from caco_jax.data import location_index
 
 
-def open_records(data_dir: str, builder_config: str = "rgb", split: str = "train"):
+class OutdatedRecordsError(RuntimeError):
+    """The records were prepared by an earlier builder version, whose layout this cannot read."""
+
+
+class Records:
+    """The locations of prepared records (see the module docstring).
+
+    ``acquisitions`` is the split's `tfds.data_source` of acquisition records, ``index`` the side
+    index, ``pixel_shapes`` {pixel feature: [H, W, C]} (``rgb``, or the three ``bands_*m`` of
+    ``all_bands``).
+    """
+
+    def __init__(self, acquisitions, index: location_index.LocationIndex, pixel_shapes: dict):
+        self.acquisitions = acquisitions
+        self.index = index
+        self.pixel_shapes = {g: tuple(shape) for g, shape in pixel_shapes.items()}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def location_id(self, location: int) -> str:
+        return str(self.index.location_id[location])
+
+    def acquisition_counts(self) -> np.ndarray:
+        """The number of acquisitions of every location, in record order."""
+        return self.index.count
+
+    def windows(self, location: int) -> np.ndarray:
+        """The window (0 early, 1 late) of each of the location's acquisitions, in time order."""
+        return self.index.window[self.index.records(location)].astype(np.int64)
+
+    def pixels(self, location: int, acquisitions: Sequence[int]):
+        """uint8 pixels [len(acquisitions), ...] of the location's acquisitions at those positions
+        (a dict of the three groups for ``all_bands``); an acquisition asked for twice is read
+        once."""
+        wanted, inverse = np.unique(np.asarray(acquisitions, np.int64), return_inverse=True)
+        span = self.index.records(location)
+        if wanted.size and not 0 <= wanted[0] <= wanted[-1] < span.stop - span.start:
+            raise IndexError(
+                f"location {location} ({self.location_id(location)}) has "
+                f"{span.stop - span.start} acquisitions, not {wanted.tolist()}"
+            )
+        serialized = self.acquisitions.data_source  # the records' bytes, before TFDS decodes them
+        read = [self._pixels_of(serialized[span.start + int(a)]) for a in wanted]
+        stacked = {g: np.stack([r[g] for r in read])[inverse] for g in self.pixel_shapes}
+        return stacked["rgb"] if list(stacked) == ["rgb"] else stacked
+
+    def _pixels_of(self, record: bytes) -> dict:
+        """The pixel features of one serialised acquisition record (a tf.Example whose pixel
+        features are raw uint8 bytes, `builder.PIXEL_ENCODING`)."""
+        features = tf_example_pb2.Example.FromString(record).features.feature
+        return {
+            g: np.frombuffer(features[g].bytes_list.value[0], np.uint8).reshape(shape)
+            for g, shape in self.pixel_shapes.items()
+        }
+
+    def __getitem__(self, location: int) -> dict:
+        """The whole location, every acquisition's pixels included.
+
+        Returns {"location_id": str, "lat", "lon": float, "window": int64 [T], "date": [T] str,
+        "cloud": float32 [T], "pixels": uint8 [T, 264, 264, 3] for `rgb`, or for `all_bands` a dict
+        {"bands_10m": [T, 264, 264, 4], "bands_20m": [T, 132, 132, 6], "bands_60m": [T, 44, 44,
+        2]}}.
+        """
+        span = self.index.records(location)
+        return {
+            "location_id": self.location_id(location),
+            "lat": float(self.index.lat[location]),
+            "lon": float(self.index.lon[location]),
+            "window": self.windows(location),
+            "date": [str(d) for d in self.index.date[span]],
+            "cloud": self.index.cloud[span].copy(),
+            "pixels": self.pixels(location, np.arange(span.stop - span.start)),
+        }
+
+
+def open_records(data_dir: str, builder_config: str = "rgb", split: str = "train") -> Records:
     """The prepared records of `caco_geography/<builder_config>` under `data_dir`; never prepares.
 
-    Raises FileNotFoundError naming the folder when they are not there.
+    Raises FileNotFoundError naming the folder when they are not there, OutdatedRecordsError when
+    only an earlier version's records are.
     """
     builder = builder_lib.CacoGeography(config=builder_config, data_dir=data_dir)
     if not builder.is_prepared():
+        config_dir = os.path.dirname(os.fspath(builder.data_dir))
+        outdated = _earlier_versions(config_dir, str(builder.version))
+        if outdated:
+            raise OutdatedRecordsError(
+                f"{outdated[0]}: caco_geography/{builder_config} records of version "
+                f"{os.path.basename(outdated[0])} (one record per location) cannot be read by "
+                f"this version ({builder.version}, one record per acquisition): delete "
+                f"{outdated[0]} and run the 'prepare' task"
+            )
         raise FileNotFoundError(
             f"{builder.data_dir}: no prepared caco_geography/{builder_config} records; run the "
             "'prepare' task (python run.py --config ... with 'prepare' in config.tasks) first"
         )
-    return builder.as_data_source(split=split)
+    index_path = os.fspath(builder.data_path / location_index.FILENAME)
+    if not os.path.exists(index_path):
+        raise FileNotFoundError(
+            f"{index_path}: the records' location index is missing; delete "
+            f"{builder.data_path} and run the 'prepare' task"
+        )
+    index = location_index.LocationIndex.load(index_path)
+    acquisitions = builder.as_data_source(split=split)
+    if len(acquisitions) != index.num_acquisitions:
+        raise ValueError(
+            f"{index_path} lists {index.num_acquisitions} acquisitions, the {split} records hold "
+            f"{len(acquisitions)}; delete {builder.data_path} and run the 'prepare' task"
+        )
+    features = builder.info.features
+    shapes = {g: features[g].shape for g in builder.builder_config.pixel_groups}
+    return Records(acquisitions, index, shapes)
 
 
-def location_arrays(example) -> dict:
-    """One decoded record as numpy arrays.
-
-    Returns {"location_id": str, "lat", "lon": float, "window": int64 [T], "date": [T] str,
-    "cloud": float32 [T], "pixels": uint8 [T, 264, 264, 3] for `rgb`, or for `all_bands` a dict
-    {"bands_10m": [T, 264, 264, 4], "bands_20m": [T, 132, 132, 6], "bands_60m": [T, 44, 44, 2]}}.
-    """
-    acquisitions = example["acquisitions"]
-    groups = [
-        name for name in ("rgb", "bands_10m", "bands_20m", "bands_60m") if name in acquisitions
+def _earlier_versions(config_dir: str, current: str) -> list[str]:
+    """Prepared version folders of another version than `current` under `config_dir`."""
+    if not os.path.isdir(config_dir):
+        return []
+    return [
+        os.path.join(config_dir, name)
+        for name in sorted(os.listdir(config_dir))
+        if name != current and os.path.exists(os.path.join(config_dir, name, "dataset_info.json"))
     ]
-    pixels = {name: np.asarray(acquisitions[name], np.uint8) for name in groups}
-    return {
-        "location_id": _text(example["location_id"]),
-        "lat": float(example["lat"]),
-        "lon": float(example["lon"]),
-        "window": np.asarray(acquisitions["window"], np.int64),
-        "date": [_text(d) for d in acquisitions["date"]],
-        "cloud": np.asarray(acquisitions["cloud"], np.float32),
-        "pixels": pixels["rgb"] if groups == ["rgb"] else pixels,
-    }
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def location_table(source) -> list[tuple[str, float, float]]:
-    """(location_id, lat, lon) of every record, in record order."""
-    table = []
-    for i in range(len(source)):
-        example = source[i]
-        table.append((_text(example["location_id"]), float(example["lat"]), float(example["lon"])))
-    return table
+def location_table(source: Records) -> list[tuple[str, float, float]]:
+    """(location_id, lat, lon) of every location, in record order, from the side index."""
+    index = source.index
+    return [
+        (str(i), float(lat), float(lon))
+        for i, lat, lon in zip(index.location_id, index.lat, index.lon, strict=True)
+    ]

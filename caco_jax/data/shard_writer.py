@@ -1,19 +1,22 @@
 """Decode locations and write their records in worker processes, straight into array_record shards.
 
 The parent process only streams the archive (gunzip + untar) and hands each location's raw bytes
-to a worker. The worker decodes the GeoTIFFs (GDAL), serialises the record (TFDS features) and
-appends it, zstd-compressed, to a shard file of its own. Nothing heavy passes back through the
-parent, and no single-threaded writing pass follows the last location (TFDS's generic writer
-re-reads, shuffles and compresses every record in the parent after generation), so preparation
-scales with the cores until the archive stream itself is the limit (see BENCHMARKS.md).
+to a worker. The worker decodes the GeoTIFFs (GDAL), serialises one record per acquisition (TFDS
+features), appends the location's records, zstd-compressed and one chunk each, to a shard file of
+its own, and sends back what the side index needs (`location_index.IndexedLocation`). Nothing
+heavy passes back through the parent, and no single-threaded writing pass follows the last
+location (TFDS's generic writer re-reads, shuffles and compresses every record in the parent after
+generation), so preparation scales with the cores until the archive stream itself is the limit
+(see BENCHMARKS.md).
 
 Shard layout, the same for any number of workers, so every machine prepares identical records:
 location n of the stream (skipped ones included) belongs to lane ``n % LANES`` and piece
 ``n // (LANES * LOCATIONS_PER_SHARD)``; each (piece, lane) pair is one shard, shards are ordered by
-(piece, lane), and shards that hold no record are left out. Worker w writes the lanes
-``w, w + W, ...``, so each lane's records are appended in stream order by one process; W is the
-largest divisor of LANES not above the requested number (48 has many: 1-4, 6, 8, 12, 16, 24, 48),
-so every worker gets the same share.
+(piece, lane), and shards that hold no record are left out. Within a shard the locations follow
+stream order, each location's acquisition records contiguous and in time order. Worker w writes
+the lanes ``w, w + W, ...``, so each lane's records are appended in stream order by one process;
+W is the largest divisor of LANES not above the requested number (48 has many: 1-4, 6, 8, 12, 16,
+24, 48), so every worker gets the same share.
 
 Paths are local files (`os` and array_record's writer): the data_dir must be a local or mounted
 filesystem, not ``gs://``.
@@ -32,13 +35,14 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 
 from caco_jax import workers as workers_lib
-from caco_jax.data import archive
+from caco_jax.data import archive, location_index
 
 LANES = 48
-# At most about 1 GiB per shard for `rgb` records (~1 MiB each), TFDS's usual shard size.
+# At most about 1 GiB per shard for `rgb` records (~1 MiB per location), TFDS's usual shard size.
 LOCATIONS_PER_SHARD = 1024
-# zstd level 1, not array_record's default 3: 30-45 % less CPU to write and no slower to read, for
-# about 10 % more disk (decoded JPEG pixels are noisy; see BENCHMARKS.md "Preparing records").
+# One record per chunk (group_size:1): a random read decompresses that acquisition alone. zstd
+# level 1, not array_record's default 3: 30-45 % less CPU to write and no slower to read, for about
+# 10 % more disk (decoded JPEG pixels are noisy; see BENCHMARKS.md "Preparing records").
 RECORD_OPTIONS = "group_size:1,zstd:1"
 QUEUE_DEPTH = 2
 _POLL_SECONDS = 1.0
@@ -46,11 +50,17 @@ _POLL_SECONDS = 1.0
 
 @dataclasses.dataclass(frozen=True)
 class WrittenLocation:
-    """A worker's account of one location: `decoded` without its pixels (those are in the shard)
-    and the number of acquisitions written (0 when the location was skipped)."""
+    """A worker's account of one location: `decoded` without its pixels (those are in the shard),
+    the rank of its shard in record order, and what the side index keeps of it (None when the
+    location was skipped)."""
 
     decoded: archive.DecodedLocation
-    num_acquisitions: int
+    shard_rank: int
+    indexed: location_index.IndexedLocation | None
+
+    @property
+    def num_acquisitions(self) -> int:
+        return len(self.indexed.windows) if self.indexed else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +76,11 @@ class WorkerError(RuntimeError):
 def usable_workers(requested: int) -> int:
     """The largest divisor of LANES not above `requested` (at least 1): equal shares of lanes."""
     return max(w for w in range(1, LANES + 1) if LANES % w == 0 and w <= max(requested, 1))
+
+
+def shard_of(n: int) -> tuple[int, int]:
+    """(piece, lane) of location n of the stream."""
+    return n // (LANES * LOCATIONS_PER_SHARD), n % LANES
 
 
 def shard_path(directory: str, prefix: str, piece: int, lane: int) -> str:
@@ -84,9 +99,10 @@ def write_shards(
 ) -> list[Shard]:
     """Decodes and writes every location of `locations` (see the module docstring).
 
-    `features` is the dataset's `tfds.features.FeaturesDict` (it encodes and serialises a record);
-    `on_location` is called in stream order, once per location. Returns the non-empty shards in
-    dataset order; their files are named by `shard_path`, for the caller to rename.
+    `features` is the dataset's `tfds.features.FeaturesDict` of one acquisition record (it encodes
+    and serialises a record); `on_location` is called in stream order, once per location. Returns
+    the non-empty shards in dataset order (`num_records` counts acquisitions); their files are named
+    by `shard_path`, for the caller to rename.
     """
     num_workers = usable_workers(num_workers)
     # forkserver, not fork: the parent may run JAX's threads; the server forks cheap workers.
@@ -111,7 +127,7 @@ def write_shards(
     finished = False
     try:
         for n, location in enumerate(locations):
-            lane, piece = n % LANES, n // (LANES * LOCATIONS_PER_SHARD)
+            piece, lane = shard_of(n)
             collector.dispatched[n] = (lane % num_workers, location.location_id)
             collector.put(inboxes[lane % num_workers], (n, piece, lane, location))
         for inbox in inboxes:
@@ -221,9 +237,9 @@ def _worker_main(index, inbox, outbox, groups, features, directory, prefix) -> N
         while (task := inbox.get()) is not None:
             n, piece, lane, location = task
             decoded = archive.decode_location(location, groups)
-            num_acquisitions = 0
+            indexed = None
             if decoded.example is not None:
-                record = serializer.serialize_example(features.encode_example(decoded.example))
+                indexed = location_index.IndexedLocation.of_example(decoded.example)
                 if lane not in writers or writers[lane][0] != piece:
                     if lane in writers:  # the lane moved on to its next piece: that shard is done
                         writers[lane][1].close()
@@ -232,14 +248,23 @@ def _worker_main(index, inbox, outbox, groups, features, directory, prefix) -> N
                         piece,
                         array_record_module.ArrayRecordWriter(path, RECORD_OPTIONS),
                     )
-                writers[lane][1].write(record)
-                counts[(piece, lane)] += 1
-                num_acquisitions = len(decoded.example["acquisitions"])
+                for record in acquisition_records(decoded.example):
+                    writers[lane][1].write(
+                        serializer.serialize_example(features.encode_example(record))
+                    )
+                counts[(piece, lane)] += len(indexed.windows)
             summary = dataclasses.replace(decoded, example=None)
-            outbox.put(("location", index, n, WrittenLocation(summary, num_acquisitions)))
+            rank = piece * LANES + lane
+            outbox.put(("location", index, n, WrittenLocation(summary, rank, indexed)))
         for _, writer in writers.values():
             writer.close()
         outbox.put(("done", index, dict(counts)))
     except BaseException:  # report anything, even KeyboardInterrupt, with the location it hit
         outbox.put(("error", index, n, traceback.format_exc(limit=8)))
         raise SystemExit(1) from None
+
+
+def acquisition_records(example: dict) -> list[dict]:
+    """A decoded location as its acquisition records, each with the location's id and centre."""
+    location = {k: example[k] for k in ("location_id", "lat", "lon")}
+    return [{**location, **acquisition} for acquisition in example["acquisitions"]]

@@ -488,7 +488,7 @@ def load_synthetic_land_cover(config, workdir: str):
     source = records.open_records(data_dir, builder_config="rgb", split="train")
     images, labels, locations = [], [], []
     for i in progress.trange(len(source), desc="land cover", leave=False):
-        arrays = records.location_arrays(source[i])
+        arrays = source[i]
         if arrays["location_id"] not in land_cover:
             raise ValueError(
                 f"location {arrays['location_id']!r} of the records is not in {truth_path}"
