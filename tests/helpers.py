@@ -84,6 +84,42 @@ class InMemoryLocations:
         return pixels[acquisitions]
 
 
+# tests/test_end_to_end.py
+END_TO_END_LOCATIONS = 24
+END_TO_END_BATCH = 16  # 8 locations: 3 steps per epoch
+END_TO_END_EPOCHS = 12
+END_TO_END_QUEUE = 16  # 8 keys per window: full after the first step
+
+
+def end_to_end_config(workdir, **overrides):
+    """tests/test_end_to_end.py's run: 24 synthetic locations (half changed), 3 CACo steps per
+    epoch, a 16-key queue that real keys fill at the first step, official lr and a fast EMA."""
+    config = config_lib.for_tasks("synthesize", "prepare", "pretrain", "score_change")
+    config.synthetic.num_locations = END_TO_END_LOCATIONS
+    config.synthetic.change_fraction = 0.5  # balanced: the AUC has the most pairs
+    config.data.data_dir = os.path.join(workdir, "tfds")
+    config.data.num_workers = 1
+    config.augment.crop_size = 32
+    config.method.num_negatives = END_TO_END_QUEUE
+    config.model.embedding_dim = 32
+    config.train.batch_size = END_TO_END_BATCH
+    config.train.epochs = END_TO_END_EPOCHS
+    config.train.milestones = ()
+    # The official lr 0.03 itself at this batch (not scaled down 16x), and a key encoder that
+    # follows the query one within a few steps (official m: 0.999).
+    config.train.base_learning_rate = 0.03 * 256 / END_TO_END_BATCH
+    config.method.key_momentum = 0.99
+    config.checkpoint.every_steps = 1000  # only the final checkpoint
+    config.logging.every_steps = 1
+    config.logging.progress_bar = False
+    config.input.num_threads = 1
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(config[section], name, value)
+    config_lib.validate(config)
+    return config
+
+
 def fake_source(num_locations=NUM_LOCATIONS, size=32, seed=0):
     """Locations of ten 32x32 acquisitions (five per window) around a per-location base image."""
     rng = np.random.default_rng(seed)
