@@ -2,25 +2,42 @@
 
 Two `run.py` processes with the explicit coordinator flags (2 CPU devices each) run
 configs/smoke.py's synthesize, prepare and pretrain tasks into one workdir: process 0 alone writes
-the archive, the records, the logs and results; together they train and save a checkpoint, which a
-single process then resumes.
+the archive, the records, the logs and results; together they train, and a SIGTERM to process 1
+alone stops both at one step, which they save and a single process then resumes. In a second run
+process 1 is killed: process 0 stops within seconds with one line, and every checkpoint left
+behind restores. The processes share a compilation cache, so the second run compiles little.
 """
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
+import jax
 import pytest
+from helpers import prepare
 
+from caco_jax import checkpointing, multihost, train
 from caco_jax import config as config_lib
-from caco_jax import multihost
+from caco_jax import mesh as mesh_lib
+from caco_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 locations: one caco batch of 8 items per epoch.
 SMALL = ("--config.synthetic.num_locations=4", "--config.data.num_workers=1")
 QUIET = ("--config.logging.progress_bar=False",)
+# Enough steps that a run is still training when a test signals it.
+LONG = (
+    "--config.train.epochs=30",
+    "--config.train.max_steps=30",
+    "--config.checkpoint.every_steps=1",
+)
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="caco_jax_multihost_cache_")
 
 
 def free_port():
@@ -36,6 +53,9 @@ def run_py(workdir, *args, devices=2):
         # Unoptimised CPU code compiles in about half the time; a step or two runs as fast.
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+        "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
     command = [sys.executable, "run.py", "--config", "configs/smoke.py", "--workdir", workdir]
     return subprocess.Popen(
@@ -48,6 +68,35 @@ def run_py(workdir, *args, devices=2):
     )
 
 
+def two_processes(workdir, *args):
+    port = free_port()
+    return [
+        run_py(
+            workdir,
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            *args,
+        )
+        for i in range(2)
+    ]
+
+
+def wait_for_checkpoint(workdir, step, processes, timeout=300):
+    """Waits until checkpoint `step` is complete (Orbax renames it to `<step>` when it is)."""
+    path = os.path.join(workdir, "checkpoints", str(step))
+    deadline = time.monotonic() + timeout
+    while not os.path.isdir(path):
+        for process in processes:
+            if process.poll() is not None:
+                finish(processes)  # fails with the output of the process that stopped
+                pytest.fail(f"the run ended before checkpoint {step}")
+        if time.monotonic() > deadline:
+            kill_all(processes)
+            pytest.fail(f"no checkpoint {step} after {timeout} s")
+        time.sleep(0.2)
+
+
 def finish(processes, timeout=300):
     outputs = []
     try:
@@ -56,11 +105,15 @@ def finish(processes, timeout=300):
             assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
             outputs.append(stdout)
     finally:  # a failed process must not leave its partner waiting for it
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        kill_all(processes)
     return outputs
+
+
+def kill_all(processes):
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def logged_steps(workdir):
@@ -70,23 +123,13 @@ def logged_steps(workdir):
     return [line["step"] for line in lines if "learning_rate" in line]
 
 
-def test_two_processes_prepare_once_train_together_and_one_process_resumes(tmp_path):
+def test_two_processes_prepare_once_train_together_stop_together_and_one_process_resumes(tmp_path):
     workdir = str(tmp_path / "w")
-    port = free_port()
-    outputs = finish(
-        [
-            run_py(
-                workdir,
-                f"--coordinator_address=localhost:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                "--config.train.max_steps=1",
-                "--config.checkpoint.every_steps=1",
-            )
-            for i in range(2)
-        ]
-    )
-    primary, secondary = outputs
+    processes = two_processes(workdir, *LONG)
+    wait_for_checkpoint(workdir, 1, processes)
+    # A preemption notice to one host: every host saves the same step and exits cleanly.
+    processes[1].send_signal(signal.SIGTERM)
+    primary, secondary = finish(processes)
     assert "== prepare" in primary and "2 processes" in primary
     # Only process 0 reports (Gloo, JAX's CPU collectives, prints its connections on stdout).
     assert [line for line in secondary.splitlines() if not line.startswith("[Gloo]")] == []
@@ -99,14 +142,84 @@ def test_two_processes_prepare_once_train_together_and_one_process_resumes(tmp_p
         results = json.load(f)
     assert results["synthesize"]["written"] is True
     assert results["prepare"]["locations_written"] == 4
-    assert logged_steps(workdir) == [1]  # one writer: the step's metrics once
-    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+    stopped = results["pretrain"]["steps"]
+    assert results["pretrain"]["stopped_early"] and 1 < stopped < 30
+    assert logged_steps(workdir) == list(range(1, stopped + 1))  # one writer: each step once
+    checkpoints = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every_steps=1, keep=3
+    )
+    assert checkpoints.latest_step() == stopped
+    assert checkpoints.restore_data_position(stopped)["next_global_batch"] == stopped
+    checkpoints.close()
 
     (resumed,) = finish(
-        [run_py(workdir, "--config.tasks=('pretrain',)", "--config.train.max_steps=2")]
+        [run_py(workdir, "--config.tasks=('pretrain',)", f"--config.train.max_steps={stopped + 1}")]
     )
-    assert "resumed from checkpoint step 1" in resumed, resumed[-2000:]
-    assert logged_steps(workdir) == [1, 2]
+    assert f"resumed from checkpoint step {stopped}" in resumed, resumed[-2000:]
+    assert logged_steps(workdir) == list(range(1, stopped + 2))
+
+
+def test_a_killed_process_stops_its_peer_with_one_line_and_leaves_only_complete_checkpoints(
+    tmp_path,
+):
+    archive = synthetic.write_archive(str(tmp_path / "archive"), num_locations=4, seed=0)
+    data_dir = tmp_path / "tfds"
+    prepare(archive, data_dir, num_workers=1)
+    workdir = str(tmp_path / "w")
+    processes = two_processes(
+        workdir,
+        "--config.tasks=('pretrain',)",
+        f"--config.data.data_dir={data_dir}",
+        "--peer_timeout_seconds=15",
+        *LONG,
+    )
+    wait_for_checkpoint(workdir, 2, processes)
+    processes[1].kill()
+    killed = time.monotonic()
+    try:
+        _, stderr = processes[0].communicate(timeout=120)
+    finally:
+        kill_all(processes)
+    took = time.monotonic() - killed
+    assert processes[0].returncode == 1, stderr[-4000:]
+    assert took < 60
+    lines = stderr.strip().splitlines()
+    # Named when the peer watch notices first; a collective that fails at once names no one.
+    assert re.match(
+        r"run\.py: process 0 of 2 lost contact with (process 1|another process) \(.*\); it died, "
+        r"hangs or was stopped: see its log\. Stopping without saving; rerun every process",
+        lines[-1],
+    ), stderr[-4000:]
+    assert len(lines) < 10, stderr[-4000:]
+
+    # Every checkpoint Orbax counts as complete restores; what the kill cut short is not counted.
+    checkpoints = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every_steps=1, keep=3
+    )
+    steps = checkpoints.all_steps()
+    assert steps and max(steps) >= 2
+    for name in os.listdir(checkpoints.directory):
+        assert (name.isdigit() and int(name) in steps) or "tmp" in name, name
+    config = smoke_config()
+    mesh = mesh_lib.data_mesh(jax.devices()[:1])
+    run = train.setup(config, 4, mesh=mesh)
+    target = checkpointing.replicated_target(mesh_lib.replicate(run.initial_state, mesh), mesh)
+    for step in steps:
+        assert int(checkpoints.restore(step, target).step) == step
+        assert checkpoints.restore_data_position(step)["next_global_batch"] == step
+    checkpoints.close()
+
+
+def smoke_config():
+    """configs/smoke.py as the runs above use it."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    try:
+        import smoke
+    finally:
+        sys.path.pop(0)
+    config = smoke.get_config()
+    config.synthetic.num_locations = 4
+    return config
 
 
 def test_a_waiting_process_stops_with_one_line_naming_the_folder_and_the_key(tmp_path):
@@ -120,6 +233,24 @@ def test_a_waiting_process_stops_with_one_line_naming_the_folder_and_the_key(tmp
     assert "\n" not in message
     assert str(tmp_path / "tfds") in message and "config.data.wait_seconds" in message
     assert message.startswith("process 1:")
+
+
+def test_a_lost_peer_is_recognised_and_named_when_the_runtime_names_it():
+    gloo = RuntimeError(
+        "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+        "Connection closed by peer [127.0.0.1]:14472"
+    )
+    heartbeat = RuntimeError(
+        "UNAVAILABLE: Task 1 heartbeat timeout. This indicates that the remote task has failed"
+    )
+    unhealthy = RuntimeError(
+        "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n3\nThe tasks"
+    )
+    assert multihost.lost_peer(gloo) == "another process"
+    assert multihost.lost_peer(heartbeat) == "process 1"
+    assert multihost.lost_peer(unhealthy) == "process 3"
+    assert multihost.lost_peer(RuntimeError("RESOURCE_EXHAUSTED: Out of memory")) is None
+    multihost.stop_if_peer_lost(ValueError("not about a peer"))  # returns: not a lost peer
 
 
 def test_a_multi_process_run_refuses_tasks_that_run_in_one_process():
