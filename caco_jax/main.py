@@ -39,9 +39,10 @@ _PROCESS_ID = flags.DEFINE_integer(
 _PEER_TIMEOUT_SECONDS = flags.DEFINE_integer(
     "peer_timeout_seconds",
     60,
-    "Multi-host run: seconds without a heartbeat after which a process is taken for dead and every "
-    "other process stops (the coordination service's heartbeat timeout). See docs/reliability.md.",
-    lower_bound=1,
+    "Multi-host run: seconds without a sign of life after which a process is taken for lost and "
+    "every other process stops with one line naming it (JAX's heartbeat timeout, the backstop, is "
+    "twice that). See docs/reliability.md.",
+    lower_bound=2,
 )
 flags.mark_flags_as_required(["config"])
 flags.register_multi_flags_validator(
@@ -94,7 +95,7 @@ def main(argv):
         report(f"== {name}", flush=True)
         try:
             results[name] = _run_task(name, process, config, workdir)
-        except (Exception, SystemExit) as error:
+        except BaseException as error:
             if process.count > 1:  # the peers must not wait for this process
                 multihost.exit_after_failure(error)
             raise

@@ -82,7 +82,7 @@ def two_processes(workdir, *args):
     ]
 
 
-def wait_for_checkpoint(workdir, step, processes, timeout=300):
+def wait_for_checkpoint(workdir, step, processes, timeout=600):
     """Waits until checkpoint `step` is complete (Orbax renames it to `<step>` when it is)."""
     path = os.path.join(workdir, "checkpoints", str(step))
     deadline = time.monotonic() + timeout
@@ -233,6 +233,53 @@ def test_a_waiting_process_stops_with_one_line_naming_the_folder_and_the_key(tmp
     assert "\n" not in message
     assert str(tmp_path / "tfds") in message and "config.data.wait_seconds" in message
     assert message.startswith("process 1:")
+
+
+# A process of a two-process run that joins and then idles (process 0) or ends at once, normally
+# ("finish") or killed ("die"): the peer watch alone, without JAX computations.
+PEER_WATCH_WORKER = """
+import os, signal, sys, time
+from caco_jax import multihost
+process_id, port, ending = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+multihost.initialize(auto=False, coordinator_address=f"localhost:{port}", num_processes=2,
+                     process_id=process_id, peer_timeout_seconds=3)
+if process_id == 0:
+    time.sleep(8)
+elif ending == "die":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("ending", ["finish", "die"])
+def test_the_peer_watch_names_a_process_that_died_and_lets_one_that_finished_go(ending):
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEER_WATCH_WORKER, str(i), str(port), ending],
+            cwd=ROOT,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        _, stderr = processes[0].communicate(timeout=120)
+    finally:
+        kill_all(processes)
+    if ending == "finish":  # process 0 outlives it by more than the timeout and ends normally
+        assert processes[0].returncode == 0, stderr[-4000:]
+        assert processes[1].returncode == 0
+    else:
+        assert processes[0].returncode == 1, stderr[-4000:]
+        assert (
+            stderr.strip()
+            .splitlines()[-1]
+            .startswith(
+                "run.py: process 0 of 2 lost contact with process 1 (no sign of life for 3 s, "
+                "--peer_timeout_seconds); it died, hangs or was stopped"
+            )
+        ), stderr[-4000:]
 
 
 def test_a_lost_peer_is_recognised_and_named_when_the_runtime_names_it():
