@@ -153,7 +153,14 @@ def test_two_processes_prepare_once_train_together_stop_together_and_one_process
     checkpoints.close()
 
     (resumed,) = finish(
-        [run_py(workdir, "--config.tasks=('pretrain',)", f"--config.train.max_steps={stopped + 1}")]
+        [
+            run_py(
+                workdir,
+                "--config.tasks=('pretrain',)",
+                "--config.train.epochs=30",
+                f"--config.train.max_steps={stopped + 1}",
+            )
+        ]
     )
     assert f"resumed from checkpoint step {stopped}" in resumed, resumed[-2000:]
     assert logged_steps(workdir) == list(range(1, stopped + 2))
