@@ -36,7 +36,7 @@ from caco_jax import tasks
 
 MULTIHOST_TASKS = ("synthesize", "prepare", "pretrain")
 _POLL_SECONDS = 0.5
-# JAX's default is 100 s; a host that stops heartbeating for a minute is gone.
+# A process that shows no sign of life for a minute is gone (JAX's own heartbeat default: 100 s).
 DEFAULT_PEER_TIMEOUT_SECONDS = 60
 # What the runtime says when another process of the run is gone: Gloo (CPU collectives) and NCCL
 # see its connections close, the coordination service misses its heartbeats or loses its leader.
