@@ -4,8 +4,8 @@ Two `run.py` processes with the explicit coordinator flags (2 CPU devices each) 
 configs/smoke.py's synthesize, prepare and pretrain tasks into one workdir: process 0 alone writes
 the archive, the records, the logs and results; together they train, and a SIGTERM to process 1
 alone stops both at one saved step. Two processes resume from it, process 1 is killed and process 0
-stops within seconds with one line; every checkpoint left behind restores, and a single process
-resumes from the newest. The runs share a compilation cache, so the later ones compile little.
+stops within seconds with one line; every checkpoint left behind restores in a single process. The
+runs share a compilation cache, so the second compiles little.
 """
 
 import json
@@ -121,9 +121,7 @@ def logged_steps(workdir):
     return [line["step"] for line in lines if "learning_rate" in line]
 
 
-def test_two_processes_prepare_once_stop_together_a_lost_one_stops_the_other_and_one_resumes(
-    tmp_path,
-):
+def test_two_processes_prepare_once_stop_together_resume_and_a_lost_one_stops_the_other(tmp_path):
     workdir = str(tmp_path / "w")
     processes = two_processes(workdir, *LONG)
     wait_for_checkpoint(workdir, 1, processes)
@@ -164,6 +162,7 @@ def test_two_processes_prepare_once_stop_together_a_lost_one_stops_the_other_and
     finally:
         kill_all(processes)
     assert f"resumed from checkpoint step {stopped}" in resumed, resumed[-2000:]
+    assert logged_steps(workdir)[: stopped + 1] == list(range(1, stopped + 2))  # continued
     assert processes[0].returncode == 1, stderr[-4000:]
     assert time.monotonic() - killed < 60
     lines = stderr.strip().splitlines()
@@ -175,7 +174,8 @@ def test_two_processes_prepare_once_stop_together_a_lost_one_stops_the_other_and
     ), stderr[-4000:]
     assert len(lines) < 10, stderr[-4000:]
 
-    # Every checkpoint Orbax counts as complete restores; what the kill cut short is not counted.
+    # Every checkpoint Orbax counts as complete restores, here in one process on one device; what
+    # the kill cut short is not counted.
     checkpoints = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), every_steps=1, keep=3
     )
@@ -190,20 +190,6 @@ def test_two_processes_prepare_once_stop_together_a_lost_one_stops_the_other_and
         assert int(checkpoints.restore(step, target).step) == step
         assert checkpoints.restore_data_position(step)["next_global_batch"] == step
     checkpoints.close()
-
-    newest = max(steps)
-    (resumed,) = finish(
-        [
-            run_py(
-                workdir,
-                "--config.tasks=('pretrain',)",
-                "--config.train.epochs=30",
-                f"--config.train.max_steps={newest + 1}",
-            )
-        ]
-    )
-    assert f"resumed from checkpoint step {newest}" in resumed, resumed[-2000:]
-    assert logged_steps(workdir)[-2:] == [newest, newest + 1]
 
 
 def smoke_config():
