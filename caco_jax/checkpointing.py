@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import json
 import logging as std_logging
+import os
 import signal
 import sys
 import threading
@@ -268,9 +269,12 @@ class PreemptionGuard:
     """Turns SIGTERM (a pod or cluster preemption notice) into a request to save and stop.
 
     Inside the ``with`` block a SIGTERM no longer kills the process; `should_stop(step)` turns True
-    at the next step, when the loop saves a checkpoint and exits cleanly. With several processes the
-    stop step is agreed through JAX's preemption sync service (Orbax `reached_preemption`), so every
-    host saves the same step.
+    at the next step, when the loop saves a checkpoint and exits cleanly. With several processes a
+    SIGTERM to any one of them stops them all at the same step: `jax.distributed.initialize` has
+    JAX's preemption notifier catch SIGTERM (so no Python handler may replace it here), the
+    processes agree on a step through the coordination service, and `should_stop` (Orbax
+    `reached_preemption`) turns True at that step on every process. The loop must ask at every
+    step.
     """
 
     def __init__(self, manager: Checkpointer):
@@ -279,7 +283,8 @@ class PreemptionGuard:
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        single = jax.process_count() == 1
+        if single and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
@@ -294,7 +299,11 @@ class PreemptionGuard:
         self._requested.set()
 
     def request_stop(self) -> None:
-        self._requested.set()
+        """What a SIGTERM does; with several processes, a SIGTERM to this one (see the class)."""
+        if jax.process_count() > 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self._requested.set()
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:

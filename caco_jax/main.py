@@ -36,6 +36,14 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in a multi-host run.", lower_bound=0
 )
+_PEER_TIMEOUT_SECONDS = flags.DEFINE_integer(
+    "peer_timeout_seconds",
+    60,
+    "Multi-host run: seconds without a sign of life after which a process is taken for lost and "
+    "every other process stops with one line naming it (JAX's heartbeat timeout, the backstop, is "
+    "twice that). See docs/reliability.md.",
+    lower_bound=2,
+)
 flags.mark_flags_as_required(["config"])
 flags.register_multi_flags_validator(
     ["num_processes", "process_id"],
@@ -47,8 +55,8 @@ flags.register_multi_flags_validator(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from caco_jax import checkpointing, multihost, storage
     from caco_jax import config as config_lib
+    from caco_jax import multihost, storage
 
     if not flags.FLAGS["verbosity"].present:
         # Orbax and grain log every checkpoint operation at INFO; `--verbosity=0` shows them.
@@ -63,6 +71,7 @@ def main(argv):
         coordinator_address=_COORDINATOR_ADDRESS.value,
         num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
+        peer_timeout_seconds=_PEER_TIMEOUT_SECONDS.value,
     )
     try:
         multihost.check_tasks(config.tasks, process)
@@ -85,13 +94,24 @@ def main(argv):
         start = time.perf_counter()
         report(f"== {name}", flush=True)
         try:
-            results[name] = multihost.task(name, process)(config, workdir) or {}
-        except checkpointing.NoRestorableCheckpointError as error:
-            sys.exit(f"run.py: {error}")
+            results[name] = _run_task(name, process, config, workdir)
+        except BaseException as error:
+            if process.count > 1:  # the peers must not wait for this process
+                multihost.exit_after_failure(error)
+            raise
         report(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
     if process.primary:
         (workdir_path / "results.json").write_text(json.dumps(results, indent=2, default=str))
     report(json.dumps(results, indent=2, default=str))
+
+
+def _run_task(name, process, config, workdir) -> dict:
+    from caco_jax import checkpointing, multihost
+
+    try:
+        return multihost.task(name, process)(config, workdir) or {}
+    except checkpointing.NoRestorableCheckpointError as error:
+        sys.exit(f"run.py: {error}")
 
 
 def parse_flags(argv):

@@ -25,7 +25,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from caco_jax import augment, meters, methods, progress
+from caco_jax import augment, meters, methods, multihost, progress
 from caco_jax import mesh as mesh_lib
 from caco_jax import queue as queue_lib
 from caco_jax import step as step_lib
@@ -216,6 +216,10 @@ def train(config, workdir, source, *, normalization=None, locations=None, mesh=N
                 bar.update(1)
                 if stop:
                     break
+    except Exception as error:
+        if jax.process_count() > 1:  # exits before the checkpoint in flight is waited for
+            multihost.stop_if_peer_lost(error)
+        raise
     finally:
         bar.close()
         checkpoints.close()

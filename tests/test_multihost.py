@@ -2,25 +2,40 @@
 
 Two `run.py` processes with the explicit coordinator flags (2 CPU devices each) run
 configs/smoke.py's synthesize, prepare and pretrain tasks into one workdir: process 0 alone writes
-the archive, the records, the logs and results; together they train and save a checkpoint, which a
-single process then resumes.
+the archive, the records, the logs and results; together they train, and a SIGTERM to process 1
+alone stops both at one saved step. Two processes resume from it, process 1 is killed and process 0
+stops within seconds with one line; every checkpoint left behind restores in a single process. The
+runs share a compilation cache, so the second compiles little.
 """
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
+import jax
 import pytest
 
+from caco_jax import checkpointing, multihost, train
 from caco_jax import config as config_lib
-from caco_jax import multihost
+from caco_jax import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 locations: one caco batch of 8 items per epoch.
 SMALL = ("--config.synthetic.num_locations=4", "--config.data.num_workers=1")
 QUIET = ("--config.logging.progress_bar=False",)
+# Enough steps that a run is still training when a test signals it.
+LONG = (
+    "--config.train.epochs=30",
+    "--config.train.max_steps=30",
+    "--config.checkpoint.every_steps=1",
+)
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="caco_jax_multihost_cache_")
 
 
 def free_port():
@@ -36,6 +51,9 @@ def run_py(workdir, *args, devices=2):
         # Unoptimised CPU code compiles in about half the time; a step or two runs as fast.
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+        "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
     command = [sys.executable, "run.py", "--config", "configs/smoke.py", "--workdir", workdir]
     return subprocess.Popen(
@@ -48,6 +66,35 @@ def run_py(workdir, *args, devices=2):
     )
 
 
+def two_processes(workdir, *args):
+    port = free_port()
+    return [
+        run_py(
+            workdir,
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            *args,
+        )
+        for i in range(2)
+    ]
+
+
+def wait_for_checkpoint(workdir, step, processes, timeout=600):
+    """Waits until checkpoint `step` is complete (Orbax renames it to `<step>` when it is)."""
+    path = os.path.join(workdir, "checkpoints", str(step))
+    deadline = time.monotonic() + timeout
+    while not os.path.isdir(path):
+        for process in processes:
+            if process.poll() is not None:
+                finish(processes)  # fails with the output of the process that stopped
+                pytest.fail(f"the run ended before checkpoint {step}")
+        if time.monotonic() > deadline:
+            kill_all(processes)
+            pytest.fail(f"no checkpoint {step} after {timeout} s")
+        time.sleep(0.2)
+
+
 def finish(processes, timeout=300):
     outputs = []
     try:
@@ -56,11 +103,15 @@ def finish(processes, timeout=300):
             assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
             outputs.append(stdout)
     finally:  # a failed process must not leave its partner waiting for it
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        kill_all(processes)
     return outputs
+
+
+def kill_all(processes):
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def logged_steps(workdir):
@@ -70,26 +121,21 @@ def logged_steps(workdir):
     return [line["step"] for line in lines if "learning_rate" in line]
 
 
-def test_two_processes_prepare_once_train_together_and_one_process_resumes(tmp_path):
+def test_two_processes_prepare_once_stop_together_resume_and_a_lost_one_stops_the_other(tmp_path):
     workdir = str(tmp_path / "w")
-    port = free_port()
-    outputs = finish(
-        [
-            run_py(
-                workdir,
-                f"--coordinator_address=localhost:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                "--config.train.max_steps=1",
-                "--config.checkpoint.every_steps=1",
-            )
-            for i in range(2)
-        ]
-    )
-    primary, secondary = outputs
+    processes = two_processes(workdir, *LONG)
+    wait_for_checkpoint(workdir, 1, processes)
+    # A preemption notice to one host: every host saves the same step and exits cleanly.
+    processes[1].send_signal(signal.SIGTERM)
+    primary, secondary = finish(processes)
     assert "== prepare" in primary and "2 processes" in primary
-    # Only process 0 reports (Gloo, JAX's CPU collectives, prints its connections on stdout).
-    assert [line for line in secondary.splitlines() if not line.startswith("[Gloo]")] == []
+    # Only process 0 reports. Gloo, JAX's CPU collectives, prints its connections on stdout from
+    # several threads, whose pieces can interleave: nothing else may be left.
+    gloo = (
+        r"\[Gloo\] Rank | is connected to "
+        r"| peer ranks\. Expected number of connected peer ranks is : "
+    )
+    assert re.sub(rf"{gloo}|\d+|\s", "", secondary) == "", secondary
     # Written once: one archive, one dataset, one results.json from process 0.
     assert sorted(os.listdir(os.path.join(workdir, "synthetic_archive"))) == [
         "clean_synthetic_geography",
@@ -99,14 +145,68 @@ def test_two_processes_prepare_once_train_together_and_one_process_resumes(tmp_p
         results = json.load(f)
     assert results["synthesize"]["written"] is True
     assert results["prepare"]["locations_written"] == 4
-    assert logged_steps(workdir) == [1]  # one writer: the step's metrics once
-    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
-
-    (resumed,) = finish(
-        [run_py(workdir, "--config.tasks=('pretrain',)", "--config.train.max_steps=2")]
+    stopped = results["pretrain"]["steps"]
+    assert results["pretrain"]["stopped_early"] and 1 < stopped < 30
+    assert logged_steps(workdir) == list(range(1, stopped + 1))  # one writer: each step once
+    checkpoints = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every_steps=1, keep=3
     )
-    assert "resumed from checkpoint step 1" in resumed, resumed[-2000:]
-    assert logged_steps(workdir) == [1, 2]
+    assert checkpoints.latest_step() == stopped
+    assert checkpoints.restore_data_position(stopped)["next_global_batch"] == stopped
+    checkpoints.close()
+
+    # Both resume from that step; process 1 is killed once they saved another.
+    processes = two_processes(
+        workdir, "--config.tasks=('pretrain',)", "--peer_timeout_seconds=15", *LONG
+    )
+    wait_for_checkpoint(workdir, stopped + 1, processes)
+    processes[1].kill()
+    killed = time.monotonic()
+    try:
+        resumed, stderr = processes[0].communicate(timeout=120)
+    finally:
+        kill_all(processes)
+    assert f"resumed from checkpoint step {stopped}" in resumed, resumed[-2000:]
+    assert logged_steps(workdir)[: stopped + 1] == list(range(1, stopped + 2))  # continued
+    assert processes[0].returncode == 1, stderr[-4000:]
+    assert time.monotonic() - killed < 60
+    lines = stderr.strip().splitlines()
+    # Named when the peer watch notices first; a collective that fails at once names no one.
+    assert re.match(
+        r"run\.py: process 0 of 2 lost contact with (process 1|another process) \(.*\); it died, "
+        r"hangs or was stopped: see its log\. Stopping without saving; rerun every process",
+        lines[-1],
+    ), stderr[-4000:]
+    assert len(lines) < 10, stderr[-4000:]
+
+    # Every checkpoint Orbax counts as complete restores, here in one process on one device; what
+    # the kill cut short is not counted.
+    checkpoints = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every_steps=1, keep=3
+    )
+    steps = checkpoints.all_steps()
+    assert max(steps) > stopped
+    for name in os.listdir(checkpoints.directory):
+        assert (name.isdigit() and int(name) in steps) or "tmp" in name, name
+    mesh = mesh_lib.data_mesh(jax.devices()[:1])
+    run = train.setup(smoke_config(), 4, mesh=mesh)
+    target = checkpointing.replicated_target(mesh_lib.replicate(run.initial_state, mesh), mesh)
+    for step in steps:
+        assert int(checkpoints.restore(step, target).step) == step
+        assert checkpoints.restore_data_position(step)["next_global_batch"] == step
+    checkpoints.close()
+
+
+def smoke_config():
+    """configs/smoke.py as the runs above use it."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    try:
+        import smoke
+    finally:
+        sys.path.pop(0)
+    config = smoke.get_config()
+    config.synthetic.num_locations = 4
+    return config
 
 
 def test_a_waiting_process_stops_with_one_line_naming_the_folder_and_the_key(tmp_path):
@@ -120,6 +220,66 @@ def test_a_waiting_process_stops_with_one_line_naming_the_folder_and_the_key(tmp
     assert "\n" not in message
     assert str(tmp_path / "tfds") in message and "config.data.wait_seconds" in message
     assert message.startswith("process 1:")
+
+
+# Three processes that join a run: process 0 idles, process 1 ends normally at once, process 2 is
+# killed at once. The peer watch alone, without JAX computations.
+PEER_WATCH_WORKER = """
+import os, signal, sys, time
+from caco_jax import multihost
+process_id, port = int(sys.argv[1]), sys.argv[2]
+multihost.initialize(auto=False, coordinator_address=f"localhost:{port}", num_processes=3,
+                     process_id=process_id, peer_timeout_seconds=3)
+if process_id == 0:
+    time.sleep(30)
+elif process_id == 2:
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_peer_watch_names_a_process_that_died_and_not_one_that_finished():
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEER_WATCH_WORKER, str(i), str(port)],
+            cwd=ROOT,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    try:
+        _, stderr = processes[0].communicate(timeout=120)
+    finally:
+        kill_all(processes)
+    assert processes[0].returncode == 1, stderr[-4000:]
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "run.py: process 0 of 3 lost contact with process 2 (no sign of life for 3 s, "
+            "--peer_timeout_seconds); it died, hangs or was stopped"
+        )
+    ), stderr[-4000:]
+
+
+def test_a_lost_peer_is_recognised_and_named_when_the_runtime_names_it():
+    gloo = RuntimeError(
+        "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+        "Connection closed by peer [127.0.0.1]:14472"
+    )
+    heartbeat = RuntimeError(
+        "UNAVAILABLE: Task 1 heartbeat timeout. This indicates that the remote task has failed"
+    )
+    unhealthy = RuntimeError(
+        "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n3\nThe tasks"
+    )
+    assert multihost.lost_peer(gloo) == "another process"
+    assert multihost.lost_peer(heartbeat) == "process 1"
+    assert multihost.lost_peer(unhealthy) == "process 3"
+    assert multihost.lost_peer(RuntimeError("RESOURCE_EXHAUSTED: Out of memory")) is None
+    multihost.stop_if_peer_lost(ValueError("not about a peer"))  # returns: not a lost peer
 
 
 def test_a_multi_process_run_refuses_tasks_that_run_in_one_process():
