@@ -4,8 +4,9 @@ Two `run.py` processes with the explicit coordinator flags (2 CPU devices each) 
 configs/smoke.py's synthesize, prepare and pretrain tasks into one workdir: process 0 alone writes
 the archive, the records, the logs and results; together they train, and a SIGTERM to process 1
 alone stops both at one saved step. Two processes resume from it, process 1 is killed and process 0
-stops within seconds with one line; every checkpoint left behind restores in a single process. The
-runs share a compilation cache, so the second compiles little.
+stops within seconds with one line; every checkpoint left behind restores in a single process, and
+a single run.py process resumes the newest. The runs share a compilation cache, so the later ones
+compile little.
 """
 
 import json
@@ -15,11 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import pytest
+from helpers import xla_flags
 
 from caco_jax import checkpointing, multihost, train
 from caco_jax import config as config_lib
@@ -35,7 +36,6 @@ LONG = (
     "--config.train.max_steps=30",
     "--config.checkpoint.every_steps=1",
 )
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="caco_jax_multihost_cache_")
 
 
 def free_port():
@@ -48,12 +48,8 @@ def run_py(workdir, *args, devices=2):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        # Unoptimised CPU code compiles in about half the time; a step or two runs as fast.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-        "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        # The suite's compile flags; the compilation cache is this pytest process's (conftest.py).
+        "XLA_FLAGS": xla_flags(devices),
     }
     command = [sys.executable, "run.py", "--config", "configs/smoke.py", "--workdir", workdir]
     return subprocess.Popen(
@@ -195,6 +191,19 @@ def test_two_processes_prepare_once_stop_together_resume_and_a_lost_one_stops_th
         assert int(checkpoints.restore(step, target).step) == step
         assert checkpoints.restore_data_position(step)["next_global_batch"] == step
     checkpoints.close()
+
+    # One process (with the 4 devices the two had) resumes the newest and trains one more step.
+    newest = max(steps)
+    single = run_py(
+        workdir,
+        "--config.tasks=('pretrain',)",
+        f"--config.train.max_steps={newest + 1}",
+        "--config.train.epochs=30",
+        devices=4,
+    )
+    (output,) = finish([single])
+    assert f"resumed from checkpoint step {newest}" in output, output[-2000:]
+    assert logged_steps(workdir)[-1] == newest + 1
 
 
 def smoke_config():
