@@ -11,9 +11,10 @@ Never part of CI: it writes several GB and runs for tens of minutes on 2 cores.
    replicating the base locations with their own ids and coordinates (rehearsal_archive.py).
 2. For each size and each tree (this checkout, then --baseline_tree if given), each in its own
    process through benchmarks/rehearsal_probe.py or run.py (the exact command is recorded):
-   - prepare with each of --workers decode processes: wall time, locations/s, CPU seconds of the
-     parent and of the workers, peak memory (RSS of the parent, of the largest worker, and the
-     peak of the whole process tree's RSS and PSS, sampled every 0.5 s with psutil);
+   - prepare with each of --workers decode processes (the most first: its records serve the next
+     two measurements): wall time, locations/s, CPU seconds of the parent and of the workers,
+     peak memory (RSS of the parent, of the largest worker, and the peak of the whole process
+     tree's RSS and PSS, sampled every 0.5 s with psutil);
    - pretrain start-up: `run.py` with `configs/pretrain.py:caco,r18,1m`, a tiny network and one
      step, timed from process start to the first metrics line (written when step 1 has finished);
    - the input pipeline: items/s over --batches batches, bytes read per item (`rchar`, page cache
@@ -43,10 +44,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-import rehearsal_archive  # noqa: E402  (a sibling module of this script)
+import rehearsal_archive  # a sibling module of this script
 
 PROBE = os.path.join(HERE, "rehearsal_probe.py")
 MIB = 2**20
+_PEAKS = ("parent_peak_rss_mib", "largest_child_peak_rss_mib", "tree_peak_pss_mib")
 # Pretraining start-up: the paper's 1M config with a network small enough for a CPU.
 STARTUP_OVERRIDES = (
     "--config.tasks=('pretrain',)",
@@ -182,54 +184,69 @@ def replicated_archive(workdir: str, base_root: str, num_locations: int) -> tupl
             json.dump(figures, f)
     with open(done) as f:
         figures = json.load(f)
-    size = sum(
-        os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if "_part" in n
-    )
+    size = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if "_part" in n)
     return folder, {**figures, "bytes": size, "locations": num_locations}
 
 
+def measure_prepare(args, label: str, tree: str, size: int, archive: str, workers: int) -> dict:
+    """Prepares `archive` into a fresh records folder; returns the figures and that folder."""
+    records_dir = os.path.join(args.workdir, f"records_{label}_{size}_{workers}")
+    shutil.rmtree(records_dir, ignore_errors=True)
+    command = [sys.executable, PROBE, "prepare", "--tree", tree, "--archive", archive]
+    command += ["--data_dir", records_dir, "--num_workers", str(workers)]
+    log = os.path.join(args.workdir, f"prepare_{label}_{size}_{workers}.log")
+    row = run_measured(command, ROOT, log)
+    row.update(kind="prepare", tree=label, size=size, workers=workers, records_dir=records_dir)
+    print(
+        f"prepare {label} {size} locations, {workers} workers: {row['wall_s']:.1f} s, "
+        f"{row['locations'] / row['seconds']:.1f} locations/s, parent peak "
+        f"{row['parent_peak_rss_mib']:.0f} MiB, load {row['load_after']}",
+        flush=True,
+    )
+    return row
+
+
 def measure_tree(args, label: str, tree: str, size: int, archive: str, results: list) -> None:
-    python = sys.executable
-    records_dir = None
-    for workers in args.workers:
-        if records_dir:
-            shutil.rmtree(records_dir)
-        records_dir = os.path.join(args.workdir, f"records_{label}_{size}_{workers}")
-        shutil.rmtree(records_dir, ignore_errors=True)
-        command = [python, PROBE, "prepare", "--tree", tree, "--archive", archive]
-        command += ["--data_dir", records_dir, "--num_workers", str(workers)]
-        log = os.path.join(args.workdir, f"prepare_{label}_{size}_{workers}.log")
-        row = run_measured(command, ROOT, log)
-        row.update(kind="prepare", tree=label, size=size, workers=workers)
-        results.append(row)
-        print(f"prepare {label} {size} locations, {workers} workers: {row['wall_s']:.1f} s, "
-              f"{row['locations'] / row['seconds']:.1f} locations/s, parent peak "
-              f"{row['parent_peak_rss_mib']:.0f} MiB, load {row['load_after']}", flush=True)
+    """Prepare with the most workers first, start-up and input on those records, then prepare
+    with the other worker counts (their records are deleted at once)."""
+    first, *others = sorted(args.workers, reverse=True)
+    results.append(measure_prepare(args, label, tree, size, archive, first))
+    records_dir = results[-1]["records_dir"]
 
     workdir = os.path.join(args.workdir, f"pretrain_{label}_{size}")
     shutil.rmtree(workdir, ignore_errors=True)
-    command = [python, "run.py", "--config", "configs/pretrain.py:caco,r18,1m"]
+    command = [sys.executable, "run.py", "--config", "configs/pretrain.py:caco,r18,1m"]
     command += ["--workdir", workdir, f"--config.data.data_dir={records_dir}"]
     command += STARTUP_OVERRIDES
     log = os.path.join(args.workdir, f"startup_{label}_{size}.log")
     row = run_measured(command, tree, log, wait_for=os.path.join(workdir, "metrics.jsonl"))
     row.update(kind="startup", tree=label, size=size)
     results.append(row)
-    print(f"start-up {label} {size}: first step done at {row['first_file_s']:.1f} s, "
-          f"process {row['wall_s']:.1f} s", flush=True)
+    print(
+        f"start-up {label} {size}: first step done at {row['first_file_s']:.1f} s, "
+        f"process {row['wall_s']:.1f} s",
+        flush=True,
+    )
     shutil.rmtree(workdir, ignore_errors=True)
 
-    command = [python, PROBE, "pipeline", "--tree", tree, "--data_dir", records_dir]
+    command = [sys.executable, PROBE, "pipeline", "--tree", tree, "--data_dir", records_dir]
     command += ["--batches", str(args.batches), "--batch", str(args.batch)]
     log = os.path.join(args.workdir, f"pipeline_{label}_{size}.log")
     row = run_measured(command, ROOT, log)
     row.update(kind="pipeline", tree=label, size=size)
     results.append(row)
-    print(f"pipeline {label} {size}: {row['items'] / row['seconds']:.1f} items/s, "
-          f"{row['rchar'] / row['items'] / MIB:.3f} MiB read per item; location table "
-          f"{row['location_table_seconds']:.1f} s", flush=True)
+    print(
+        f"pipeline {label} {size}: {row['items'] / row['seconds']:.1f} items/s, "
+        f"{row['rchar'] / row['items'] / MIB:.3f} MiB read per item; location table "
+        f"{row['location_table_seconds']:.1f} s",
+        flush=True,
+    )
     if not args.keep:
         shutil.rmtree(records_dir)
+    for workers in others:
+        results.append(measure_prepare(args, label, tree, size, archive, workers))
+        if not args.keep:
+            shutil.rmtree(results[-1]["records_dir"])
 
 
 def machine() -> str:
@@ -242,7 +259,7 @@ def machine() -> str:
     import psutil
 
     memory = psutil.virtual_memory().total / 2**30
-    return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, Python {platform.python_version()}"
+    return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB RAM"
 
 
 def report(args, archives: dict, base: dict, results: list, started: str, uptimes: list) -> str:
@@ -258,7 +275,8 @@ def report(args, archives: dict, base: dict, results: list, started: str, uptime
     for size, figures in archives.items():
         lines.append(
             f"| {size} locations | {figures['bytes'] / MIB:.0f} | "
-            f"{figures['bytes'] / MIB / size:.3f} | {figures['wall_s']:.1f} ({figures['cpu_s']:.1f}) |"
+            f"{figures['bytes'] / MIB / size:.3f} | "
+            f"{figures['wall_s']:.1f} ({figures['cpu_s']:.1f}) |"
         )
     prepares = [r for r in results if r["kind"] == "prepare"]
     lines += [
@@ -296,11 +314,16 @@ def report(args, archives: dict, base: dict, results: list, started: str, uptime
                 pair = {r["size"]: r for r in mine if r["workers"] == workers}
                 if small not in pair or large not in pair:
                     continue
+                ratios = {key: pair[large][key] / pair[small][key] for key in _PEAKS}
+                extra = large - small  # CPU per location without the fixed start-up costs
+                parent = (pair[large]["parent_cpu_s"] - pair[small]["parent_cpu_s"]) / extra
+                children = (pair[large]["children_cpu_s"] - pair[small]["children_cpu_s"]) / extra
                 lines.append(
                     f"- {label}, {workers} workers: peak RSS {large} / {small} locations: parent "
-                    f"{pair[large]['parent_peak_rss_mib'] / pair[small]['parent_peak_rss_mib']:.2f}"
-                    f"x, largest worker {pair[large]['largest_child_peak_rss_mib'] / pair[small]['largest_child_peak_rss_mib']:.2f}x, "
-                    f"tree PSS {pair[large]['tree_peak_pss_mib'] / pair[small]['tree_peak_pss_mib']:.2f}x"
+                    f"{ratios['parent_peak_rss_mib']:.2f}x, largest worker "
+                    f"{ratios['largest_child_peak_rss_mib']:.2f}x, tree PSS "
+                    f"{ratios['tree_peak_pss_mib']:.2f}x; CPU per extra location: parent "
+                    f"{parent * 1e3:.1f} ms, workers {children * 1e3:.1f} ms"
                 )
     lines += [
         "",

@@ -152,17 +152,15 @@ class _Parts:
     def __init__(self, folder: str, name: str):
         self.paths = [os.path.join(folder, f"{name}_part{i}") for i in range(NUM_PARTS)]
         self._index = 0
-        self._file = open(self.paths[0], "wb")  # noqa: SIM115 (closed by next_part/close)
-        self.bytes_written = 0
+        self._file = open(self.paths[0], "wb")  # closed by next_part and close
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
-        self.bytes_written += len(data)
 
     def next_part(self) -> None:
         self._file.close()
         self._index += 1
-        self._file = open(self.paths[self._index], "wb")  # noqa: SIM115
+        self._file = open(self.paths[self._index], "wb")
 
     def close(self) -> None:
         self._file.close()
@@ -260,4 +258,3 @@ def _write_location(stream, base: _BaseLocation, n: int, num_locations: int, nam
             stream.add_compressed(*pieces[0])
             stream.add(georef_bytes(lat, lon, width, height))
             stream.add_compressed(*pieces[1])
-

@@ -4,14 +4,13 @@ distinct locations, at their own coordinates, with the base locations' pixels.""
 import os
 import sys
 
+import helpers
 import numpy as np
 import pytest
 
-import helpers
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 
-import rehearsal_archive  # noqa: E402
+import rehearsal_archive
 
 NUM_LOCATIONS = 7
 
@@ -49,5 +48,5 @@ def test_replicas_are_distinct_locations_read_by_the_archive_reader(base_folder,
 def test_a_file_without_georeferencing_tags_is_refused_by_name(tmp_path):
     path = tmp_path / "B4.tif"
     path.write_bytes(b"preview")
-    with pytest.raises(ValueError, match="B4.tif: not a little-endian classic TIFF"):
+    with pytest.raises(ValueError, match=r"B4\.tif: not a little-endian classic TIFF"):
         rehearsal_archive.georef_offsets(path.read_bytes(), os.fspath(path))
