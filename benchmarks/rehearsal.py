@@ -34,6 +34,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -129,15 +130,24 @@ def run_measured(command: list[str], cwd: str, log: str, wait_for: str | None = 
     load_before = load()
     start = time.perf_counter()
     with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+        # A session of its own: an interrupted rehearsal stops the command and all its workers.
+        process = subprocess.Popen(
+            command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
         sampler = TreeSampler(process.pid)
         appeared = None
-        while process.poll() is None:
-            if wait_for and appeared is None and os.path.exists(wait_for):
-                appeared = time.perf_counter() - start
-            time.sleep(0.05)
+        try:
+            while process.poll() is None:
+                if wait_for and appeared is None and os.path.exists(wait_for):
+                    appeared = time.perf_counter() - start
+                time.sleep(0.05)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            raise
+        finally:
+            figures = sampler.stop()
         wall = time.perf_counter() - start
-        figures = sampler.stop()
     with open(log) as f:
         text = f.read()
     if process.returncode:
