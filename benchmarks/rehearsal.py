@@ -141,13 +141,13 @@ def run_measured(command: list[str], cwd: str, log: str, wait_for: str | None = 
                 if wait_for and appeared is None and os.path.exists(wait_for):
                     appeared = time.perf_counter() - start
                 time.sleep(0.05)
+            wall = time.perf_counter() - start
         except BaseException:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait()
             raise
         finally:
             figures = sampler.stop()
-        wall = time.perf_counter() - start
     with open(log) as f:
         text = f.read()
     if process.returncode:
