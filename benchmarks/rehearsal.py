@@ -123,16 +123,24 @@ def load() -> str:
     return f"{one:.1f}/{five:.1f}"
 
 
-def run_measured(command: list[str], cwd: str, log: str, wait_for: str | None = None) -> dict:
-    """Runs `command`, sampling its process tree; returns wall time, memory, CPU, loads, the
-    RESULT line it printed, and when `wait_for` (a file) first appeared. Fails with the log's
-    tail if the command fails."""
+def run_measured(command: list[str], tree: str, log: str, wait_for: str | None = None) -> dict:
+    """Runs `command` in the checkout `tree`, sampling its process tree; returns wall time,
+    memory, CPU, loads, the RESULT line it printed, and when `wait_for` (a file) first appeared.
+    Fails with the log's tail if the command fails.
+
+    The command runs in `tree` with `tree` on PYTHONPATH: processes it starts (the builder's
+    forkserver workers) then import that checkout's caco_jax too, not the one beside this script."""
     load_before = load()
     start = time.perf_counter()
     with open(log, "w") as output:
         # A session of its own: an interrupted rehearsal stops the command and all its workers.
         process = subprocess.Popen(
-            command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=tree,
+            env={**os.environ, "PYTHONPATH": tree},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         sampler = TreeSampler(process.pid)
         appeared = None
@@ -157,7 +165,7 @@ def run_measured(command: list[str], cwd: str, log: str, wait_for: str | None = 
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT ") :])
     return dict(
-        command=f"cd {cwd} && {shlex.join(command)}",
+        command=f"cd {tree} && PYTHONPATH={tree} {shlex.join(command)}",
         wall_s=wall,
         first_file_s=appeared,
         load_before=load_before,
@@ -208,7 +216,7 @@ def measure_prepare(args, label: str, tree: str, size: int, archive: str, worker
     command = [sys.executable, PROBE, "prepare", "--tree", tree, "--archive", archive]
     command += ["--data_dir", records_dir, "--num_workers", str(workers)]
     log = os.path.join(args.workdir, f"prepare_{label}_{size}_{workers}.log")
-    row = run_measured(command, ROOT, log)
+    row = run_measured(command, tree, log)
     row.update(kind="prepare", tree=label, size=size, workers=workers, records_dir=records_dir)
     print(
         f"prepare {label} {size} locations, {workers} workers: {row['wall_s']:.1f} s, "
@@ -245,7 +253,7 @@ def measure_tree(args, label: str, tree: str, size: int, archive: str, results: 
     command = [sys.executable, PROBE, "pipeline", "--tree", tree, "--data_dir", records_dir]
     command += ["--batches", str(args.batches), "--batch", str(args.batch)]
     log = os.path.join(args.workdir, f"pipeline_{label}_{size}.log")
-    row = run_measured(command, ROOT, log)
+    row = run_measured(command, tree, log)
     row.update(kind="pipeline", tree=label, size=size)
     results.append(row)
     print(
