@@ -380,7 +380,15 @@ def report(args, archives: dict, base: dict, results: list, started: str, uptime
     return "\n".join(lines) + "\n"
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    # SIGTERM, and SIGINT also where a background shell ignored it, stop the run cleanly: the
+    # measured command is stopped, the report of what was measured written, the data removed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/caco_rehearsal")
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 5000])
