@@ -97,7 +97,8 @@ def _input() -> ml_collections.ConfigDict:
     c.num_workers = 0  # grain worker processes; 0 = read in the training process
     c.num_threads = 2  # reader threads per process (each assembles whole batches)
     c.prefetch_batches = 4  # batches buffered per process
-    c.stats_locations = 64  # all_bands: locations the per-band statistics are computed from
+    c.stats_locations = 64  # all_bands: locations the per-band statistics come from (64: stored
+    # at prepare time, normalization.STATS_LOCATIONS; another number reads them at start-up)
     return c
 
 

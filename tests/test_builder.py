@@ -17,6 +17,7 @@ from helpers import (
     RGB_KEEP,
     all_records,
     assert_same_records,
+    count_record_reads,
     pack_tar_gz,
     prepare,
     replicated_tar,
@@ -26,7 +27,7 @@ from helpers import (
 )
 
 from caco_jax import config as config_lib
-from caco_jax.data import archive, builder, layout, records, shard_writer
+from caco_jax.data import archive, builder, layout, normalization, records, shard_writer
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,19 @@ def test_all_bands_records_hold_every_band_at_native_resolution(synthetic, tmp_p
                 path = os.path.join(location, folders[t], layout.band_file(band))
                 with rasterio.open(path) as ds:
                     np.testing.assert_array_equal(pixels[t, ..., c], ds.read(1))
+
+    # The per-band statistics were computed while preparing: pretraining reads no pixels for them.
+    source = records.open_records(os.fspath(tmp_path), "all_bands")
+    reads = count_record_reads(source)
+    stored = normalization.for_records("all_bands", source)
+    assert reads == []
+    assert stored == normalization.from_records(source, num_locations=64)
+    assert len(reads) > 0  # from_records read them again, for the comparison
+    reads.clear()
+    assert normalization.for_records("all_bands", source, num_locations=2) == (
+        normalization.from_records(source, num_locations=2)
+    )
+    assert reads  # another number of locations than the stored one: computed at start-up
 
 
 def test_skips_are_reported_beside_the_records_and_in_the_metadata(

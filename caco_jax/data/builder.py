@@ -42,7 +42,7 @@ from tensorflow_datasets.core import dataset_builder
 
 from caco_jax import progress as progress_lib
 from caco_jax import storage
-from caco_jax.data import archive, layout, location_index, shard_writer
+from caco_jax.data import archive, layout, location_index, normalization, shard_writer
 
 SKIP_REPORT = "skip_report.tsv"
 # Where the report of a build that failed for too many skips goes, beside the version folders.
@@ -198,8 +198,20 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
                 on_location=on_location,
             )
         self._finish(source, report)
-        index.build().save(self.data_path / location_index.FILENAME)
+        built = index.build()
+        built.save(self.data_path / location_index.FILENAME)
         self._name_shards(template, shards)
+        if self.builder_config.name != "rgb":  # rgb uses SeCo's published statistics
+            self.info.metadata[normalization.STORED_KEY] = self._band_statistics(built)
+
+    def _band_statistics(self, index: location_index.LocationIndex) -> dict:
+        """The per-band input statistics of the records just written (`normalization`)."""
+        from caco_jax.data import records  # it reads what this module writes
+
+        features = self.info.features
+        shapes = {group: features[group].shape for group in self.builder_config.pixel_groups}
+        source = records.Records(self.as_data_source(split="train"), index, shapes)
+        return normalization.statistics_record(source)
 
     def _name_shards(self, template, shards: list[shard_writer.Shard]) -> None:
         """Renames the workers' shard files to TFDS's names and records the train split."""

@@ -109,12 +109,31 @@ class Normalization:
         return self.standardize(self.stretch(raw, xp), xp)
 
 
-def for_records(builder_config: str, source: Sequence, *, num_locations: int = 64) -> Normalization:
-    """The pretraining input of ``builder_config`` records: `Normalization.rgb()` for ``rgb`` (no
-    pixels read), `from_records` for ``all_bands``."""
+# The all-bands statistics are computed at prepare time over this many locations (the default of
+# config.input.stats_locations) and stored in the records' metadata under STORED_KEY as
+# {"locations": n, "normalization": Normalization.to_json()}: pretraining reads no pixels for them.
+STATS_LOCATIONS = 64
+STORED_KEY = "input_statistics"
+
+
+def for_records(
+    builder_config: str, source: Sequence, *, num_locations: int = STATS_LOCATIONS
+) -> Normalization:
+    """The pretraining input of ``builder_config`` records: `Normalization.rgb()` for ``rgb``; for
+    ``all_bands`` the statistics stored at prepare time when they were computed over
+    ``num_locations`` locations (no pixels read), else `from_records`."""
     if builder_config == "rgb":
         return Normalization.rgb()
+    stored = getattr(source, "stored_statistics", None) or {}
+    if stored.get("locations") == num_locations:
+        return Normalization.from_json(stored["normalization"])
     return from_records(source, num_locations=num_locations)
+
+
+def statistics_record(source: Sequence, num_locations: int = STATS_LOCATIONS) -> dict:
+    """What the builder stores under STORED_KEY for ``all_bands`` records."""
+    normalization = from_records(source, num_locations=num_locations)
+    return {"locations": num_locations, "normalization": normalization.to_json()}
 
 
 def from_records(source: Sequence, *, num_locations: int) -> Normalization:

@@ -21,7 +21,7 @@ import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from caco_jax.data import builder as builder_lib
-from caco_jax.data import location_index
+from caco_jax.data import location_index, normalization
 
 
 class OutdatedRecordsError(RuntimeError):
@@ -36,10 +36,18 @@ class Records:
     ``all_bands``).
     """
 
-    def __init__(self, acquisitions, index: location_index.LocationIndex, pixel_shapes: dict):
+    def __init__(
+        self,
+        acquisitions,
+        index: location_index.LocationIndex,
+        pixel_shapes: dict,
+        stored_statistics: dict | None = None,
+    ):
         self.acquisitions = acquisitions
         self.index = index
         self.pixel_shapes = {g: tuple(shape) for g, shape in pixel_shapes.items()}
+        # all_bands: the per-band statistics computed at prepare time (`normalization.STORED_KEY`)
+        self.stored_statistics = stored_statistics
 
     def __len__(self) -> int:
         return len(self.index)
@@ -136,7 +144,8 @@ def open_records(data_dir: str, builder_config: str = "rgb", split: str = "train
         )
     features = builder.info.features
     shapes = {g: features[g].shape for g in builder.builder_config.pixel_groups}
-    return Records(acquisitions, index, shapes)
+    stored = builder.info.metadata.get(normalization.STORED_KEY)
+    return Records(acquisitions, index, shapes, stored)
 
 
 def _earlier_versions(config_dir: str, current: str) -> list[str]:
