@@ -3,8 +3,8 @@ archive written by the downloader (with its fake Earth Engine client).
 
 One tiny run (24 locations, half of them changed, = 3 batches of 8 locations per epoch, 32x32 crops,
 a 16-key queue that real keys fill at the first step) is shared by the tests of the synthetic
-archive; the downloaded archive has 8 locations and reuses the settings, so its step is the same
-compiled program (persistent compilation cache). With 8 locations the change AUC swung between 0.33
+archive; the downloaded archive has 8 locations and reuses the settings for one in-process step.
+With 8 locations the change AUC swung between 0.33
 and 0.92 with the seed or the record order, so the run is sized for 12 changed vs 12 unchanged
 locations (seeds 0 and 1: AUC 0.65 and 0.64, agreement 0.58 against chance 0.50).
 
