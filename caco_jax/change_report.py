@@ -111,8 +111,16 @@ def save_change_histograms(path, d_lt, d_st, r, labels, epoch: int) -> float:
         axes = figure.add_subplot(3, 1, row)
         data = np.clip(np.asarray(data, np.float64), 0.0, top)
         bins = np.arange(0.0, top + width, width)
-        axes.hist(data[~labels], bins=bins, alpha=0.5, label=f"unchanged ({np.sum(~labels)})")
-        axes.hist(data[labels], bins=bins, alpha=0.5, label=f"changed ({np.sum(labels)})")
+        # One filled outline per histogram instead of a rectangle per bin: the same picture as
+        # the official bars, drawn in a fraction of the time (100-160 bins per panel).
+        for selected, name in ((~labels, "unchanged"), (labels, "changed")):
+            axes.hist(
+                data[selected],
+                bins=bins,
+                histtype="stepfilled",
+                alpha=0.5,
+                label=f"{name} ({np.sum(selected)})",
+            )
         axes.set_title(title)
         axes.legend()
     figure.suptitle(f"epoch {epoch}: {100 * fraction:.1f}% of {labels.size} seen items changed")

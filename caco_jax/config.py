@@ -46,7 +46,7 @@ def _data() -> ml_collections.ConfigDict:
 def _model() -> ml_collections.ConfigDict:
     """The encoders (caco_jax/models/)."""
     c = ml_collections.ConfigDict()
-    c.depth = 18  # ResNet-18 or ResNet-50
+    c.depth = 18  # ResNet-18 or ResNet-50 (10: one block per stage, for tests and smoke runs)
     c.width = 64  # channels of the first stage (torchvision: 64); smaller for tiny test networks
     c.embedding_dim = 128  # output width of each projection head
     c.compute_dtype = "float32"  # "bfloat16": mixed precision, float32 params/statistics
@@ -383,7 +383,7 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
-    _check(m.depth in (18, 50), "model.depth", "must be 18 or 50")
+    _check(m.depth in (10, 18, 50), "model.depth", "must be 18 or 50 (or 10, a test network)")
     _check(m.width >= 1, "model.width", "must be >= 1")
     _check(m.embedding_dim >= 1, "model.embedding_dim", "must be >= 1")
     _check(

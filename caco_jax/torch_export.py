@@ -23,7 +23,7 @@ from flax import nnx, traverse_util
 
 from caco_jax import convert
 from caco_jax.data.normalization import EXPORT_KEY
-from caco_jax.models import export
+from caco_jax.models import export, resnet
 from caco_jax.models.resnet import ResNet
 
 FORMATS = (".pth", ".safetensors")
@@ -69,7 +69,7 @@ def write(export_dir: str, output: str, *, overwrite: bool = False) -> dict:
 
         torch.save({key: torch.from_numpy(value.copy()) for key, value in state.items()}, staging)
     record = {
-        "arch": f"torchvision.models.resnet{model.depth}",
+        "arch": resnet.torchvision_arch(model.depth),
         "depth": model.depth,
         "in_channels": model.in_channels,
         "classifier": "none: set model.fc = torch.nn.Identity() before load_state_dict",

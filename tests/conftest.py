@@ -6,9 +6,11 @@ compilation made cheap, since compiling (not running) the tiny test networks is 
   times slower, which the tests do not notice. Results differ from the default build only by
   floating-point contraction (about 1e-7 relative); every comparison in the suite is between runs
   made with the same flags, or against references with tolerances.
-- Each pytest process keeps a persistent compilation cache, which the processes it starts
-  (run.py, the multi-host workers) inherit through the environment: a program compiled once is
-  loaded from disk by every later test and subprocess that builds the same one.
+- One persistent compilation cache serves the whole session: the pytest-xdist workers and the
+  processes they start (run.py, the multi-host workers, the notebook kernel) inherit it through
+  the environment, so a program compiled once is loaded from disk by every later test and process
+  that builds the same one. A size limit turns on JAX's file lock around each read and write,
+  which makes the cache safe for concurrent processes.
 """
 
 import atexit
@@ -22,13 +24,11 @@ COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COMPILE_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# pytest-xdist's workers inherit the controller's environment: each makes its own cache, so two
-# workers never write one file at once. A cache directory set by the user is kept.
-if os.environ.get("CACO_JAX_TEST_CACHE_OWNER", str(os.getpid())) != str(os.getpid()) or (
-    "JAX_COMPILATION_CACHE_DIR" not in os.environ
-):
+# Set by the process that starts the session (pytest, or pytest-xdist's controller) before its
+# workers start; they inherit it. A cache directory set by the user is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="caco_jax_test_cache_")
-    os.environ["CACO_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))  # enables the file lock
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

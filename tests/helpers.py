@@ -33,12 +33,14 @@ def xla_flags(devices: int) -> str:
 
 
 def tiny_config(*tasks, **train_overrides):
-    """A pretraining config for 32x32 crops, 16-item batches, a 64-key queue and a ResNet-18 of
-    width 8 (1/64 of the real one's FLOPs: the tests are about the step, not the network)."""
+    """A pretraining config for 32x32 crops, 16-item batches, a 64-key queue and a ResNet-10 of
+    width 8 (one block per stage: the tests are about the step, not the network, and compiling it
+    is most of their time)."""
     config = config_lib.for_tasks(*(tasks or ("pretrain",)))
     config.augment.crop_size = 32
     config.method.num_negatives = 64
     config.model.embedding_dim = 16
+    config.model.depth = 10
     config.model.width = 8
     config.train.batch_size = BATCH
     config.train.bn_mode = "sync"
@@ -87,13 +89,14 @@ class InMemoryLocations:
 # tests/test_end_to_end.py
 END_TO_END_LOCATIONS = 24
 END_TO_END_BATCH = 16  # 8 locations: 3 steps per epoch
-END_TO_END_EPOCHS = 12
+END_TO_END_EPOCHS = 24
 END_TO_END_QUEUE = 16  # 8 keys per window: full after the first step
 
 
 def end_to_end_config(workdir, **overrides):
     """tests/test_end_to_end.py's run: 24 synthetic locations (half changed), 3 CACo steps per
-    epoch, a 16-key queue that real keys fill at the first step, official lr and a fast EMA."""
+    epoch of a width-32 ResNet-10, a 16-key queue that real keys fill at the first step, official
+    lr and a fast EMA."""
     config = config_lib.for_tasks("synthesize", "prepare", "pretrain", "score_change")
     config.synthetic.num_locations = END_TO_END_LOCATIONS
     config.synthetic.change_fraction = 0.5  # balanced: the AUC has the most pairs
@@ -101,6 +104,10 @@ def end_to_end_config(workdir, **overrides):
     config.data.num_workers = 1
     config.augment.crop_size = 32
     config.method.num_negatives = END_TO_END_QUEUE
+    # 1/8 of a ResNet-18's FLOPs and half its layers to compile: the same learning of the change
+    # at this size (AUC 0.77 vs 0.72 at seed 0, 12 epochs) in less time.
+    config.model.depth = 10
+    config.model.width = 32
     config.model.embedding_dim = 32
     config.train.batch_size = END_TO_END_BATCH
     config.train.epochs = END_TO_END_EPOCHS

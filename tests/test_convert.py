@@ -23,7 +23,8 @@ from caco_jax.models import export  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    ("depth", "layout"), [(18, "torchvision"), (50, "sequential"), (18, "lightning")]
+    ("depth", "layout"),
+    [(18, "torchvision"), (50, "sequential"), (18, "lightning"), (10, "torchvision")],
 )
 def test_converted_resnet_matches_torch(tmp_path, depth, layout):
     model = random_torch_resnet(depth, seed=depth)

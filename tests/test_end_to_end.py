@@ -1,20 +1,20 @@
 """End to end: archive -> records -> CACo pretraining, on the embedded synthetic archive and on an
 archive written by the downloader (with its fake Earth Engine client).
 
-One tiny run (24 locations, half of them changed, = 3 batches of 8 locations per epoch, 32x32 crops,
-a 16-key queue that real keys fill at the first step) is shared by the tests of the synthetic
-archive; the downloaded archive has 8 locations and reuses the settings for one in-process step.
-With 8 locations the change AUC swung between 0.33
-and 0.92 with the seed or the record order, so the run is sized for 12 changed vs 12 unchanged
-locations (seeds 0 and 1: AUC 0.65 and 0.64, agreement 0.58 against chance 0.50).
+One tiny run is shared by the tests of the synthetic archive: 24 locations, half of them changed,
+= 3 batches of 8 locations per epoch for 24 epochs, 32x32 crops, a width-32 ResNet-10 and a 16-key
+queue that real keys fill at the first step (`helpers.end_to_end_config`). It runs as
+`python run.py` in a subprocess, as a user runs it, with XLA's default CPU build: its 72 steps run
+several times faster optimised than under the suite's unoptimised compile flags
+(tests/conftest.py), which pay off only where compiling dominates. The downloaded archive has 8
+locations and one in-process step of the test network.
 
-The shared run is `python run.py` in a subprocess with `helpers.end_to_end_config`, as a user runs
-it, and with XLA's default CPU build: its 36 steps of a width-64 ResNet-18 run several times faster
-optimised than under the suite's unoptimised compile flags (tests/conftest.py), which pay off only
-where compiling dominates.
+How strongly the change labels must agree with the truth is derived from the null hypothesis that
+the ratio r carries no information: see `test_change_labels_agree_with_the_ground_truth`.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,33 +70,71 @@ def synthetic_run(tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
-    return {**results["pretrain"], **results["score_change"]}
+    with open(workdir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    step_losses = [row["loss"] for row in rows if "loss" in row]  # one per step, in order
+    return {**results["pretrain"], **results["score_change"], "step_losses": step_losses}
+
+
+def welch_t(a, b):
+    """Welch's t statistic of mean(a) - mean(b)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return (a.mean() - b.mean()) / math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
 
 
 def test_short_caco_run_learns_once_the_queue_is_full(synthetic_run):
+    """The loss of the last third of the full-queue steps is below the first third's by more than
+    their step-to-step noise: Welch's t > 2.5 (one-sided p < 0.01 for a loss that does not move).
+
+    Measured with this config, seeds 0-5: t = 3.9, 4.0, 4.0, 3.6, 6.0, 5.1 (loss about 10.5 ->
+    9.7); the same run with a frozen encoder (lr 1e-12): t = 0.7. The top-1 accuracy of the
+    positive key is too noisy at this size (16 queries per subspace per step) to assert on; the
+    demo reports it.
+    """
     epochs = synthetic_run["epochs"]
     assert [e["epoch"] for e in epochs] == list(range(1, END_TO_END_EPOCHS + 1))
     assert [e["queue_full"] for e in epochs] == [False] + [True] * (END_TO_END_EPOCHS - 1)
-    early, late = epochs[1:4], epochs[-3:]  # full-queue epochs only (the raw loss rises while
-    # real keys replace the random initial ones)
+    steps_per_epoch = synthetic_run["steps_per_epoch"]
+    losses = synthetic_run["step_losses"]
+    assert len(losses) == END_TO_END_EPOCHS * steps_per_epoch
+    # Full-queue steps only: the raw loss rises while real keys replace the random initial ones.
+    full = losses[steps_per_epoch:]
+    third = len(full) // 3
+    t = welch_t(full[:third], full[-third:])
+    print(f"loss {np.mean(full[:third]):.2f} -> {np.mean(full[-third:]):.2f}, Welch t {t:.1f}")
+    assert t > 2.5
 
-    def mean(records, key):
-        return float(np.mean([r[key] for r in records]))
 
-    # Observed (seed 0): 11.4 -> 10.2. The top-1 accuracy of the positive key is too noisy at this
-    # size (16 queries per subspace per step) to assert on; the demo reports it.
-    assert mean(late, "loss") < mean(early, "loss") - 0.5
+def auc_null_sd(n_changed, n_unchanged):
+    """Standard deviation of the ratio AUC when r is independent of the truth: the Mann-Whitney U
+    statistic's (no ties) over n_changed x n_unchanged."""
+    return math.sqrt((n_changed + n_unchanged + 1) / (12 * n_changed * n_unchanged))
 
 
-def test_change_labels_agree_with_the_ground_truth_better_than_chance(synthetic_run):
+def test_change_labels_agree_with_the_ground_truth(synthetic_run):
+    """The run's r ranks changed locations above unchanged ones: ratio AUC > 0.5 + 1 null
+    standard deviation (0.62 for 12 vs 12 locations).
+
+    Measured with this config, seeds 0-5: AUC 0.74, 0.82, 0.69, 0.66, 0.89, 0.71; with a frozen
+    random encoder (lr 1e-12) 0.54, so the signal is learned, not a property of the pixels. The
+    spread between seeds (which also draw the archive) is wide at this size: a bound that an
+    uninformative r would reach in only 5 % of runs (0.70) fails two of the six seeds, and the
+    run that would make it safe (about 100 locations) costs minutes. So this bound passes an
+    uninformative r in 16 % of runs; it catches labels written against the wrong locations most
+    of the time, and the learning itself is asserted by the loss test above.
+    """
     run = synthetic_run
+    half = END_TO_END_LOCATIONS // 2
+    threshold = 0.5 + auc_null_sd(half, half)
     print(
         f"agreement {run['change_agreement']:.2f} (chance {run['change_agreement_chance']:.2f}), "
-        f"AUC of r {run['change_ratio_auc']:.2f}"
+        f"AUC of r {run['change_ratio_auc']:.2f} (needs > {threshold:.2f})"
     )
-    assert synthetic_run["change_locations"] == END_TO_END_LOCATIONS
-    assert synthetic_run["change_ratio_auc"] > 0.6
-    assert synthetic_run["change_agreement"] > synthetic_run["change_agreement_chance"]
+    assert run["change_locations"] == END_TO_END_LOCATIONS
+    assert run["change_ratio_auc"] > threshold
+    # The labels (the mixture's split of r) point the same way; their agreement is the coarser
+    # statistic, so only its direction is asserted.
+    assert run["change_agreement"] > run["change_agreement_chance"]
 
 
 def test_downloaded_archive_goes_through_prepare_and_a_pretraining_step(tmp_path):
@@ -110,7 +148,7 @@ def test_downloaded_archive_goes_through_prepare_and_a_pretraining_step(tmp_path
     summary = download_all(FakeClient(), sites, str(archive), SETTINGS, progress=False)
     assert (summary.written, summary.failed) == (8, {})
 
-    config = end_to_end_config(str(tmp_path), train__max_steps=1)
+    config = end_to_end_config(str(tmp_path), train__max_steps=1, model__width=8)
     config.data.archive = str(archive.parent)
     config.data.max_skip_fraction = 0.0
     prepared = builder.run_task(config, str(tmp_path))

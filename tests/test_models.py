@@ -17,11 +17,14 @@ from caco_jax.models import (
     ResNet,
     SubspaceHeads,
     load_encoder,
+    resnet,
     save_encoder,
 )
 
-# torchvision's resnet{depth}() parameter counts minus its fc layer (512 * expansion * 1000 + 1000).
+# torchvision's resnet{depth}() parameter counts minus its fc layer (512 * expansion * 1000 + 1000);
+# ResNet-10 is ResNet-18 less the second block of each stage (2 x (9c^2 + 2c), c = 64 ... 512).
 TORCHVISION_PARAMS_WITHOUT_FC = {
+    10: 11_689_512 - 513_000 - 6_270_720,
     18: 11_689_512 - 513_000,
     34: 21_797_672 - 513_000,
     50: 25_557_032 - 2_049_000,
@@ -66,6 +69,13 @@ def test_parameter_count_equals_torchvision_without_fc(depth):
     # torch keeps running_mean and running_var per BatchNorm channel; BN has 2 params per channel.
     assert count(nnx.state(model, nnx.BatchStat)) == count(
         nnx.state(model, lambda path, _: path[-1] in ("scale", "bias"))
+    )
+
+
+def test_torchvision_arch_names_the_builder_or_the_block_table():
+    assert resnet.torchvision_arch(50) == "torchvision.models.resnet50"
+    assert resnet.torchvision_arch(10) == (
+        "torchvision.models.resnet.ResNet(BasicBlock, [1, 1, 1, 1])"
     )
 
 

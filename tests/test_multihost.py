@@ -27,8 +27,14 @@ from caco_jax import config as config_lib
 from caco_jax import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 4 locations: one caco batch of 8 items per epoch.
-SMALL = ("--config.synthetic.num_locations=4", "--config.data.num_workers=1")
+# 4 locations: one caco batch of 8 items per epoch; a width-8 ResNet-10 (the test is about the
+# processes, not the network).
+SMALL = (
+    "--config.synthetic.num_locations=4",
+    "--config.data.num_workers=1",
+    "--config.model.depth=10",
+    "--config.model.width=8",
+)
 QUIET = ("--config.logging.progress_bar=False",)
 # Enough steps that a run is still training when a test signals it.
 LONG = (
@@ -215,6 +221,7 @@ def smoke_config():
         sys.path.pop(0)
     config = smoke.get_config()
     config.synthetic.num_locations = 4
+    config.model.depth, config.model.width = 10, 8
     return config
 
 

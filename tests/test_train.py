@@ -1,6 +1,6 @@
 """The data-parallel pretraining step and the training loop, on 8 simulated CPU devices.
 
-The network is a width-8 ResNet-18 on 32x32 crops (`helpers.tiny_config`): these tests are about
+The network is a width-8 ResNet-10 on 32x32 crops (`helpers.tiny_config`): these tests are about
 the step, its collectives and the loop, not the network.
 """
 
@@ -124,7 +124,7 @@ def test_bfloat16_step_keeps_a_float32_state_and_follows_the_float32_step():
         assert bool(state16.all_finite) and np.isfinite(metrics16["loss"])
         losses.append(abs(metrics16["loss"] / metrics32["loss"] - 1))
         cosines.append(update_direction_cosine(initial16, state16, initial32, state32))
-    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2 %); through 18 layers the
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2 %); through 10 layers the
     # loss moves by a few tenths of a percent. The update direction agrees, though not to 0.99:
     # a tiny network at initialisation is that sensitive to any bfloat16-sized perturbation (ReLU
     # units near zero flip; 16-row BatchNorm batches). A wrong sign or a dropped gradient term

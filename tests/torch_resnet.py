@@ -82,7 +82,11 @@ class TorchResNet(nn.Module):
 
 def random_torch_resnet(depth, seed):
     torch.manual_seed(seed)
-    block, layers = {18: (BasicBlock, (2, 2, 2, 2)), 50: (Bottleneck, (3, 4, 6, 3))}[depth]
+    block, layers = {
+        10: (BasicBlock, (1, 1, 1, 1)),
+        18: (BasicBlock, (2, 2, 2, 2)),
+        50: (Bottleneck, (3, 4, 6, 3)),
+    }[depth]
     model = TorchResNet(block, layers)
     with torch.no_grad():
         for module in model.modules():

@@ -1,4 +1,4 @@
-"""torchvision's ResNet-18/34/50/101/152 in Flax NNX, without the classifier.
+"""torchvision's ResNet-18/34/50/101/152 in Flax NNX, without the classifier, and a ResNet-10.
 
 The layout, padding, initialisation and BatchNorm semantics are torchvision's
 (``resnet{depth}()`` with ``zero_init_residual=False``; ResNet v1.5: the stride of a bottleneck sits
@@ -169,21 +169,34 @@ class Bottleneck(nnx.Module):
         return nnx.relu(y + shortcut)
 
 
-# depth -> (block, blocks per stage), torchvision's table.
+# depth -> (block, blocks per stage): torchvision's table, and ResNet-10 (one basic block per
+# stage; not a torchvision builder, but `torchvision.models.resnet.ResNet(BasicBlock, [1, 1, 1, 1])`
+# with the same state-dict keys), the smallest network with every kind of layer of ResNet-18, half
+# its layers to compile: for tests whose subject is the step, not the network.
 ARCHITECTURES = {
+    10: (BasicBlock, (1, 1, 1, 1)),
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
+TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)  # with a builder: torchvision.models.resnet{depth}
+
+
+def torchvision_arch(depth: int) -> str:
+    """The torchvision call that builds the same network (for export sidecars)."""
+    if depth in TORCHVISION_DEPTHS:
+        return f"torchvision.models.resnet{depth}"
+    block, blocks_per_stage = ARCHITECTURES[depth]
+    return f"torchvision.models.resnet.ResNet({block.__name__}, {list(blocks_per_stage)})"
 
 
 class ResNet(nnx.Module):
     """A torchvision ResNet without its classifier: NHWC images -> global-average-pooled features.
 
     Args:
-      depth: 18, 34, 50, 101 or 152.
+      depth: 10, 18, 34, 50, 101 or 152.
       rngs: initialisation randomness.
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters and BatchNorm
         statistics are always float32.
