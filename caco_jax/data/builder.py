@@ -208,10 +208,13 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
         """The per-band input statistics of the records just written (`normalization`)."""
         from caco_jax.data import records  # it reads what this module writes
 
-        features = self.info.features
-        shapes = {group: features[group].shape for group in self.builder_config.pixel_groups}
-        source = records.Records(self.as_data_source(split="train"), index, shapes)
+        source = records.Records(self.as_data_source(split="train"), index, self.pixel_shapes())
         return normalization.statistics_record(source)
+
+    def pixel_shapes(self) -> dict:
+        """{pixel feature: [H, W, C]} of this config's records."""
+        features = self.info.features
+        return {group: features[group].shape for group in self.builder_config.pixel_groups}
 
     def _name_shards(self, template, shards: list[shard_writer.Shard]) -> None:
         """Renames the workers' shard files to TFDS's names and records the train split."""

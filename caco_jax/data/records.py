@@ -142,10 +142,8 @@ def open_records(data_dir: str, builder_config: str = "rgb", split: str = "train
             f"{index_path} lists {index.num_acquisitions} acquisitions, the {split} records hold "
             f"{len(acquisitions)}; delete {builder.data_path} and run the 'prepare' task"
         )
-    features = builder.info.features
-    shapes = {g: features[g].shape for g in builder.builder_config.pixel_groups}
     stored = builder.info.metadata.get(normalization.STORED_KEY)
-    return Records(acquisitions, index, shapes, stored)
+    return Records(acquisitions, index, builder.pixel_shapes(), stored)
 
 
 def _earlier_versions(config_dir: str, current: str) -> list[str]:
