@@ -184,6 +184,11 @@ def _per_item(runs: list[dict], key: str) -> float:
     return sum(r[key] for r in runs) / sum(r["items"] for r in runs)
 
 
+def _best_rate(runs: list[dict]) -> float:
+    """The best items per CPU-second of the passes."""
+    return max(r["items"] / r["cpu"] for r in runs)
+
+
 def layout_table(results: dict) -> list[str]:
     kib, mib = 1 / 1024, 1 / 2**20
     lines = [
@@ -192,15 +197,13 @@ def layout_table(results: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for (method, label), runs in results.items():
-        items = runs[0]["items"]
         per_location = ITEMS_PER_LOCATION[method]
 
-        def mean(key, runs=runs, items=items):
-            return sum(r[key] for r in runs) / len(runs) / items
+        def mean(key, runs=runs):
+            return _per_item(runs, key)
 
-        best = max(r["items"] / r["cpu"] for r in runs)
         lines.append(
-            f"| {method} | {label} | {best:.0f} | {mean('records'):.2f} | "
+            f"| {method} | {label} | {_best_rate(runs):.0f} | {mean('records'):.2f} | "
             f"{mean('decompressed') * mib:.3f} | {mean('rchar') * kib:.0f} | "
             f"{mean('storage') * kib:.0f} | {mean('decompressed') * mib * per_location:.3f} |"
         )
@@ -378,7 +381,7 @@ def main() -> None:
     for method in METHODS:
         old, new = results[(method, "1.0.0")], results[(method, "2.0.0")]
         fewer = _per_item(old, "decompressed") / _per_item(new, "decompressed")
-        faster = max(r["items"] / r["cpu"] for r in new) / max(r["items"] / r["cpu"] for r in old)
+        faster = _best_rate(new) / _best_rate(old)
         print(
             f"    {method}: {fewer:.2f}x fewer bytes decompressed per item, "
             f"{faster:.2f}x items per CPU-second"
@@ -388,7 +391,7 @@ def main() -> None:
         return f"{items / timer.wall:7.1f} items/s wall, {items / timer.cpu:7.1f} items/CPU-s"
 
     original_timer, original_items = time_original(archive_dir, args.original_items)
-    caco = max(r["items"] / r["cpu"] for r in results[("caco", "2.0.0")])
+    caco = _best_rate(results[("caco", "2.0.0")])
     print(
         f"(2) original, rasterio + 4 views on the host (PIL):          "
         f"{rates(original_timer, original_items)} ({original_items} items)"

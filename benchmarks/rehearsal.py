@@ -19,7 +19,8 @@ Never part of CI: at 5,000 locations it writes ~8 GB and ran about an hour on 2 
      step, timed from process start to the first metrics line (written when step 1 has finished);
    - the input pipeline: items/s over --batches batches, bytes read per item (`rchar`, page cache
      included, and `read_bytes` from the disk), the records' bytes per location, and the time of
-     `records.location_table` (every record read, as the change report does after epoch 1).
+     `records.location_table`, which the change report calls after epoch 1 (1.0.0 reads every
+     record, 2.0.0 the side index).
 3. Prints the figures as markdown tables with the machine, the load averages and the commands,
    writes them to --report (and the raw figures to the same name with .json), and removes the
    archives and records unless --keep (the logs of every command stay in --workdir).
@@ -324,7 +325,7 @@ def report(args, archives: dict, base: dict, results: list, started: str, uptime
         for size in args.sizes:
             by_workers = {r["workers"]: r for r in mine if r["size"] == size}
             low, high = min(by_workers, default=0), max(by_workers, default=0)
-            if by_workers and min(by_workers) != max(by_workers):
+            if low != high:
                 lines.append(
                     f"- {label}, {size} locations: prepare speed-up {high} vs {low} workers "
                     f"{by_workers[low]['seconds'] / by_workers[high]['seconds']:.2f}x"

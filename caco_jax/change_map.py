@@ -217,13 +217,6 @@ def _figure(size):
     return figure
 
 
-def _save_png(figure, path) -> None:
-    """``figure`` as a PNG at ``path`` (local or in a bucket)."""
-    png = io.BytesIO()
-    figure.savefig(png, format="png", bbox_inches="tight")
-    storage.path(path).write_bytes(png.getvalue())
-
-
 def map_extent(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float, float, float]:
     """(west, east, south, north) around the points with a 5 % margin (at least 0.05 degrees)."""
     margin_lon = max(0.05 * float(np.ptp(lon)), 0.05)
@@ -274,7 +267,7 @@ def plot_map(result: ChangeMap, path: str, *, land_mask: bool = True, cells: int
     axes.set_title(
         f"{len(result.location_id)} locations, {int(result.changed.sum())} labelled changed"
     )
-    _save_png(figure, path)
+    storage.write_png(figure, path, bbox_inches="tight")
     return path
 
 
@@ -302,7 +295,7 @@ def plot_histograms(result: ChangeMap, path: str) -> str:
         axes.set_xlabel(name)
         axes.set_ylabel("locations")
         axes.legend()
-    _save_png(figure, path)
+    storage.write_png(figure, path, bbox_inches="tight")
     return path
 
 

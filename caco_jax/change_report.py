@@ -125,9 +125,5 @@ def save_change_histograms(path, d_lt, d_st, r, labels, epoch: int) -> float:
         axes.legend()
     figure.suptitle(f"epoch {epoch}: {100 * fraction:.1f}% of {labels.size} seen items changed")
     figure.tight_layout()
-    path = storage.path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = io.BytesIO()  # through bytes: the path may be a bucket URL
-    figure.savefig(image, format="png")
-    path.write_bytes(image.getvalue())
+    storage.write_png(figure, path)
     return fraction

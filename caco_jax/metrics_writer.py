@@ -4,12 +4,12 @@ Every other process gets a writer that does nothing, so training code calls it u
 
 The workdir may be a bucket URL (`caco_jax.storage`). A bucket object cannot be appended to in
 place, so there the JSON lines and the TensorBoard events are held back and appended in one go by
-`flush` (`storage.append_bytes`: only the new bytes are sent): pretraining flushes at every
-checkpoint, `close` flushes, and a `write` flushes once `flush_seconds` have passed since the last
-flush. A crash loses what came after the last flush (at most ``flush_seconds`` of lines, and
-never a line before a checkpoint). TensorBoard writes its event files into a local temporary
-folder meanwhile. In a local workdir every line is appended at once and TensorBoard writes there
-itself.
+`flush` (`storage.append_bytes`: on gs:// only the new bytes are sent, other URLs are rewritten):
+pretraining flushes at every checkpoint, `close` flushes, and a `write` flushes once `flush_seconds`
+have passed since the last flush. A crash loses what came after the last flush (at most
+``flush_seconds`` of lines, and never a line before a checkpoint). TensorBoard writes its event
+files into a local temporary folder meanwhile. In a local workdir every line is appended at once and
+TensorBoard writes there itself.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ FLUSH_SECONDS = 60.0
 
 
 class MetricsWriter:
-    """``write(step, {name: scalar})`` appends one JSON line and one TensorBoard point per
-    scalar."""
+    """``write(step, {name: scalar})`` adds one JSON line and one TensorBoard point per scalar
+    (appended at once locally, queued until the next flush in a bucket)."""
 
     def __init__(
         self, workdir: str, *, enabled: bool | None = None, flush_seconds: float = FLUSH_SECONDS

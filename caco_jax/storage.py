@@ -71,6 +71,18 @@ def append_text(target, text: str) -> None:
     append_bytes(target, text.encode("utf-8"))
 
 
+def write_png(figure, target, **savefig_options) -> None:
+    """A matplotlib figure as a PNG at ``target`` (local or in a bucket: through bytes), its
+    folder made if missing."""
+    import io
+
+    target = path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", **savefig_options)
+    target.write_bytes(image.getvalue())
+
+
 def local_records_dir(data_dir: str, key: str = "config.data.data_dir") -> str:
     """`data_dir` if the record writer can write there; ValueError naming it and the fix if not."""
     if is_url(data_dir):

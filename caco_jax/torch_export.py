@@ -24,12 +24,11 @@ from flax import nnx, traverse_util
 from caco_jax import convert
 from caco_jax.data.normalization import EXPORT_KEY
 from caco_jax.models import export, resnet
-from caco_jax.models.resnet import ResNet
 
 FORMATS = (".pth", ".safetensors")
 
 
-def torch_state_dict(model: ResNet) -> dict[str, np.ndarray]:
+def torch_state_dict(model: resnet.ResNet) -> dict[str, np.ndarray]:
     """torchvision-named float32 arrays (conv kernels HWIO -> OIHW) plus int64
     `num_batches_tracked` counters (torchvision's strict loading expects them; 0 here)."""
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))

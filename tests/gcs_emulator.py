@@ -24,17 +24,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import socket
 from http import HTTPStatus
 from unittest import mock
 
+from helpers import free_port
+
 BUCKET = "caco"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _live_generation(storage, bucket: str, name: str) -> int | None:

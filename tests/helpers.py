@@ -8,6 +8,7 @@ import datetime
 import io
 import json
 import os
+import socket
 import tarfile
 import threading
 import zlib
@@ -30,6 +31,13 @@ def xla_flags(devices: int) -> str:
     """The suite's XLA flags (tests/conftest.py) for a subprocess with `devices` CPU devices."""
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a service or coordinator a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_config(*tasks, **train_overrides):

@@ -115,7 +115,7 @@ def test_all_bands_records_hold_every_band_at_native_resolution(synthetic, tmp_p
     reads = count_record_reads(source)
     stored = normalization.for_records("all_bands", source)
     assert reads == []
-    assert stored == normalization.from_records(source, num_locations=64)
+    assert stored == normalization.from_records(source, num_locations=normalization.STATS_LOCATIONS)
     assert len(reads) > 0  # from_records read them again, for the comparison
     reads.clear()
     assert normalization.for_records("all_bands", source, num_locations=2) == (

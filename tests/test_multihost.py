@@ -13,14 +13,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import jax
 import pytest
-from helpers import xla_flags
+from helpers import free_port, xla_flags
 
 from caco_jax import checkpointing, multihost, train
 from caco_jax import config as config_lib
@@ -42,12 +41,6 @@ LONG = (
     "--config.train.max_steps=30",
     "--config.checkpoint.every_steps=1",
 )
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def run_py(workdir, *args, devices=2):

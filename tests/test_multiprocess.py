@@ -6,23 +6,16 @@ devices) then resumes the input stream from it.
 """
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
-from helpers import fake_source, tiny_config
+from helpers import fake_source, free_port, tiny_config
 
 from caco_jax import checkpointing
 from caco_jax.data import pipeline
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_assemble_the_global_batch_and_save_a_position_one_process_resumes(
