@@ -96,7 +96,7 @@ class _Member:
     """One tar member of a base location; `georef` = (offset, width, height) for GeoTIFFs."""
 
     relative: str  # path below the location folder; "" for the folder itself
-    data: bytes | None  # None for a folder
+    size: int | None  # bytes of the file; None for a folder
     georef: tuple[int, int, int] | None
 
 
@@ -141,7 +141,7 @@ def read_base_location(location_dir: str) -> _BaseLocation:
             raws = [data[:cut], data[cut + 72 :] + padding]
         else:
             raws = [data + padding]
-        members.append(_Member(relative, data, georef))
+        members.append(_Member(relative, len(data), georef))
         constant.append([(raw, _compress_once(raw)) for raw in raws])
     return _BaseLocation(members, constant)
 
@@ -194,13 +194,13 @@ class _GzipStream:
         self._out.write(struct.pack("<II", self._crc, self.size & 0xFFFFFFFF))
 
 
-def _header(name: str, data: bytes | None) -> bytes:
+def _header(name: str, size: int | None) -> bytes:
     info = tarfile.TarInfo(name)
     info.mtime = _TAR_MTIME
-    if data is None:
+    if size is None:
         info.type, info.mode = tarfile.DIRTYPE, 0o755
     else:
-        info.size, info.mode = len(data), 0o644
+        info.size, info.mode = size, 0o644
     return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
 
 
@@ -249,7 +249,7 @@ def _write_location(stream, base: _BaseLocation, n: int, num_locations: int, nam
     folder = f"{name}/{location_id(n, num_locations)}"
     for member, pieces in zip(base.members, base.constant, strict=True):
         path = f"{folder}/{member.relative}" if member.relative else folder
-        stream.add(_header(path, member.data))
+        stream.add(_header(path, member.size))
         if member.georef is None:
             for raw, compressed in pieces:
                 stream.add_compressed(raw, compressed)
