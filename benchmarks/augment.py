@@ -10,7 +10,7 @@ pipeline hands the step), four views each: q = P(t0), k0 = P(A(t1)), k1 = P(t2),
   blur, flip) run on the full 264 x 264 images of t1 and t0 (luma as a dot over the channels, blur
   as a sum of 13 shifted taps per axis), the four view sources concatenated, then the resized crop
   as gathers of a few taps per output pixel (`img[row_index]`, `rows[:, col_index]`). The replaced
-  functions are swapped into `caco_jax.augment` while it is traced.
+  functions are swapped into `caco_jax.pretrain.augment` while it is traced.
 - "now": `augment.make_views`: the resized crop as two dense products with per-image [crop, 264]
   resize matrices, the blur and flip folded into those matrices, no concatenated copies.
 - The crop alone, on already-materialised images: the gathers against the dense products.
@@ -38,9 +38,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from caco_jax import augment
 from caco_jax import config as config_lib
 from caco_jax.data.normalization import Normalization
+from caco_jax.pretrain import augment
 
 SIZE = 264
 CHANNELS = 3

@@ -10,8 +10,9 @@ matplotlib or tensorboardX. For each ResNet depth and precision (default ResNet-
 256, 224x224, float32 and bfloat16) it measures, one row at a time, each written to --out (JSONL)
 and printed as soon as it is measured:
 
-  caco_jax    the CACo pretraining step of `caco_jax.train.setup` (augmentation of four views, four
-              key-encoder forwards, one query forward and backward, queue, EMA, SGD), one device
+  caco_jax    the CACo pretraining step of `caco_jax.pretrain.train.setup` (augmentation of four
+              views, four key-encoder forwards, one query forward and backward, queue, EMA,
+              SGD), one device
   supervised  ResNet + linear head, cross-entropy, SGD with momentum: one forward and backward;
               the row gives the ratio CACo / supervised
   torch       the official CACo step (benchmarks/official_caco_torch.py) with a torchvision
@@ -56,77 +57,45 @@ PEAK_TFLOPS = (
     ("A100", 312.0, 156.0),
 )
 
-# The sections of caco_jax.config.for_tasks("pretrain") that `train.setup` reads, as plain values:
-# the config is built without ml_collections. tests/test_device_check.py keeps them equal.
-CONFIG_DEFAULTS = {
-    "seed": 0,
-    "model": {"compute_dtype": "float32", "depth": 18, "width": 64, "embedding_dim": 128},
-    "method": {"key_momentum": 0.999, "name": "caco", "num_negatives": 16384, "temperature": 0.07},
-    "change": {
-        "beta": 0.8,
-        "epsilon": 0.0001,
-        "per_location": False,
-        "statistic": "ratio",
-        "use_ema": True,
-    },
-    "train": {
-        "base_learning_rate": 0.03,
-        "batch_size": 256,
-        "bn_mode": "per_device",
-        "epochs": 200,
-        "max_steps": 0,
-        "milestones": (120, 160),
-        "sgd_momentum": 0.9,
-        "weight_decay": 0.0001,
-    },
-    "augment": {
-        "blur_p": 0.5,
-        "blur_sigma": (0.1, 2.0),
-        "crop_attempts": 10,
-        "crop_ratio": (0.75, 1.3333333333333333),
-        "crop_scale": (0.2, 1.0),
-        "crop_size": 224,
-        "flip_p": 0.5,
-        "grayscale_p": 0.2,
-        "jitter": (0.4, 0.4, 0.4, 0.1),
-        "jitter_p": 0.8,
-    },
-}
-
-
 def import_caco_jax():
-    """caco_jax's `train` and `step` modules and its ResNet, without the package initialisers.
+    """caco_jax's pretraining (`train.setup`), mesh and ResNet modules, and its settings types,
+    without the package initialiser.
 
-    ``caco_jax/__init__.py`` registers the TFDS builder (it imports tensorflow-datasets) and
-    ``caco_jax/models/__init__.py`` re-exports the encoder export (Orbax, etils); building and
-    running a step needs neither, so the packages are entered as bare folders. Where caco_jax is
-    already imported (with all its dependencies) that import is used as it is.
+    ``caco_jax/__init__.py`` registers the TFDS builder (it imports tensorflow-datasets); building
+    and running a step needs none of that, so the package is entered as a bare folder. Where
+    caco_jax is already imported (with all its dependencies) that import is used as it is.
     """
-    for name in ("caco_jax", "caco_jax.models"):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [os.path.join(ROOT, *name.split("."))]
-            sys.modules[name] = package
-    from caco_jax import mesh, train
+    if "caco_jax" not in sys.modules:
+        package = types.ModuleType("caco_jax")
+        package.__path__ = [os.path.join(ROOT, "caco_jax")]
+        sys.modules["caco_jax"] = package
     from caco_jax.models.resnet import ResNet
+    from caco_jax.pretrain import train
+    from caco_jax.runtime import mesh
 
     return train, mesh, ResNet
 
 
-def make_config(depth: int, batch: int, crop: int, dtype: str, num_negatives: int):
-    """The training config `train.setup` reads, as nested namespaces (attribute access only)."""
+def make_settings(depth: int, batch: int, crop: int, dtype: str, num_negatives: int):
+    """The settings `train.setup` reads: every section's defaults (the official pretraining),
+    built from the settings dataclasses themselves (no ml_collections), with this row's sizes."""
+    from caco_jax.methods import MethodSettings
+    from caco_jax.pretrain.augment import AugmentSettings
+    from caco_jax.pretrain.change import ChangeSettings
+    from caco_jax.pretrain.state import ModelSettings
+    from caco_jax.pretrain.train import TrainSettings
+    from caco_jax.settings import Settings
 
-    def namespace(values: dict):
-        return types.SimpleNamespace(
-            **{k: namespace(v) if isinstance(v, dict) else v for k, v in values.items()}
-        )
-
-    config = namespace(CONFIG_DEFAULTS)
-    config.model.depth, config.model.compute_dtype = depth, dtype
-    config.train.batch_size = batch
-    config.augment.crop_size = crop
-    config.method.num_negatives = num_negatives
-    return config
+    return Settings(
+        seed=0,
+        sections=dict(
+            model=ModelSettings(depth=depth, compute_dtype=dtype),
+            method=MethodSettings(num_negatives=num_negatives),
+            change=ChangeSettings(),
+            train=TrainSettings(batch_size=batch),
+            augment=AugmentSettings(crop_size=crop),
+        ),
+    )
 
 
 def cost_flops(stage) -> float | None:
@@ -167,9 +136,9 @@ def timed(call, args, sync) -> float:
 
 def caco_jax_row(modules, args, depth, dtype) -> dict:
     train, mesh_lib, _ = modules
-    config = make_config(depth, args.batch, args.crop, dtype, args.queue)
+    settings = make_settings(depth, args.batch, args.crop, dtype, args.queue)
     mesh = mesh_lib.data_mesh(jax.devices()[:1])
-    run = train.setup(config, args.batch // 2, mesh=mesh)
+    run = train.setup(settings, args.batch // 2, mesh=mesh)
     rng = np.random.default_rng(0)
     local = {
         "images": rng.integers(0, 256, (args.batch, 3, args.crop, args.crop, 3), dtype=np.uint8),

@@ -27,7 +27,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from caco_jax.models import ResNet
+from caco_jax.models.resnet import ResNet
 
 
 def conv_output_size(size, kernel, stride, padding):

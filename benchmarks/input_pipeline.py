@@ -123,7 +123,7 @@ builder.CacoGeography(config="rgb", data_dir=sys.argv[2], num_workers=2).downloa
 
 def prepare(workdir: str, num_locations: int, baseline_tree: str) -> tuple[str, dict]:
     """The archive folder and {tree: data_dir} of its records prepared by each tree."""
-    from caco_jax.data import synthetic
+    from caco_jax.sources import synthetic
 
     archive_root = os.path.join(workdir, "archive")
     archive_dir = os.path.join(archive_root, "clean_synthetic_geography")
@@ -305,8 +305,8 @@ def time_device_augment(batch: int, repeats: int) -> tuple[Timer, float]:
     import jax
     import jax.numpy as jnp
 
-    from caco_jax import augment
     from caco_jax import config as config_lib
+    from caco_jax.pretrain import augment
 
     config = config_lib.for_tasks("pretrain")
     images = jax.device_put(

@@ -35,8 +35,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from caco_jax import objectives
 from caco_jax.models.resnet import ResNet
+from caco_jax.pretrain import objectives
 
 
 def unit(key, shape):

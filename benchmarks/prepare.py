@@ -62,7 +62,8 @@ def main(argv):
     del argv
     import tensorflow_datasets as tfds
 
-    from caco_jax.data import builder, synthetic
+    from caco_jax.data import builder
+    from caco_jax.sources import synthetic
 
     name = "clean_synthetic_geography"
     folder = os.path.join(_ARCHIVE_DIR.value, f"{_NUM_LOCATIONS.value}")

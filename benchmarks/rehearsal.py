@@ -178,7 +178,7 @@ def run_measured(command: list[str], tree: str, log: str, wait_for: str | None =
 
 def base_archive(workdir: str, num_locations: int) -> tuple[str, dict]:
     """The rendered locations the archives replicate (written once, then reused)."""
-    from caco_jax.data import synthetic
+    from caco_jax.sources import synthetic
 
     folder = os.path.join(workdir, f"base_{num_locations}")
     figures_path = os.path.join(folder, "base.json")  # written after the archive is complete

@@ -1,7 +1,7 @@
 """A large archive in the published layout, made cheaply by replicating a few real ones.
 
 `write_replicated_archive` reads the location folders of an extracted archive (e.g. a few hundred
-synthetic locations from `caco_jax.data.synthetic.write_archive(form="folder")`) and streams
+synthetic locations from `caco_jax.sources.synthetic.write_archive(form="folder")`) and streams
 `num_locations` locations into one gzip stream cut into `<name>_part0..3`, the form the 1M archive
 ships in. Location n is a copy of base location n % B under its own id (`location_id(n, ...)`) and
 at its own coordinates (`replica_lat_lon`): the builder takes a location's centre from its

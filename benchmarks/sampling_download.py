@@ -28,13 +28,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from caco_jax.download import downloader, writer
-from caco_jax.download.client import Acquisition
-from caco_jax.sampling import geodesy
-from caco_jax.sampling.cities import most_populous_cities
-from caco_jax.sampling.files import Site
-from caco_jax.sampling.landmask import is_land
-from caco_jax.sampling.sampler import sample_locations
+from caco_jax.sources.download import downloader, writer
+from caco_jax.sources.download.client import Acquisition
+from caco_jax.sources.sampling import geodesy
+from caco_jax.sources.sampling.cities import most_populous_cities
+from caco_jax.sources.sampling.files import Site
+from caco_jax.sources.sampling.landmask import is_land
+from caco_jax.sources.sampling.sampler import sample_locations
 
 
 class _Fake:

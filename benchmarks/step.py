@@ -3,7 +3,7 @@ device.
 
   python benchmarks/step.py --depth 18 --batch 32 --crop 96
 
-The CACo step (`caco_jax.step`, jitted under `shard_map` on a one-device mesh) runs the augmentation
+The CACo step (`caco_jax.pretrain.step`, jitted under `shard_map` on a one-device mesh) runs the augmentation
 of four views, four key-encoder forwards (k0, k1, k2 and the query views for the change estimate),
 and one query forward and backward. The plain step is one forward and backward of the same ResNet
 with a linear classifier on already-normalised images, with the same SGD. A backward costs about two
@@ -30,9 +30,9 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from caco_jax import config as config_lib
-from caco_jax import train
-from caco_jax.mesh import data_mesh, global_batch, replicate
 from caco_jax.models.resnet import ResNet
+from caco_jax.pretrain import train
+from caco_jax.runtime.mesh import data_mesh, global_batch, replicate
 
 
 def time_calls(fn, steps):

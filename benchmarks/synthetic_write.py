@@ -40,7 +40,7 @@ def _write_floor(root: str, num_locations: int) -> None:
     import rasterio
 
     from caco_jax.data import layout
-    from caco_jax.data.synthetic import writer
+    from caco_jax.sources.synthetic import writer
 
     box = layout.GeoBox.around(48.85, 2.35)
     pixels = {b: np.full(layout.band_shape(b), 40, np.uint8) for b in layout.BANDS}
@@ -65,8 +65,8 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from caco_jax.data import synthetic
-    from caco_jax.sampling import cities
+    from caco_jax.sources import synthetic
+    from caco_jax.sources.sampling import cities
 
     cities.most_populous_cities()  # a one-off load of the city table, not part of a write
     print(

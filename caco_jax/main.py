@@ -56,15 +56,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from caco_jax import config as config_lib
-    from caco_jax import multihost, storage
+    from caco_jax import tasks
+    from caco_jax.runtime import multihost, storage
+    from caco_jax.runtime.workdir import Workdir
+    from caco_jax.settings import SettingsError
 
     if not flags.FLAGS["verbosity"].present:
         # Orbax and grain log every checkpoint operation at INFO; `--verbosity=0` shows them.
         logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
     try:
-        config_lib.validate(config)
-    except config_lib.ConfigError as error:
+        settings = config_lib.resolve(_CONFIG.value)
+    except SettingsError as error:
         raise app.UsageError(str(error)) from None
     process = multihost.initialize(
         auto=_MULTIHOST.value,
@@ -73,43 +75,51 @@ def main(argv):
         process_id=_PROCESS_ID.value,
         peer_timeout_seconds=_PEER_TIMEOUT_SECONDS.value,
     )
-    try:
-        multihost.check_tasks(config.tasks, process)
-    except ValueError as error:
-        raise app.UsageError(str(error)) from None
-    workdir = _WORKDIR.value or os.path.join(
-        "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    refused = tasks.multiprocess_refusals(settings.tasks) if process.count > 1 else []
+    if refused:
+        raise app.UsageError(
+            f"config.tasks: {refused} run in one process; a run of several processes does "
+            "synthesize, prepare and pretrain (evaluate afterwards without --multihost)"
+        )
+    workdir = Workdir(
+        _WORKDIR.value
+        or os.path.join(
+            "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+        )
     )
-    workdir_path = storage.path(workdir)  # a local folder or a bucket URL
-    if workdir_path.exists() and not workdir_path.is_dir():
+    root = workdir.path()  # a local folder or a bucket URL
+    if root.exists() and not root.is_dir():
         sys.exit(f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)")
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    # Every process runs every task (see caco_jax/multihost.py); only process 0 reports.
+    root.mkdir(parents=True, exist_ok=True)
+    # Every process runs every task as the task table says; only process 0 reports.
     report = print if process.primary else lambda *args, **kwargs: None
-    report(f"workdir: {workdir_path}", flush=True)
+    report(f"workdir: {workdir}", flush=True)
     if process.count > 1:
         report(f"{process.count} processes", flush=True)
     results = {}
-    for name in config.tasks:
+    for name in settings.tasks:
         start = time.perf_counter()
         report(f"== {name}", flush=True)
         try:
-            results[name] = _run_task(name, process, config, workdir)
+            results[name] = _run_task(name, settings, workdir, process)
         except BaseException as error:
             if process.count > 1:  # the peers must not wait for this process
                 multihost.exit_after_failure(error)
             raise
         report(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
     if process.primary:
-        (workdir_path / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        storage.path(workdir.results).write_text(json.dumps(results, indent=2, default=str))
     report(json.dumps(results, indent=2, default=str))
 
 
-def _run_task(name, process, config, workdir) -> dict:
-    from caco_jax import checkpointing, multihost
+def _run_task(name, settings, workdir, process) -> dict:
+    from caco_jax import tasks
+    from caco_jax.runtime import checkpointing
 
     try:
-        return multihost.task(name, process)(config, workdir) or {}
+        return tasks.run(
+            name, settings, workdir, process_index=process.index, process_count=process.count
+        )
     except checkpointing.NoRestorableCheckpointError as error:
         sys.exit(f"run.py: {error}")
 

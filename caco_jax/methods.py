@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from caco_jax.settings import Section
+
 VIEW_RECIPES = ("seco", "moco")  # implemented in `augment.VIEW_RECIPES`
 QUEUE_KINDS = ("per_window", "single")  # implemented in `queue.QUEUES`
 # The two other choices the step reads, whatever the method: how BatchNorm batches are formed
@@ -100,3 +102,29 @@ def get(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {list(NAMES)}")
     return METHODS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSettings(Section):
+    """`config.method`: which method, and the contrastive hyper-parameters of the official code."""
+
+    SECTION = "method"
+    name: str = "caco"  # one of NAMES
+    num_negatives: int = 16384  # queue length K (per window for caco/teco: K/2 each)
+    temperature: float = 0.07
+    key_momentum: float = 0.999  # EMA of the key encoder and heads
+
+    def validate(self) -> None:
+        self.require(self.name in NAMES, "name", f"must be one of {NAMES}")
+        self.require(self.num_negatives >= 2, "num_negatives", "must be >= 2")
+        self.require(
+            self.num_negatives % 2 == 0,
+            "num_negatives",
+            "must be even (the queue holds one half per time window)",
+        )
+        self.require(self.temperature > 0, "temperature", "must be > 0")
+        self.require(0.0 <= self.key_momentum < 1.0, "key_momentum", "in [0, 1)")
+
+    @property
+    def method(self) -> Method:
+        return get(self.name)

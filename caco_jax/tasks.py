@@ -1,15 +1,35 @@
-"""The tasks `run.py` can chain, each a function ``run_task(config, workdir) -> dict``.
+"""The tasks `run.py` can chain: one table says, for each, what runs, what it reads, and where.
 
-Listed as import paths so that a config naming only ``prepare`` never imports the training stack,
-with the config sections each reads (`config.for_tasks` builds a config of just those). Tasks
-communicate only through files in the workdir; each returns a small JSON-able dict of results that
-run.py prints and writes to ``<workdir>/results.json``.
+A task is a function ``run_task(settings, workdir) -> dict`` named by its import path, so that a
+config listing only ``prepare`` never imports the training stack. It reads the config sections it
+lists (`config.for_tasks` builds a config of just those) and talks to the other tasks only through
+files in the workdir (`runtime.workdir`); what it returns is printed and written to
+``<workdir>/results.json``.
+
+In a run of several processes (`runtime.multihost`) a task runs on every process (pretraining:
+they train together), on process 0 while the others wait for its result or skip it (writing the
+synthetic archive and the records), or it is a one-process task that such a run refuses up front.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
+
+EVERY_PROCESS = "every_process"
+PROCESS_0 = "process_0"
+ONE_PROCESS = "one_process"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    run: str  # "module:function", called as function(settings, workdir) -> dict
+    sections: tuple[str, ...]  # the config sections it reads
+    runs_on: str = ONE_PROCESS  # EVERY_PROCESS, PROCESS_0 or ONE_PROCESS
+    others: str = ""  # PROCESS_0 tasks: what the other processes run meanwhile ("" = nothing)
+    check: str = ""  # "module:function(settings)": raises SettingsError before any task starts
+
 
 PRETRAIN_SECTIONS = (
     "data",
@@ -22,31 +42,77 @@ PRETRAIN_SECTIONS = (
     "checkpoint",
     "logging",
 )
+EVAL = "caco_jax.evaluators"
 
-# name -> (function, config sections it reads)
-TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "synthesize": ("caco_jax.data.synthetic:run_task", ("synthetic", "data")),
-    "prepare": ("caco_jax.data.builder:run_task", ("data",)),
-    "pretrain": ("caco_jax.train:run_task", PRETRAIN_SECTIONS),
-    "score_change": ("caco_jax.data.synthetic.scoring:run_task", ("data",)),
-    "sample_locations": ("caco_jax.sampling.task:run_task", ("sampling",)),
-    "download": ("caco_jax.download.task:run_task", ("sampling", "download")),
-    "linear_probe": ("caco_jax.evaluators.linear_probe:land_cover_task", ("data", "eval")),
-    "eval_eurosat": ("caco_jax.evaluators.linear_probe:eurosat_task", ("eval",)),
-    "eval_bigearthnet": ("caco_jax.evaluators.multilabel:bigearthnet_task", ("eval",)),
-    "eval_oscd": ("caco_jax.evaluators.change_detection:oscd_task", ("eval",)),
-    "eval_dynamicearthnet": ("caco_jax.evaluators.segmentation:dynamicearthnet_task", ("eval",)),
-    "convert_weights": ("caco_jax.convert:run_task", ("convert",)),
-    "pretrained": ("caco_jax.pretrained:run_task", ("pretrained",)),
-    "embed": ("caco_jax.embed:run_task", ("embed", "pretrained")),
-    "change_map": ("caco_jax.change_map:run_task", ("change_map", "pretrained")),
+TASKS: dict[str, Task] = {
+    "synthesize": Task(
+        "caco_jax.sources.synthetic:run_task",
+        ("synthetic", "data"),
+        PROCESS_0,
+        check="caco_jax.sources.synthetic:check_task",
+    ),
+    "prepare": Task(
+        "caco_jax.data.dataset:run_task",
+        ("data",),
+        PROCESS_0,
+        others="caco_jax.data.dataset:wait_for_dataset",
+        check="caco_jax.data.dataset:check_task",
+    ),
+    "pretrain": Task("caco_jax.pretrain.train:run_task", PRETRAIN_SECTIONS, EVERY_PROCESS),
+    "score_change": Task(f"{EVAL}.change_scoring:run_task", ("data",)),
+    "change_map": Task(
+        "caco_jax.products.change_map:run_task",
+        ("change_map", "pretrained"),
+        check="caco_jax.products.change_map:check_task",
+    ),
+    "eval_land_cover": Task(f"{EVAL}.land_cover:run_task", ("data", "eval", "land_cover")),
+    "eval_eurosat": Task(f"{EVAL}.eurosat:run_task", ("eval", "eurosat")),
+    "eval_bigearthnet": Task(f"{EVAL}.bigearthnet:run_task", ("eval", "bigearthnet")),
+    "eval_oscd": Task(f"{EVAL}.oscd:run_task", ("eval", "oscd")),
+    "eval_dynamicearthnet": Task(f"{EVAL}.dynamicearthnet:run_task", ("eval", "dynamicearthnet")),
+    "pretrained": Task(
+        "caco_jax.models.pretrained:run_task",
+        ("pretrained",),
+        check="caco_jax.models.pretrained:check_task",
+    ),
+    "embed": Task(
+        "caco_jax.products.embed:run_task",
+        ("embed", "pretrained"),
+        check="caco_jax.products.embed:check_task",
+    ),
+    "convert_weights": Task(
+        "caco_jax.models.convert:run_task",
+        ("convert",),
+        check="caco_jax.models.convert:check_task",
+    ),
+    "sample_locations": Task("caco_jax.sources.sampling.task:run_task", ("sampling",)),
+    "download": Task(
+        "caco_jax.sources.download.task:run_task", ("sampling", "download", "logging")
+    ),
 }
 
 
-def get(name: str) -> Callable:
-    module_name, function_name = TASKS[name][0].split(":")
+def function(path: str) -> Callable:
+    """The function a "module:function" path names (imported on first use)."""
+    module_name, function_name = path.split(":")
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def get_sections(name: str) -> tuple[str, ...]:
-    return TASKS[name][1]
+def get(name: str) -> Callable:
+    """The function that runs task ``name`` in a single process."""
+    return function(TASKS[name].run)
+
+
+def multiprocess_refusals(names) -> list[str]:
+    """The tasks of ``names`` that a run of several processes cannot run."""
+    return [name for name in names if TASKS[name].runs_on == ONE_PROCESS]
+
+
+def run(name: str, settings, workdir, *, process_index: int = 0, process_count: int = 1) -> dict:
+    """Runs task ``name`` on this process as the table says; returns its result."""
+    task = TASKS[name]
+    if process_count > 1 and task.runs_on == PROCESS_0 and process_index != 0:
+        if not task.others:
+            return {"skipped": "process 0 runs this task"}
+        return function(task.others)(settings, workdir) or {}
+    return function(task.run)(settings, workdir) or {}

@@ -6,7 +6,7 @@ r"""Change map of a CACo archive or prepared records from an encoder alone.
     --config.change_map.kind=records --config.change_map.source=workdir/demo/tfds
 
 Writes <workdir>/change_map/: change_map.csv, change_map.geojson, change_map.png, histograms.png
-(d_lt, d_st, ratio and the fitted label per location; see caco_jax/change_map.py).
+(d_lt, d_st, ratio and the fitted label per location; see caco_jax/products/change_map.py).
 """
 
 from caco_jax import config as config_lib

@@ -12,7 +12,7 @@ from caco_jax import config as config_lib
 
 def get_config():
     config = config_lib.for_tasks(
-        "synthesize", "prepare", "pretrain", "score_change", "change_map", "linear_probe"
+        "synthesize", "prepare", "pretrain", "score_change", "change_map", "eval_land_cover"
     )
     config.synthetic.num_locations = 64
     # CACo, ResNet-18 on 64x64 crops, 16 locations (32 items) per batch = 4 steps per epoch, 8
@@ -32,5 +32,5 @@ def get_config():
     config.checkpoint.every_steps = 20
     config.logging.every_steps = 4
     config.change_map.kind = "pretraining"  # the map of the run's own change estimate
-    config.eval.image_size = config.augment.crop_size  # probe at the size the encoder trained on
+    config.land_cover.image_size = config.augment.crop_size  # probe at the size it trained on
     return config

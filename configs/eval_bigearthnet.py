@@ -4,16 +4,12 @@ epochs, x0.1 at 60 and 80, 128x128 input; micro AP on SeCo's validation split. d
 says what to download.
 
   python run.py --config configs/eval_bigearthnet.py --workdir workdir/caco_r18_100k \
-    --config.eval.manual_dir=data/bigearthnet --config.eval.train_fraction=0.1
-  # full fine-tuning: --config.eval.finetune=True (lr config.eval.finetune_learning_rate)
+    --config.eval.manual_dir=data/bigearthnet --config.bigearthnet.train_fraction=0.1
+  # full fine-tuning: --config.bigearthnet.finetune=True (lr bigearthnet.finetune_learning_rate)
 """
 
 from caco_jax import config as config_lib
 
 
 def get_config():
-    config = config_lib.for_tasks("eval_bigearthnet")
-    config.eval.batch_size = 1024  # SeCo's README: --batch_size 1024 --learning_rate 1e-3
-    config.eval.dropout = 0.2
-    config.eval.image_size = 128
-    return config
+    return config_lib.for_tasks("eval_bigearthnet")  # config.bigearthnet: the protocol above

@@ -9,8 +9,8 @@ x0.95 per epoch, 100 epochs, batch 32; validation images predicted whole from 25
     --config.eval.manual_dir=data/dynamicearthnet
 
 `frozen` (the default) trains the decoder on the frozen encoder; `finetune` also trains the encoder
-at `eval.finetune_learning_rate` (1e-5). The first run builds TFDS `dynamic_earthnet/rgb` in
-`eval.data_dir` from the download in `eval.manual_dir`; later runs read it.
+at `dynamicearthnet.finetune_learning_rate` (1e-5). The first run builds TFDS `dynamic_earthnet/rgb`
+in `eval.data_dir` from the download in `eval.manual_dir`; later runs read it.
 """
 
 from caco_jax import config as config_lib
@@ -23,7 +23,5 @@ def get_config(arg=None):
     if mode not in MODES:
         raise ValueError(f"configs/eval_dynamicearthnet.py: mode {mode!r}, expected one of {MODES}")
     config = config_lib.for_tasks("eval_dynamicearthnet")
-    config.eval.finetune = mode == "finetune"  # at eval.finetune_learning_rate, 1e-5
-    config.eval.milestones = ()  # the learning rate decays per epoch (lr_decay), no steps
-    config.eval.tile_size = 256
+    config.dynamicearthnet.finetune = mode == "finetune"  # at finetune_learning_rate, 1e-5
     return config

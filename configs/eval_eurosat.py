@@ -1,7 +1,7 @@
 r"""EuroSAT linear probe (CACo's src/main_eurosat.py): Linear(d, 10) on the encoder, Adam 1e-3,
 100 epochs, x0.1 at 60 and 80, batch 32, 64x64 input in [0, 1]; top-1 on SeCo's validation split.
 The encoder stays in training mode while the head trains, as the official run did
-(`--config.eval.probe=cached` for the fast probe on eval-mode features). docs/evaluation.md says
+(`--config.eurosat.probe=cached` for the fast probe on eval-mode features). docs/evaluation.md says
 what to download.
 
   python run.py --config configs/eval_eurosat.py --workdir workdir/caco_r18_100k \
@@ -12,4 +12,4 @@ from caco_jax import config as config_lib
 
 
 def get_config():
-    return config_lib.for_tasks("eval_eurosat")  # the eval section's defaults are this protocol
+    return config_lib.for_tasks("eval_eurosat")  # config.eurosat: the protocol above

@@ -12,4 +12,4 @@ from caco_jax import config as config_lib
 
 
 def get_config():
-    return config_lib.for_tasks("eval_oscd")  # eval.weight_decay, lr_decay, tile_size: OSCD's
+    return config_lib.for_tasks("eval_oscd")  # config.oscd: the protocol above

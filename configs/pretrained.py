@@ -10,8 +10,8 @@ r"""An official pretrained encoder by name -> an encoder export (and optionally 
     --config.pretrained.name=W/encoder --config.pretrained.torch_output=W/encoder.pth
 
 Names: r18_100k_{seco,moco,teco,caco}, r18_1m_{seco,caco}, r50_100k_{moco,seco,caco},
-r50_1m_{seco,caco} (caco_jax/pretrained.py). Offline, the error names the file to download and the
-cache path to put it at.
+r50_1m_{seco,caco} (caco_jax/models/pretrained.py). Offline, the error names the file to download
+and the cache path to put it at.
 """
 
 from caco_jax import config as config_lib

@@ -18,10 +18,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from caco_jax import config as config_lib
-from caco_jax.data import archive, builder, layout, records
-from caco_jax.download.client import Acquisition, TransientError
-from caco_jax.download.downloader import Settings
-from caco_jax.sampling.files import Site
+from caco_jax.data import archive, builder, dataset, layout
+from caco_jax.sources.download.client import Acquisition, TransientError
+from caco_jax.sources.download.downloader import DownloadSettings
+from caco_jax.sources.sampling.files import Site
 
 NUM_LOCATIONS = 16
 BATCH = 16
@@ -38,6 +38,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_settings(*tasks, **train_overrides):
+    """`tiny_config`, resolved: what pretraining takes."""
+    return config_lib.resolve(tiny_config(*tasks, **train_overrides))
 
 
 def tiny_config(*tasks, **train_overrides):
@@ -207,7 +212,7 @@ LATE = [datetime.datetime(2021, 4, 2) + datetime.timedelta(days=35 * i) for i in
 
 def synthetic_folder(tmp_path_factory) -> str:
     """The embedded synthetic archive (3 locations, folder form), made once per session."""
-    from caco_jax.data import synthetic
+    from caco_jax.sources import synthetic
 
     output = tmp_path_factory.getbasetemp() / "caco_synthetic"
     path = output / "clean_synthetic_geography"
@@ -303,7 +308,7 @@ def prepare(manual_dir, data_dir, config="rgb", num_workers=2, **kwargs):
 
 
 def all_records(data_dir, config="rgb"):
-    source = records.open_records(os.fspath(data_dir), config)
+    source = dataset.open_records(os.fspath(data_dir), config)
     return sorted((source[i] for i in range(len(source))), key=lambda r: r["location_id"])
 
 
@@ -356,9 +361,8 @@ def replicated_tar(location_dir, num_locations, destination):
 # ----------------------------------------------------------------------------------------------
 # A fake Earth Engine (test_download, test_end_to_end).
 
-WINDOWS = ((datetime.date(2019, 1, 1), datetime.date(2020, 1, 1)),
-           (datetime.date(2023, 1, 1), datetime.date(2024, 1, 1)))  # fmt: skip
-SETTINGS = Settings(windows=WINDOWS, concurrent_requests=2, retry_base_seconds=0.0)
+SETTINGS = DownloadSettings(concurrent_requests=2, retry_base_seconds=0.0)
+WINDOWS = SETTINGS.window_dates  # the default windows, 2019 and 2023
 SITES = [
     Site("000000", 48.85, 2.35),
     Site("000001", -33.9, 18.6),

@@ -2,15 +2,15 @@
 
 import math
 
+import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caco_jax import augment
-from caco_jax import config as config_lib
 from caco_jax.data import layout
-from caco_jax.data.normalization import Normalization
+from caco_jax.data.normalization import Normalization, merge_band_groups
+from caco_jax.pretrain import augment
 
 RNG = np.random.default_rng(0)
 IMAGE = RNG.uniform(0.0, 1.0, (12, 10, 3)).astype(np.float32)
@@ -289,23 +289,21 @@ def test_normalisation_values():
     )
 
 
-def small_config(identity=False):
-    config = config_lib.for_tasks("pretrain")
-    config.augment.crop_size = 16
+def small_settings(identity=False):
     if identity:  # no augmentation, full-image crops at the input size: views expose their sources
-        for key in ("jitter_p", "grayscale_p", "blur_p", "flip_p"):
-            config.augment[key] = 0.0
-        config.augment.crop_scale = (1.0, 1.0)
-        config.augment.crop_ratio = (1.0, 1.0)
-    return config
+        never = {key: 0.0 for key in ("jitter_p", "grayscale_p", "blur_p", "flip_p")}
+        return augment.AugmentSettings(
+            crop_size=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), **never
+        )
+    return augment.AugmentSettings(crop_size=16)
 
 
 def test_views_take_the_right_acquisitions():
     images = jnp.asarray(RNG.integers(0, 256, (2, 3, 16, 16, 3)), jnp.uint8)
     norm = Normalization.rgb()
     expected = norm(images, jnp)
-    config = small_config(identity=True)
-    views = jax.jit(lambda k, x: augment.make_views(k, x, recipe="seco", config=config))(
+    settings = small_settings(identity=True)
+    views = jax.jit(lambda k, x: augment.make_views(k, x, recipe="seco", settings=settings))(
         jax.random.key(0), images
     )
     for name, source in (("q", 0), ("k0", 1), ("k1", 2), ("k2", 0)):
@@ -313,9 +311,9 @@ def test_views_take_the_right_acquisitions():
 
 
 def test_make_views_jits_on_device_with_shapes_and_dtypes():
-    config = small_config()
+    settings = small_settings()
     images = jax.device_put(jnp.asarray(RNG.integers(0, 256, (4, 3, 24, 24, 3)), jnp.uint8))
-    make = jax.jit(lambda key, x: augment.make_views(key, x, recipe="seco", config=config))
+    make = jax.jit(lambda key, x: augment.make_views(key, x, recipe="seco", settings=settings))
     key = jax.device_put(jax.random.key(1))
     assert "callback" not in make.lower(key, images).as_text()
     with jax.transfer_guard("disallow"):  # no host round trip inside
@@ -336,16 +334,16 @@ def test_all_bands_groups_are_merged_to_twelve_bands():
         "bands_20m": jnp.full((2, 1, 6, 6, 6), 20, jnp.uint8),
         "bands_60m": jnp.full((2, 1, 2, 2, 2), 60, jnp.uint8),
     }
-    merged = np.asarray(augment.merge_band_groups(groups))
+    merged = np.asarray(merge_band_groups(groups))
     assert merged.shape == (2, 1, 12, 12, 12)  # on the 10 m grid
     # layout.BANDS: B1 B2 B3 B4 B5 B6 B7 B8 B8A B9 B11 B12
     np.testing.assert_allclose(merged[0, 0, 5, 7], [60, 10, 10, 10, 20, 20, 20, 10, 20, 60, 20, 20])
     norm = Normalization(
         bands=layout.BANDS, low=(0.0,) * 12, high=(255.0,) * 12, mean=(0.5,) * 12, std=(0.25,) * 12
     )
-    config = small_config(identity=True)
+    settings = small_settings(identity=True)
     views = jax.jit(
-        lambda k, x: augment.make_views(k, x, recipe="moco", config=config, normalization=norm)
+        lambda k, x: augment.make_views(k, x, recipe="moco", settings=settings, normalization=norm)
     )(jax.random.key(0), groups)
     assert sorted(views) == ["k0", "q"]
     # MoCo: both views come from the one acquisition (12 px, resized to the 16 px crop).
@@ -355,4 +353,41 @@ def test_all_bands_groups_are_merged_to_twelve_bands():
         views["q"][0, 3, 3, :2], [(60 / 255 - 0.5) / 0.25, (10 / 255 - 0.5) / 0.25], atol=1e-5
     )
     with pytest.raises(ValueError, match="images have 12 bands but the normalisation has 3"):
-        augment.make_views(jax.random.key(0), groups, recipe="moco", config=small_config())
+        augment.make_views(jax.random.key(0), groups, recipe="moco", settings=small_settings())
+
+
+# ----------------------------------------------------------------------------- dm-pix-free hue
+# The hue rotation through HSV (for machines without dm-pix) equals dm-pix's, which training uses.
+
+
+def sample_images():
+    """uint8 levels in [0, 1] (ties between channels are common), grey, black and white pixels."""
+    rng = np.random.default_rng(0)
+    image = np.round(rng.uniform(0, 1, (32, 32, 3)) * 255) / 255
+    image[0, :8] = rng.uniform(0, 1, (8, 1))  # grey: no hue
+    image[1, :4], image[1, 4:8] = 0.0, 1.0
+    image[2, :8, 0] = image[2, :8, 1]  # red = green
+    image[3, :8, 1] = image[3, :8, 2]  # green = blue
+    return jnp.asarray(image, jnp.float32)
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.1, -0.1, 0.25, -0.49, 0.5])
+def test_hue_rotation_equals_dm_pix(delta):
+    image = sample_images()
+    np.testing.assert_allclose(
+        augment.rotate_hue(image, delta), dm_pix.adjust_hue(image, delta), rtol=0, atol=2e-6
+    )
+
+
+def test_round_trip_and_known_colours():
+    image = sample_images()
+    planes = augment.rgb_to_hsv(image[..., 0], image[..., 1], image[..., 2])
+    np.testing.assert_allclose(jnp.stack(augment.hsv_to_rgb(*planes), -1), image, atol=2e-6)
+    # Pure red, green, blue sit at 0, 1/3 and 2/3 of a turn; a third of a turn maps red to green.
+    primaries = jnp.eye(3, dtype=jnp.float32)
+    hue, saturation, value = augment.rgb_to_hsv(primaries[:, 0], primaries[:, 1], primaries[:, 2])
+    np.testing.assert_allclose(hue, [0.0, 1 / 3, 2 / 3], atol=1e-7)
+    np.testing.assert_allclose((saturation, value), np.ones((2, 3)))
+    np.testing.assert_allclose(
+        augment.rotate_hue(primaries, 1 / 3), np.eye(3)[[1, 2, 0]], atol=1e-6
+    )

@@ -27,7 +27,7 @@ from helpers import (
 )
 
 from caco_jax import config as config_lib
-from caco_jax.data import archive, builder, layout, normalization, records, shard_writer
+from caco_jax.data import archive, builder, dataset, layout, normalization, records, shard_writer
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_every_input_form_gives_identical_records_and_run_task_uses_the_syntheti
     work = tmp_path / "work"  # with the synthetic archive where the `synthesize` task leaves it
     os.makedirs(work)
     os.symlink(os.path.dirname(synthetic), work / "synthetic_archive")
-    result = builder.run_task(config, os.fspath(work))
+    result = dataset.run_task(config_lib.resolve(config), os.fspath(work))
     data_dir = tmp_path / "work" / "tfds"
     assert result["locations_written"] == 3 and result["source_files"] == [
         "clean_synthetic_geography"
@@ -69,7 +69,8 @@ def test_every_input_form_gives_identical_records_and_run_task_uses_the_syntheti
     tar_dir.mkdir()
     tar = pack_tar_gz(synthetic, os.fspath(tar_dir / "clean_synthetic_geography.tar.gz"))
     config.data.archive, config.data.data_dir = tar, os.fspath(tmp_path / "tfds_tar")
-    assert builder.run_task(config, os.fspath(tmp_path / "work"))["locations_written"] == 3
+    result_tar = dataset.run_task(config_lib.resolve(config), os.fspath(tmp_path / "work"))
+    assert result_tar["locations_written"] == 3
     metadata = tfds.builder_from_directory(
         tmp_path / "tfds_tar/caco_geography/rgb/2.0.0"
     ).info.metadata
@@ -84,13 +85,13 @@ def test_every_input_form_gives_identical_records_and_run_task_uses_the_syntheti
     assert_same_records(all_records(tmp_path / "tfds_parts"), folder)
 
     # Prepared data is reused, but never silently for another archive.
-    assert builder.run_task(config, os.fspath(tmp_path / "work")) == result
+    assert dataset.run_task(config_lib.resolve(config), os.fspath(tmp_path / "work")) == result
     config.data.archive = os.fspath(tar_dir)
     with pytest.raises(archive.ArchiveError, match=r"prepared from.*delete it"):
-        builder.run_task(config, os.fspath(tmp_path / "work"))
+        dataset.run_task(config_lib.resolve(config), os.fspath(tmp_path / "work"))
     config.data.archive = ""
     with pytest.raises(archive.ArchiveError, match=r"config\.data\.archive is empty"):
-        builder.run_task(config, os.fspath(tmp_path / "nothing"))
+        dataset.run_task(config_lib.resolve(config), os.fspath(tmp_path / "nothing"))
 
 
 def test_all_bands_records_hold_every_band_at_native_resolution(synthetic, tmp_path):
@@ -111,7 +112,7 @@ def test_all_bands_records_hold_every_band_at_native_resolution(synthetic, tmp_p
                     np.testing.assert_array_equal(pixels[t, ..., c], ds.read(1))
 
     # The per-band statistics were computed while preparing: pretraining reads no pixels for them.
-    source = records.open_records(os.fspath(tmp_path), "all_bands")
+    source = dataset.open_records(os.fspath(tmp_path), "all_bands")
     reads = count_record_reads(source)
     stored = normalization.for_records("all_bands", source)
     assert reads == []
@@ -153,7 +154,7 @@ def test_skips_are_reported_beside_the_records_and_in_the_metadata(
     assert (
         "4 of 5 locations written (39 acquisitions); skipped 1 locations" in capsys.readouterr().out
     )
-    source = records.open_records(tmp_path)
+    source = dataset.open_records(tmp_path)
     assert sorted(len(source.windows(i)) for i in range(len(source))) == [9, 10, 10, 10]
 
 
@@ -166,7 +167,7 @@ def test_too_many_skips_fail_the_build_and_leave_only_the_report(faulty_archive,
     assert "too few acquisitions" in (config_dir / builder.FAILED_SKIP_REPORT).read_text()
     assert not builder.CacoGeography(config="rgb", data_dir=os.fspath(tmp_path)).is_prepared()
     with pytest.raises(FileNotFoundError, match="no prepared caco_geography/rgb records"):
-        records.open_records(os.fspath(tmp_path))
+        dataset.open_records(os.fspath(tmp_path))
     prepare(root.parent, tmp_path, max_skip_fraction=0.2)
     assert sorted(os.listdir(config_dir)) == ["2.0.0"]
 
@@ -205,7 +206,7 @@ def test_records_read_through_tfds_data_source_and_grain_without_tensorflow(synt
 def test_the_side_index_agrees_with_the_records(faulty_archive, tmp_path):
     root, bad_acquisition = faulty_archive
     prepare(root.parent, tmp_path, max_skip_fraction=0.25, num_workers=2)
-    source = records.open_records(os.fspath(tmp_path))
+    source = dataset.open_records(os.fspath(tmp_path))
     acquisitions = source.acquisitions  # the tfds.data_source, decoded by TFDS
     index = source.index
     assert len(source) == 4 and index.num_acquisitions == len(acquisitions) == 39
@@ -229,8 +230,8 @@ def test_records_of_builder_version_1_are_refused_with_how_to_prepare_again(synt
     prepared = prepare(synthetic, tmp_path)
     old = tmp_path / "caco_geography" / "rgb" / "1.0.0"
     os.rename(prepared.data_path, old)  # what the one-record-per-location builder left
-    with pytest.raises(records.OutdatedRecordsError) as error:
-        records.open_records(os.fspath(tmp_path))
+    with pytest.raises(dataset.OutdatedRecordsError) as error:
+        dataset.open_records(os.fspath(tmp_path))
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{old}: caco_geography/rgb records")
     assert f"delete {old} and run the 'prepare' task" in message

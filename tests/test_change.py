@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caco_jax import change, change_report
+from caco_jax.pretrain import change, change_report
 
 
 def test_statistics_on_hand_made_embeddings():

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import rasterio
 
-from caco_jax import change_map, embed
 from caco_jax import config as config_lib
-from caco_jax.data import synthetic
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import common
 from caco_jax.models import export
+from caco_jax.products import change_map, embed
+from caco_jax.sources import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_change_map_of_an_archive(tmp_path, archive_and_encoder):
     config.change_map.batch_size = 8
     config.change_map.land_mask = False  # the 1 GB land mask is not needed to test the map
     config_lib.validate(config)
-    result = change_map.run_task(config, str(tmp_path))
+    result = change_map.run_task(config_lib.resolve(config), str(tmp_path))
     assert result["locations"] == 3
 
     with open(result["change_map_csv"]) as f:
@@ -93,7 +93,7 @@ def test_locations_without_two_acquisitions_per_window_are_skipped():
 
 
 def test_change_map_of_a_pretraining_run_from_its_own_labels(tmp_path):
-    from caco_jax.change_report import LABEL_COLUMNS
+    from caco_jax.pretrain.change_report import LABEL_COLUMNS
 
     rows = [  # two locations; item 3 never seen; location b labelled changed through item 2
         (0, 0, "a", 45.5, 7.25, 0, 1, 0.2, 0.1, 2.0, 0),
@@ -110,7 +110,7 @@ def test_change_map_of_a_pretraining_run_from_its_own_labels(tmp_path):
     config.change_map.kind = "pretraining"
     config.change_map.land_mask = False
     config_lib.validate(config)
-    result = change_map.run_task(config, str(tmp_path))
+    result = change_map.run_task(config_lib.resolve(config), str(tmp_path))
     with open(result["change_map_csv"]) as f:
         table = {row["location_id"]: row for row in csv.DictReader(f)}
     assert set(table) == {"a", "b"}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 
-from caco_jax import checkpointing
+from caco_jax.runtime import checkpointing
 
 
 def state_at(step):
@@ -56,7 +56,7 @@ def truncate_data_position(step_dir):
 
 
 def warnings_logged(caplog):
-    """The warnings `caco_jax.checkpointing` itself logged (not Orbax's)."""
+    """The warnings `caco_jax.runtime.checkpointing` itself logged (not Orbax's)."""
     return [
         record.getMessage()
         for record in caplog.records

@@ -14,12 +14,13 @@ import tempfile
 import gcs_emulator
 import jax
 import pytest
-from helpers import prepare, synthetic_folder, tiny_config
+from helpers import prepare, synthetic_folder, tiny_settings
 
-from caco_jax import mesh as mesh_lib
-from caco_jax import storage, train
-from caco_jax.data import normalization, records
+from caco_jax.data import dataset, normalization, records
 from caco_jax.models import export
+from caco_jax.pretrain import train
+from caco_jax.runtime import mesh as mesh_lib
+from caco_jax.runtime import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKDIR = f"gs://{gcs_emulator.BUCKET}/run"
@@ -41,10 +42,10 @@ def bucket_objects(prefix: str) -> list[str]:
     return sorted(name.removeprefix(root) for name in gcs.find(root))
 
 
-def pretrain(config, data_dir):
-    source = records.open_records(data_dir, "rgb")
+def pretrain(settings, data_dir):
+    source = dataset.open_records(data_dir, "rgb")
     return train.train(
-        config,
+        settings,
         WORKDIR,
         source,
         normalization=normalization.for_records("rgb", source),
@@ -68,10 +69,10 @@ def test_pretraining_writes_into_a_bucket_and_resumes_from_it(
     data_dir = tmp_path / "tfds"
     prepare(synthetic_folder(tmp_path_factory), data_dir, num_workers=1)
     monkeypatch.chdir(tmp_path)  # where a bucket path mistaken for a local one would land
-    config = tiny_config(batch_size=6, epochs=2)
-    config.checkpoint.every_steps = 1  # one step per epoch: a checkpoint at each epoch's end
+    # One step per epoch: a checkpoint at each epoch's end.
+    settings = tiny_settings(batch_size=6, epochs=2).replace(checkpoint={"every_steps": 1})
 
-    first = pretrain(config, os.fspath(data_dir))
+    first = pretrain(settings, os.fspath(data_dir))
     assert (first["steps"], first["resumed_from"], first["steps_per_epoch"]) == (2, None, 1)
     assert first["encoder"] == f"{WORKDIR}/encoder"
     written = bucket_objects("run")
@@ -86,8 +87,7 @@ def test_pretraining_writes_into_a_bucket_and_resumes_from_it(
     steps = [json.loads(line)["step"] for line in storage.path(f"{WORKDIR}/metrics.jsonl").open()]
     assert steps[0] == 1 and steps[-1] == 2
 
-    config.train.epochs = 3
-    second = pretrain(config, os.fspath(data_dir))
+    second = pretrain(settings.replace(train={"epochs": 3}), os.fspath(data_dir))
     assert (second["resumed_from"], second["steps"]) == (2, 3)
     assert "checkpoints/3/state/manifest.ocdbt" in bucket_objects("run")
     assert export.read_metadata(f"{WORKDIR}/encoder")["step"] == 3

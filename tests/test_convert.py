@@ -17,9 +17,8 @@ nn = torch.nn
 from torch_resnet import random_torch_resnet, sequential_state_dict  # noqa: E402
 
 from caco_jax import config as config_lib  # noqa: E402
-from caco_jax import convert  # noqa: E402
 from caco_jax.data.normalization import Normalization  # noqa: E402
-from caco_jax.models import export  # noqa: E402
+from caco_jax.models import convert, export  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -103,7 +102,7 @@ def test_convert_task_writes_an_export_the_evaluators_load(tmp_path):
     config = config_lib.for_tasks("convert_weights")
     config.convert.source = path
     config_lib.validate(config)
-    result = convert.run_task(config, str(tmp_path))
+    result = convert.run_task(config_lib.resolve(config), str(tmp_path))
     model, metadata = export.load_encoder(result["export"])
     assert result["export"] == os.path.join(tmp_path, "encoder")
     assert metadata["depth"] == 18 and metadata["source"] == path

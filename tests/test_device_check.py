@@ -84,16 +84,6 @@ def test_smoke_run_writes_every_row_without_the_data_and_checkpoint_packages(tmp
     assert result.stdout.count(" R18 ") == 3
 
 
-def test_config_defaults_are_the_pretraining_defaults():
-    import device_check
-
-    from caco_jax import config as config_lib
-
-    base = config_lib.for_tasks("pretrain").to_dict()
-    expected = {name: base[name] for name in device_check.CONFIG_DEFAULTS}
-    assert device_check.CONFIG_DEFAULTS == expected
-
-
 def test_peak_follows_the_precision_and_the_override():
     import device_check
 

@@ -15,11 +15,12 @@ import rasterio
 from helpers import SETTINGS, SITES, WINDOWS, FakeClient, fake_band, fake_kind
 
 from caco_jax import config as config_lib
-from caco_jax.data import layout
-from caco_jax.download import downloader, footprint, writer
-from caco_jax.download.client import Acquisition, TransientError
-from caco_jax.download.downloader import choose_acquisitions, download_all
-from caco_jax.download.task import run
+from caco_jax.data import dataset, layout
+from caco_jax.settings import SettingsError
+from caco_jax.sources.download import downloader, footprint, writer
+from caco_jax.sources.download.client import Acquisition, TransientError
+from caco_jax.sources.download.downloader import choose_acquisitions, download_all
+from caco_jax.sources.download.task import run
 
 
 def _fifth(day, window):
@@ -40,7 +41,7 @@ def _files(folder):
 
 def test_reflectance_to_uint8_clips_and_truncates_like_seco():
     dn = np.array([-5, 0, 39, 40, 5000, 9999, 10_000, 12_000])
-    np.testing.assert_array_equal(downloader.to_uint8(dn), [0, 0, 0, 1, 127, 254, 255, 255])
+    np.testing.assert_array_equal(layout.to_archive_uint8(dn), [0, 0, 0, 1, 127, 254, 255, 255])
     qa60 = np.array([[0, 1 << 10], [1 << 11, 1 << 3]])
     assert downloader.cloud_fraction(downloader.CLOUD_MASKS["qa60"], qa60) == 0.5
     scl = np.array([[3, 4, 5, 6, 7], [8, 9, 10, 11, 2]])
@@ -132,7 +133,8 @@ def test_written_layout_is_exactly_the_published_one(tmp_path):
                         src.bounds, (box.west, box.south, box.east, box.north), atol=1e-9
                     )
                     pixels = src.read(1).astype(np.float64)
-                expected = downloader.to_uint8(fake_band(name, band, layout.band_shape(band)[0]))
+                raw = fake_band(name, band, layout.band_shape(band)[0])
+                expected = layout.to_archive_uint8(raw)
                 assert np.abs(pixels - expected).mean() < 2.0  # JPEG is lossy
             with open(os.path.join(folder, layout.METADATA_FILE)) as f:
                 metadata = json.load(f)
@@ -157,7 +159,7 @@ def test_a_failing_location_is_reported_and_not_fatal(tmp_path):
         f.write(
             "location_id,lat,lon\n" + "".join(f"{s.location_id},{s.lat},{s.lon}\n" for s in SITES)
         )
-    result = run(client, config, str(tmp_path), progress=False)
+    result = run(client, config_lib.resolve(config), str(tmp_path), progress=False)
     assert (result["complete"], result["failed"]) == (2, 2)
     assert sorted(os.listdir(config.download.output)) == ["000000", "000002"]
     with open(result["report"]) as f:
@@ -238,15 +240,15 @@ def test_resume_after_an_interruption_gives_the_same_archive(tmp_path):
 def test_bad_download_config_names_the_key():
     config = config_lib.for_tasks("download")
     config.download.windows = (("2019-01-01", "2020-06-01"), ("2023-01-01", "2024-01-01"))
-    with pytest.raises(config_lib.ConfigError, match=r"config\.download\.windows"):
+    with pytest.raises(SettingsError, match=r"config\.download\.windows"):
         config_lib.validate(config)
     config.download.windows = (("2023-01-01", "2024-01-01"), ("2019-01-01", "2020-01-01"))
-    with pytest.raises(config_lib.ConfigError, match="early window must end first"):
+    with pytest.raises(SettingsError, match="early window must end first"):
         config_lib.validate(config)
     config = config_lib.for_tasks("download")
     config.download.min_acquisitions_per_window = 6
     with pytest.raises(
-        config_lib.ConfigError, match=r"config\.download\.min_acquisitions_per_window"
+        SettingsError, match=r"config\.download\.min_acquisitions_per_window"
     ):
         config_lib.validate(config)
 
@@ -258,7 +260,6 @@ def test_the_core_never_imports_earth_engine():
 
 
 def test_a_downloaded_archive_goes_through_the_builder(tmp_path):
-    from caco_jax.data import builder, records
 
     archive = str(tmp_path / "archive" / "clean_custom_geography")
     sites = SITES[:2]
@@ -271,11 +272,11 @@ def test_a_downloaded_archive_goes_through_the_builder(tmp_path):
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.num_workers = 1
     config.data.max_skip_fraction = 0.0
-    result = builder.run_task(config, str(tmp_path))
+    result = dataset.run_task(config_lib.resolve(config), str(tmp_path))
     assert (result["locations_written"], result["locations_skipped"]) == (2, 0)
     assert result["acquisitions_written"] == 20
 
-    source = records.open_records(config.data.data_dir, "rgb")
+    source = dataset.open_records(config.data.data_dir, "rgb")
     assert len(source) == 2
     for index, site in enumerate(sites):
         arrays = source[index]
@@ -330,7 +331,7 @@ class _FakeEarthEngine:
 def test_earth_engine_client_builds_the_expected_requests(monkeypatch):
     import sys
 
-    from caco_jax.download import earth_engine
+    from caco_jax.sources.download import earth_engine
 
     fake = _FakeEarthEngine()
     fake.info = {
@@ -373,7 +374,7 @@ def test_earth_engine_client_builds_the_expected_requests(monkeypatch):
 
 
 def test_earth_engine_errors_are_sorted_into_transient_and_permanent():
-    from caco_jax.download import earth_engine
+    from caco_jax.sources.download import earth_engine
 
     def failing(message):
         def fn():

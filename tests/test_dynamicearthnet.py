@@ -17,8 +17,9 @@ import rasterio
 from helpers import xla_flags
 
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
-from caco_jax.evaluators import common, metrics, segmentation, tiling
-from caco_jax.evaluators import dynamicearthnet_builder as builder
+from caco_jax.evaluators import common, metrics, tiling
+from caco_jax.evaluators import dynamicearthnet as segmentation
+from caco_jax.evaluators.datasets import dynamicearthnet as builder
 from caco_jax.models import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,15 +254,22 @@ def test_tiles_stitch_back_and_crops_cut_images_and_maps_alike():
 
 def test_the_encoder_input_comes_from_the_export_and_must_be_rgb(tmp_path):
     model = common.random_encoder(18, 3, seed=0)
+
+    def rows(path):
+        return common.encoders(common.EvalSettings(checkpoint=str(path)), 0, str(tmp_path))
+
     plain = export.save_encoder(tmp_path / "plain", model, {"method": "test"})
-    assert segmentation.input_normalization(str(plain)) == Normalization.rgb()
+    with pytest.warns(UserWarning, match="assuming the official RGB input"):
+        checkpoint, _ = rows(plain)
+    assert segmentation.check_rgb(checkpoint) == Normalization.rgb()
     custom = Normalization.rgb().to_json() | {"mean": [0.3, 0.3, 0.3]}
     recorded = export.save_encoder(tmp_path / "recorded", model, {EXPORT_KEY: custom})
-    assert segmentation.input_normalization(str(recorded)).mean == (0.3, 0.3, 0.3)
+    # The random row has no export: it takes the checkpoint's input, as it takes its shape.
+    assert [segmentation.check_rgb(row).mean for row in rows(recorded)] == [(0.3, 0.3, 0.3)] * 2
     other = custom | {"bands": ["B8", "B4", "B3"]}
     wrong = export.save_encoder(tmp_path / "wrong", model, {EXPORT_KEY: other})
     with pytest.raises(ValueError, match="takes bands"):
-        segmentation.input_normalization(str(wrong))
+        segmentation.check_rgb(rows(wrong)[0])
 
 
 def test_run_py_evaluates_frozen_and_finetuned_without_tensorflow(download, tmp_path):
@@ -292,9 +300,9 @@ def test_run_py_evaluates_frozen_and_finetuned_without_tensorflow(download, tmp_
         f"--config.eval.checkpoint={checkpoint}",
         f"--config.eval.manual_dir={root / 'zipped'}",
         f"--config.eval.data_dir={tmp_path / 'tfds'}",
-        "--config.eval.tile_size=32",
-        "--config.eval.batch_size=16",
-        "--config.eval.epochs=1",
+        "--config.dynamicearthnet.tile_size=32",
+        "--config.dynamicearthnet.batch_size=16",
+        "--config.dynamicearthnet.epochs=1",
     ]
     runs = {
         "frozen": [f"--config.eval.imagenet_checkpoint={imagenet}"],
@@ -332,6 +340,7 @@ def test_config_selects_the_mode_and_validates():
     for arg, finetune in ((None, False), ("frozen", False), ("finetune", True)):
         config = module.get_config(arg)
         config_lib.validate(config)
-        assert config.tasks == ("eval_dynamicearthnet",) and config.eval.finetune == finetune
+        assert config.tasks == ("eval_dynamicearthnet",)
+        assert config.dynamicearthnet.finetune == finetune
     with pytest.raises(ValueError, match="'linear'"):
         module.get_config("linear")

@@ -13,11 +13,11 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as reproject
 
 from caco_jax import config as config_lib
-from caco_jax import embed
 from caco_jax.data import layout
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import common
 from caco_jax.models import export
+from caco_jax.products import embed
 
 TILE = 32
 
@@ -103,7 +103,7 @@ def test_multiband_file_is_ordered_by_its_band_descriptions(tmp_path, encoder):
     config.embed.encoder = directory
     config.embed.batch_size = 8  # as the test above: one compile
     config_lib.validate(config)
-    result = embed.run_task(config, str(tmp_path))
+    result = embed.run_task(config_lib.resolve(config), str(tmp_path))
     saved = np.load(result["npz"])
     origins = [(0, 0), (0, 8), (8, 0), (8, 8)]
     rgb = pixels[::-1].transpose(1, 2, 0).astype(np.float64)  # file B2, B3, B4 -> B4, B3, B2
@@ -141,7 +141,7 @@ def test_bad_inputs_name_the_file_and_what_was_expected(tmp_path, encoder):
 
 
 def test_archive_acquisitions_become_whole_tiles_in_the_encoders_band_order(tmp_path):
-    from caco_jax.data import synthetic
+    from caco_jax.sources import synthetic
 
     path = synthetic.write_archive(str(tmp_path), num_locations=2, seed=0, stray_files=False)
     mixed = Normalization(

@@ -24,21 +24,22 @@ import numpy as np
 import pytest
 from helpers import END_TO_END_EPOCHS, END_TO_END_LOCATIONS, end_to_end_config
 
-from caco_jax import mesh as mesh_lib
-from caco_jax import train
-from caco_jax.data import builder, records
-from caco_jax.data.synthetic import scoring
+from caco_jax import config as config_lib
+from caco_jax.data import dataset, records
+from caco_jax.evaluators import change_scoring as scoring
+from caco_jax.pretrain import train
+from caco_jax.runtime import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 SUBPROCESS_TIMEOUT = 1800  # a hang fails the test; a loaded 2-core machine needs minutes
 
 
-def pretrain(config, workdir):
+def pretrain(settings, workdir):
     """Task `pretrain` on one device (the official single-GPU run), returning its results."""
-    source = records.open_records(config.data.data_dir, "rgb")
+    source = dataset.open_records(settings.data.data_dir, "rgb")
     return train.train(
-        config,
+        settings,
         workdir,
         source,
         locations=lambda: records.location_table(source),
@@ -140,8 +141,8 @@ def test_change_labels_agree_with_the_ground_truth(synthetic_run):
 def test_downloaded_archive_goes_through_prepare_and_a_pretraining_step(tmp_path):
     from helpers import SETTINGS, FakeClient
 
-    from caco_jax.download.downloader import download_all
-    from caco_jax.sampling.files import Site
+    from caco_jax.sources.download.downloader import download_all
+    from caco_jax.sources.sampling.files import Site
 
     sites = [Site(f"{i:06d}", 40.0 + 0.37 * i, -3.0 + 0.53 * i) for i in range(8)]
     archive = tmp_path / "archive" / "clean_custom_geography"
@@ -151,10 +152,11 @@ def test_downloaded_archive_goes_through_prepare_and_a_pretraining_step(tmp_path
     config = end_to_end_config(str(tmp_path), train__max_steps=1, model__width=8)
     config.data.archive = str(archive.parent)
     config.data.max_skip_fraction = 0.0
-    prepared = builder.run_task(config, str(tmp_path))
+    settings = config_lib.resolve(config)
+    prepared = dataset.run_task(settings, str(tmp_path))
     assert (prepared["locations_written"], prepared["locations_skipped"]) == (8, 0)
 
-    results = pretrain(config, str(tmp_path))
+    results = pretrain(settings, str(tmp_path))
     assert results["steps"] == 1 and np.isfinite(results["epochs"][0]["loss"])
     assert os.path.isdir(tmp_path / "encoder")
-    assert scoring.run_task(config, str(tmp_path)) == {}  # no synthetic ground truth
+    assert scoring.run_task(settings, str(tmp_path)) == {}  # no synthetic ground truth

@@ -23,21 +23,14 @@ from PIL import Image
 from rasterio.io import MemoryFile
 
 from caco_jax import config as config_lib
-from caco_jax.data import layout
+from caco_jax.data import dataset, layout
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
-from caco_jax.evaluators import (
-    bands,
-    bigearthnet_builder,
-    common,
-    eurosat_builder,
-    linear_probe,
-    multilabel,
-    oscd_builder,
-    split_lists,
-    tiling,
-    unet,
-)
-from caco_jax.models import export
+from caco_jax.evaluators import bigearthnet, common, eurosat, heads, land_cover, tiling
+from caco_jax.evaluators.datasets import bigearthnet as bigearthnet_builder
+from caco_jax.evaluators.datasets import eurosat as eurosat_builder
+from caco_jax.evaluators.datasets import oscd as oscd_builder
+from caco_jax.evaluators.datasets import split_lists
+from caco_jax.models import export, unet
 from caco_jax.models.resnet import BatchNorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,17 +156,22 @@ ALL_BANDS_INPUT = Normalization(
 )
 
 
-def eval_config(encoder_dir, tmp_path, **eval_values):
-    config = config_lib.for_tasks("linear_probe")  # the eval section and data (land cover)
+def eval_config(encoder_dir, tmp_path, *tasks, **values):
+    """A config of ``tasks`` (default: the land-cover probe) with tiny protocols; ``values`` are
+    ``section__key=value``."""
+    config = config_lib.for_tasks(*(tasks or ("eval_land_cover",)))
     config.eval.checkpoint = encoder_dir
     config.eval.data_dir = str(tmp_path / "tfds")
-    config.eval.epochs = 3
-    config.eval.milestones = (1, 2)
     config.eval.extract_batch_size = 16
     config.eval.random_baseline = False
     config.eval.prepare_workers = 1
-    for key, value in eval_values.items():
-        config.eval[key] = value
+    for section in ("eurosat", "bigearthnet", "land_cover"):
+        if section in config:
+            config[section].epochs = 3
+            config[section].milestones = (1, 2)
+    for key, value in values.items():
+        section, name = key.split("__")
+        config[section][name] = value
     config_lib.validate(config)
     return config
 
@@ -192,10 +190,8 @@ def test_linear_head_learns_separable_features():
     labels = rng.integers(0, 4, 256)
     features = rng.normal(size=(256, 8)).astype(np.float32)
     features[np.arange(256), labels] += 4.0
-    settings = linear_probe.HeadSettings(
-        epochs=10, batch_size=32, learning_rate=0.05, milestones=(6, 8)
-    )
-    result = linear_probe.probe_top1(
+    settings = heads.HeadSettings(epochs=10, batch_size=32, learning_rate=0.05, milestones=(6, 8))
+    result = heads.probe_top1(
         (features[:192], labels[:192]),
         (features[192:], labels[192:]),
         num_classes=4,
@@ -207,12 +203,12 @@ def test_linear_head_learns_separable_features():
 
 
 def test_learning_rate_is_multiplied_by_a_tenth_at_each_milestone_epoch():
-    settings = linear_probe.HeadSettings(milestones=(2, 3))
-    schedule = linear_probe.step_schedule(settings, 10)  # per step (fine-tuning)
+    settings = heads.HeadSettings(milestones=(2, 3))
+    schedule = heads.step_schedule(settings, 10)  # per step (fine-tuning)
     assert [float(schedule(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx(
         [1e-3, 1e-3, 1e-4, 1e-4, 1e-5]
     )
-    per_epoch = [linear_probe.epoch_learning_rate(settings, e) for e in (0, 1, 2, 3)]
+    per_epoch = [heads.epoch_learning_rate(settings, e) for e in (0, 1, 2, 3)]
     assert per_epoch == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
 
 
@@ -234,17 +230,17 @@ def test_refresh_batch_stats_moves_running_statistics_to_the_data():
 def test_nineteen_class_mapping_covers_the_43_labels():
     labels = bigearthnet_builder.LABELS
     assert len(labels) == 43 and list(labels) == sorted(labels)
-    mapping = multilabel.nineteen_class_index(labels)
+    mapping = bigearthnet.nineteen_class_index(labels)
     assert sorted(set(mapping.tolist()) - {-1}) == list(range(19))
     assert (mapping == -1).sum() == 11
-    target = multilabel.multi_hot([labels.index("Rice fields"), labels.index("Airports")], mapping)
-    assert np.flatnonzero(target).tolist() == [multilabel.CLASSES_19.index("Arable land")]
+    target = bigearthnet.multi_hot([labels.index("Rice fields"), labels.index("Airports")], mapping)
+    assert np.flatnonzero(target).tolist() == [bigearthnet.CLASSES_19.index("Arable land")]
 
 
 def test_label_subset_is_seeded_and_without_duplicates():
-    subset = multilabel.label_subset(1000, 0.1, seed=3)
+    subset = bigearthnet.label_subset(1000, 0.1, seed=3)
     assert subset.size == 100 and np.unique(subset).size == 100
-    np.testing.assert_array_equal(subset, multilabel.label_subset(1000, 0.1, seed=3))
+    np.testing.assert_array_equal(subset, bigearthnet.label_subset(1000, 0.1, seed=3))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,18 +351,19 @@ def test_oscd_builder_names_a_missing_mask(tmp_path):
 
 
 def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path):
-    from caco_jax.data import builder, synthetic
+    from caco_jax.sources import synthetic
 
-    config = eval_config(encoder_dir, tmp_path, image_size=32, batch_size=4, epochs=3)
+    config = eval_config(encoder_dir, tmp_path, land_cover__image_size=32, land_cover__batch_size=4)
     config.synthetic = config_lib.for_tasks("synthesize").synthetic
     config.synthetic.num_locations = 10
     config.data.num_workers = 1
-    synthetic.run_task(config, str(tmp_path))
-    builder.run_task(config, str(tmp_path))
+    settings = config_lib.resolve(config)
+    synthetic.run_task(settings, str(tmp_path))
+    dataset.run_task(settings, str(tmp_path))
 
-    result = linear_probe.land_cover_task(config, str(tmp_path))
+    result = land_cover.run_task(settings, str(tmp_path))
 
-    record = read_metrics(encoder_dir, "linear_probe")
+    record = read_metrics(encoder_dir, "eval_land_cover")
     assert result["rows"] == record["rows"]
     assert record["classes"] == len(synthetic.LAND_COVER_CLASSES)
     # Early-window acquisitions only, locations split in halves: 5 locations x 5 images each.
@@ -402,8 +399,8 @@ def test_official_probe_step_by_hand():
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     images = jnp.array([3.0, 5.0]).reshape(2, 1, 1, 1)
     head = {"kernel": jnp.array([[1.0, -1.0]]), "bias": jnp.zeros(2)}
-    stats, new_head, _, loss = linear_probe.official_head_epoch(
-        graphdef, params, stats, head, linear_probe.ADAM.init(head), images, jnp.array([0, 1]),
+    stats, new_head, _, loss = heads.official_head_epoch(
+        graphdef, params, stats, head, heads.ADAM.init(head), images, jnp.array([0, 1]),
         jnp.asarray(np.array([0, 7], np.uint32)), jnp.float32(1e-3),
         preprocess=identity, batch_size=2, steps_per_epoch=1,
     )  # fmt: skip
@@ -419,8 +416,8 @@ def test_official_probe_drifts_running_statistics_and_evaluates_with_them():
     model = PooledBatchNorm()
     model.eval()
     images = np.array([3.0, 5.0], np.float32).reshape(2, 1, 1, 1)
-    settings = linear_probe.HeadSettings(epochs=3, batch_size=2, milestones=())
-    linear_probe.train_head_with_encoder_in_train_mode(
+    settings = heads.HeadSettings(epochs=3, batch_size=2, milestones=())
+    heads.train_head_with_encoder_in_train_mode(
         model, images, np.array([0, 1]), preprocess=identity, num_classes=2,
         settings=settings, seed=0,
     )  # fmt: skip
@@ -477,20 +474,20 @@ def test_download_lists_fetches_the_missing_lists(tmp_path, monkeypatch):
 
 
 def test_bands_are_taken_by_name_and_a_missing_one_names_both_sides():
-    assert bands.channel_indices("OSCD", oscd_builder.ALL_BANDS, ("B4", "B8A", "B1")) == [3, 8, 0]
+    assert layout.channel_indices("OSCD", oscd_builder.ALL_BANDS, ("B4", "B8A", "B1")) == [3, 8, 0]
     with pytest.raises(ValueError, match=r"BigEarthNet has bands B1, .*needs .*missing B10"):
         needs_b10 = dict(ALL_BANDS_INPUT.__dict__, bands=(*layout.BANDS[:-1], "B10"))
-        multilabel.bigearthnet_input(Normalization(**needs_b10), "all_bands", 32)
+        bigearthnet.bigearthnet_input(Normalization(**needs_b10), "all_bands", 32)
     with pytest.raises(ValueError, match="EuroSAT RGB has bands B4, B3, B2; the encoder needs B1"):
-        linear_probe.eurosat_input(ALL_BANDS_INPUT, "rgb")
+        eurosat.eurosat_input(ALL_BANDS_INPUT, "rgb")
     # Reflectance x 10000 -> reflectance x 255, truncated and clipped like a uint8 cast.
     dn = np.array([0, 5000, 10000, 20000], np.uint16)
-    np.testing.assert_array_equal(bands.to_archive_scale(dn, np), [0, 127, 255, 255])
+    np.testing.assert_array_equal(layout.to_archive_uint8(dn, jnp), [0, 127, 255, 255])
 
 
 def test_seco_bigearthnet_stretch_is_mean_plus_minus_two_std():
-    stretch = multilabel.seco_stretch(["B04"])
-    mean, std = multilabel.BAND_MEAN["B04"], multilabel.BAND_STD["B04"]
+    stretch = bigearthnet.seco_stretch(["B04"])
+    mean, std = bigearthnet.BAND_MEAN["B04"], bigearthnet.BAND_STD["B04"]
     raw = np.array([[mean - 2 * std], [mean], [mean + 2 * std], [mean + 3 * std]])
     np.testing.assert_allclose(stretch(raw)[:, 0], [0.0, 127 / 255, 1.0, 1.0], atol=1e-6)
 
@@ -505,9 +502,10 @@ def test_eurosat_records_hold_the_downloaded_pixels(tmp_path):
     jpegs = write_eurosat_rgb_zip(manual)
     tiffs = write_eurosat_ms_folder(manual)
     write_eurosat_lists(manual)
-    config = eval_config("", tmp_path, manual_dir=str(manual))
+    config = eval_config("", tmp_path, "eval_eurosat", eval__manual_dir=str(manual))
+    shared = config_lib.resolve(config).eval
     for config_name, written in (("rgb", jpegs), ("all_bands", tiffs)):
-        data = linear_probe.load_eurosat(config, config_name)
+        data = eurosat.load_eurosat(shared, 0, config_name)
         assert data.images.shape == (40, 64, 64, 3 if config_name == "rgb" else 13)
         assert (data.train.size, data.val.size) == (30, 10) and not data.seeded_split
         assert sorted(data.names) == sorted(written)
@@ -525,8 +523,16 @@ def test_bigearthnet_records_hold_the_downloaded_bands_and_labels(tmp_path):
     patches = bigearthnet_patches()
     write_bigearthnet(manual, patches, as_tar=True)
     write_bigearthnet_lists(manual)
-    config = eval_config("", tmp_path, manual_dir=str(manual), train_fraction=0.5)
-    data = multilabel.load_bigearthnet(config, "all_bands")
+    settings = config_lib.resolve(
+        eval_config(
+            "",
+            tmp_path,
+            "eval_bigearthnet",
+            eval__manual_dir=str(manual),
+            bigearthnet__train_fraction=0.5,
+        )
+    )
+    data = bigearthnet.load_bigearthnet(settings.eval, settings.bigearthnet, 0, "all_bands")
     assert data.removed_cloud_snow == 3
     assert (data.train.size, data.val.size) == (7, 7)  # half of 16 - 2; 8 - 1
     for i in range(len(data.source)):
@@ -578,11 +584,11 @@ def test_bigearthnet_tar_with_a_split_patch_or_a_wrong_band_size_is_an_error(tmp
 
 
 def test_unprepared_dataset_without_manual_dir_names_the_key(tmp_path):
-    config = eval_config("", tmp_path)
+    shared = config_lib.resolve(eval_config("", tmp_path)).eval
     with pytest.raises(FileNotFoundError, match=r"config\.eval\.manual_dir: .*EuroSAT_RGB\.zip"):
-        linear_probe.load_eurosat(config, "rgb")
+        eurosat.load_eurosat(shared, 0, "rgb")
     with pytest.raises(FileNotFoundError, match=r"config\.eval\.checkpoint"):
-        common.encoders(config_lib.for_tasks("eval_eurosat"), str(tmp_path))
+        common.encoders(common.EvalSettings(), 0, str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,8 +615,11 @@ def run_evaluations(tmp_path, encoder, manual_dir, *overrides):
         "--config.tasks=('eval_eurosat', 'eval_bigearthnet', 'eval_oscd')",
         f"--config.eval.checkpoint={encoder}", f"--config.eval.manual_dir={manual_dir}",
         f"--config.eval.data_dir={tmp_path / 'tfds'}", "--config.eval.random_baseline=False",
-        "--config.eval.epochs=2", "--config.eval.milestones=(1,)", "--config.eval.batch_size=8",
-        "--config.eval.image_size=32", "--config.eval.tile_size=32",
+        "--config.eurosat.epochs=2", "--config.eurosat.milestones=(1,)",
+        "--config.eurosat.batch_size=8", "--config.bigearthnet.epochs=2",
+        "--config.bigearthnet.milestones=(1,)", "--config.bigearthnet.batch_size=8",
+        "--config.bigearthnet.image_size=32", "--config.oscd.epochs=2",
+        "--config.oscd.batch_size=8", "--config.oscd.tile_size=32",
         "--config.eval.extract_batch_size=16", "--config.eval.prepare_workers=1", *overrides,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -661,17 +670,17 @@ def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
 
     records = run_evaluations(
         tmp_path, str(encoder), manual, "--config.eval.seeded_split=True",
-        "--config.eval.probe=cached", "--config.eval.finetune=True",
-        "--config.eval.oscd_encoder_bn=eval",
+        "--config.eurosat.probe=cached", "--config.bigearthnet.finetune=True",
+        "--config.oscd.encoder_bn=eval",
     )  # fmt: skip
 
-    for task, dataset in (
+    for task, name in (
         ("eval_eurosat", "eurosat_download"),
         ("eval_bigearthnet", "bigearthnet_download"),
         ("eval_oscd", "oscd"),
     ):
         row = records[task]["rows"][0]
-        assert row["dataset"] == f"{dataset}/all_bands" and row["bands"] == list(layout.BANDS)
+        assert row["dataset"] == f"{name}/all_bands" and row["bands"] == list(layout.BANDS)
     eurosat, bigearthnet = records["eval_eurosat"], records["eval_bigearthnet"]
     assert eurosat["seeded_split"] and bigearthnet["seeded_split"]
     assert (eurosat["train_examples"], eurosat["val_examples"]) == (24, 8)  # 60 % / 20 % of 40
@@ -684,9 +693,9 @@ def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
 def test_the_random_row_copies_the_checkpoint_architecture(tmp_path):
     narrow = common.random_encoder(18, 3, seed=1, width=8)
     export.save_encoder(tmp_path / "encoder", narrow, {"method": "test"})
-    config = config_lib.for_tasks("eval_eurosat")
-    config.eval.checkpoint = str(tmp_path / "encoder")
-    rows = common.encoders(config, str(tmp_path))
+    rows = common.encoders(
+        common.EvalSettings(checkpoint=str(tmp_path / "encoder")), 0, str(tmp_path)
+    )
     assert [(r.name, r.model.width, r.model.depth) for r in rows] == [
         ("checkpoint", 8, 18),
         ("random", 8, 18),

@@ -1,4 +1,4 @@
-"""run.py over two JAX processes on localhost (caco_jax/multihost.py), as on two hosts.
+"""run.py over two JAX processes on localhost (caco_jax/runtime/multihost.py), as on two hosts.
 
 Two `run.py` processes with the explicit coordinator flags (2 CPU devices each) run
 configs/smoke.py's synthesize, prepare and pretrain tasks into one workdir: process 0 alone writes
@@ -21,9 +21,12 @@ import jax
 import pytest
 from helpers import free_port, xla_flags
 
-from caco_jax import checkpointing, multihost, train
 from caco_jax import config as config_lib
-from caco_jax import mesh as mesh_lib
+from caco_jax import tasks
+from caco_jax.data import dataset
+from caco_jax.pretrain import train
+from caco_jax.runtime import checkpointing, multihost
+from caco_jax.runtime import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 locations: one caco batch of 8 items per epoch; a width-8 ResNet-10 (the test is about the
@@ -184,7 +187,7 @@ def test_two_processes_prepare_once_stop_together_resume_and_a_lost_one_stops_th
     for name in os.listdir(checkpoints.directory):
         assert (name.isdigit() and int(name) in steps) or "tmp" in name, name
     mesh = mesh_lib.data_mesh(jax.devices()[:1])
-    run = train.setup(smoke_config(), 4, mesh=mesh)
+    run = train.setup(config_lib.resolve(smoke_config()), 4, mesh=mesh)
     target = checkpointing.replicated_target(mesh_lib.replicate(run.initial_state, mesh), mesh)
     for step in steps:
         assert int(checkpoints.restore(step, target).step) == step
@@ -221,21 +224,19 @@ def smoke_config():
 def test_a_waiting_process_stops_with_one_line_naming_the_folder_and_the_key(tmp_path):
     config = config_lib.for_tasks("prepare")
     config.data.wait_seconds = 0.2
-    with pytest.raises(multihost.DatasetWaitError) as error:
-        multihost.wait_for_dataset(
-            config, str(tmp_path), multihost.Process(index=1, count=2), poll_seconds=0.05
-        )
+    with pytest.raises(dataset.DatasetWaitError) as error:
+        dataset.wait_for_dataset(config_lib.resolve(config), str(tmp_path), poll_seconds=0.05)
     message = str(error.value)
     assert "\n" not in message
     assert str(tmp_path / "tfds") in message and "config.data.wait_seconds" in message
-    assert message.startswith("process 1:")
+    assert message.startswith("process 0:")
 
 
 # Three processes that join a run: process 0 idles, process 1 ends normally at once, process 2 is
 # killed at once. The peer watch alone, without JAX computations.
 PEER_WATCH_WORKER = """
 import os, signal, sys, time
-from caco_jax import multihost
+from caco_jax.runtime import multihost
 process_id, port = int(sys.argv[1]), sys.argv[2]
 multihost.initialize(auto=False, coordinator_address=f"localhost:{port}", num_processes=3,
                      process_id=process_id, peer_timeout_seconds=3)
@@ -291,8 +292,15 @@ def test_a_lost_peer_is_recognised_and_named_when_the_runtime_names_it():
     multihost.stop_if_peer_lost(ValueError("not about a peer"))  # returns: not a lost peer
 
 
-def test_a_multi_process_run_refuses_tasks_that_run_in_one_process():
-    multihost.check_tasks(("synthesize", "prepare", "pretrain"), multihost.Process(0, 2))
-    multihost.check_tasks(("linear_probe",), multihost.Process(0, 1))
-    with pytest.raises(ValueError, match=r"config\.tasks: 'linear_probe' runs in one process"):
-        multihost.check_tasks(("pretrain", "linear_probe"), multihost.Process(1, 2))
+def test_the_task_table_says_which_process_runs_what(monkeypatch):
+    assert tasks.multiprocess_refusals(("synthesize", "prepare", "pretrain")) == []
+    assert tasks.multiprocess_refusals(("pretrain", "eval_land_cover")) == ["eval_land_cover"]
+    calls = []
+    monkeypatch.setattr(dataset, "run_task", lambda s, w: calls.append("prepare") or {})
+    monkeypatch.setattr(dataset, "wait_for_dataset", lambda s, w: calls.append("wait") or {})
+    skipped = tasks.run("synthesize", None, "w", process_index=1, process_count=2)
+    assert skipped == {"skipped": "process 0 runs this task"}
+    for index in (1, 0):
+        tasks.run("prepare", None, "w", process_index=index, process_count=2)
+    tasks.run("prepare", None, "w")  # one process: it prepares
+    assert calls == ["wait", "prepare", "prepare"]

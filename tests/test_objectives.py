@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caco_jax import objectives
+from caco_jax.pretrain import objectives
 
 TEMPERATURE = 0.07
 

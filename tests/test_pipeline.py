@@ -5,11 +5,18 @@ import os
 
 import numpy as np
 import pytest
-from helpers import InMemoryLocations, count_record_reads, prepare, synthetic_folder, tiny_config
+from helpers import (
+    InMemoryLocations,
+    count_record_reads,
+    prepare,
+    synthetic_folder,
+    tiny_config,
+)
 
 from caco_jax import config as config_lib
 from caco_jax import methods
-from caco_jax.data import item_sampler, normalization, pipeline, records
+from caco_jax.data import dataset, item_sampler, normalization, pipeline
+from caco_jax.data.pipeline import InputSettings
 
 SIZE = 4  # pixels per side of the fake images
 WINDOWS = np.asarray((0,) * 5 + (1,) * 5)
@@ -37,14 +44,11 @@ def fake_records(num_locations, windows=WINDOWS, bands=False):
 def make(
     source, mode="caco", batch=4, seed=0, epochs=1, workers=0, threads=0, process=(0, 1), start=0
 ):
-    config = config_lib.for_tasks("pretrain")
-    config.input.num_workers = workers
-    config.input.num_threads = threads
-    config.method.name, config.train.batch_size, config.seed = mode, batch, seed
+    counts = int(source.acquisition_counts().sum())
     return pipeline.make_pipeline(
-        config,
+        InputSettings(num_workers=workers, num_threads=threads),
         source,
-        pipeline.Stream.from_config(config, len(source), int(source.acquisition_counts().sum())),
+        pipeline.Stream.of(methods.get(mode), batch, seed, len(source), counts),
         num_epochs=epochs,
         process_index=process[0],
         process_count=process[1],
@@ -173,7 +177,7 @@ def test_moco_epoch_visits_every_acquisition_once():
     assert source.pixel_reads == 58  # one acquisition read per item
     with pytest.raises(ValueError, match="the stream is of 30 acquisitions, the source holds 29"):
         pipeline.make_pipeline(
-            config_lib.for_tasks("pretrain"),
+            InputSettings(),
             source,
             pipeline.Stream("moco", 1, 0, 3, num_acquisitions=30),
         )
@@ -332,15 +336,18 @@ def prepared(tmp_path_factory):
 def test_prepared_records_end_to_end(prepared):
     """The real records (synthetic archive -> builder): each location reads only the acquisitions
     its items drew, each once, and the batches hold exactly those acquisitions' pixels."""
-    source = records.open_records(prepared, "rgb")
+    source = dataset.open_records(prepared, "rgb")
     whole = [source[i] for i in range(len(source))]
     reads = count_record_reads(source)
-    config = config_lib.for_tasks("pretrain")
+    input_settings = InputSettings()
     for method, batch_size in (("caco", 2), ("seco", 1)):
         reads.clear()
         batches = list(
             pipeline.make_pipeline(
-                config, source, pipeline.Stream(method, batch_size, 0, len(source)), num_epochs=1
+                input_settings,
+                source,
+                pipeline.Stream(method, batch_size, 0, len(source)),
+                num_epochs=1,
             )
         )
         assert len(batches) == len(source) == 3
@@ -363,7 +370,7 @@ def test_prepared_records_end_to_end(prepared):
         assert drawn <= {"caco": 6, "seco": 3}[method] * len(source)
     reads.clear()  # moco: each acquisition once, read alone
     stream = pipeline.Stream("moco", 1, 0, len(source), num_acquisitions=30)
-    batches = list(pipeline.make_pipeline(config, source, stream, num_epochs=1))
+    batches = list(pipeline.make_pipeline(input_settings, source, stream, num_epochs=1))
     assert len(batches) == 30 and sorted(reads) == list(range(30))
     visited = set()
     for batch in batches:
@@ -378,30 +385,31 @@ def test_pretrain_reads_no_pixels_before_its_first_batch(prepared, tmp_path, mon
     """Counting locations, their ids and coordinates, the normalisation and the stream: what the
     `pretrain` task prepares before its first step comes from the side index. (`train.train` then
     only builds the model from ``len(source)`` and asks the change report's table lazily.)"""
-    from caco_jax import train
+    from caco_jax.pretrain import train
 
     opened, handed_to_train = [], {}
-    open_records = records.open_records
+    open_records = dataset.open_records
 
     def counted_records(*args, **kwargs):
         source = open_records(*args, **kwargs)
         opened.append(count_record_reads(source))
         return source
 
-    monkeypatch.setattr(records, "open_records", counted_records)
+    monkeypatch.setattr(dataset, "open_records", counted_records)
     monkeypatch.setattr(train, "train", lambda *args, **kwargs: handed_to_train.update(kwargs))
     config = tiny_config(batch_size=2)  # caco: one location per batch
     config.data.data_dir = prepared
-    train.run_task(config, os.fspath(tmp_path))
+    settings = config_lib.resolve(config)
+    train.run_task(settings, os.fspath(tmp_path))
     (reads,) = opened
     table = handed_to_train["locations"]()
     assert [row[0] for row in table] == ["000000", "000001", "000002"]
     assert handed_to_train["normalization"].bands == ("B4", "B3", "B2")
     assert reads == []
-    source = records.open_records(prepared)
+    source = dataset.open_records(prepared)
     reads = opened[-1]
-    stream = pipeline.Stream.from_config(config, len(source))
-    batches = pipeline.make_pipeline(config, source, stream)
+    stream = pipeline.Stream.of(settings.method.method, 2, settings.seed, len(source))
+    batches = pipeline.make_pipeline(settings.input, source, stream)
     assert reads == []
     first = next(batches)
     assert first["images"].shape == (2, 3, 264, 264, 3)

@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 from torch_resnet import random_torch_resnet, sequential_state_dict  # noqa: E402
 
 from caco_jax import config as config_lib  # noqa: E402
-from caco_jax import pretrained  # noqa: E402
 from caco_jax.data.normalization import Normalization  # noqa: E402
-from caco_jax.models import export  # noqa: E402
+from caco_jax.models import export, pretrained  # noqa: E402
+from caco_jax.settings import SettingsError  # noqa: E402
 
 
 class Server:
@@ -178,11 +178,11 @@ def test_pretrained_task_writes_an_export_and_reads_exports_by_path(tmp_path, se
     config.pretrained.base_url = server.url
     config.pretrained.cache_dir = str(tmp_path / "cache")
     config_lib.validate(config)
-    result = pretrained.run_task(config, str(tmp_path))
+    result = pretrained.run_task(config_lib.resolve(config), str(tmp_path))
     assert result["export"] == os.path.join(tmp_path, "encoder")
     _, metadata = pretrained.load_pretrained(result["export"])
     assert (metadata["pretrained_name"], metadata["method"]) == ("r18_100k_moco", "moco")
 
     config.pretrained.name = ""
-    with pytest.raises(config_lib.ConfigError, match=r"pretrained\.name"):
+    with pytest.raises(SettingsError, match=r"pretrained\.name"):
         config_lib.validate(config)

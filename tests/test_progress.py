@@ -2,7 +2,7 @@
 
 import io
 
-from caco_jax import progress
+from caco_jax.runtime import progress
 
 
 def test_log_progress_prints_a_line_per_twentieth_and_at_the_end():

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caco_jax import momentum, queue
+from caco_jax.pretrain import queue
+from caco_jax.pretrain.state import ema_update
 
 enqueue = jax.jit(queue.enqueue)
 
@@ -109,9 +110,9 @@ def test_enqueue_rejects_mismatched_layouts():
 def test_ema_update_over_a_pytree():
     target = {"a": jnp.ones(3), "b": [jnp.zeros((2, 2), jnp.bfloat16)]}
     online = {"a": jnp.full(3, 3.0), "b": [jnp.ones((2, 2))]}
-    out = jax.jit(momentum.ema_update, static_argnums=2)(target, online, 0.75)
+    out = jax.jit(ema_update, static_argnums=2)(target, online, 0.75)
     np.testing.assert_allclose(out["a"], 1.5)
     np.testing.assert_allclose(np.asarray(out["b"][0], np.float32), 0.25)
     assert out["b"][0].dtype == jnp.bfloat16
     with pytest.raises(ValueError):
-        momentum.ema_update(target, {"a": online["a"]}, 0.5)
+        ema_update(target, {"a": online["a"]}, 0.5)

@@ -1,49 +1,88 @@
-"""run.py stops on bad flags and config values before any work, naming the culprit."""
+"""The command line stops on bad flags, overrides and config values before any work, naming the
+culprit: in-process through `main.parse_flags` and `config.resolve`, and once as a user runs it."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+from absl import flags
+
+from caco_jax import config as config_lib
+from caco_jax import main
+from caco_jax.settings import SettingsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args, workdir):
-    return subprocess.run(
-        [sys.executable, "run.py", "--config", "configs/demo.py", "--workdir", str(workdir), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.fixture
+def parse(monkeypatch):
+    """`main.parse_flags` on run.py's arguments (demo config); the flags are reset afterwards."""
+
+    def parse_args(*args, workdir=None):
+        workdir_args = ("--workdir", str(workdir)) if workdir else ()
+        argv = ["run.py", "--config", "configs/demo.py", *workdir_args, *args]
+        monkeypatch.setattr(sys, "argv", argv)  # config_flags defines the overrides from it
+        return main.parse_flags(argv)
+
+    old_cwd = os.getcwd()
+    os.chdir(ROOT)  # the config path is relative to the checkout
+    try:
+        yield parse_args
+    finally:
+        os.chdir(old_cwd)
+        flags.FLAGS.unparse_flags()
 
 
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (("--config.train.batch_size=-3",), "config.train.batch_size"),
-        (("--config.tasks=('synthesize', 'nope')",), "config.tasks"),
-        (("--config.data.builder_config=rgbn",), "config.data.builder_config"),
-        (("--config.train.bogus=1",), "'bogus'"),
+        (("--config.train.batch_size=-3",), r"config\.train\.batch_size: must be >= 2"),
+        (("--config.tasks=('synthesize', 'nope')",), r"config\.tasks: unknown task\(s\) \['nope'\]"),
+        (("--config.data.builder_config=rgbn",), r"config\.data\.builder_config"),
+        (("--config.train.milestones=(1, 50)",), r"config\.train\.milestones"),
+        (("--config.method.name=simclr",), r"config\.method\.name"),
+    ],
+)
+def test_bad_config_values_name_their_key(parse, args, named):
+    parse(*args)
+    with pytest.raises(SettingsError, match=named):
+        config_lib.resolve(main._CONFIG.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--config.train.bogus=1",), "a --config.* override names 'bogus'"),
         (("--no_such_flag",), "no_such_flag"),
     ],
 )
-def test_bad_values_fail_before_any_work_with_a_message_naming_them(tmp_path, args, named):
-    workdir = tmp_path / "w"
-    result = run(*args, workdir=workdir)
-    assert result.returncode != 0
-    assert named in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not workdir.exists()  # nothing was started
+def test_bad_flags_are_one_line(parse, args, message):
+    with pytest.raises(SystemExit) as stop:
+        parse(*args)
+    assert message in str(stop.value.code) and "\n" not in str(stop.value.code)
 
 
-def test_workdir_naming_an_existing_file_is_a_one_line_error(tmp_path):
+def test_workdir_naming_an_existing_file_is_a_one_line_error(parse, tmp_path):
     workdir = tmp_path / "results.txt"
     workdir.write_text("not a folder")
-    result = run(workdir=workdir)
-    assert result.returncode != 0
-    assert result.stderr.strip() == (
+    parse(workdir=workdir)
+    with pytest.raises(SystemExit) as stop:
+        main.main(["run.py"])
+    assert stop.value.code == (
         f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)"
     )
     assert workdir.read_text() == "not a folder"
+
+
+def test_run_py_stops_on_a_bad_value_before_any_work(tmp_path):
+    workdir = tmp_path / "w"
+    result = subprocess.run(
+        [sys.executable, "run.py", "--config", "configs/demo.py", "--workdir", str(workdir),
+         "--config.train.batch_size=-3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "config.train.batch_size: must be >= 2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()  # nothing was started

@@ -8,12 +8,13 @@ import pytest
 from scipy import stats
 
 from caco_jax import config as config_lib
-from caco_jax.sampling import geodesy
-from caco_jax.sampling.cities import Cities, most_populous_cities
-from caco_jax.sampling.files import read_sites
-from caco_jax.sampling.landmask import is_land
-from caco_jax.sampling.sampler import sample_locations
-from caco_jax.sampling.task import run_task
+from caco_jax.settings import SettingsError
+from caco_jax.sources.sampling import geodesy
+from caco_jax.sources.sampling.cities import Cities, most_populous_cities
+from caco_jax.sources.sampling.files import read_sites
+from caco_jax.sources.sampling.landmask import is_land
+from caco_jax.sources.sampling.sampler import sample_locations
+from caco_jax.sources.sampling.task import run_task
 
 SIGMA_M = 5_000.0
 
@@ -158,7 +159,7 @@ def test_task_writes_csv_geojson_and_map(tmp_path):
     config = config_lib.for_tasks("sample_locations")
     config.sampling.num_locations = 40
     config_lib.validate(config)
-    result = run_task(config, str(tmp_path))
+    result = run_task(config_lib.resolve(config), str(tmp_path))
     assert result["num_locations"] == 40
     sites = read_sites(result["csv"])
     assert [s.location_id for s in sites] == [f"{i:06d}" for i in range(40)]
@@ -175,9 +176,9 @@ def test_task_writes_csv_geojson_and_map(tmp_path):
 def test_bad_sampling_config_names_the_key():
     config = config_lib.for_tasks("sample_locations")
     config.sampling.region = (10.0, 50.0, 20.0, 40.0)
-    with pytest.raises(config_lib.ConfigError, match=r"config\.sampling\.region"):
+    with pytest.raises(SettingsError, match=r"config\.sampling\.region"):
         config_lib.validate(config)
     config = config_lib.for_tasks("sample_locations")
     config.sampling.sigma_km = 0.0
-    with pytest.raises(config_lib.ConfigError, match=r"config\.sampling\.sigma_km"):
+    with pytest.raises(SettingsError, match=r"config\.sampling\.sigma_km"):
         config_lib.validate(config)

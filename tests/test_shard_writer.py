@@ -7,7 +7,7 @@ import signal
 import pytest
 from helpers import EARLY, LATE, RGB_GROUPS, RGB_KEEP, prepare, replicated_tar, write_location
 
-from caco_jax.data import archive, builder, records, shard_writer
+from caco_jax.data import archive, builder, dataset, shard_writer
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_shard_layout_and_record_order_do_not_depend_on_the_number_of_workers(
     for num_workers in (1, 2):
         data_dir = tmp_path / f"workers{num_workers}"
         prepared = prepare(seven_locations, data_dir, num_workers=num_workers)
-        source = records.open_records(os.fspath(data_dir))
+        source = dataset.open_records(os.fspath(data_dir))
         order = [source.location_id(i) for i in range(len(source))]
         assert order == ["000000", "000002", "000001", "000003", "000004", "000006", "000005"]
         assert source.index.first.tolist() == [10 * i for i in range(7)]

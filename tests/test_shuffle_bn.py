@@ -11,9 +11,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from caco_jax import mesh as mesh_lib
-from caco_jax import step as step_lib
-from caco_jax import train_state
+from caco_jax.pretrain import state as train_state
+from caco_jax.pretrain import step as step_lib
+from caco_jax.runtime import mesh as mesh_lib
 
 NUM_DEVICES = 8
 ROWS_PER_DEVICE = 2

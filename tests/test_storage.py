@@ -1,4 +1,4 @@
-"""Workdir outputs on a bucket (caco_jax/storage.py), against the local GCS emulator of
+"""Workdir outputs on a bucket (caco_jax/runtime/storage.py), against the local GCS emulator of
 `gcs_emulator` on 127.0.0.1. Pretraining into a bucket (checkpoints, the encoder export, resuming)
 is tests/test_cloud_workdir.py.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from caco_jax import config as config_lib
-from caco_jax import metrics_writer, storage
+from caco_jax.runtime import metrics_writer, storage
+from caco_jax.settings import SettingsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,8 +94,8 @@ def test_metrics_flushed_at_every_line_send_each_line_once(emulator):
 
 
 def test_change_histograms_and_evaluator_results_are_written_to_a_bucket(emulator):
-    from caco_jax import change_report
     from caco_jax.evaluators import common
+    from caco_jax.pretrain import change_report
 
     png = "gs://caco/run/change/histogram_epoch=001.png"
     rng = np.random.default_rng(0)
@@ -120,7 +121,7 @@ def test_change_histograms_and_evaluator_results_are_written_to_a_bucket(emulato
 
 def test_official_weights_are_read_from_a_bucket(emulator):
     torch = pytest.importorskip("torch")
-    from caco_jax import convert
+    from caco_jax.models import convert
 
     weights = {"conv1.weight": torch.ones(2, 3, 1, 1), "bn1.running_var": torch.ones(2)}
     buffer = io.BytesIO()
@@ -158,21 +159,21 @@ def test_run_py_writes_its_results_into_a_bucket_workdir(emulator):
 def test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix(tmp_path):
     config = config_lib.for_tasks("prepare", "pretrain")
     config.data.data_dir = "gs://caco/tfds"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.data_dir: .*gcsfuse"):
+    with pytest.raises(SettingsError, match=r"config\.data\.data_dir: .*gcsfuse"):
         config_lib.validate(config)
     synthesize = config_lib.for_tasks("synthesize")
     synthesize.data.archive = "gs://caco/archive"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.archive: .*gcsfuse"):
+    with pytest.raises(SettingsError, match=r"config\.data\.archive: .*gcsfuse"):
         config_lib.validate(synthesize)
     change_map = config_lib.for_tasks("change_map")
     change_map.change_map.kind = "pretraining"
     change_map.pretrained.cache_dir = "gs://caco/cache"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.pretrained\.cache_dir: .*local"):
+    with pytest.raises(SettingsError, match=r"config\.pretrained\.cache_dir: .*local"):
         config_lib.validate(change_map)
     pretrained = config_lib.for_tasks("pretrained")
     pretrained.pretrained.name = "r18_100k_caco"
     pretrained.pretrained.torch_output = "gs://caco/r18.pth"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.pretrained\.torch_output: .*local"):
+    with pytest.raises(SettingsError, match=r"config\.pretrained\.torch_output: .*local"):
         config_lib.validate(pretrained)
     config.tasks = ("pretrain",)  # reading prepared records from a bucket is allowed
     config_lib.validate(config)
@@ -184,7 +185,7 @@ def test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix(tm
 def test_embeddings_and_change_maps_are_written_to_a_bucket(emulator):
     import pyarrow.parquet as pq
 
-    from caco_jax import change_map, embed
+    from caco_jax.products import change_map, embed
 
     rng = np.random.default_rng(0)
     ids = ["000000/0", "000000/1", "000001/0"]

@@ -17,8 +17,9 @@ import rasterio
 from rasterio.enums import Compression
 
 from caco_jax import config as config_lib
-from caco_jax.data import layout, synthetic
-from caco_jax.data.synthetic import plan, render, writer
+from caco_jax.data import layout
+from caco_jax.sources import synthetic
+from caco_jax.sources.synthetic import plan, render, writer
 
 NAME = "clean_synthetic_geography"
 ACQUISITION_NAME = re.compile(r"^\d{8}T\d{6}_\d{8}T\d{6}_T(\d{2}[A-Z]{3})_\d{4}_\d{5}_\d{4}$")
@@ -343,25 +344,25 @@ def write_calls(monkeypatch):
 
 def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path, write_calls):
     output = str(tmp_path / "archive")
-    first = synthetic.run_task(_config(output), str(tmp_path))
+    first = synthetic.run_task(config_lib.resolve(_config(output)), str(tmp_path))
     assert first["written"] and first["num_locations"] == 2 and first["num_changed"] == 1
     assert first["archive"] == os.path.join(output, NAME)
     assert first["ground_truth"] == os.path.join(output, f"{NAME}_ground_truth.csv")
-    again = synthetic.run_task(_config(output), str(tmp_path))
+    again = synthetic.run_task(config_lib.resolve(_config(output)), str(tmp_path))
     assert not again["written"] and again["archive"] == first["archive"]
 
     with pytest.raises(ValueError, match="other settings"):
-        synthetic.run_task(_config(output, num_locations=3), str(tmp_path))
+        synthetic.run_task(config_lib.resolve(_config(output, num_locations=3)), str(tmp_path))
     other_seed = _config(output)
     other_seed.seed = 1
     with pytest.raises(ValueError, match="seed=1"):
-        synthetic.run_task(other_seed, str(tmp_path))
+        synthetic.run_task(config_lib.resolve(other_seed), str(tmp_path))
 
     # An interrupted write leaves no ground truth: the archive is written again from scratch.
     os.remove(first["ground_truth"])
     os.remove(os.path.join(first["archive"], ".DS_Store"))
     os.makedirs(os.path.join(output, ".synthetic-staging-clean_synthetic_geography-x1y2"))
-    redone = synthetic.run_task(_config(output, num_workers=2), str(tmp_path))
+    redone = synthetic.run_task(config_lib.resolve(_config(output, num_workers=2)), str(tmp_path))
     assert redone["written"]
     assert [call["num_workers"] for call in write_calls] == [1, 2]
     assert write_calls[-1]["seed"] == 0
@@ -371,7 +372,7 @@ def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path, write_ca
     # Another form replaces the archive instead of leaving two side by side.
     as_tar = _config(output)
     as_tar.synthetic.form = "tar.gz"
-    assert synthetic.run_task(as_tar, str(tmp_path))["written"]
+    assert synthetic.run_task(config_lib.resolve(as_tar), str(tmp_path))["written"]
     assert sorted(os.listdir(output)) == [f"{NAME}.tar.gz", f"{NAME}_ground_truth.csv"]
 
 
@@ -379,11 +380,13 @@ def test_run_task_writes_once_and_redoes_an_interrupted_write(tmp_path, write_ca
 def test_run_task_default_output_is_in_the_workdir(tmp_path):
     config = _config("", num_locations=2)
     config.synthetic.form = "parts"
-    result = synthetic.run_task(config, str(tmp_path))
+    settings = config_lib.resolve(config)
+    result = synthetic.run_task(settings, str(tmp_path))
     assert result["archive"] == os.path.join(tmp_path, "synthetic_archive", f"{NAME}_part0")
     assert result["written"]
-    assert synthetic.archive_folder(config, str(tmp_path)) == str(tmp_path / "synthetic_archive")
-    assert synthetic.ground_truth_path(config, str(tmp_path)) == result["ground_truth"]
+    archive_dir = settings.data.archive_dir(str(tmp_path))
+    assert archive_dir == str(tmp_path / "synthetic_archive")
+    assert synthetic.ground_truth_path(archive_dir) == result["ground_truth"]
 
 
 def test_worker_count_comes_from_data_num_workers(monkeypatch):

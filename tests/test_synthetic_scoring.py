@@ -11,8 +11,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from caco_jax import config as config_lib
-from caco_jax.change_report import LABEL_COLUMNS
-from caco_jax.data.synthetic import ground_truth, scoring
+from caco_jax.evaluators import change_scoring as scoring
+from caco_jax.pretrain.change_report import LABEL_COLUMNS
+from caco_jax.sources.synthetic import ground_truth
 
 COLUMNS = LABEL_COLUMNS  # labels.csv as pretraining writes it
 
@@ -39,10 +40,8 @@ def _write_truth(workdir, changed):
     ground_truth.write_ground_truth(os.path.join(folder, ground_truth.ground_truth_name()), rows)
 
 
-def _config():
-    config = config_lib.for_tasks("score_change")
-    config_lib.validate(config)
-    return config
+def _settings(**data):
+    return config_lib.resolve(config_lib.for_tasks("score_change")).replace(data=data)
 
 
 @pytest.mark.parametrize("size, decimals", [(7, 0), (50, 6), (400, 1), (1000, 2)])
@@ -82,7 +81,7 @@ def test_agreement_chance_and_auc_of_a_hand_made_run(tmp_path, capsys):
             ("000005", 0, 7.0, 0), ("000005", 0, 7.0, 0),  # never seen
         ],
     )  # fmt: skip
-    scores = scoring.run_task(_config(), workdir)
+    scores = scoring.run_task(_settings(), workdir)
     # Labels right at 0, 1 and 3 of 5 locations. Labelled changed rate 2/5, true rate 2/5:
     # chance = 0.4 * 0.4 + 0.6 * 0.6. Changed r (2.0, 1.0) against unchanged (1.0, 0.6, 1.0):
     # 2.0 beats all three, 1.0 beats 0.6 and ties twice, so 5 of 6 pairs.
@@ -98,11 +97,11 @@ def test_agreement_chance_and_auc_of_a_hand_made_run(tmp_path, capsys):
 def test_nothing_to_score_is_an_empty_result_with_a_note(tmp_path, capsys):
     workdir = str(tmp_path)
     _write_labels(workdir, [("000000", 1, 1.0, 1), ("000000", 1, 1.0, 0)])
-    assert scoring.run_task(_config(), workdir) == {}  # a real archive: no ground truth
+    assert scoring.run_task(_settings(), workdir) == {}  # a real archive: no ground truth
     assert "no synthetic ground truth" in capsys.readouterr().out
     os.remove(os.path.join(workdir, "change", "labels.csv"))
     _write_truth(workdir, [True, False])
-    assert scoring.run_task(_config(), workdir) == {}  # not a CACo run
+    assert scoring.run_task(_settings(), workdir) == {}  # not a CACo run
     assert "no change labels" in capsys.readouterr().out
 
 
@@ -112,11 +111,10 @@ def test_the_ground_truth_is_read_from_data_archive(tmp_path):
     _write_labels(
         workdir, [("000000", 1, 2.0, 1), ("000000", 1, 2.0, 1)] + [("000001", 1, 1.0, 0)] * 2
     )
-    config = _config()
-    config.data.archive = os.path.join(workdir, "synthetic_archive")
-    assert scoring.run_task(config, workdir)["change_agreement"] == 1.0
-    config.data.archive = os.path.join(workdir, "elsewhere")
-    assert scoring.run_task(config, workdir) == {}
+    settings = _settings(archive=os.path.join(workdir, "synthetic_archive"))
+    assert scoring.run_task(settings, workdir)["change_agreement"] == 1.0
+    settings = _settings(archive=os.path.join(workdir, "elsewhere"))
+    assert scoring.run_task(settings, workdir) == {}
 
 
 @pytest.mark.parametrize(
@@ -136,7 +134,7 @@ def test_bad_labels_are_named(tmp_path, items, message):
     _write_truth(workdir, [True, False])
     _write_labels(workdir, items)
     with pytest.raises(ValueError, match=rf"labels\.csv.*{message}"):
-        scoring.run_task(_config(), workdir)
+        scoring.run_task(_settings(), workdir)
 
 
 def test_labels_without_a_needed_column_are_refused(tmp_path):
@@ -147,4 +145,4 @@ def test_labels_without_a_needed_column_are_refused(tmp_path):
         "item_id,location_id,seen,changed\n0,000000,1,1\n"
     )
     with pytest.raises(ValueError, match=r"no column\(s\) \['r'\]"):
-        scoring.run_task(_config(), workdir)
+        scoring.run_task(_settings(), workdir)

@@ -14,9 +14,12 @@ torch = pytest.importorskip("torch")
 
 from torch_resnet import random_torch_resnet  # noqa: E402
 
-from caco_jax import convert, torch_export  # noqa: E402
 from caco_jax.data.normalization import EXPORT_KEY, Normalization  # noqa: E402
-from caco_jax.models import export  # noqa: E402
+from caco_jax.models import (  # noqa: E402
+    convert,
+    export,
+    torch_export,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import BATCH, NUM_LOCATIONS, assert_trees_close, fake_batch, fake_source, tiny_config
+from helpers import (
+    BATCH,
+    NUM_LOCATIONS,
+    assert_trees_close,
+    fake_batch,
+    fake_source,
+    tiny_config,
+    tiny_settings,
+)
 
-from caco_jax import checkpointing, train
 from caco_jax import config as config_lib
-from caco_jax import mesh as mesh_lib
-from caco_jax import queue as queue_lib
 from caco_jax.data import pipeline
+from caco_jax.pretrain import queue as queue_lib
+from caco_jax.pretrain import train
+from caco_jax.runtime import checkpointing
+from caco_jax.runtime import mesh as mesh_lib
+from caco_jax.settings import SettingsError
 
 
-def one_step(config, num_devices, batches, dtype=None):
+def one_step(settings, num_devices, batches, dtype=None):
     """(initial state, [(state, metrics) after one step from it, per batch], (state, metrics)
     after a second step on the first batch) on ``num_devices``; with ``dtype`` every float of the
     state is cast to it first."""
     mesh = mesh_lib.data_mesh(jax.devices()[:num_devices])
-    run = train.setup(config, NUM_LOCATIONS, mesh=mesh)
+    run = train.setup(settings, NUM_LOCATIONS, mesh=mesh)
     initial = jax.device_get(run.initial_state)
     if dtype is not None:
         initial = jax.tree.map(lambda x: x.astype(dtype) if x.dtype.kind == "f" else x, initial)
@@ -50,11 +60,13 @@ def sync_steps():
     Computed in float64, so that 8 devices and 1 agree for any batch: in float32 the two runs
     differ by rounding (BatchNorm sums in another order), and where a ReLU input sits within that
     rounding of zero the unit flips and a gradient jumps (seen at some batch seeds)."""
-    config = tiny_config()
-    config.model.compute_dtype = "float64"
+    settings = tiny_settings().replace(model={"compute_dtype": "float64"})
     batches = [fake_batch(seed) for seed in range(3)]
     with jax.enable_x64(True):
-        return one_step(config, 8, batches, jnp.float64), one_step(config, 1, batches, jnp.float64)
+        return (
+            one_step(settings, 8, batches, jnp.float64),
+            one_step(settings, 1, batches, jnp.float64),
+        )
 
 
 def test_eight_devices_equal_one_device_with_synchronised_batchnorm(sync_steps):
@@ -111,10 +123,9 @@ def update_direction_cosine(initial_a, state_a, initial_b, state_b):
 
 def test_bfloat16_step_keeps_a_float32_state_and_follows_the_float32_step():
     batches = [fake_batch(seed) for seed in range(3)]
-    initial32, steps32, _ = one_step(tiny_config(), 1, batches)
-    config = tiny_config()
-    config.model.compute_dtype = "bfloat16"
-    initial16, steps16, _ = one_step(config, 1, batches)
+    initial32, steps32, _ = one_step(tiny_settings(), 1, batches)
+    bfloat16 = tiny_settings().replace(model={"compute_dtype": "bfloat16"})
+    initial16, steps16, _ = one_step(bfloat16, 1, batches)
     losses, cosines = [], []
     for (state16, metrics16), (state32, metrics32) in zip(steps16, steps32, strict=True):
         # Mixed precision: bfloat16 convolutions and matmuls, everything stored in float32.
@@ -166,15 +177,16 @@ def test_gathered_keys_land_in_the_queue_in_global_batch_order():
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
-    config = tiny_config(max_steps=3)  # 2 steps per epoch: the labels are fitted at step 2
+    settings = tiny_settings(max_steps=3)  # 2 steps per epoch: the labels are fitted at step 2
     source = fake_source()
     mesh = mesh_lib.data_mesh(jax.devices()[:1])
-    straight = train.train(config, str(tmp_path / "straight"), source, mesh=mesh)
+    straight = train.train(settings, str(tmp_path / "straight"), source, mesh=mesh)
 
-    config.train.max_steps = 1  # "interrupted" after one step (a checkpoint is written at the end)
-    first = train.train(config, str(tmp_path / "resumed"), source, mesh=mesh)
-    config.train.max_steps = 3
-    resumed = train.train(config, str(tmp_path / "resumed"), source, mesh=mesh)
+    # "Interrupted" after one step (a checkpoint is written at the end).
+    first = train.train(
+        settings.replace(train={"max_steps": 1}), str(tmp_path / "resumed"), source, mesh=mesh
+    )
+    resumed = train.train(settings, str(tmp_path / "resumed"), source, mesh=mesh)
     assert (first["steps"], resumed["resumed_from"], resumed["steps"], straight["steps"]) == (
         1,
         1,
@@ -186,7 +198,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
         checkpoints = checkpointing.Checkpointer(
             str(workdir / "checkpoints"), every_steps=1, keep=3
         )
-        run = train.setup(config, len(source), mesh=mesh)
+        run = train.setup(settings, len(source), mesh=mesh)
         template = checkpointing.replicated_target(
             mesh_lib.replicate(run.initial_state, mesh), mesh
         )
@@ -205,15 +217,15 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_input_position_saved_by_two_hosts_resumes_on_one_and_on_four_hosts(tmp_path):
-    config = tiny_config(batch_size=8)  # 4 locations per global batch: 4 batches per epoch
+    settings = tiny_settings(batch_size=8)  # 4 locations per global batch: 4 batches per epoch
     source = fake_source()
-    stream = pipeline.Stream.from_config(config, len(source))
+    stream = pipeline.Stream.of(settings.method.method, 8, settings.seed, len(source))
 
     def global_item_ids(hosts, start_batch, steps):
         """The global batches' item ids, assembled from ``hosts`` simulated processes."""
         iterators = [
             pipeline.make_pipeline(
-                config,
+                settings.input,
                 source,
                 stream,
                 start_batch=start_batch,
@@ -248,28 +260,26 @@ def test_input_position_saved_by_two_hosts_resumes_on_one_and_on_four_hosts(tmp_
 
 def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     mesh = mesh_lib.data_mesh(jax.devices()[:1])
-    config = tiny_config(max_steps=1)
-    config.checkpoint.every_steps = 1
-    train.train(config, str(tmp_path), fake_source(), mesh=mesh)
+    settings = tiny_settings(max_steps=1).replace(checkpoint={"every_steps": 1})
+    train.train(settings, str(tmp_path), fake_source(), mesh=mesh)
     # Resumed with a learning rate of 1e38: the next update sends the parameters to Inf.
-    config.train.max_steps = 3
-    config.train.base_learning_rate = 1e38
+    settings = settings.replace(train={"max_steps": 3, "base_learning_rate": 1e38})
     with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 1"):
-        train.train(config, str(tmp_path), fake_source(), mesh=mesh)
+        train.train(settings, str(tmp_path), fake_source(), mesh=mesh)
     checkpoints = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), every_steps=1, keep=3)
     assert checkpoints.latest_step() == 1  # nothing of the bad state was saved
     checkpoints.close()
 
 
 def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path):
-    config = tiny_config()
+    settings = tiny_settings()
     mesh8 = mesh_lib.data_mesh()
     mesh1 = mesh_lib.data_mesh(jax.devices()[:1])
-    run = train.setup(config, NUM_LOCATIONS, mesh=mesh8)
+    run = train.setup(settings, NUM_LOCATIONS, mesh=mesh8)
     state = mesh_lib.replicate(run.initial_state, mesh8)
     state = state.replace(step=state.step + 7, rng=jax.random.PRNGKey(42))
     checkpoints = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=2)
-    checkpoints.save(7, state, config=config)
+    checkpoints.save(7, state, config=settings.to_dict())
     checkpoints.wait()
     target = checkpointing.replicated_target(mesh_lib.replicate(run.initial_state, mesh1), mesh1)
     restored = checkpoints.restore(7, target)
@@ -289,21 +299,21 @@ def test_sigterm_requests_a_checkpoint_and_a_stop(tmp_path):
 
 
 def test_batch_that_splits_a_location_across_devices_is_refused():
-    config = tiny_config(batch_size=8)  # 8 items on 8 devices: one item per device
+    settings = tiny_settings(batch_size=8)  # 8 items on 8 devices: one item per device
     with pytest.raises(ValueError, match="batch_size"):
-        train.setup(config, NUM_LOCATIONS, mesh=mesh_lib.data_mesh())
+        train.setup(settings, NUM_LOCATIONS, mesh=mesh_lib.data_mesh())
 
 
 def test_bad_training_values_name_their_key():
     config = tiny_config()
     config.train.milestones = (1, 5)
-    with pytest.raises(config_lib.ConfigError, match=r"config\.train\.milestones"):
+    with pytest.raises(SettingsError, match=r"config\.train\.milestones"):
         config_lib.validate(config)
     config = tiny_config()
     config.method.name = "simclr"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.method\.name"):
+    with pytest.raises(SettingsError, match=r"config\.method\.name"):
         config_lib.validate(config)
     config = tiny_config()
     config.model.compute_dtype = "float16"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.compute_dtype"):
+    with pytest.raises(SettingsError, match=r"config\.model\.compute_dtype"):
         config_lib.validate(config)

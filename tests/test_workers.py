@@ -1,4 +1,4 @@
-"""Every worker pool starts from a plain script without a main guard (caco_jax/workers.py).
+"""Every worker pool starts from a plain script without a main guard (caco_jax/runtime/workers.py).
 
 With spawn/forkserver workers that ran the caller's main module again, such a script would run
 again inside each worker, and the worker would die at its first process start.
@@ -20,8 +20,10 @@ import sys
 import tensorflow_datasets as tfds
 
 import caco_jax
-from caco_jax import config as config_lib, workers
-from caco_jax.data import pipeline, records, synthetic
+from caco_jax.data import dataset, pipeline
+from caco_jax.data.pipeline import InputSettings
+from caco_jax.runtime import workers
+from caco_jax.sources import synthetic
 
 print("script body ran", flush=True)
 archive_dir, data_dir = sys.argv[1], sys.argv[2]
@@ -31,12 +33,11 @@ builder = tfds.builder("caco_geography/rgb", data_dir=data_dir, num_workers=2)
 builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=archive_dir)
 )
-source = records.open_records(data_dir, builder_config="rgb")
+source = dataset.open_records(data_dir, builder_config="rgb")
 print("records", len(source), flush=True)
 
-config = config_lib.for_tasks("pretrain")
-config.input.num_workers = 1
-stream = pipeline.make_pipeline(config, source, pipeline.Stream("caco", 4, 0, len(source)))
+settings = InputSettings(num_workers=1)
+stream = pipeline.make_pipeline(settings, source, pipeline.Stream("caco", 4, 0, len(source)))
 batch = next(stream)
 print("batch", batch["images"].shape, sorted(batch["location_index"].tolist()), flush=True)
 stream.close()

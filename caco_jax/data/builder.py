@@ -40,9 +40,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_builder
 
-from caco_jax import progress as progress_lib
-from caco_jax import storage
-from caco_jax.data import archive, layout, location_index, normalization, shard_writer
+from caco_jax.data import archive, layout, location_index, normalization, records, shard_writer
+from caco_jax.runtime import progress as progress_lib
+from caco_jax.runtime import storage
 
 SKIP_REPORT = "skip_report.tsv"
 # Where the report of a build that failed for too many skips goes, beside the version folders.
@@ -206,8 +206,6 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
 
     def _band_statistics(self, index: location_index.LocationIndex) -> dict:
         """The per-band input statistics of the records just written (`normalization`)."""
-        from caco_jax.data import records  # it reads what this module writes
-
         source = records.Records(self.as_data_source(split="train"), index, self.pixel_shapes())
         return normalization.statistics_record(source)
 
@@ -324,47 +322,3 @@ class SkipReport:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(self.COLUMNS)
             writer.writerows(self.rows)
-
-
-def prepared_archive_path(config, workdir: str) -> str:
-    """`config.data.archive`, or when it is "" the synthetic archive the `synthesize` task writes
-    there, `<workdir>/synthetic_archive`."""
-    if config.data.archive:
-        return config.data.archive
-    synthetic = os.path.join(workdir, "synthetic_archive")
-    if not os.path.isdir(synthetic):
-        raise archive.ArchiveError(
-            f"config.data.archive is empty and there is no synthetic archive at {synthetic}: set "
-            "config.data.archive to the folder holding a CACo archive, or run the 'synthesize' task"
-        )
-    return synthetic
-
-
-def run_task(config, workdir: str) -> dict:
-    """Task `prepare`: the archive -> TFDS records under `config.data.data_dir` (default
-    `<workdir>/tfds`). A dataset already prepared there from the same archive is reused."""
-    source = archive.find_archive(prepared_archive_path(config, workdir))
-    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-    builder = CacoGeography(
-        config=config.data.builder_config,
-        data_dir=data_dir,
-        max_skip_fraction=config.data.max_skip_fraction,
-        num_workers=config.data.num_workers,
-        archive_path=source.paths[0],
-    )
-    if builder.is_prepared() and builder.info.metadata.get("source_files") != list(source.names):
-        raise archive.ArchiveError(
-            f"{builder.data_dir} holds records prepared from "
-            f"{builder.info.metadata.get('source_files')}, not {list(source.names)}: delete it or "
-            "set config.data.data_dir to another folder"
-        )
-    builder.download_and_prepare()
-    metadata = builder.info.metadata
-    return dict(
-        data_dir=data_dir,
-        dataset=f"{builder.name}/{builder.builder_config.name}",
-        records=os.fspath(builder.data_path),
-        skip_report=os.fspath(builder.data_path / SKIP_REPORT),
-        **{k: metadata[k] for k in ("source_files", "locations_written", "locations_skipped")},
-        acquisitions_written=metadata["acquisitions_written"],
-    )

@@ -1,6 +1,6 @@
 """Which acquisitions of a location make up a training item (host side).
 
-Not to be confused with `caco_jax/sampling/`, which chooses where on Earth the locations are.
+Not to be confused with `sources.sampling`, which chooses where on Earth the locations are.
 What each method draws is in `caco_jax.methods`: caco draws 3 distinct acquisitions of the item's
 window, teco 3 of the window with replacement, seco 3 of all acquisitions with replacement, moco
 one. ``acquisition_draws = "official"`` reproduces those draws; ``"distinct"`` draws 3 distinct

@@ -39,6 +39,10 @@ RGB_STRETCH = {"B4": (0.0, 129.0), "B3": (2.0, 103.0), "B2": (3.0, 88.0)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Sentinel-2 products store reflectance x this as uint16 digital numbers (L1C: top of atmosphere,
+# L2A: surface reflectance); the archive stores reflectance x 255 as uint8.
+REFLECTANCE_SCALE = 10_000
+
 ACQUISITIONS_PER_WINDOW = 5  # a complete location has 2 x 5 acquisitions
 MIN_ACQUISITIONS_PER_WINDOW = 3  # the official loader draws 3 distinct acquisitions per window
 
@@ -47,6 +51,46 @@ METADATA_FILE = "metadata.json"
 CLOUD_PROPERTY = "CLOUDY_PIXEL_PERCENTAGE"
 
 _PRODUCT_TIME = re.compile(r"^(\d{8}T\d{6})_")
+
+
+def canonical_band(band: str) -> str:
+    """A band name as `BANDS` spells it: 'B01' -> 'B1', 'b8a' -> 'B8A'."""
+    band = band.upper()
+    return "B" + band[2:] if band.startswith("B0") else band
+
+
+def channel_indices(dataset: str, available, needed) -> list[int]:
+    """Index in ``available`` (a dataset's bands, any spelling) of each band in ``needed``; a band
+    the dataset lacks is a ValueError naming both sides."""
+    names = [canonical_band(b) for b in available]
+    missing = [b for b in needed if canonical_band(b) not in names]
+    if missing:
+        raise ValueError(
+            f"{dataset} has bands {', '.join(names)}; the encoder needs {', '.join(needed)} "
+            f"(missing {', '.join(missing)})"
+        )
+    return [names.index(canonical_band(b)) for b in needed]
+
+
+def to_archive_uint8(digital_numbers, xp=None, *, offset: float = 0.0):
+    """Sentinel-2 digital numbers (reflectance x `REFLECTANCE_SCALE`, less ``offset``: 1000 for
+    processing baseline 04.00 and later) -> the archive's uint8 scale: reflectance x 255, clipped to
+    [0, 255] and truncated (SeCo's ``rescale_intensity`` to uint8).
+
+    The one mapping from raw values to the archive's scale: the downloader writes archives with
+    it, and `embed` and the evaluators bring Sentinel-2 products to the pretraining scale with it.
+    Integer input is mapped exactly, with integer arithmetic, in NumPy or JAX (``xp``) alike.
+    """
+    import numpy as np
+
+    xp = xp or np
+    values = xp.asarray(digital_numbers)
+    if xp.issubdtype(values.dtype, xp.integer) and float(offset).is_integer():
+        shifted = xp.clip(values.astype(xp.int32) - int(offset), 0, REFLECTANCE_SCALE)
+        return (shifted * 255 // REFLECTANCE_SCALE).astype(xp.uint8)
+    dtype = xp.float64 if xp is np else xp.float32
+    reflectance = xp.clip((values.astype(dtype) - offset) / REFLECTANCE_SCALE, 0.0, 1.0)
+    return xp.floor(reflectance * 255.0).astype(xp.uint8)
 
 
 def band_file(band: str) -> str:

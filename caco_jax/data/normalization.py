@@ -1,6 +1,6 @@
 """The input normalisation of an encoder: which bands, how raw values become its input.
 
-One definition, read by pretraining (`caco_jax.augment`), the encoder exports
+One definition, read by pretraining (`caco_jax.pretrain.augment`), the encoder exports
 (`caco_jax.models.export` records it) and everything that feeds an exported encoder new images.
 Raw values are the archive's uint8 (surface reflectance x 255). An encoder's input is
 
@@ -48,6 +48,11 @@ class Normalization:
     @property
     def num_bands(self) -> int:
         return len(self.bands)
+
+    @property
+    def is_rgb(self) -> bool:
+        """The encoder reads the paper's RGB bands (B4, B3, B2), in that order."""
+        return tuple(self.bands) == layout.RGB_BANDS
 
     @classmethod
     def rgb(cls) -> Normalization:
@@ -174,3 +179,37 @@ def _bands_in_order(groups: dict) -> np.ndarray:
     return np.stack(
         [columns[b][:: len(columns[b]) // size][:size] for b in layout.BANDS], axis=1
     ).astype(np.float64)
+
+
+# The bands of each pixel feature of the records (`rgb`, or the resolution groups of `all_bands`).
+FEATURE_BANDS = {"rgb": layout.RGB_BANDS, **layout.GROUP_BANDS}
+
+
+def merge_band_groups(groups: dict, bands=layout.BANDS, feature_bands=None):
+    """The ``bands`` of pixel groups ({feature: [..., h, w, c]}, channels as ``feature_bands``
+    (default `FEATURE_BANDS`) lists them) as one float32 JAX array [..., H, W, len(bands)] on the
+    finest group's grid.
+
+    Coarser groups (20 m, 60 m) are resized bilinearly (half-pixel centres) to the finest grid and
+    rounded back to integer values, as a uint8 resize would. Pretraining merges the `all_bands`
+    groups with it on the device, `embed` on the host; a band no group holds is a ValueError.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    finest = max(groups.values(), key=lambda x: x.shape[-2])
+    height, width = finest.shape[-3:-1]
+    channels = {}
+    for feature, names in (feature_bands or FEATURE_BANDS).items():
+        if feature not in groups:
+            continue
+        x = jnp.asarray(groups[feature], jnp.float32)
+        shape = (*x.shape[:-3], height, width, x.shape[-1])
+        if x.shape != shape:
+            x = jnp.round(jax.image.resize(x, shape, method="linear"))
+        for channel, band in enumerate(names):
+            channels[band] = x[..., channel]
+    missing = [b for b in bands if b not in channels]
+    if missing:
+        raise ValueError(f"bands {missing} are not in the pixels (they hold {sorted(channels)})")
+    return jnp.stack([channels[b] for b in bands], axis=-1)

@@ -2,7 +2,7 @@
 
 The host only chooses acquisitions (`caco_jax.data.item_sampler`), reads and decodes them and
 stacks uint8 batches; every augmentation and the normalisation run on the accelerator
-(`caco_jax.augment`).
+(`caco_jax.pretrain.augment`).
 
 The source of locations (`records.Records`, or anything with the same methods) gives
 ``len(source)`` (the number of locations), ``source.windows(i)`` (int [T], the window of each of
@@ -15,9 +15,10 @@ location's ~10, seco: at most 3; moco reads the one acquisition it visits).
 
 Contract (the training step relies on it):
 
-``make_pipeline(config, source, stream, *, num_epochs=None, process_index=0, process_count=1,
-start_batch=0)`` returns a grain ``DatasetIterator`` yielding, for every global batch of ``stream``
-(a `Stream`: method, global_batch_size, seed, num_locations, what an epoch visits and, for moco,
+``make_pipeline(settings, source, stream, *, num_epochs=None, process_index=0, process_count=1,
+start_batch=0)`` (``settings``: `InputSettings`) returns a grain ``DatasetIterator`` yielding, for
+every global batch of ``stream`` (a `Stream`: method, global_batch_size, seed, num_locations, what
+an epoch visits and, for moco,
 num_acquisitions) in order from global batch ``start_batch`` on, this process's rows as host numpy
 arrays:
 
@@ -64,11 +65,39 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from caco_jax import methods, workers
+from caco_jax import methods
 from caco_jax.data import item_sampler
+from caco_jax.runtime import workers
+from caco_jax.settings import Section
 
 if TYPE_CHECKING:
     import grain
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSettings(Section):
+    """`config.input`: how the host reads and draws; none of it changes the batches, except
+    ``acquisition_draws``."""
+
+    SECTION = "input"
+    acquisition_draws: str = "official"  # or "distinct": 3 distinct acquisitions in every mode
+    num_workers: int = 0  # grain worker processes; 0 = read in the training process
+    num_threads: int = 2  # reader threads per process (each assembles whole batches)
+    prefetch_batches: int = 4  # batches buffered per process
+    # all_bands: locations the per-band statistics come from (64: stored at prepare time,
+    # `normalization.STATS_LOCATIONS`; another number reads them at start-up)
+    stats_locations: int = 64
+
+    def validate(self) -> None:
+        self.require(
+            self.acquisition_draws in item_sampler.ACQUISITION_DRAWS,
+            "acquisition_draws",
+            f"one of {item_sampler.ACQUISITION_DRAWS}",
+        )
+        self.require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        self.require(self.num_threads >= 0, "num_threads", "must be >= 0")
+        self.require(self.prefetch_batches >= 1, "prefetch_batches", "must be >= 1")
+        self.require(self.stats_locations >= 1, "stats_locations", "must be >= 1")
 
 
 class Locations(Protocol):
@@ -106,13 +135,20 @@ class Stream:
             object.__setattr__(self, "epoch_over", methods.get(self.method).epoch_over)
 
     @classmethod
-    def from_config(cls, config, num_locations: int, num_acquisitions: int = 0) -> Stream:
-        method = methods.get(config.method.name)
+    def of(
+        cls,
+        method: methods.Method,
+        global_batch_size: int,
+        seed: int,
+        num_locations: int,
+        num_acquisitions: int = 0,
+    ) -> Stream:
+        """The stream of a run; ``num_acquisitions`` is kept only where an epoch visits them."""
         over_acquisitions = method.epoch_over == "acquisitions"
         return cls(
             method.name,
-            config.train.batch_size,
-            config.seed,
+            global_batch_size,
+            seed,
             num_locations,
             num_acquisitions=num_acquisitions if over_acquisitions else 0,
         )
@@ -305,7 +341,7 @@ def _merge_items(batch: dict) -> dict:
 
 
 def make_pipeline(
-    config,
+    settings: InputSettings,
     source: Locations,
     stream: Stream,
     *,
@@ -316,9 +352,9 @@ def make_pipeline(
 ) -> grain.DatasetIterator:
     """This process's rows of ``stream``'s global batches (see the module docstring).
 
-    `source` gives the locations (`records.open_records`; see the module docstring for what the
+    `source` gives the locations (`dataset.open_records`; see the module docstring for what the
     pipeline asks of it). The first batch is the process's rows of global batch `start_batch`
-    (counted from the start of epoch 0); `num_epochs=None` never ends. Reads `config.input`.
+    (counted from the start of epoch 0); `num_epochs=None` never ends.
     """
     # Imported here: the rest of this module (batch counts, positions) serves `train.setup` on
     # machines without grain or absl (benchmarks/device_check.py).
@@ -347,7 +383,7 @@ def make_pipeline(
             f"start_batch={start_batch} is not within the stream's {total // per_process} "
             "global batches"
         )
-    load = _LOADERS[stream.epoch_over](source, order, stream, config.input.acquisition_draws)
+    load = _LOADERS[stream.epoch_over](source, order, stream, settings.acquisition_draws)
     dataset = (
         grain.MapDataset.range(start_batch * per_process, total)
         .map(load)
@@ -355,16 +391,16 @@ def make_pipeline(
         .map(_merge_items)
     )
     read_options = grain.ReadOptions(
-        num_threads=config.input.num_threads, prefetch_buffer_size=config.input.prefetch_batches
+        num_threads=settings.num_threads, prefetch_buffer_size=settings.prefetch_batches
     )
     batches = dataset.to_iter_dataset(read_options)
-    if config.input.num_workers > 0:
+    if settings.num_workers > 0:
         # grain's workers read absl flags; programs without absl.app (tests, notebooks) have not
         # parsed them, which is harmless to mark: grain's defaults apply.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         workers.install()  # grain's spawned workers must not rerun a caller's unguarded script
         batches = batches.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.input.num_workers)
+            grain.MultiprocessingOptions(num_workers=settings.num_workers)
         )
     return iter(batches)

@@ -1,8 +1,8 @@
 """Random access to the prepared `caco_geography` records, without TensorFlow.
 
-`open_records` gives `Records`: location i of the split (in record order) is ``records[i]``, and the
-training item of its window h is 2 * i + h. What a location is (id, centre, the window, date and
-cloud of each acquisition) comes from the side index (`location_index`), so counting locations,
+`dataset.open_records` gives `Records`: location i of the split (in record order) is ``records[i]``,
+and the training item of its window h is 2 * i + h. What a location is (id, centre, the window, date
+and cloud of each acquisition) comes from the side index (`location_index`), so counting locations,
 listing them and drawing acquisitions read no pixels; `Records.pixels` then reads only the
 acquisition records asked for, each decompressed once.
 
@@ -14,18 +14,12 @@ decompression it follows (BENCHMARKS.md "Record layout").
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
-from caco_jax.data import builder as builder_lib
-from caco_jax.data import location_index, normalization
-
-
-class OutdatedRecordsError(RuntimeError):
-    """The records were prepared by an earlier builder version, whose layout this cannot read."""
+from caco_jax.data import location_index
 
 
 class Records:
@@ -106,55 +100,6 @@ class Records:
             "cloud": self.index.cloud[span].copy(),
             "pixels": self.pixels(location, np.arange(span.stop - span.start)),
         }
-
-
-def open_records(data_dir: str, builder_config: str = "rgb", split: str = "train") -> Records:
-    """The prepared records of `caco_geography/<builder_config>` under `data_dir`; never prepares.
-
-    Raises FileNotFoundError naming the folder when they are not there, OutdatedRecordsError when
-    only an earlier version's records are.
-    """
-    builder = builder_lib.CacoGeography(config=builder_config, data_dir=data_dir)
-    if not builder.is_prepared():
-        config_dir = os.path.dirname(os.fspath(builder.data_dir))
-        outdated = _earlier_versions(config_dir, str(builder.version))
-        if outdated:
-            raise OutdatedRecordsError(
-                f"{outdated[0]}: caco_geography/{builder_config} records of version "
-                f"{os.path.basename(outdated[0])} (one record per location) cannot be read by "
-                f"this version ({builder.version}, one record per acquisition): delete "
-                f"{outdated[0]} and run the 'prepare' task"
-            )
-        raise FileNotFoundError(
-            f"{builder.data_dir}: no prepared caco_geography/{builder_config} records; run the "
-            "'prepare' task (python run.py --config ... with 'prepare' in config.tasks) first"
-        )
-    index_path = os.fspath(builder.data_path / location_index.FILENAME)
-    if not os.path.exists(index_path):
-        raise FileNotFoundError(
-            f"{index_path}: the records' location index is missing; delete "
-            f"{builder.data_path} and run the 'prepare' task"
-        )
-    index = location_index.LocationIndex.load(index_path)
-    acquisitions = builder.as_data_source(split=split)
-    if len(acquisitions) != index.num_acquisitions:
-        raise ValueError(
-            f"{index_path} lists {index.num_acquisitions} acquisitions, the {split} records hold "
-            f"{len(acquisitions)}; delete {builder.data_path} and run the 'prepare' task"
-        )
-    stored = builder.info.metadata.get(normalization.STORED_KEY)
-    return Records(acquisitions, index, builder.pixel_shapes(), stored)
-
-
-def _earlier_versions(config_dir: str, current: str) -> list[str]:
-    """Prepared version folders of another version than `current` under `config_dir`."""
-    if not os.path.isdir(config_dir):
-        return []
-    return [
-        os.path.join(config_dir, name)
-        for name in sorted(os.listdir(config_dir))
-        if name != current and os.path.exists(os.path.join(config_dir, name, "dataset_info.json"))
-    ]
 
 
 def location_table(source: Records) -> list[tuple[str, float, float]]:

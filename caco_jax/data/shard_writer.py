@@ -34,8 +34,8 @@ import queue as queue_lib
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 
-from caco_jax import workers as workers_lib
 from caco_jax.data import archive, location_index
+from caco_jax.runtime import workers as workers_lib
 
 LANES = 48
 # At most about 1 GiB per shard for `rgb` records (~1 MiB per location), TFDS's usual shard size.

@@ -1,19 +1,18 @@
-"""What every evaluator shares: the encoders to compare (with the bands each reads), datasets
-prepared from the downloads and read without TensorFlow, data-parallel feature extraction, and the
-metrics file and console table.
+"""What every evaluator shares: `config.eval` (the encoders to compare and where the datasets
+are), the encoder rows with the bands each reads, datasets prepared from the downloads and read
+without TensorFlow, and the metrics file and console table.
 
 Each evaluator compares the same rows: the checkpoint under test (an export written by
-`save_encoder`, by pretraining or by `caco_jax.convert`), a randomly initialised encoder of the
-same architecture and, when `config.eval.imagenet_checkpoint` names one, a supervised ImageNet
-encoder converted from a torchvision state dict.
+`save_encoder`, by pretraining or by `models.convert`), a randomly initialised encoder of the same
+architecture and, when `config.eval.imagenet_checkpoint` names one, a supervised ImageNet encoder
+converted from a torchvision state dict. Features of a frozen encoder come from
+`runtime.inference`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,16 +22,39 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx, traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from caco_jax import mesh as mesh_lib
-from caco_jax import progress, storage
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
-from caco_jax.evaluators import bands
 from caco_jax.models import export
 from caco_jax.models.resnet import ResNet
+from caco_jax.runtime import progress, storage
+from caco_jax.runtime.workdir import Workdir
+from caco_jax.settings import Section
 
-DATA_AXIS = mesh_lib.AXIS
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings(Section):
+    """`config.eval`: what every evaluation shares (the encoder rows, where the datasets are);
+    each protocol has its own section (`config.eurosat`, `config.bigearthnet`, ...)."""
+
+    SECTION = "eval"
+    checkpoint: str = ""  # encoder export to evaluate; "" = <workdir>/encoder
+    random_baseline: bool = True  # also evaluate a randomly initialised encoder (a table row)
+    imagenet_checkpoint: str = ""  # export of converted ImageNet weights: adds an "imagenet" row
+    data_dir: str = ""  # TFDS data_dir of the prepared records; "" = ~/tensorflow_datasets
+    # Datasets as downloaded (docs/evaluation.md): the folder holding the download (zip, tar.gz or
+    # extracted) and the published split lists; records are built from it on first use.
+    manual_dir: str = ""
+    download_lists: bool = False  # fetch missing split lists from their published addresses
+    seeded_split: bool = False  # a seeded 60/20 split instead of the lists (flagged in metrics)
+    prepare_workers: int = 0  # BigEarthNet: processes decoding GeoTIFFs; 0 = one per core
+    extract_batch_size: int = 256  # images per encoder pass when caching features
+
+    def validate(self) -> None:
+        self.require(self.prepare_workers >= 0, "prepare_workers", "must be >= 0 (0 = per core)")
+        self.require(self.extract_batch_size >= 1, "extract_batch_size", "must be >= 1")
+
+    def records_dir(self) -> str:
+        return os.path.expanduser(self.data_dir or "~/tensorflow_datasets")
 
 
 @dataclasses.dataclass
@@ -45,15 +67,15 @@ class Encoder:
     input: Normalization  # the bands it reads and their normalisation (RGB for older exports)
 
 
-def checkpoint_dir(config, workdir: str) -> str:
+def checkpoint_dir(settings: EvalSettings, workdir) -> str:
     """The export under test: `config.eval.checkpoint`, else pretraining's `<workdir>/encoder`."""
-    return os.fspath(storage.path(config.eval.checkpoint or os.path.join(workdir, "encoder")))
+    return os.fspath(storage.path(settings.checkpoint or Workdir.of(workdir).encoder))
 
 
-def encoders(config, workdir: str) -> list[Encoder]:
+def encoders(settings: EvalSettings, seed: int, workdir) -> list[Encoder]:
     """The rows to evaluate, in table order. The random encoder copies the checkpoint's
-    architecture."""
-    directory = checkpoint_dir(config, workdir)
+    architecture and input, and is drawn with ``seed``."""
+    directory = checkpoint_dir(settings, workdir)
     if not storage.path(directory).is_dir():
         raise FileNotFoundError(
             f"config.eval.checkpoint: no encoder export at {directory} (pretrain first, convert "
@@ -61,26 +83,26 @@ def encoders(config, workdir: str) -> list[Encoder]:
             "weights with the convert_weights task, or point --config.eval.checkpoint at an export)"
         )
     model, metadata = export.load_encoder(directory)
-    norm = bands.encoder_input(metadata)
+    norm = export.input_normalization(metadata)
     if norm.num_bands != model.in_channels:
         raise ValueError(
             f"{directory}: metadata {EXPORT_KEY!r} names {norm.num_bands} bands, the encoder takes "
             f"{model.in_channels} input channels"
         )
     rows = [Encoder("checkpoint", model, directory, norm)]
-    if config.eval.random_baseline:
+    if settings.random_baseline:
         random_model = random_encoder(
-            int(metadata["depth"]), int(metadata["in_channels"]), config.seed, model.width
+            int(metadata["depth"]), int(metadata["in_channels"]), seed, model.width
         )
-        rows.append(Encoder("random", random_model, f"random init (seed {config.seed})", norm))
-    if config.eval.imagenet_checkpoint:
-        imagenet_model, imagenet_metadata = export.load_encoder(config.eval.imagenet_checkpoint)
+        rows.append(Encoder("random", random_model, f"random init (seed {seed})", norm))
+    if settings.imagenet_checkpoint:
+        imagenet_model, imagenet_metadata = export.load_encoder(settings.imagenet_checkpoint)
         rows.append(
             Encoder(
                 "imagenet",
                 imagenet_model,
-                os.fspath(storage.path(config.eval.imagenet_checkpoint)),
-                bands.encoder_input(imagenet_metadata),
+                os.fspath(storage.path(settings.imagenet_checkpoint)),
+                export.input_normalization(imagenet_metadata),
             )
         )
     return rows
@@ -121,11 +143,11 @@ def random_encoder(depth: int, in_channels: int, seed: int, width: int = 64) -> 
 # data sources (numpy decoding: no TensorFlow to build or read).
 
 
-def prepared(builder, config, download: str):
+def prepared(builder, settings: EvalSettings, download: str):
     """`builder` with its records under `config.eval.data_dir`, built from `config.eval.manual_dir`
     (which holds `download`) the first time."""
     if not builder.is_prepared():
-        if not config.eval.manual_dir:
+        if not settings.manual_dir:
             raise FileNotFoundError(
                 f"config.eval.manual_dir: {builder.name}/{builder.builder_config.name} is not "
                 f"prepared under {builder.data_dir}; point --config.eval.manual_dir at the folder "
@@ -133,72 +155,14 @@ def prepared(builder, config, download: str):
             )
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
-                manual_dir=os.path.abspath(os.path.expanduser(config.eval.manual_dir))
+                manual_dir=os.path.abspath(os.path.expanduser(settings.manual_dir))
             )
         )
     return builder
 
 
-def data_dir(config) -> str:
-    return os.path.expanduser(config.eval.data_dir or "~/tensorflow_datasets")
-
-
 def read_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-# --------------------------------------------------------------------------------------------------
-# Data-parallel encoder passes: the batch is split over every device, the encoder is replicated.
-
-
-def global_batch_size(requested: int, mesh: Mesh) -> int:
-    """`requested` rounded up to a multiple of the device count."""
-    return math.ceil(requested / mesh.size) * mesh.size
-
-
-def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
-    if batch.shape[0] == size:
-        return batch
-    padding = np.zeros((size - batch.shape[0], *batch.shape[1:]), batch.dtype)
-    return np.concatenate([batch, padding])
-
-
-def extract_features(
-    model: ResNet,
-    load_batch: Callable[[np.ndarray], np.ndarray],
-    count: int,
-    *,
-    preprocess: Callable[[jax.Array], jax.Array],
-    batch_size: int = 256,
-    description: str = "features",
-) -> np.ndarray:
-    """Pooled features [count, d] of the frozen encoder in eval mode.
-
-    `load_batch(indices)` returns the raw images of those examples (any dtype, NHWC); `preprocess`
-    maps
-    them to the encoder's input inside the compiled function, so only the raw bytes cross to the
-    devices.
-    """
-    mesh = mesh_lib.data_mesh()
-    batch_size = global_batch_size(batch_size, mesh)
-    model.eval()
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    features = []
-    for start in progress.trange(0, count, batch_size, desc=description, leave=False):
-        indices = np.arange(start, min(start + batch_size, count))
-        images = jax.device_put(pad_batch(load_batch(indices), batch_size), batch_sharding)
-        pooled = _pooled_features(graphdef, preprocess, state, images)
-        features.append(np.asarray(pooled)[: indices.size])
-    return np.concatenate(features) if features else np.zeros((0, model.feature_dim), np.float32)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _pooled_features(graphdef, preprocess, state, images):
-    # Module level, keyed by (graphdef, preprocess): every encoder row of a table reuses one
-    # compile.
-    return nnx.merge(graphdef, state)(preprocess(images))
 
 
 def refresh_batch_stats(
@@ -292,11 +256,16 @@ def _format_cell(value) -> str:
 
 
 def report(
-    config, workdir: str, task: str, rows: list[dict], columns: Sequence[str], extra: dict
+    settings: EvalSettings,
+    workdir,
+    task: str,
+    rows: list[dict],
+    columns: Sequence[str],
+    extra: dict,
 ) -> dict:
     """Prints the table, writes the metrics JSON beside the checkpoint, returns the task's
     result."""
-    checkpoint = checkpoint_dir(config, workdir)
+    checkpoint = checkpoint_dir(settings, workdir)
     print(format_table(f"{task} (percent)", rows, columns), flush=True)
     record = {"task": task, "checkpoint": checkpoint, "rows": rows, **extra}
     path = write_metrics(metrics_path(checkpoint, task), record)

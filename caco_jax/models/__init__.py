@@ -1,15 +1,6 @@
-"""Encoders (torchvision-layout ResNets), projection heads, and encoder export."""
+"""The networks and their weights: the torchvision-layout ResNets (`resnet`), the projection heads
+(`heads`), SeCo's U-Net decoder (`unet`), and weights in and out: the encoder export (`export`),
+official PyTorch weights in (`convert`, `pretrained`) and the PyTorch export (`torch_export`).
 
-from caco_jax.models.export import load_encoder, save_encoder
-from caco_jax.models.heads import ProjectionHead, SubspaceHeads, l2_normalize
-from caco_jax.models.resnet import BatchNorm, ResNet
-
-__all__ = [
-    "BatchNorm",
-    "ProjectionHead",
-    "ResNet",
-    "SubspaceHeads",
-    "l2_normalize",
-    "load_encoder",
-    "save_encoder",
-]
+Nothing is imported here, so that a bare accelerator image can build a ResNet without Orbax.
+"""

@@ -24,9 +24,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from caco_jax import storage
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models.resnet import ResNet
+from caco_jax.runtime import storage
 
 ARCH = "resnet"
 BUILD_KEYS = ("arch", "depth", "in_channels")

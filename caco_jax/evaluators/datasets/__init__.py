@@ -1,0 +1,1 @@
+"""Evaluation datasets: TFDS builders of the downloads, and the published split lists."""
