@@ -38,7 +38,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from caco_jax import config as config_lib
 from caco_jax.data.normalization import Normalization
 from caco_jax.pretrain import augment
 
@@ -169,9 +168,7 @@ def side_by_side(functions: dict, args, repeats: int) -> dict[str, float]:
 
 
 def benchmark_crop_size(args, crop: int) -> None:
-    config = config_lib.for_tasks("pretrain")
-    config.augment.crop_size = crop
-    settings = augment.AugmentSettings.from_config(config)
+    settings = augment.AugmentSettings(crop_size=crop)
     rng = np.random.default_rng(0)
     raw = jnp.asarray(rng.integers(0, 256, (args.batch, 3, SIZE, SIZE, CHANNELS), np.uint8))
     key = jax.random.key(0)
@@ -180,7 +177,7 @@ def benchmark_crop_size(args, crop: int) -> None:
     for name, value in work_counts(crop).items():
         print(f"  work per view: {name:38s} {value / 1e6:8.2f} M")
 
-    now = jax.jit(lambda k, x: augment.make_views(k, x, recipe="seco", config=config))
+    now = jax.jit(lambda k, x: augment.make_views(k, x, recipe="seco", settings=settings))
     previous = jax.jit(lambda k, x: previous_make_views(k, x, settings))
     got, before = now(key, raw), previous(key, raw)
     for name, view in got.items():  # same draws, same semantics: the same views

@@ -57,6 +57,7 @@ PEAK_TFLOPS = (
     ("A100", 312.0, 156.0),
 )
 
+
 def import_caco_jax():
     """caco_jax's pretraining (`train.setup`), mesh and ResNet modules, and its settings types,
     without the package initialiser.

@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from caco_jax.evaluators import common, linear_probe
+from caco_jax.evaluators import common, heads
+from caco_jax.runtime import inference
 
 TRAIN, VAL = 16200, 5400
 
@@ -51,24 +52,24 @@ def main():
     labels = rng.integers(0, 10, train_size + val_size)
     train, val = np.arange(train_size), np.arange(train_size, train_size + val_size)
     model = common.random_encoder(args.depth, 3, seed=0)
-    settings = linear_probe.HeadSettings(epochs=args.epochs, milestones=())
-    warmup = linear_probe.HeadSettings(epochs=1, milestones=())
+    settings = heads.HeadSettings(epochs=args.epochs, milestones=())
+    warmup = heads.HeadSettings(epochs=1, milestones=())
 
     def features(subset):
-        return common.extract_features(
+        return inference.extract_features(
             model, lambda i: images[subset[i]], subset.size,
             preprocess=common.as_unit_float, batch_size=256,
         )  # fmt: skip
 
     def official(settings):
-        return lambda: linear_probe.train_head_with_encoder_in_train_mode(
+        return lambda: heads.train_head_with_encoder_in_train_mode(
             model, images[train], labels[train], preprocess=common.as_unit_float,
             num_classes=10, settings=settings, seed=0,
         )  # fmt: skip
 
     def head(settings, cached):
-        return lambda: linear_probe.train_linear_head(
-            cached, labels[train], num_outputs=10, loss_fn=linear_probe.softmax_cross_entropy,
+        return lambda: heads.train_linear_head(
+            cached, labels[train], num_outputs=10, loss_fn=heads.softmax_cross_entropy,
             settings=settings, seed=0,
         )  # fmt: skip
 

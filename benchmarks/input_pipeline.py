@@ -55,8 +55,7 @@ import json, os, sys, time
 tree, data_dir, method, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 sys.path.insert(0, tree)
 os.environ["TQDM_DISABLE"] = "1"
-from caco_jax import config as config_lib
-from caco_jax.data import pipeline, records
+from caco_jax.data import dataset, pipeline
 
 def io():
     with open("/proc/self/io") as f:
@@ -76,10 +75,8 @@ class Counting:
     def __getitems__(self, keys):
         return [self[k] for k in keys]
 
-config = config_lib.for_tasks("pretrain")
-config.input.num_workers = 0
-config.input.num_threads = 0
-source = records.open_records(data_dir, "rgb")
+settings = pipeline.InputSettings(num_workers=0, num_threads=0)
+source = dataset.open_records(data_dir, "rgb")
 holder = getattr(source, "acquisitions", source)  # 2.0.0: Records; 1.0.0: the tfds source
 counting = holder.data_source = Counting(holder.data_source)
 folder = os.path.dirname(holder.dataset_info.data_dir + "/")
@@ -99,7 +96,7 @@ for path in shards:
 counts = getattr(source, "acquisition_counts", None)
 extra = {"num_acquisitions": int(counts().sum())} if counts else {}
 stream = pipeline.Stream(method, batch, 0, len(source), **extra)
-batches = pipeline.make_pipeline(config, source, stream, num_epochs=1)
+batches = pipeline.make_pipeline(settings, source, stream, num_epochs=1)
 before, cpu = io(), time.process_time()
 items = sum(len(b["item_id"]) for b in batches)
 cpu, after = time.process_time() - cpu, io()
@@ -305,14 +302,13 @@ def time_device_augment(batch: int, repeats: int) -> tuple[Timer, float]:
     import jax
     import jax.numpy as jnp
 
-    from caco_jax import config as config_lib
     from caco_jax.pretrain import augment
 
-    config = config_lib.for_tasks("pretrain")
+    settings = augment.AugmentSettings()
     images = jax.device_put(
         jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, 3, 264, 264, 3)), jnp.uint8)
     )
-    make = jax.jit(lambda key, x: augment.make_views(key, x, recipe="seco", config=config))
+    make = jax.jit(lambda key, x: augment.make_views(key, x, recipe="seco", settings=settings))
     start = time.perf_counter()
     jax.block_until_ready(make(jax.random.key(0), images))
     compile_s = time.perf_counter() - start

@@ -3,7 +3,7 @@ r"""EuroSAT linear-probe head training on cached features: one scan per epoch vs
   python benchmarks/linear_probe.py [--epochs 3] [--full]
 
 Features: random float32 [16200, 512] (SeCo's EuroSAT train split, ResNet-18 width), 10 classes,
-batch 32, Adam. "scan" is `linear_probe.train_linear_head` (one compiled `lax.scan` per epoch);
+batch 32, Adam. "scan" is `heads.train_linear_head` (one compiled `lax.scan` per epoch);
 "per-step" dispatches one jitted Adam step per batch from Python, as a straightforward port of the
 official loop would. Both run the same number of epochs in this process; compile time excluded by a
 warm-up epoch. `--full` also times the paper's 100 epochs with the scan version.
@@ -22,19 +22,19 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from caco_jax.evaluators import linear_probe
+from caco_jax.evaluators import heads
 
 
 def per_step_training(features, labels, settings, epochs, seed=0):
     steps = features.shape[0] // settings.batch_size
-    optimizer = optax.adam(linear_probe.step_schedule(settings, steps))
-    params = linear_probe.init_linear(jax.random.key(seed), features.shape[1], 10)
+    optimizer = optax.adam(heads.step_schedule(settings, steps))
+    params = heads.init_linear(jax.random.key(seed), features.shape[1], 10)
     opt_state = optimizer.init(params)
 
     @jax.jit
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(
-            lambda p: linear_probe.softmax_cross_entropy(linear_probe.linear(p, x), y)
+            lambda p: heads.softmax_cross_entropy(heads.linear(p, x), y)
         )(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -63,12 +63,12 @@ def main():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(16200, 512)).astype(np.float32)
     labels = rng.integers(0, 10, 16200)
-    settings = linear_probe.HeadSettings(epochs=args.epochs)
-    warmup = linear_probe.HeadSettings(epochs=1)
+    settings = heads.HeadSettings(epochs=args.epochs)
+    warmup = heads.HeadSettings(epochs=1)
 
     def scan(settings):
-        return lambda: linear_probe.train_linear_head(
-            features, labels, num_outputs=10, loss_fn=linear_probe.softmax_cross_entropy,
+        return lambda: heads.train_linear_head(
+            features, labels, num_outputs=10, loss_fn=heads.softmax_cross_entropy,
             settings=settings, seed=0,
         )  # fmt: skip
 
@@ -85,7 +85,7 @@ def main():
     print(f"  (its first epoch, compile included: {per_step_warm:.2f} s)")
     print(f"ratio per-step / scan: {per_step_time / scan_time:.1f}x")
     if args.full:
-        full = timed(scan(linear_probe.HeadSettings()))
+        full = timed(scan(heads.HeadSettings()))
         print(f"paper protocol, 100 epochs with scan: {full:.1f} s")
 
 

@@ -5,8 +5,8 @@ r"""One measurement of benchmarks/rehearsal.py, run in its own process against a
 
 `--tree` is the checkout whose `caco_jax` is imported (put first on sys.path), so the same probe
 measures the current tree and an older one side by side. Only public entry points are used: the
-`caco_geography` builder (`caco_jax.data.builder.CacoGeography`), `records.open_records`,
-`records.location_table`, `pipeline.Stream` / `pipeline.make_pipeline` and `config.for_tasks`.
+`caco_geography` builder (`caco_jax.data.builder.CacoGeography`), `dataset.open_records`,
+`records.location_table`, `pipeline.Stream` / `pipeline.make_pipeline`.
 Prints one JSON line (prefixed `RESULT `) with the figures; memory is sampled from outside.
 """
 
@@ -54,23 +54,17 @@ def prepare(args) -> dict:
 
 
 def pipeline(args) -> dict:
-    from caco_jax import config as config_lib
+    from caco_jax import methods
+    from caco_jax.data import dataset, records
     from caco_jax.data import pipeline as pipeline_lib
-    from caco_jax.data import records
 
     start = time.perf_counter()
-    source = records.open_records(args.data_dir, args.config)
+    source = dataset.open_records(args.data_dir, args.config)
     open_seconds = time.perf_counter() - start
-    config = config_lib.for_tasks("pretrain")
-    config.method.name = args.method
-    config.train.batch_size = args.batch
-    config.input.num_workers = 0
-    config.input.num_threads = args.threads
-    # An epoch over acquisitions (moco) needs their count; the 1.0.0 baseline's Stream has none.
-    counts = getattr(source, "acquisition_counts", None)
-    extra = (int(counts().sum()),) if counts else ()
-    stream = pipeline_lib.Stream.from_config(config, len(source), *extra)
-    batches = pipeline_lib.make_pipeline(config, source, stream)
+    settings = pipeline_lib.InputSettings(num_workers=0, num_threads=args.threads)
+    counts = int(source.acquisition_counts().sum())  # an epoch over acquisitions (moco) needs it
+    stream = pipeline_lib.Stream.of(methods.get(args.method), args.batch, 0, len(source), counts)
+    batches = pipeline_lib.make_pipeline(settings, source, stream)
     next(batches)  # opens the files and fills the prefetch buffer; not counted
     io_before, cpu_before = _io_counters(), time.process_time()
     start = time.perf_counter()

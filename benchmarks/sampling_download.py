@@ -121,14 +121,10 @@ def main():
     root = tempfile.mkdtemp()
     try:
         sites = [Site(f"{i:06d}", 40.0 + 0.1 * i, 10.0) for i in range(args.download_locations)]
-        windows = (
-            (datetime.date(2019, 1, 1), datetime.date(2020, 1, 1)),
-            (datetime.date(2023, 1, 1), datetime.date(2024, 1, 1)),
-        )
         per_location = {}
         for workers in (1, 2):
             client = _Fake()
-            settings = downloader.Settings(windows=windows, concurrent_requests=workers)
+            settings = downloader.DownloadSettings(concurrent_requests=workers)
             t = time.perf_counter()
             summary = downloader.download_all(
                 client, sites, os.path.join(root, f"w{workers}"), settings, progress=False

@@ -3,13 +3,13 @@ device.
 
   python benchmarks/step.py --depth 18 --batch 32 --crop 96
 
-The CACo step (`caco_jax.pretrain.step`, jitted under `shard_map` on a one-device mesh) runs the augmentation
-of four views, four key-encoder forwards (k0, k1, k2 and the query views for the change estimate),
-and one query forward and backward. The plain step is one forward and backward of the same ResNet
-with a linear classifier on already-normalised images, with the same SGD. A backward costs about two
-forwards, so the model work is (4 + 3) / 3 = 7/3 of the plain step: the ratio should stay near 2.3,
-plus the augmentation. Both are compiled first, then timed over --steps steps each (median), in the
-same process.
+The CACo step (`caco_jax.pretrain.step`, jitted under `shard_map` on a one-device mesh) runs the
+augmentation of four views, four key-encoder forwards (k0, k1, k2 and the query views for the change
+estimate), and one query forward and backward. The plain step is one forward and backward of the
+same ResNet with a linear classifier on already-normalised images, with the same SGD. A backward
+costs about two forwards, so the model work is (4 + 3) / 3 = 7/3 of the plain step: the ratio should
+stay near 2.3, plus the augmentation. Both are compiled first, then timed over --steps steps each
+(median), in the same process.
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ def time_calls(fn, steps):
 
 
 def caco_step_time(args) -> float:
-    config = config_lib.for_tasks("pretrain")
-    config.model.depth = args.depth
-    config.augment.crop_size = args.crop
-    config.train.batch_size = args.batch
-    config.method.num_negatives = args.queue
+    settings = config_lib.resolve(config_lib.for_tasks("pretrain")).replace(
+        model={"depth": args.depth},
+        augment={"crop_size": args.crop},
+        train={"batch_size": args.batch},
+        method={"num_negatives": args.queue},
+    )
     mesh = data_mesh(jax.devices()[:1])
-    run = train.setup(config, args.batch, mesh=mesh)
+    run = train.setup(settings, args.batch, mesh=mesh)
     rng = np.random.default_rng(0)
     batch = global_batch(
         {

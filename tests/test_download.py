@@ -247,9 +247,7 @@ def test_bad_download_config_names_the_key():
         config_lib.validate(config)
     config = config_lib.for_tasks("download")
     config.download.min_acquisitions_per_window = 6
-    with pytest.raises(
-        SettingsError, match=r"config\.download\.min_acquisitions_per_window"
-    ):
+    with pytest.raises(SettingsError, match=r"config\.download\.min_acquisitions_per_window"):
         config_lib.validate(config)
 
 

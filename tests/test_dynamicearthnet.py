@@ -6,16 +6,21 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
-import zipfile
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import rasterio
-from helpers import xla_flags
+from downloads import (
+    PLANET_SIZE,
+    TRAIN_LISTED,
+    VALIDATION,
+    label_file,
+    write_download,
+    write_tif,
+    zip_download,
+)
 
+from caco_jax import config as config_lib
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import common, metrics, tiling
 from caco_jax.evaluators import dynamicearthnet as segmentation
@@ -23,129 +28,6 @@ from caco_jax.evaluators.datasets import dynamicearthnet as builder
 from caco_jax.models import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 64  # the real images are 1024 x 1024
-
-# (cube, zone, planet grid folder, label tile, label folder separator, label date separator, dtype)
-CUBES = {
-    "1311_3077_13": ("10N", "26E-183N", "10N-122W-40N-L3H-SR", "_", "_", "int16"),
-    # Label folder named with a hyphen and dates with hyphens, as some are in the download.
-    "2196_3885_13": ("17N", "9E-42N", "17N-83W-9N-L3H-SR", "-", "-", "uint16"),
-    "1330_3107_13": ("10N", "26E-184N", "10N-121W-39N-L3H-SR", "_", "_", "int16"),
-    # The two cubes the official README restores to train.txt.
-    "1417_3281_13": ("11N", "13E-187N", "11N-117W-33N-L3H-SR", "_", "_", "int16"),
-    "2235_3403_13": ("17N", "10E-39N", "17N-81W-30N-L3H-SR", "_", "_", "int16"),
-}
-TRAIN_LISTED = {"1311_3077_13": ("2018-01", "2018-02"), "2196_3885_13": ("2018-01", "2019-12")}
-VALIDATION = {"1330_3107_13": ("2018-03", "2019-07")}
-
-
-def planet_folder(cube):
-    zone, grid = CUBES[cube][:2]
-    return f"planet/{zone}/{grid}/{cube}"
-
-
-def label_file(cube, month):
-    zone, _, tile, folder_sep, date_sep, _ = CUBES[cube]
-    date = month.replace("-", date_sep) + f"{date_sep}01"
-    return f"labels/{cube}{folder_sep}{zone}/Labels/Raster/{tile}/{tile}-{date}.tif"
-
-
-def write_tif(path, bands):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with rasterio.open(
-        path, "w", driver="GTiff", height=bands.shape[1], width=bands.shape[2],
-        count=bands.shape[0], dtype=bands.dtype.name, crs="EPSG:32610",
-        transform=rasterio.transform.from_origin(500000, 4000000, 3, 3), compress="lzw",
-    ) as dst:  # fmt: skip
-        dst.write(bands)
-
-
-def fake_month(rng, dtype):
-    """A 4-band BGRN image and a 7-band one-hot label whose classes are visible in the image, with
-    unlabelled, snow and doubly labelled pixels."""
-    classes = rng.integers(0, 7, (SIZE // 8, SIZE // 8)).repeat(8, 0).repeat(8, 1)
-    label = np.zeros((7, SIZE, SIZE), np.uint8)
-    for c in range(7):
-        label[c][classes == c] = 255
-    label[:, :2, :3] = 0  # unlabelled
-    label[:, 5, 5] = 0
-    label[1, 5, 5] = label[4, 5, 5] = 255  # two bands set: the last one wins
-    brightness = np.array([300, 900, 1500, 2100, 2700, 3300, 9000])[classes]
-    bgrn = brightness[None] * np.array([0.6, 0.8, 1.0, 1.4])[:, None, None]
-    bgrn = (bgrn + rng.normal(0, 100, bgrn.shape)).clip(0, 30000).astype(dtype)
-    if dtype == "uint16":
-        bgrn[2, 0, 0] = 40000  # red above int16: clipped to 32767
-    return bgrn, label
-
-
-def write_download(root, rng=None):
-    """The DynamicEarthNet download in its published layout, extracted; returns {(cube, month):
-    (expected rgb int16, expected label)} of every split month."""
-    rng = rng or np.random.default_rng(0)
-    months = {**{c: m for c, m in TRAIN_LISTED.items()}, **VALIDATION}
-    for cube in builder.RESTORED_TRAIN_CUBES:
-        months[cube] = builder.LABELLED_MONTHS
-    expected = {}
-    for cube, cube_months in months.items():
-        for month in cube_months:
-            bgrn, label = fake_month(rng, CUBES[cube][5])
-            write_tif(os.path.join(root, planet_folder(cube), "PF-SR", f"{month}-01.tif"), bgrn)
-            write_tif(
-                os.path.join(root, planet_folder(cube), "PF-QA", f"{month}-01.tif"),
-                np.zeros((1, SIZE, SIZE), np.int16),
-            )
-            write_tif(os.path.join(root, label_file(cube, month)), label)
-            with open(os.path.join(root, label_file(cube, month)) + ".aux.xml", "w") as f:
-                f.write("<PAMDataset/>")
-            rgb = np.clip(np.moveaxis(bgrn[[2, 1, 0]], 0, -1), 0, 32767).astype(np.int16)
-            classes = np.full((SIZE, SIZE), 255, np.uint8)
-            for c in range(7):
-                classes[label[c] == 255] = c
-            expected[cube, month] = (rgb, classes)
-    # Days other than the first, and a vector label, are in the download but not read.
-    write_tif(
-        os.path.join(root, planet_folder("1311_3077_13"), "PF-SR", "2018-01-02.tif"),
-        np.full((4, SIZE, SIZE), 7, np.int16),
-    )
-    vector = os.path.join(
-        root, "labels/1311_3077_13_10N/Labels/Vector/Water/x/x-2018_01_01.geojson"
-    )
-    os.makedirs(os.path.dirname(vector))
-    with open(vector, "w") as f:
-        f.write("{}")
-    splits = os.path.join(root, builder.SPLITS_FOLDER)
-    os.makedirs(splits)
-    for name, listed in (("train.txt", TRAIN_LISTED), ("val.txt", VALIDATION)):
-        lines = [
-            # A doubled slash (torchgeo's test split files have one) reads like one.
-            f"/reprocess-cropped/UTM-24000/{planet_folder(cube)[7:]}//PF-SR "
-            f"/{label_file(cube, month).replace(f'{cube}-', f'{cube}_')} {month}"
-            for cube, cube_months in listed.items()
-            for month in cube_months
-        ]
-        with open(os.path.join(splits, name), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return expected
-
-
-def zip_download(extracted, zipped):
-    """The same download as mediaTUM serves it: one planet.<zone>.zip per zone and labels.zip."""
-    os.makedirs(zipped)
-    shutil.copytree(
-        os.path.join(extracted, builder.SPLITS_FOLDER), os.path.join(zipped, builder.SPLITS_FOLDER)
-    )
-    for zone in sorted({zone for zone, *_ in CUBES.values()}):
-        with zipfile.ZipFile(os.path.join(zipped, f"planet.{zone}.zip"), "w") as archive:
-            base = os.path.join(extracted, "planet", zone)
-            for folder, _, files in os.walk(base):
-                for name in files:
-                    path = os.path.join(folder, name)
-                    archive.write(path, os.path.relpath(path, extracted))
-    with zipfile.ZipFile(os.path.join(zipped, "labels.zip"), "w") as archive:
-        for folder, _, files in os.walk(os.path.join(extracted, "labels")):
-            for name in files:
-                path = os.path.join(folder, name)
-                archive.write(path, os.path.relpath(path, extracted))
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +83,7 @@ def test_builder_names_what_is_missing_or_malformed(download, tmp_path):
     os.remove(missing)
     with pytest.raises(FileNotFoundError, match="no label of 1330_3107_13 2019-07"):
         builder.prepare(str(manual), str(tmp_path / "tfds"))
-    write_tif(str(missing), np.zeros((6, SIZE, SIZE), np.uint8))
+    write_tif(str(missing), np.zeros((6, PLANET_SIZE, PLANET_SIZE), np.uint8))
     with pytest.raises(ValueError, match=r"2019_07_01\.tif has 6 bands of uint8, expected 7"):
         builder.prepare(str(manual), str(tmp_path / "tfds"))
     (manual / builder.SPLITS_FOLDER / "val.txt").write_text("not a split line\n")
@@ -272,49 +154,30 @@ def test_the_encoder_input_comes_from_the_export_and_must_be_rgb(tmp_path):
         segmentation.check_rgb(rows(wrong)[0])
 
 
-def test_run_py_evaluates_frozen_and_finetuned_without_tensorflow(download, tmp_path):
+def test_frozen_and_finetuned_segmentation_of_every_encoder_row(download, tmp_path):
+    """Both modes in-process (run.py runs the frozen one in test_evaluators.py); the ImageNet row
+    has the checkpoint's input, so that every row shares one compilation."""
     root, _ = download
-    blocker = tmp_path / "blocker" / "tensorflow"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text(
-        "raise ImportError('tensorflow is blocked in this test')\n"
-    )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), ROOT]),
-        "XLA_FLAGS": xla_flags(1),
-        "JAX_PLATFORMS": "cpu",
-    }
-    blocked = subprocess.run(
-        [sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True
-    )
-    assert "tensorflow is blocked" in blocked.stderr
-
     model = common.random_encoder(18, 3, seed=1)
     recorded = Normalization.rgb().to_json() | {"mean": [0.4, 0.4, 0.4]}
     checkpoint = export.save_encoder(tmp_path / "encoder", model, {EXPORT_KEY: recorded})
-    # The same input for every row, so that they share one compilation.
     imagenet_model = common.random_encoder(18, 3, seed=2)
     imagenet = export.save_encoder(tmp_path / "imagenet", imagenet_model, {EXPORT_KEY: recorded})
-    settings = [
-        f"--config.eval.checkpoint={checkpoint}",
-        f"--config.eval.manual_dir={root / 'zipped'}",
-        f"--config.eval.data_dir={tmp_path / 'tfds'}",
-        "--config.dynamicearthnet.tile_size=32",
-        "--config.dynamicearthnet.batch_size=16",
-        "--config.dynamicearthnet.epochs=1",
-    ]
+    config = config_lib.for_tasks("eval_dynamicearthnet")
+    config.eval.checkpoint = str(checkpoint)
+    config.eval.manual_dir = str(root / "zipped")
+    config.eval.data_dir = str(tmp_path / "tfds")
+    config.dynamicearthnet.tile_size = 32
+    config.dynamicearthnet.batch_size = 16
+    config.dynamicearthnet.epochs = 1
+    settings = config_lib.resolve(config)
     runs = {
-        "frozen": [f"--config.eval.imagenet_checkpoint={imagenet}"],
-        "finetune": ["--config.eval.random_baseline=False"],
+        "frozen": {"imagenet_checkpoint": str(imagenet)},
+        "finetune": {"random_baseline": False},
     }
-    for mode, extra in runs.items():
-        result = subprocess.run(
-            [sys.executable, "run.py", "--config", f"configs/eval_dynamicearthnet.py:{mode}",
-             "--workdir", str(tmp_path / "w"), *settings, *extra],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
+    for mode, shared in runs.items():
+        run = settings.replace(eval=shared, dynamicearthnet={"finetune": mode == "finetune"})
+        segmentation.run_task(run, str(tmp_path / "w"))
         with open(common.metrics_path(str(checkpoint), f"eval_dynamicearthnet_{mode}")) as f:
             record = json.load(f)
         assert record["mode"] == mode
@@ -326,12 +189,9 @@ def test_run_py_evaluates_frozen_and_finetuned_without_tensorflow(download, tmp_
         for row in record["rows"]:
             assert 0.0 <= row["miou"] <= 1.0
             assert np.sum(row["confusion"]) > 0  # every labelled validation pixel is counted
-        assert f"eval_dynamicearthnet_{mode} (percent)" in result.stdout
 
 
 def test_config_selects_the_mode_and_validates():
-    from caco_jax import config as config_lib
-
     spec = importlib.util.spec_from_file_location(
         "eval_dynamicearthnet", os.path.join(ROOT, "configs", "eval_dynamicearthnet.py")
     )

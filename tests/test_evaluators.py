@@ -1,5 +1,5 @@
-"""The evaluators on tiny fixtures written in each download's exact layout and formats (member
-paths, JPEG / GeoTIFF dtypes and sizes, label JSON), end to end through run.py with TensorFlow made
+"""The evaluators on tiny fixtures written in each download's exact layout and formats
+(tests/downloads.py), in-process and once end to end through run.py with TensorFlow made
 unimportable (no network)."""
 
 import functools
@@ -16,13 +16,24 @@ import zipfile
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import rasterio
+from downloads import (
+    bigearthnet_patches,
+    geotiff_bytes,
+    write_bigearthnet,
+    write_bigearthnet_lists,
+    write_download,
+    write_eurosat_lists,
+    write_eurosat_ms_folder,
+    write_eurosat_rgb_zip,
+    write_fake_oscd,
+    zip_download,
+)
 from flax import nnx
 from helpers import xla_flags
 from PIL import Image
-from rasterio.io import MemoryFile
 
 from caco_jax import config as config_lib
+from caco_jax import tasks
 from caco_jax.data import dataset, layout
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import bigearthnet, common, eurosat, heads, land_cover, tiling
@@ -34,114 +45,6 @@ from caco_jax.models import export, unet
 from caco_jax.models.resnet import BatchNorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EUROSAT_PER_CLASS = 4
-BIGEARTHNET_PATCHES = 24
-
-
-# --------------------------------------------------------------------------------------------------
-# The downloads, in miniature.
-
-
-def geotiff_bytes(bands_first: np.ndarray) -> bytes:
-    """A GeoTIFF of [bands, H, W] (dtype kept), written by GDAL like the published files."""
-    count, height, width = bands_first.shape
-    with MemoryFile() as memory:
-        with memory.open(
-            driver="GTiff", height=height, width=width, count=count, dtype=bands_first.dtype.name,
-            crs="EPSG:32632", transform=rasterio.transform.from_origin(500000, 5000000, 10, 10),
-        ) as dst:  # fmt: skip
-            dst.write(bands_first)
-        return memory.read()
-
-
-def eurosat_pixels(label: int, n: int, channels: int, dtype) -> np.ndarray:
-    """A class-coloured image with noise: the classes are separable."""
-    rng = np.random.default_rng(100 * label + n)
-    top = 255 if dtype == np.uint8 else 3000
-    colour = np.linspace(0.1, 0.9, channels)[::-1] * top * (label + 1) / 10
-    noise = rng.normal(0, top / 40, (64, 64, channels))
-    return np.clip(colour + noise, 0, top).astype(dtype)
-
-
-def write_eurosat_rgb_zip(folder) -> dict:
-    """EuroSAT_RGB.zip: EuroSAT_RGB/<Class>/<Class>_<n>.jpg, 64x64 RGB JPEGs; {name: JPEG}."""
-    written = {}
-    with zipfile.ZipFile(folder / "EuroSAT_RGB.zip", "w") as archive:
-        for label, cls in enumerate(eurosat_builder.CLASSES):
-            for n in range(1, EUROSAT_PER_CLASS + 1):
-                buffer = io.BytesIO()
-                Image.fromarray(eurosat_pixels(label, n, 3, np.uint8)).save(buffer, "JPEG")
-                archive.writestr(f"EuroSAT_RGB/{cls}/{cls}_{n}.jpg", buffer.getvalue())
-                written[f"{cls}_{n}"] = buffer.getvalue()
-    return written
-
-
-def write_eurosat_ms_folder(folder) -> dict:
-    """Extracted EuroSAT_MS.zip: EuroSAT_MS/<Class>/<Class>_<n>.tif, 13-band uint16 64x64."""
-    written = {}
-    for label, cls in enumerate(eurosat_builder.CLASSES):
-        (folder / "EuroSAT_MS" / cls).mkdir(parents=True)
-        for n in range(1, EUROSAT_PER_CLASS + 1):
-            pixels = eurosat_pixels(label, n, 13, np.uint16)
-            path = folder / "EuroSAT_MS" / cls / f"{cls}_{n}.tif"
-            path.write_bytes(geotiff_bytes(np.moveaxis(pixels, -1, 0)))
-            written[f"{cls}_{n}"] = pixels
-    return written
-
-
-def write_eurosat_lists(folder):
-    """SeCo's lists name the RGB JPEGs: n = 1..3 train, n = 4 val."""
-    names = [f"{c}_{n}.jpg" for c in eurosat_builder.CLASSES for n in range(1, 5)]
-    (folder / "eurosat-train.txt").write_text("\n".join(n for n in names if n[-5] != "4") + "\n")
-    (folder / "eurosat-val.txt").write_text("\n".join(n for n in names if n[-5] == "4") + "\n")
-
-
-def bigearthnet_name(n: int) -> str:
-    return f"S2A_MSIL2A_20170613T101031_{n}_48"
-
-
-def bigearthnet_patches():
-    """{patch: ({file: bytes}, labels, {band: uint16 pixels})} at the published sizes."""
-    rng = np.random.default_rng(1)
-    patches = {}
-    for n in range(BIGEARTHNET_PATCHES):
-        name = bigearthnet_name(n)
-        labels = sorted(rng.choice(bigearthnet_builder.LABELS, size=2, replace=False).tolist())
-        files, pixels = {}, {}
-        for band in bigearthnet_builder.ALL_BANDS:
-            size = bigearthnet_builder.BAND_PIXELS[band]
-            pixels[band] = rng.integers(0, 4000, (size, size)).astype(np.uint16)
-            files[f"{name}_{band}.tif"] = geotiff_bytes(pixels[band][None])
-        metadata = {"labels": labels, "coordinates": {}, "projection": "", "tile_source": "",
-                    "acquisition_date": "2017-06-13 10:10:31"}  # fmt: skip
-        files[f"{name}_labels_metadata.json"] = json.dumps(metadata).encode()
-        patches[name] = (files, labels, pixels)
-    return patches
-
-
-def write_bigearthnet(folder, patches, *, as_tar: bool):
-    """BigEarthNet-S2-v1.0.tar.gz (BigEarthNet-v1.0/<patch>/<patch>_<band>.tif, labels JSON), or
-    the extracted folder."""
-    if as_tar:
-        with tarfile.open(folder / "BigEarthNet-S2-v1.0.tar.gz", "w:gz") as archive:
-            for name, (files, _, _) in patches.items():
-                for file, data in files.items():
-                    info = tarfile.TarInfo(f"BigEarthNet-v1.0/{name}/{file}")
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-    else:
-        for name, (files, _, _) in patches.items():
-            (folder / "BigEarthNet-v1.0" / name).mkdir(parents=True)
-            for file, data in files.items():
-                (folder / "BigEarthNet-v1.0" / name / file).write_bytes(data)
-
-
-def write_bigearthnet_lists(folder):
-    names = [bigearthnet_name(n) for n in range(BIGEARTHNET_PATCHES)]
-    (folder / "bigearthnet-train.txt").write_text("\n".join(names[:16]) + "\n")
-    (folder / "bigearthnet-val.txt").write_text("\n".join(names[16:]) + "\n")
-    (folder / "patches_with_cloud_and_shadow.csv").write_text(f"{names[0]}\n{names[17]}\n")
-    (folder / "patches_with_seasonal_snow.csv").write_text(f"{names[1]}\n")
 
 
 @pytest.fixture(scope="module")
@@ -282,45 +185,6 @@ def test_decoder_gives_one_logit_per_pixel_and_zero_differences_for_equal_images
     assert all(float(jnp.abs(s).max()) == 0.0 for s in skips)
     _, logits = run(encoder, decoder, images, 1.0 - images)
     assert logits.shape == (2, 64, 64)
-
-
-def write_fake_oscd(root, size=(70, 100), band_names=oscd_builder.RGB_BANDS):
-    """The Onera archive's layout: city lists, rectified bands, one city with native-layout bands,
-    labels as cm.png for train cities and <city>-cm.tif for the test city."""
-    rng = np.random.default_rng(0)
-    images_dir = root / oscd_builder.IMAGES_FOLDER
-    images_dir.mkdir(parents=True)
-    (images_dir / "train.txt").write_text("alpha,beta")
-    (images_dir / "test.txt").write_text("gamma\n")
-    written = {}
-    for city, split in (("alpha", "train"), ("beta", "train"), ("gamma", "test")):
-        for date in (1, 2):
-            native = city == "beta"
-            folder = images_dir / city / (f"imgs_{date}" if native else f"imgs_{date}_rect")
-            folder.mkdir(parents=True)
-            values_first = rng.integers(0, 4000, (len(band_names), *size)).astype(np.uint16)
-            written[city, date] = np.moveaxis(values_first, 0, -1)
-            for band, values in zip(band_names, values_first, strict=True):
-                name = f"S2A_OPER_MSI_{city}_{band}.tif" if native else f"{band}.tif"
-                with rasterio.open(
-                    folder / name, "w", driver="GTiff", height=size[0], width=size[1], count=1,
-                    dtype="uint16",
-                ) as dst:  # fmt: skip
-                    dst.write(values, 1)
-        mask = np.zeros(size, np.uint8)
-        mask[10:40, 20:60] = 1
-        written[city, "mask"] = mask
-        cm_dir = root / oscd_builder.LABEL_FOLDERS[split] / city / "cm"
-        cm_dir.mkdir(parents=True)
-        if split == "train":
-            Image.fromarray(mask * 255).save(cm_dir / "cm.png")
-        else:
-            with rasterio.open(
-                cm_dir / f"{city}-cm.tif", "w", driver="GTiff", height=size[0], width=size[1],
-                count=1, dtype="uint8",
-            ) as dst:  # fmt: skip
-                dst.write(mask + 1, 1)
-    return written
 
 
 def test_oscd_builder_reads_the_onera_layout(tmp_path):
@@ -595,9 +459,68 @@ def test_unprepared_dataset_without_manual_dir_names_the_key(tmp_path):
 # Every evaluation through run.py, from the downloads, with TensorFlow unimportable.
 
 
-def run_evaluations(tmp_path, encoder, manual_dir, *overrides):
-    """run.py with the three evaluation tasks; a `tensorflow` package first on the path records
-    any import attempt and raises ImportError. Returns the marker file's path."""
+EVERY_EVALUATION = ("eval_eurosat", "eval_bigearthnet", "eval_oscd", "eval_dynamicearthnet")
+# The config run.py reads in the test below: every evaluation, each protocol tiny.
+EVERY_EVALUATION_CONFIG = """
+from caco_jax import config as config_lib
+
+
+def get_config():
+    config = config_lib.for_tasks(*{tasks!r})
+    config.eval.checkpoint = {checkpoint!r}
+    config.eval.manual_dir = {manual_dir!r}
+    config.eval.data_dir = {data_dir!r}
+    config.eval.random_baseline = False
+    config.eval.extract_batch_size = 16
+    config.eval.prepare_workers = 1
+    for protocol in (config.eurosat, config.bigearthnet):
+        protocol.epochs, protocol.milestones, protocol.batch_size = 2, (1,), 8
+    config.bigearthnet.image_size = 32
+    config.oscd.epochs, config.oscd.batch_size, config.oscd.tile_size = 2, 8, 32
+    config.dynamicearthnet.epochs, config.dynamicearthnet.batch_size = 1, 16
+    config.dynamicearthnet.tile_size = 32
+    return config
+"""
+
+
+def tiny_protocols(config):
+    """The protocols of EVERY_EVALUATION_CONFIG, in-process."""
+    for protocol in (config.eurosat, config.bigearthnet):
+        protocol.epochs, protocol.milestones, protocol.batch_size = 2, (1,), 8
+    config.bigearthnet.image_size = 32
+    config.oscd.epochs, config.oscd.batch_size, config.oscd.tile_size = 2, 8, 32
+    return config
+
+
+def test_every_evaluation_runs_through_run_py_without_tensorflow(tmp_path):
+    """As a user runs them: one run.py process evaluates an RGB encoder with all four protocols
+    from the downloads as published (in one folder), while a `tensorflow` package first on the
+    path records any import attempt and raises ImportError."""
+    manual = tmp_path / "downloads"
+    manual.mkdir()
+    write_eurosat_rgb_zip(manual)
+    write_eurosat_lists(manual)
+    write_bigearthnet(manual, bigearthnet_patches(), as_tar=True)
+    write_bigearthnet_lists(manual)
+    write_fake_oscd(manual)
+    write_download(str(tmp_path / "extracted"))
+    zip_download(str(tmp_path / "extracted"), str(manual / "dynamicearthnet"))
+    # The DynamicEarthNet zips and split folder sit beside the other downloads.
+    for name in os.listdir(manual / "dynamicearthnet"):
+        os.rename(manual / "dynamicearthnet" / name, manual / name)
+    recorded = Normalization.rgb().to_json() | {"mean": [0.4, 0.4, 0.4]}
+    checkpoint = export.save_encoder(
+        tmp_path / "encoder", common.random_encoder(18, 3, seed=5), {EXPORT_KEY: recorded}
+    )
+    config_file = tmp_path / "every_evaluation.py"
+    config_file.write_text(
+        EVERY_EVALUATION_CONFIG.format(
+            tasks=EVERY_EVALUATION,
+            checkpoint=str(checkpoint),
+            manual_dir=str(manual),
+            data_dir=str(tmp_path / "tfds"),
+        )
+    )
     fake = tmp_path / "no_tensorflow" / "tensorflow"
     fake.mkdir(parents=True)
     marker = tmp_path / "tensorflow_was_imported"
@@ -610,37 +533,17 @@ def run_evaluations(tmp_path, encoder, manual_dir, *overrides):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), ROOT]))
     env["XLA_FLAGS"] = xla_flags(1)  # one CPU device: the multi-device paths have their own tests
     command = [
-        sys.executable, "run.py", "--config", "configs/eval_eurosat.py",
-        "--workdir", str(tmp_path / "work"),
-        "--config.tasks=('eval_eurosat', 'eval_bigearthnet', 'eval_oscd')",
-        f"--config.eval.checkpoint={encoder}", f"--config.eval.manual_dir={manual_dir}",
-        f"--config.eval.data_dir={tmp_path / 'tfds'}", "--config.eval.random_baseline=False",
-        "--config.eurosat.epochs=2", "--config.eurosat.milestones=(1,)",
-        "--config.eurosat.batch_size=8", "--config.bigearthnet.epochs=2",
-        "--config.bigearthnet.milestones=(1,)", "--config.bigearthnet.batch_size=8",
-        "--config.bigearthnet.image_size=32", "--config.oscd.epochs=2",
-        "--config.oscd.batch_size=8", "--config.oscd.tile_size=32",
-        "--config.eval.extract_batch_size=16", "--config.eval.prepare_workers=1", *overrides,
+        sys.executable, "run.py", "--config", str(config_file), "--workdir", str(tmp_path / "w")
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not marker.exists(), marker.read_text()
-    return {
-        task: read_metrics(encoder, task)
-        for task in ("eval_eurosat", "eval_bigearthnet", "eval_oscd")
+    records = {
+        task: read_metrics(str(checkpoint), task)
+        for task in ("eval_eurosat", "eval_bigearthnet", "eval_oscd", "eval_dynamicearthnet_frozen")
     }
-
-
-def test_rgb_evaluations_from_the_downloaded_archives(encoder_dir, tmp_path):
-    manual = tmp_path / "downloads"
-    manual.mkdir()
-    write_eurosat_rgb_zip(manual)
-    write_eurosat_lists(manual)
-    write_bigearthnet(manual, bigearthnet_patches(), as_tar=True)
-    write_bigearthnet_lists(manual)
-    write_fake_oscd(manual)
-
-    records = run_evaluations(tmp_path, encoder_dir, manual)
+    for task in records:
+        assert f"{task} (percent)" in result.stdout
 
     eurosat = records["eval_eurosat"]
     assert eurosat["probe"] == "official" and not eurosat["seeded_split"]
@@ -655,6 +558,11 @@ def test_rgb_evaluations_from_the_downloaded_archives(encoder_dir, tmp_path):
     oscd = records["eval_oscd"]
     assert oscd["encoder_bn"] == "train" and oscd["test_cities"] == ["gamma"]
     assert 0.0 <= oscd["rows"][0]["f1"] <= 1.0
+    dynamicearthnet = records["eval_dynamicearthnet_frozen"]
+    assert dynamicearthnet["mode"] == "frozen"
+    assert (dynamicearthnet["train_images"], dynamicearthnet["validation_images"]) == (52, 2)
+    assert dynamicearthnet["rows"][0]["input"]["mean"] == [0.4, 0.4, 0.4]
+    assert 0.0 <= dynamicearthnet["rows"][0]["miou"] <= 1.0
 
 
 def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
@@ -667,12 +575,24 @@ def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
     write_eurosat_ms_folder(manual)
     write_bigearthnet(manual, bigearthnet_patches(), as_tar=False)
     write_fake_oscd(manual, band_names=oscd_builder.ALL_BANDS)
-
-    records = run_evaluations(
-        tmp_path, str(encoder), manual, "--config.eval.seeded_split=True",
-        "--config.eurosat.probe=cached", "--config.bigearthnet.finetune=True",
-        "--config.oscd.encoder_bn=eval",
-    )  # fmt: skip
+    config = tiny_protocols(
+        eval_config(
+            str(encoder),
+            tmp_path,
+            "eval_eurosat",
+            "eval_bigearthnet",
+            "eval_oscd",
+            eval__manual_dir=str(manual),
+            eval__seeded_split=True,
+            eurosat__probe="cached",
+            bigearthnet__finetune=True,
+            oscd__encoder_bn="eval",
+        )
+    )
+    settings = config_lib.resolve(config)
+    for task in settings.tasks:
+        tasks.run(task, settings, str(tmp_path / "w"))
+    records = {task: read_metrics(str(encoder), task) for task in settings.tasks}
 
     for task, name in (
         ("eval_eurosat", "eurosat_download"),
@@ -688,6 +608,26 @@ def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
     assert bigearthnet["cloud_snow_removed"] == 0  # no lists in manual_dir
     assert bigearthnet["mode"] == "finetune" and 0.0 < bigearthnet["rows"][0]["micro_ap"] <= 1.0
     assert records["eval_oscd"]["encoder_bn"] == "eval"
+
+
+def test_the_imagenet_row_reads_its_own_export_and_input(tmp_path):
+    checkpoint = export.save_encoder(
+        tmp_path / "encoder",
+        common.random_encoder(18, 12, seed=1),
+        {EXPORT_KEY: ALL_BANDS_INPUT.to_json()},
+    )
+    imagenet = export.save_encoder(
+        tmp_path / "imagenet",
+        common.random_encoder(18, 3, seed=2),
+        {EXPORT_KEY: Normalization.rgb().to_json()},
+    )
+    shared = common.EvalSettings(checkpoint=str(checkpoint), imagenet_checkpoint=str(imagenet))
+    rows = common.encoders(shared, 0, str(tmp_path))
+    assert [(r.name, r.model.in_channels, r.input.bands) for r in rows] == [
+        ("checkpoint", 12, layout.BANDS),
+        ("random", 12, layout.BANDS),
+        ("imagenet", 3, layout.RGB_BANDS),
+    ]
 
 
 def test_the_random_row_copies_the_checkpoint_architecture(tmp_path):

@@ -132,7 +132,7 @@ def test_the_figures_and_the_probe_are_shown(executed):
     top1 = dict(re.findall(r"^\s*(\w+): top-1 ([\d.]+) %", printed, flags=re.MULTILINE))
     assert set(top1) == {"checkpoint", "random", "chance"}, printed
     assert all(0.0 <= float(value) <= 100.0 for value in top1.values())
-    with open(workdir / "encoder_linear_probe.json") as f:
+    with open(workdir / "encoder_eval_land_cover.json") as f:
         rows = {row["encoder"]: row["top1"] for row in json.load(f)["rows"]}
     assert float(top1["random"]) == pytest.approx(100 * rows["random"], abs=0.05)
     epochs = [json.loads(line) for line in open(workdir / "metrics.jsonl")]

@@ -38,7 +38,10 @@ def parse(monkeypatch):
     ("args", "named"),
     [
         (("--config.train.batch_size=-3",), r"config\.train\.batch_size: must be >= 2"),
-        (("--config.tasks=('synthesize', 'nope')",), r"config\.tasks: unknown task\(s\) \['nope'\]"),
+        (
+            ("--config.tasks=('synthesize', 'nope')",),
+            r"config\.tasks: unknown task\(s\) \['nope'\]",
+        ),
         (("--config.data.builder_config=rgbn",), r"config\.data\.builder_config"),
         (("--config.train.milestones=(1, 50)",), r"config\.train\.milestones"),
         (("--config.method.name=simclr",), r"config\.method\.name"),

@@ -219,13 +219,13 @@ def _predict(
 
 
 def train_and_evaluate(
-    encoder, normalization: Normalization, scenes, protocol: DynamicEarthNetSettings, seed: int
+    encoder, normalization: Normalization, scenes, settings: DynamicEarthNetSettings, seed: int
 ) -> dict:
     """Trains a fresh decoder (and, in fine-tuning mode, the encoder) on the training images and
     reports the validation IoUs."""
-    size = protocol.tile_size
+    size = settings.tile_size
     mesh = mesh_lib.data_mesh()
-    batch_size = inference.global_batch_size(protocol.batch_size, mesh)
+    batch_size = inference.global_batch_size(settings.batch_size, mesh)
     train = scenes["train"]
     steps_per_epoch = train.images.shape[0] // batch_size
     if steps_per_epoch == 0:
@@ -243,18 +243,18 @@ def train_and_evaluate(
     decoder.eval()
 
     trainable = {"decoder": decoder_params}
-    learning_rates = [("decoder", protocol.learning_rate)]
-    if protocol.finetune:
+    learning_rates = [("decoder", settings.learning_rate)]
+    if settings.finetune:
         trainable["encoder"] = encoder_params
-        learning_rates.append(("encoder", protocol.finetune_learning_rate))
+        learning_rates.append(("encoder", settings.finetune_learning_rate))
     protocol = Protocol(
         encoder_graph=encoder_graph,
         train_graph=train_graph,
         eval_graph=nnx.graphdef(decoder),
         normalization=normalization,
         learning_rates=tuple(learning_rates),
-        weight_decay=protocol.weight_decay,
-        lr_decay=protocol.lr_decay,
+        weight_decay=settings.weight_decay,
+        lr_decay=settings.lr_decay,
         steps_per_epoch=steps_per_epoch,
     )
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -266,8 +266,8 @@ def train_and_evaluate(
 
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
-    mode = "finetune" if protocol.finetune else "frozen"
-    epochs = progress.trange(protocol.epochs, desc=f"{encoder.name} {mode}", leave=False)
+    mode = "finetune" if settings.finetune else "frozen"
+    epochs = progress.trange(settings.epochs, desc=f"{encoder.name} {mode}", leave=False)
     for epoch in epochs:
         order = rng.permutation(train.images.shape[0])[: steps_per_epoch * batch_size]
         for step, batch in enumerate(order.reshape(steps_per_epoch, batch_size)):
