@@ -1,5 +1,6 @@
-"""Test-wide settings: 8 simulated CPU devices, so multi-device code is tested without a GPU, and
-compilation made cheap, since compiling (not running) the tiny test networks is most of the suite.
+"""Test-wide settings: 8 simulated CPU devices, so multi-device code is tested without a GPU;
+compilation made cheap, since compiling (not running) the tiny test networks is most of the suite;
+and the tier of every test (CONTRIBUTING.md), so that `pytest -m unit` is a one-minute loop.
 
 - XLA's CPU backend compiles without LLVM's optimisation passes (`COMPILE_FLAGS`): the training
   step and the model initialiser compile in about half the CPU time, and a tiny network runs a few
@@ -32,3 +33,121 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))  # enables the file lock
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import pytest  # noqa: E402
+
+# The tiers. unit: pure functions, small jitted ops, settings, file formats: no subprocess, no
+# compile of a whole step, no prepared dataset of more than a few locations. system: anything that
+# starts a Python process, a notebook kernel, a storage emulator or several JAX processes.
+# integration: the rest (in-process records, the training step and loop, checkpoints, whole
+# evaluations). A module not listed is integration; listed modules may name exceptions.
+UNIT = (
+    "test_architecture.py",
+    "test_archive.py",
+    "test_augment.py",
+    "test_change.py",
+    "test_dynamicearthnet.py",
+    "test_evaluators.py",
+    "test_export_input.py",
+    "test_location_index.py",
+    "test_metrics.py",
+    "test_objectives.py",
+    "test_packaging.py",
+    "test_progress.py",
+    "test_queue.py",
+    "test_rehearsal.py",
+    "test_run.py",
+    "test_sampling.py",
+    "test_shard_writer.py",
+    "test_synthetic_scoring.py",
+)
+SYSTEM = (
+    "test_cloud_workdir.py",
+    "test_end_to_end.py",
+    "test_launchers.py",
+    "test_notebook.py",
+    "test_storage.py",
+    "test_workers.py",
+)
+EXCEPTIONS = {
+    "test_builder.py::test_importing_caco_jax_registers_the_builder_and_stays_light": "system",
+    "test_device_check.py::test_smoke_run_writes_every_row_without_the_data_and_checkpoint_packages": (  # noqa: E501
+        "system"
+    ),
+    "test_dynamicearthnet.py::test_frozen_and_finetuned_segmentation_of_every_encoder_row": (
+        "integration"
+    ),
+    "test_evaluators.py::test_decoder_gives_one_logit_per_pixel_and_zero_differences_for_equal_images": (  # noqa: E501
+        "integration"
+    ),
+    "test_evaluators.py::test_land_cover_probe_on_the_synthetic_archive": "integration",
+    "test_evaluators.py::test_every_evaluation_runs_through_run_py_without_tensorflow": "system",
+    "test_evaluators.py::test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning": (
+        "integration"
+    ),
+    "test_multihost.py::test_two_processes_prepare_once_stop_together_resume_and_a_lost_one_stops_the_other": (  # noqa: E501
+        "system"
+    ),
+    "test_multihost.py::test_the_peer_watch_names_a_process_that_died_and_not_one_that_finished": (
+        "system"
+    ),
+    "test_packaging.py::test_the_installed_package_runs_without_the_checkout": "system",
+    "test_run.py::test_run_py_stops_on_a_bad_value_before_any_work": "system",
+    "test_sampling.py::test_task_writes_csv_geojson_and_map": "integration",
+    "test_dynamicearthnet.py::test_the_encoder_input_comes_from_the_export_and_must_be_rgb": (
+        "integration"
+    ),
+    "test_evaluators.py::test_the_imagenet_row_reads_its_own_export_and_input": "integration",
+    "test_evaluators.py::test_the_random_row_copies_the_checkpoint_architecture": "integration",
+    "test_storage.py::test_local_paths_become_absolute_and_urls_stay_as_they_are": "unit",
+    "test_storage.py::test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix": (
+        "unit"
+    ),
+}
+TIERS = ("unit", "integration", "system")
+
+
+def tier(item) -> str:
+    module = item.path.name
+    named = EXCEPTIONS.get(f"{module}::{item.originalname}")
+    if named:
+        return named
+    return "unit" if module in UNIT else "system" if module in SYSTEM else "integration"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`-m unit` does not import the modules without a unit test (torch, a notebook kernel, ...):
+    collecting is a good part of the unit tier's minute."""
+    if config.option.markexpr != "unit" or not collection_path.name.startswith("test_"):
+        return None
+    module = collection_path.name
+    has_unit = module in UNIT or any(
+        name.startswith(f"{module}::") and named == "unit" for name, named in EXCEPTIONS.items()
+    )
+    return None if has_unit else True
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier(item)))
+
+
+def pytest_configure(config):
+    for name in TIERS:
+        config.addinivalue_line("markers", f"{name}: the {name} tier (tests/conftest.py)")
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    """Code that builds the default mesh (`runtime.mesh.data_mesh()`) gets the first device only:
+    for tests of a whole evaluation, whose multi-device paths have tests of their own, and which
+    run several times faster on one simulated device than split over eight."""
+    import jax
+
+    from caco_jax.runtime import mesh
+
+    data_mesh = mesh.data_mesh
+    monkeypatch.setattr(
+        mesh, "data_mesh", lambda devices=None: data_mesh(devices or jax.devices()[:1])
+    )

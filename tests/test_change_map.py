@@ -74,8 +74,52 @@ def test_change_map_of_an_archive(tmp_path, archive_and_encoder):
     ratios = np.array([float(r["ratio"]) for r in rows])
     if changed.any() and (~changed).any():  # the mixture splits the ratios at one threshold
         assert ratios[changed].min() > ratios[~changed].max()
-    for key in ("change_map_png", "histograms_png"):
-        assert os.path.getsize(result[key]) > 10_000
+    written = change_map.ChangeMap(
+        [r["location_id"] for r in rows],
+        *(np.array([float(r[k]) for r in rows]) for k in ("lat", "lon", "d_lt", "d_st", "ratio")),
+        changed,
+    )
+    check_figures(written, result)
+
+
+def png_pixels(source) -> np.ndarray:
+    """RGBA pixels of a PNG file, or of a figure saved the way change_map saves its figures."""
+    import io
+
+    import matplotlib.image
+
+    if not isinstance(source, str):
+        buffer = io.BytesIO()
+        source.savefig(buffer, format="png", **change_map.PNG)
+        source = io.BytesIO(buffer.getvalue())
+    return matplotlib.image.imread(source, format="png")
+
+
+def check_figures(result, paths):
+    """The figures show the map's numbers, and the PNGs hold exactly the figures' pixels."""
+    figure = change_map.map_figure(result, land_mask=False)
+    points, rings = figure.axes[0].collections[:2]
+    np.testing.assert_allclose(points.get_offsets(), np.stack([result.lon, result.lat], 1))
+    np.testing.assert_allclose(points.get_array(), result.ratio)
+    np.testing.assert_allclose(
+        rings.get_offsets().reshape(-1, 2),
+        np.stack([result.lon, result.lat], 1)[result.changed],
+    )
+    histograms = change_map.histogram_figure(result)
+    for axes, values in zip(histograms.axes, (result.d_lt, result.d_st, result.ratio), strict=True):
+        bars = [p for p in axes.patches if p.get_height() > 0]
+        heights = sorted(round(p.get_height()) for p in bars)
+        edges = np.histogram_bin_edges(values, bins="auto", range=axes.get_xlim())
+        expected = [
+            c
+            for label in (False, True)
+            for c in np.histogram(values[result.changed == label], edges)[0]
+        ]
+        assert heights == sorted(c for c in expected if c > 0)
+    for key, drawn in (("change_map_png", figure), ("histograms_png", histograms)):
+        pixels = png_pixels(paths[key])
+        np.testing.assert_array_equal(pixels, png_pixels(drawn))
+        assert pixels.std() > 0.05  # not blank
 
 
 def test_locations_without_two_acquisitions_per_window_are_skipped():

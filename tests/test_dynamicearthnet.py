@@ -154,7 +154,7 @@ def test_the_encoder_input_comes_from_the_export_and_must_be_rgb(tmp_path):
         segmentation.check_rgb(rows(wrong)[0])
 
 
-def test_frozen_and_finetuned_segmentation_of_every_encoder_row(download, tmp_path):
+def test_frozen_and_finetuned_segmentation_of_every_encoder_row(download, tmp_path, one_device):
     """Both modes in-process (run.py runs the frozen one in test_evaluators.py); the ImageNet row
     has the checkpoint's input, so that every row shares one compilation."""
     root, _ = download

@@ -1,13 +1,13 @@
-"""End to end: archive -> records -> CACo pretraining, on the embedded synthetic archive and on an
-archive written by the downloader (with its fake Earth Engine client).
+"""End to end: archive -> records -> CACo pretraining -> change labels, on the embedded synthetic
+archive, as `python run.py` in a subprocess (an archive written by the downloader is prepared in
+tests/test_builder.py).
 
 One tiny run is shared by the tests of the synthetic archive: 24 locations, half of them changed,
 = 3 batches of 8 locations per epoch for 24 epochs, 32x32 crops, a width-32 ResNet-10 and a 16-key
 queue that real keys fill at the first step (`helpers.end_to_end_config`). It runs as
 `python run.py` in a subprocess, as a user runs it, with XLA's default CPU build: its 72 steps run
 several times faster optimised than under the suite's unoptimised compile flags
-(tests/conftest.py), which pay off only where compiling dominates. The downloaded archive has 8
-locations and one in-process step of the test network.
+(tests/conftest.py), which pay off only where compiling dominates.
 
 How strongly the change labels must agree with the truth is derived from the null hypothesis that
 the ratio r carries no information: see `test_change_labels_agree_with_the_ground_truth`.
@@ -22,11 +22,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import END_TO_END_EPOCHS, END_TO_END_LOCATIONS, end_to_end_config
+from helpers import END_TO_END_EPOCHS, END_TO_END_LOCATIONS
 
-from caco_jax import config as config_lib
 from caco_jax.data import dataset, records
-from caco_jax.evaluators import change_scoring as scoring
 from caco_jax.pretrain import train
 from caco_jax.runtime import mesh as mesh_lib
 
@@ -136,27 +134,3 @@ def test_change_labels_agree_with_the_ground_truth(synthetic_run):
     # The labels (the mixture's split of r) point the same way; their agreement is the coarser
     # statistic, so only its direction is asserted.
     assert run["change_agreement"] > run["change_agreement_chance"]
-
-
-def test_downloaded_archive_goes_through_prepare_and_a_pretraining_step(tmp_path):
-    from helpers import SETTINGS, FakeClient
-
-    from caco_jax.sources.download.downloader import download_all
-    from caco_jax.sources.sampling.files import Site
-
-    sites = [Site(f"{i:06d}", 40.0 + 0.37 * i, -3.0 + 0.53 * i) for i in range(8)]
-    archive = tmp_path / "archive" / "clean_custom_geography"
-    summary = download_all(FakeClient(), sites, str(archive), SETTINGS, progress=False)
-    assert (summary.written, summary.failed) == (8, {})
-
-    config = end_to_end_config(str(tmp_path), train__max_steps=1, model__width=8)
-    config.data.archive = str(archive.parent)
-    config.data.max_skip_fraction = 0.0
-    settings = config_lib.resolve(config)
-    prepared = dataset.run_task(settings, str(tmp_path))
-    assert (prepared["locations_written"], prepared["locations_skipped"]) == (8, 0)
-
-    results = pretrain(settings, str(tmp_path))
-    assert results["steps"] == 1 and np.isfinite(results["epochs"][0]["loss"])
-    assert os.path.isdir(tmp_path / "encoder")
-    assert scoring.run_task(settings, str(tmp_path)) == {}  # no synthetic ground truth

@@ -214,7 +214,7 @@ def test_oscd_builder_names_a_missing_mask(tmp_path):
 # The demo's land-cover probe on the synthetic archive.
 
 
-def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path):
+def test_land_cover_probe_on_the_synthetic_archive(encoder_dir, tmp_path, one_device):
     from caco_jax.sources import synthetic
 
     config = eval_config(encoder_dir, tmp_path, land_cover__image_size=32, land_cover__batch_size=4)
@@ -565,7 +565,7 @@ def test_every_evaluation_runs_through_run_py_without_tensorflow(tmp_path):
     assert 0.0 <= dynamicearthnet["rows"][0]["miou"] <= 1.0
 
 
-def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path):
+def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path, one_device):
     encoder = tmp_path / "encoder"
     export.save_encoder(
         encoder, common.random_encoder(18, 12, seed=5), {EXPORT_KEY: ALL_BANDS_INPUT.to_json()}

@@ -11,15 +11,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from caco_jax.models import (
-    BatchNorm,
-    ProjectionHead,
-    ResNet,
-    SubspaceHeads,
-    load_encoder,
-    resnet,
-    save_encoder,
-)
+from caco_jax.models import resnet
+from caco_jax.models.export import load_encoder, save_encoder
+from caco_jax.models.heads import ProjectionHead, SubspaceHeads
+from caco_jax.models.resnet import BatchNorm, ResNet
 
 # torchvision's resnet{depth}() parameter counts minus its fc layer (512 * expansion * 1000 + 1000);
 # ResNet-10 is ResNet-18 less the second block of each stage (2 x (9c^2 + 2c), c = 64 ... 512).

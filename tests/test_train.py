@@ -52,6 +52,23 @@ def one_step(settings, num_devices, batches, dtype=None):
     return initial, results, jax.device_get(second)
 
 
+def test_one_step_of_a_tiny_network():
+    """The smoke test to run while editing the step (seconds): `train.setup` and one step of a
+    width-8 ResNet-10 on one device, two locations per batch."""
+    settings = tiny_settings(batch_size=4).replace(method={"num_negatives": 8})
+    mesh = mesh_lib.data_mesh(jax.devices()[:1])
+    run = train.setup(settings, NUM_LOCATIONS, mesh=mesh)
+    state = mesh_lib.replicate(run.initial_state, mesh)
+    state, metrics = run.train_step(state, mesh_lib.global_batch(fake_batch(batch=4), mesh))
+    state, metrics = jax.device_get((state, metrics))
+    assert int(state.step) == 1 and bool(state.all_finite) and np.isfinite(metrics["loss"])
+    assert sorted(metrics) == sorted(
+        ["loss", "learning_rate", "changed_fraction"]
+        + [f"{kind}/subspace{s}" for kind in ("loss", "accuracy") for s in range(3)]
+    )
+    np.testing.assert_array_equal(state.queue["pointer"], [2, 2])  # two keys per window
+
+
 @pytest.fixture(scope="module")
 def sync_steps():
     """CACo, one location per device: every collective of the shared step (EMA, scanned key

@@ -39,6 +39,7 @@ from caco_jax.settings import Section, SettingsError
 EPS = 1e-4
 FILES = ("change_map.csv", "change_map.geojson", "change_map.png", "histograms.png")
 KINDS = ("archive", "records", "pretraining")
+PNG = {"bbox_inches": "tight"}  # how the figures are saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +259,12 @@ def map_extent(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float, float, f
 
 
 def plot_map(result: ChangeMap, path: str, *, land_mask: bool = True, cells: int = 400) -> str:
+    """Writes `map_figure` as a PNG at ``path``."""
+    storage.write_png(map_figure(result, land_mask=land_mask, cells=cells), path, **PNG)
+    return path
+
+
+def map_figure(result: ChangeMap, *, land_mask: bool = True, cells: int = 400):
     """The locations coloured by ratio (changed ones ringed in red) over the land mask."""
     west, east, south, north = map_extent(result.lat, result.lon)
     figure = _figure((9, 7))
@@ -295,11 +302,16 @@ def plot_map(result: ChangeMap, path: str, *, land_mask: bool = True, cells: int
     axes.set_title(
         f"{len(result.location_id)} locations, {int(result.changed.sum())} labelled changed"
     )
-    storage.write_png(figure, path, bbox_inches="tight")
-    return path
+    return figure
 
 
 def plot_histograms(result: ChangeMap, path: str) -> str:
+    """Writes `histogram_figure` as a PNG at ``path``."""
+    storage.write_png(histogram_figure(result), path, **PNG)
+    return path
+
+
+def histogram_figure(result: ChangeMap):
     """Histograms of d_lt, d_st and the ratio, split by label; bins and axes fitted to the data."""
     figure = _figure((12, 4))
     for index, (name, values) in enumerate(
@@ -323,8 +335,7 @@ def plot_histograms(result: ChangeMap, path: str) -> str:
         axes.set_xlabel(name)
         axes.set_ylabel("locations")
         axes.legend()
-    storage.write_png(figure, path, bbox_inches="tight")
-    return path
+    return figure
 
 
 def check_task(settings) -> None:

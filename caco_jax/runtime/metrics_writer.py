@@ -53,7 +53,7 @@ class MetricsWriter:
     ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         workdir = Workdir.of(workdir)
-        self._jsonl = workdir.path("metrics.jsonl")
+        self._jsonl = storage.path(workdir.metrics)
         self._events = storage.path(workdir.tensorboard)
         in_bucket = storage.is_url(workdir.root)
         self._flush_seconds = flush_seconds if in_bucket else 0.0
