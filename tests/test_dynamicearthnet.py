@@ -7,18 +7,10 @@ import json
 import os
 import shutil
 
+import downloads
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from downloads import (
-    PLANET_SIZE,
-    TRAIN_LISTED,
-    VALIDATION,
-    label_file,
-    write_download,
-    write_tif,
-    zip_download,
-)
 
 from caco_jax import config as config_lib
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
@@ -33,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def download(tmp_path_factory):
     root = tmp_path_factory.mktemp("dynamicearthnet")
-    expected = write_download(str(root / "extracted"))
-    zip_download(str(root / "extracted"), str(root / "zipped"))
+    expected = downloads.write_download(str(root / "extracted"))
+    downloads.zip_download(str(root / "extracted"), str(root / "zipped"))
     return root, expected
 
 
@@ -55,9 +47,9 @@ def test_builder_reads_the_zipped_and_the_extracted_download(download, tmp_path)
     builder.prepare(str(root / "zipped"), str(tmp_path / "from_zip"))
     from_zip = records(str(tmp_path / "from_zip"))
 
-    listed = {(c, m) for c, months in TRAIN_LISTED.items() for m in months}
+    listed = {(c, m) for c, months in downloads.TRAIN_LISTED.items() for m in months}
     restored = {(c, m) for c in builder.RESTORED_TRAIN_CUBES for m in builder.LABELLED_MONTHS}
-    validation = {(c, m) for c, months in VALIDATION.items() for m in months}
+    validation = {(c, m) for c, months in downloads.VALIDATION.items() for m in months}
     assert {k[1:] for k in from_zip if k[0] == "train"} == listed | restored
     assert {k[1:] for k in from_zip if k[0] == "validation"} == validation
     for (_, cube, month), (image, label) in from_zip.items():
@@ -79,11 +71,13 @@ def test_builder_names_what_is_missing_or_malformed(download, tmp_path):
     root, _ = download
     manual = tmp_path / "download"
     shutil.copytree(root / "extracted", manual)
-    missing = manual / label_file("1330_3107_13", "2019-07")
+    missing = manual / downloads.label_file("1330_3107_13", "2019-07")
     os.remove(missing)
     with pytest.raises(FileNotFoundError, match="no label of 1330_3107_13 2019-07"):
         builder.prepare(str(manual), str(tmp_path / "tfds"))
-    write_tif(str(missing), np.zeros((6, PLANET_SIZE, PLANET_SIZE), np.uint8))
+    downloads.write_tif(
+        str(missing), np.zeros((6, downloads.PLANET_SIZE, downloads.PLANET_SIZE), np.uint8)
+    )
     with pytest.raises(ValueError, match=r"2019_07_01\.tif has 6 bands of uint8, expected 7"):
         builder.prepare(str(manual), str(tmp_path / "tfds"))
     (manual / builder.SPLITS_FOLDER / "val.txt").write_text("not a split line\n")
@@ -181,7 +175,9 @@ def test_frozen_and_finetuned_segmentation_of_every_encoder_row(download, tmp_pa
         with open(common.metrics_path(str(checkpoint), f"eval_dynamicearthnet_{mode}")) as f:
             record = json.load(f)
         assert record["mode"] == mode
-        assert record["train_locations"] == sorted([*TRAIN_LISTED, *builder.RESTORED_TRAIN_CUBES])
+        assert record["train_locations"] == sorted(
+            [*downloads.TRAIN_LISTED, *builder.RESTORED_TRAIN_CUBES]
+        )
         assert (record["train_images"], record["validation_images"]) == (52, 2)
         expected_rows = ["checkpoint", "random", "imagenet"] if mode == "frozen" else ["checkpoint"]
         assert [row["encoder"] for row in record["rows"]] == expected_rows
