@@ -74,7 +74,9 @@ def fetch(url: str, path: str) -> None:
 
 
 def indices(path: str, index: dict[str, int], dataset: str) -> np.ndarray:
-    """Sorted indices of the examples a list names; a name not in the download is an error."""
+    """Indices of the examples a list names, in the list's order (the official validation loaders
+    do not shuffle, so their batches are consecutive runs of the list); a name not in the download
+    is an error."""
     listed = read_names(path)
     missing = [name for name in listed if name not in index]
     if missing:
@@ -82,7 +84,7 @@ def indices(path: str, index: dict[str, int], dataset: str) -> np.ndarray:
             f"{path}: {len(missing)} of its {len(listed)} names are not in {dataset}, e.g. "
             f"{missing[:3]} (a truncated or wrong download of the list?)"
         )
-    return np.array(sorted(index[name] for name in listed), np.int64)
+    return np.array([index[name] for name in listed], np.int64)
 
 
 def seeded_split(count: int, seed: int, dataset: str) -> tuple[np.ndarray, np.ndarray]:
