@@ -133,9 +133,26 @@ def write_bigearthnet_lists(folder):
 # OSCD.
 
 
+# OSCD's band resolutions (m): the native folders imgs_1/, imgs_2/ hold each band at its own.
+OSCD_BAND_METRES = {"B01": 60, "B05": 20, "B06": 20, "B07": 20, "B8A": 20, "B09": 60, "B10": 60,
+                    "B11": 20, "B12": 20}  # fmt: skip
+
+
+def write_oscd_band(path, values):
+    with rasterio.open(
+        path, "w", driver="GTiff", height=values.shape[0], width=values.shape[1], count=1,
+        dtype="uint16",
+    ) as dst:  # fmt: skip
+        dst.write(values, 1)
+
+
 def write_fake_oscd(root, size=(70, 100), band_names=oscd_builder.RGB_BANDS):
-    """The Onera archive's layout: city lists, rectified bands, one city with native-layout bands,
-    labels as cm.png for train cities and <city>-cm.tif for the test city."""
+    """The Onera archive's layout: city lists; per city and date both image folders, as in the
+    download: imgs_<d>/<product>_<band>.tif at each band's native resolution (what SeCo reads)
+    and imgs_<d>_rect/<band>.tif, every band on the 10 m grid, whose values here differ from the
+    native ones (shifted by a pixel, brighter), so a test sees which folder was read; labels as
+    cm.png for train cities and <city>-cm.tif for the test city. Returns {(city, date, "native" |
+    "rect"): {band: uint16 pixels as that folder holds them}, (city, "mask"): mask}."""
     rng = np.random.default_rng(0)
     images_dir = root / oscd_builder.IMAGES_FOLDER
     images_dir.mkdir(parents=True)
@@ -144,18 +161,21 @@ def write_fake_oscd(root, size=(70, 100), band_names=oscd_builder.RGB_BANDS):
     written = {}
     for city, split in (("alpha", "train"), ("beta", "train"), ("gamma", "test")):
         for date in (1, 2):
-            native = city == "beta"
-            folder = images_dir / city / (f"imgs_{date}" if native else f"imgs_{date}_rect")
-            folder.mkdir(parents=True)
-            values_first = rng.integers(0, 4000, (len(band_names), *size)).astype(np.uint16)
-            written[city, date] = np.moveaxis(values_first, 0, -1)
-            for band, values in zip(band_names, values_first, strict=True):
-                name = f"S2A_OPER_MSI_{city}_{band}.tif" if native else f"{band}.tif"
-                with rasterio.open(
-                    folder / name, "w", driver="GTiff", height=size[0], width=size[1], count=1,
-                    dtype="uint16",
-                ) as dst:  # fmt: skip
-                    dst.write(values, 1)
+            native_dir = images_dir / city / f"imgs_{date}"
+            rect_dir = images_dir / city / f"imgs_{date}_rect"
+            native_dir.mkdir(parents=True)
+            rect_dir.mkdir(parents=True)
+            native, rect = {}, {}
+            for band in band_names:
+                factor = OSCD_BAND_METRES.get(band, 10) // 10
+                values = rng.integers(0, 4000, size).astype(np.uint16)
+                native[band] = values[::factor, ::factor]
+                rect[band] = (np.roll(values, 1, axis=1) + 7).astype(np.uint16)
+                write_oscd_band(rect_dir / f"{band}.tif", rect[band])
+                write_oscd_band(
+                    native_dir / f"S2A_OPER_MSI_L1C_{city}_{date}_{band}.tif", native[band]
+                )
+            written[city, date, "native"], written[city, date, "rect"] = native, rect
         mask = np.zeros(size, np.uint8)
         mask[10:40, 20:60] = 1
         written[city, "mask"] = mask
@@ -183,12 +203,18 @@ CUBES = {
     # Label folder named with a hyphen and dates with hyphens, as some are in the download.
     "2196_3885_13": ("17N", "9E-42N", "17N-83W-9N-L3H-SR", "-", "-", "uint16"),
     "1330_3107_13": ("10N", "26E-184N", "10N-121W-39N-L3H-SR", "_", "_", "int16"),
-    # The two cubes the official README restores to train.txt.
+    "1487_3335_13": ("11N", "13E-190N", "11N-116W-32N-L3H-SR", "-", "_", "int16"),
+    # The two cubes the official README restores to train.txt; 1417_3281_13's label folder has no
+    # Labels/ level (labels/1417_3281_13_11N/Raster/...).
     "1417_3281_13": ("11N", "13E-187N", "11N-117W-33N-L3H-SR", "_", "_", "int16"),
     "2235_3403_13": ("17N", "10E-39N", "17N-81W-30N-L3H-SR", "_", "_", "int16"),
 }
+NO_LABELS_LEVEL = ("1417_3281_13",)
 TRAIN_LISTED = {"1311_3077_13": ("2018-01", "2018-02"), "2196_3885_13": ("2018-01", "2019-12")}
 VALIDATION = {"1330_3107_13": ("2018-03", "2019-07")}
+TEST = {"1487_3335_13": ("2018-05", "2019-02")}
+# The validation and test labels are their own download (mediaTUM 1738088).
+EVALUATION_LABELS = "dynamicearthnet_test_labels"
 
 
 def planet_folder(cube):
@@ -196,10 +222,24 @@ def planet_folder(cube):
     return f"planet/{zone}/{grid}/{cube}"
 
 
-def label_file(cube, month):
+def label_file(cube, month, top="labels"):
+    """The label's path in its download: labels/ (labels.zip) or EVALUATION_LABELS/."""
     zone, _, tile, folder_sep, date_sep, _ = CUBES[cube]
     date = month.replace("-", date_sep) + f"{date_sep}01"
-    return f"labels/{cube}{folder_sep}{zone}/Labels/Raster/{tile}/{tile}-{date}.tif"
+    labels_level = "" if cube in NO_LABELS_LEVEL else "Labels/"
+    return f"{top}/{cube}{folder_sep}{zone}/{labels_level}Raster/{tile}/{tile}-{date}.tif"
+
+
+def split_line(cube, month):
+    """A line of the official split files: their planet prefix, label paths as labels/<cube>_<zone>
+    whatever the download names the folder, and (torchgeo's test files have one) a doubled
+    slash, which reads like one."""
+    zone, _, tile, *_ = CUBES[cube]
+    return (
+        f"/reprocess-cropped/UTM-24000/{planet_folder(cube)[7:]}//PF-SR "
+        f"/labels/{cube}_{zone}/Labels/Raster/{tile}/{tile}-{month.replace('-', '_')}_01.tif "
+        f"{month}"
+    )
 
 
 def write_tif(path, bands):
@@ -230,15 +270,18 @@ def fake_month(rng, dtype):
     return bgrn, label
 
 
-def write_download(root, rng=None):
-    """The DynamicEarthNet download in its published layout, extracted; returns {(cube, month):
+def write_download(root, rng=None, split_folder=dynamicearthnet_builder.SPLITS_FOLDER):
+    """The DynamicEarthNet downloads in their published layouts, extracted: planet/ and labels/
+    (the training labels only) of mediaTUM 1650201, EVALUATION_LABELS/ (the validation and test
+    labels, mediaTUM 1738088) and the split files in `split_folder`; returns {(cube, month):
     (expected rgb int16, expected label)} of every split month."""
     rng = rng or np.random.default_rng(0)
-    months = {**{c: m for c, m in TRAIN_LISTED.items()}, **VALIDATION}
+    months = {**TRAIN_LISTED, **VALIDATION, **TEST}
     for cube in dynamicearthnet_builder.RESTORED_TRAIN_CUBES:
         months[cube] = dynamicearthnet_builder.LABELLED_MONTHS
     expected = {}
     for cube, cube_months in months.items():
+        top = "labels" if cube not in {**VALIDATION, **TEST} else EVALUATION_LABELS
         for month in cube_months:
             bgrn, label = fake_month(rng, CUBES[cube][5])
             write_tif(os.path.join(root, planet_folder(cube), "PF-SR", f"{month}-01.tif"), bgrn)
@@ -246,8 +289,8 @@ def write_download(root, rng=None):
                 os.path.join(root, planet_folder(cube), "PF-QA", f"{month}-01.tif"),
                 np.zeros((1, PLANET_SIZE, PLANET_SIZE), np.int16),
             )
-            write_tif(os.path.join(root, label_file(cube, month)), label)
-            with open(os.path.join(root, label_file(cube, month)) + ".aux.xml", "w") as f:
+            write_tif(os.path.join(root, label_file(cube, month, top)), label)
+            with open(os.path.join(root, label_file(cube, month, top)) + ".aux.xml", "w") as f:
                 f.write("<PAMDataset/>")
             rgb = np.clip(np.moveaxis(bgrn[[2, 1, 0]], 0, -1), 0, 32767).astype(np.int16)
             classes = np.full((PLANET_SIZE, PLANET_SIZE), 255, np.uint8)
@@ -265,37 +308,36 @@ def write_download(root, rng=None):
     os.makedirs(os.path.dirname(vector))
     with open(vector, "w") as f:
         f.write("{}")
-    splits = os.path.join(root, dynamicearthnet_builder.SPLITS_FOLDER)
+    splits = os.path.join(root, split_folder)
     os.makedirs(splits)
-    for name, listed in (("train.txt", TRAIN_LISTED), ("val.txt", VALIDATION)):
-        lines = [
-            # A doubled slash (torchgeo's test split files have one) reads like one.
-            f"/reprocess-cropped/UTM-24000/{planet_folder(cube)[7:]}//PF-SR "
-            f"/{label_file(cube, month).replace(f'{cube}-', f'{cube}_')} {month}"
-            for cube, cube_months in listed.items()
-            for month in cube_months
-        ]
+    for name, listed in (("train.txt", TRAIN_LISTED), ("val.txt", VALIDATION), ("test.txt", TEST)):
+        lines = [split_line(cube, month) for cube, months in listed.items() for month in months]
         with open(os.path.join(splits, name), "w") as f:
             f.write("\n".join(lines) + "\n")
     return expected
 
 
-def zip_download(extracted, zipped):
-    """The same download as mediaTUM serves it: one planet.<zone>.zip per zone and labels.zip."""
-    os.makedirs(zipped)
-    shutil.copytree(
-        os.path.join(extracted, dynamicearthnet_builder.SPLITS_FOLDER),
-        os.path.join(zipped, dynamicearthnet_builder.SPLITS_FOLDER),
-    )
-    for zone in sorted({zone for zone, *_ in CUBES.values()}):
-        with zipfile.ZipFile(os.path.join(zipped, f"planet.{zone}.zip"), "w") as archive:
-            base = os.path.join(extracted, "planet", zone)
-            for folder, _, files in os.walk(base):
-                for name in files:
-                    path = os.path.join(folder, name)
-                    archive.write(path, os.path.relpath(path, extracted))
-    with zipfile.ZipFile(os.path.join(zipped, "labels.zip"), "w") as archive:
-        for folder, _, files in os.walk(os.path.join(extracted, "labels")):
+def zip_folder(source_root, folder, archive_path):
+    """`folder` of `source_root` as a zip whose members start with `folder/`."""
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        for parent, _, files in os.walk(os.path.join(source_root, folder)):
             for name in files:
-                path = os.path.join(folder, name)
-                archive.write(path, os.path.relpath(path, extracted))
+                path = os.path.join(parent, name)
+                archive.write(path, os.path.relpath(path, source_root))
+
+
+def zip_download(extracted, zipped, split_folder="split_info"):
+    """The same downloads as mediaTUM serves them: one planet.<zone>.zip per zone, labels.zip and
+    the validation/test labels' zip; the split files in `split_folder` (the copies still served
+    keep them under split_info/)."""
+    os.makedirs(zipped)
+    (source,) = [
+        f
+        for f in dynamicearthnet_builder.SPLIT_FOLDERS
+        if os.path.isdir(os.path.join(extracted, f))
+    ]
+    shutil.copytree(os.path.join(extracted, source), os.path.join(zipped, split_folder))
+    for zone in sorted({zone for zone, *_ in CUBES.values()}):
+        zip_folder(extracted, f"planet/{zone}", os.path.join(zipped, f"planet.{zone}.zip"))
+    zip_folder(extracted, "labels", os.path.join(zipped, "labels.zip"))
+    zip_folder(extracted, EVALUATION_LABELS, os.path.join(zipped, f"{EVALUATION_LABELS}.zip"))

@@ -1,29 +1,36 @@
 """TFDS builder `dynamic_earthnet`: DynamicEarthNet (Toker et al., CVPR 2022) as users download it.
 
-The download (https://mediatum.ub.tum.de/1650201, one folder; see docs/dynamicearthnet.md) holds,
-as zip files or extracted in place:
+Three downloads, put in one folder (`manual_dir`; see docs/dynamicearthnet.md), each as its zip
+files or extracted in place:
 
+  the dataset (https://mediatum.ub.tum.de/1650201):
   planet.<zone>.zip   planet/<zone>/<grid>/<cube>/PF-SR/<YYYY-MM-DD>.tif   daily PlanetFusion
                       surface reflectance x 10000, 4 bands (blue, green, red, near infrared),
-                      1024 x 1024 (and PF-QA/, not read)
+                      1024 x 1024 (and PF-QA/, not read), for every cube of every split
   labels.zip          labels/<cube>_<zone>/Labels/Raster/<tile>/<tile>-<YYYY_MM>_01.tif   monthly
-                      labels, 7 uint8 bands, band k = 255 where the pixel is class k (and
-                      *.tif.aux.xml, Labels/Vector/, not read)
-  dynnet_training_splits/train.txt, val.txt   the official splits (https://vision.in.tum.de/webshare/
-                      u/toker/dynnet_training_splits/), one labelled month per line:
-                      `<planet PF-SR folder> <label file> <YYYY-MM>`
+                      labels of the 55 training cubes, 7 uint8 bands, band k = 255 where the
+                      pixel is class k (and *.tif.aux.xml, Labels/Vector/, not read)
+  the validation and test labels, published later (https://mediatum.ub.tum.de/1738088):
+                      dynamicearthnet_test_labels/<cube>_<zone>/Labels/Raster/<tile>/...tif
+  the split files (https://vision.in.tum.de/webshare/u/toker/dynnet_training_splits/, or a copy
+  that keeps them under split_info/): dynnet_training_splits/ or split_info/ holding train.txt,
+                      val.txt, test.txt, one labelled month per line:
+                      `<planet PF-SR folder> <label file> <YYYY-MM>`; or a folder given as
+                      `split_dir`
 
-Files are found by the cube id and the date in their paths, so the split files' planet prefix
-(`/reprocess-cropped/UTM-24000/`, not the download's `planet/`), the label folders named
-`<cube>-<zone>` in the download and label dates written `YYYY-MM-01` all resolve.
+Files are found by the cube id and the date in their paths, wherever they are under manual_dir or
+in its zip files, so the split files' planet prefix (`/reprocess-cropped/UTM-24000/`, not the
+download's `planet/`), label folders named `<cube>-<zone>`, label dates written `YYYY-MM-01`, and
+the layout of cube 1417_3281_13 (`labels/<cube>_<zone>/Raster/...`, without `Labels/`) all
+resolve. A file that is missing is an error naming the download that holds it.
 
 One example per (cube, month): `location` (cube id), `month` (`YYYY-MM`), `image` (int16 [H, W, 3]:
 red, green, blue reflectance x 10000 of the month's first day, the date its label describes) and
 `label` (uint8 [H, W]: the class index 0-6 of `CLASSES`, `UNLABELLED` where no band is set; where
 several are, the last band wins, as in the official loader's loop). Splits: `train` = train.txt plus
-the two cubes the official README restores to it (`RESTORED_TRAIN_CUBES`), `validation` = val.txt.
-Pixels are TFDS `Tensor` features with ZLIB encoding in array_record files: no TensorFlow to build
-or read.
+the two cubes the official README restores to it (`RESTORED_TRAIN_CUBES`), `validation` = val.txt,
+`test` = test.txt. Pixels are TFDS `Tensor` features with ZLIB encoding in array_record files: no
+TensorFlow to build or read.
 """
 
 from __future__ import annotations
@@ -50,8 +57,13 @@ UNLABELLED = 255  # label value of a pixel whose 7 bands are all unset
 LABEL_SET = 255  # a label band's value where the pixel belongs to its class
 PLANET_BANDS = ("blue", "green", "red", "nir")  # band order of the PF-SR GeoTIFFs
 RGB = ("red", "green", "blue")
-SPLITS_FOLDER = "dynnet_training_splits"
-SPLIT_FILES = {"train": "train.txt", "validation": "val.txt"}
+DATASET_URL = "https://mediatum.ub.tum.de/1650201"  # planet.<zone>.zip, labels.zip
+EVALUATION_LABELS_URL = "https://mediatum.ub.tum.de/1738088"  # validation and test labels
+SPLITS_URL = "https://vision.in.tum.de/webshare/u/toker/dynnet_training_splits/"
+# The folders the split files come in: the published one, and the one of the copies still served.
+SPLIT_FOLDERS = ("dynnet_training_splits", "split_info")
+SPLITS_FOLDER = SPLIT_FOLDERS[0]
+SPLIT_FILES = {"train": "train.txt", "validation": "val.txt", "test": "test.txt"}
 # The official README: "2 cubes from the training set was not available so we exclude them. However
 # now they are ready to use, please modify the train.txt accordingly." They count among the paper's
 # 55 training locations; each has the 24 labelled months.
@@ -60,8 +72,10 @@ LABELLED_MONTHS = tuple(f"{year}-{month:02d}" for year in (2018, 2019) for month
 
 _CUBE = r"(\d+_\d+_\d+)"
 _IMAGE_PATH = re.compile(rf"(?:^|/){_CUBE}/PF-SR/(\d{{4}}-\d{{2}})-01\.tif$")
+# `Labels/` is absent in the folder of 1417_3281_13 (`labels/1417_3281_13_11N/Raster/...`).
 _LABEL_PATH = re.compile(
-    rf"(?:^|/){_CUBE}[_-]\d{{1,2}}[NS]/Labels/Raster/[^/]+/[^/]*?(\d{{4}})[_-](\d{{2}})[_-]01\.tif$"
+    rf"(?:^|/){_CUBE}[_-]\d{{1,2}}[NS]/(?:Labels/)?Raster/[^/]+/[^/]*?(\d{{4}})[_-](\d{{2}})[_-]01"
+    r"\.tif$"
 )
 _MONTH = re.compile(r"^\d{4}-\d{2}$")
 
@@ -83,15 +97,24 @@ class DynamicEarthNet(tfds.core.GeneratorBasedBuilder):
     name = "dynamic_earthnet"
     BUILDER_CONFIGS = [  # noqa: RUF012 (TFDS reads a class attribute list)
         tfds.core.BuilderConfig(
-            name="rgb", version=tfds.core.Version("1.0.0"), description="red, green, blue"
+            name="rgb",
+            version=tfds.core.Version("1.1.0"),
+            release_notes={
+                "1.1.0": "the test split; validation and test labels from their own download"
+            },
+            description="red, green, blue",
         )
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download DynamicEarthNet from https://mediatum.ub.tum.de/1650201 (the planet.*.zip and "
-        "labels.zip files, zipped or extracted) and the split files train.txt and val.txt from "
-        "https://vision.in.tum.de/webshare/u/toker/dynnet_training_splits/ into "
-        f"{SPLITS_FOLDER}/, all in manual_dir."
+        f"Download DynamicEarthNet from {DATASET_URL} (the planet.*.zip files and labels.zip), "
+        f"its validation and test labels from {EVALUATION_LABELS_URL}, and the split files "
+        f"train.txt, val.txt, test.txt ({SPLITS_URL}) into {SPLITS_FOLDER}/ or split_info/, all "
+        "in manual_dir, zipped or extracted."
     )
+
+    def __init__(self, *, split_dir: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.split_dir = split_dir  # the split files' folder; "" = one of SPLIT_FOLDERS
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -116,12 +139,13 @@ class DynamicEarthNet(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         manual_dir = os.fspath(dl_manager.manual_dir)
+        splits = split_months(split_folder(manual_dir, self.split_dir))
         images, labels = index_download(manual_dir)
         return {
             split: self._generate_examples(
-                [resolve(cube, month, images, labels) for cube, month in months]
+                [resolve(cube, month, split, images, labels) for cube, month in months]
             )
-            for split, months in split_months(manual_dir).items()
+            for split, months in splits.items()
         }
 
     def _generate_examples(self, examples):
@@ -192,13 +216,53 @@ def index_download(manual_dir: str) -> tuple[dict, dict]:
     return tuple({**in_zip, **on_disk} for on_disk, in_zip in found.values())
 
 
+def split_folder(manual_dir: str, split_dir: str = "") -> str:
+    """The folder of the split files: `split_dir` when given, else the one of `SPLIT_FOLDERS` in
+    manual_dir (both present must hold the same files)."""
+    if split_dir:
+        if not os.path.isdir(split_dir):
+            raise FileNotFoundError(
+                f"config.dynamicearthnet.split_dir: no folder {split_dir} (it should hold "
+                f"{', '.join(SPLIT_FILES.values())})"
+            )
+        return split_dir
+    found = [
+        os.path.join(manual_dir, f)
+        for f in SPLIT_FOLDERS
+        if os.path.isdir(os.path.join(manual_dir, f))
+    ]
+    if not found:
+        raise FileNotFoundError(
+            f"DynamicEarthNet: no split files in {manual_dir} (expected "
+            f"{' or '.join(f + '/' for f in SPLIT_FOLDERS)} holding "
+            f"{', '.join(SPLIT_FILES.values())}, from {SPLITS_URL} or a copy of it; or set "
+            "--config.dynamicearthnet.split_dir)"
+        )
+    for other in found[1:]:
+        for name in SPLIT_FILES.values():
+            first, second = (os.path.join(folder, name) for folder in (found[0], other))
+            if _read_bytes(first) != _read_bytes(second):
+                raise ValueError(
+                    f"DynamicEarthNet: {first} and {second} differ; keep one of {found} or set "
+                    "--config.dynamicearthnet.split_dir"
+                )
+    return found[0]
+
+
+def _read_bytes(path: str) -> bytes | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def read_split_file(path: str) -> list[tuple[str, str]]:
     """(cube, month) of each line `<planet PF-SR folder> <label file> <YYYY-MM>` of an official
     split file."""
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"DynamicEarthNet: missing split file {path} (download it from "
-            f"https://vision.in.tum.de/webshare/u/toker/{SPLITS_FOLDER}/)"
+            f"DynamicEarthNet: missing split file {path} (the split files train.txt, val.txt, "
+            f"test.txt: {SPLITS_URL}, or a copy of it)"
         )
     months = []
     with open(path) as f:
@@ -220,35 +284,47 @@ def read_split_file(path: str) -> list[tuple[str, str]]:
     return months
 
 
-def split_months(manual_dir: str) -> dict[str, list[tuple[str, str]]]:
-    """{split: [(cube, month), ...]}: the official split files, with `RESTORED_TRAIN_CUBES` added to
-    `train` when train.txt does not list them yet."""
+def split_months(folder: str) -> dict[str, list[tuple[str, str]]]:
+    """{split: [(cube, month), ...]}: the official split files in `folder`, with
+    `RESTORED_TRAIN_CUBES` added to `train` when train.txt does not list them yet."""
     splits = {
-        split: read_split_file(os.path.join(manual_dir, SPLITS_FOLDER, name))
-        for split, name in SPLIT_FILES.items()
+        split: read_split_file(os.path.join(folder, name)) for split, name in SPLIT_FILES.items()
     }
     listed = {cube for cube, _ in splits["train"]}
     for cube in RESTORED_TRAIN_CUBES:
         if cube not in listed:
             splits["train"] += [(cube, month) for month in LABELLED_MONTHS]
-    train_cubes = {cube for cube, _ in splits["train"]}
-    shared = sorted(train_cubes & {cube for cube, _ in splits["validation"]})
-    if shared:
-        raise ValueError(f"DynamicEarthNet: cubes in both train and val: {shared}")
+    cubes = {split: {cube for cube, _ in months} for split, months in splits.items()}
+    names = list(cubes)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            shared = sorted(cubes[first] & cubes[second])
+            if shared:
+                raise ValueError(f"DynamicEarthNet: cubes in both {first} and {second}: {shared}")
     return splits
 
 
-def resolve(cube: str, month: str, images: dict, labels: dict):
-    """(cube, month, image member, label member); a missing file is an error naming it."""
+def resolve(cube: str, month: str, split: str, images: dict, labels: dict):
+    """(cube, month, image member, label member); a missing file is an error naming it and the
+    download that holds it."""
     if (cube, month) not in images:
         raise FileNotFoundError(
             f"DynamicEarthNet: no image of {cube} {month} (expected "
-            f".../{cube}/PF-SR/{month}-01.tif in a planet.*.zip or extracted)"
+            f".../{cube}/PF-SR/{month}-01.tif in a planet.<zone>.zip of {DATASET_URL}, zipped or "
+            "extracted)"
         )
     if (cube, month) not in labels:
+        label = f"{cube}_<zone>/Labels/Raster/<tile>/<tile>-{month.replace('-', '_')}_01.tif"
+        if split == "train":
+            where = f"labels/{label} in labels.zip of {DATASET_URL}"
+        else:
+            where = (
+                f"dynamicearthnet_test_labels/{label} in the validation and test labels, "
+                f"{EVALUATION_LABELS_URL} (labels.zip holds the training labels only)"
+            )
         raise FileNotFoundError(
-            f"DynamicEarthNet: no label of {cube} {month} (expected labels/{cube}_<zone>/Labels/"
-            f"Raster/<tile>/<tile>-{month.replace('-', '_')}_01.tif in labels.zip or extracted)"
+            f"DynamicEarthNet: no label of {split} cube {cube} {month} (expected {where}, zipped "
+            "or extracted)"
         )
     return cube, month, images[cube, month], labels[cube, month]
 
@@ -293,9 +369,11 @@ def read_label(source, name: str) -> np.ndarray:
     return label
 
 
-def prepare(manual_dir: str, data_dir: str) -> str:
-    """Builds `<data_dir>/dynamic_earthnet/rgb/1.0.0` from the download; returns its path."""
-    builder = DynamicEarthNet(config="rgb", data_dir=data_dir, file_format="array_record")
+def prepare(manual_dir: str, data_dir: str, split_dir: str = "") -> str:
+    """Builds `<data_dir>/dynamic_earthnet/rgb/<version>` from the download; returns its path."""
+    builder = DynamicEarthNet(
+        config="rgb", data_dir=data_dir, file_format="array_record", split_dir=split_dir
+    )
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir))
     )

@@ -4,17 +4,21 @@ The download (https://rcdaudt.github.io/oscd/, IEEE DataPort) is three folders o
 
   Onera Satellite Change Detection dataset - Images/
     train.txt, test.txt                 comma-separated city names (14 train, 10 test)
+    <city>/imgs_1/<product>_B01.tif ... first date, each band at its native resolution (10, 20 or
+                                        60 m): what SeCo's `datasets/oscd_dataset.py` reads
+    <city>/imgs_2/...                   second date
     <city>/imgs_1_rect/B01.tif ... B12.tif, B8A.tif   first date, all 13 bands on the 10 m grid
     <city>/imgs_2_rect/...              second date
-    <city>/imgs_1/<product>_B01.tif ... bands at their native resolution (read when no *_rect)
   Onera Satellite Change Detection dataset - Train Labels/<city>/cm/cm.png (and <city>-cm.tif)
   Onera Satellite Change Detection dataset - Test Labels/<city>/cm/cm.png (and <city>-cm.tif)
 
 One example per city: `city`, `image1` / `image2` (uint16 reflectance [H, W, bands]) and `mask`
 (uint8 [H, W], 1 = changed). Pixels are TFDS `Tensor` features with ZLIB encoding and the files are
 array_record, so neither building nor reading needs TensorFlow. Configs: `rgb` = (B04, B03, B02),
-the
-bands the paper evaluates; `all_bands` = the 13 bands in band order.
+the bands the paper evaluates, read from `imgs_1/` and `imgs_2/` as SeCo read them (the three are
+10 m bands, so their native grid is the 10 m grid); `all_bands` = the 13 bands in band order from
+`imgs_1_rect/` and `imgs_2_rect/`, the only folders holding every band on one grid (no official
+all-bands recipe exists).
 """
 
 from __future__ import annotations
@@ -47,20 +51,39 @@ ALL_BANDS = (
     "B12",
 )
 RGB_BANDS = ("B04", "B03", "B02")
+NATIVE_FOLDER = "imgs_{date}"  # <product>_<band>.tif, each band at its native resolution
+RECTIFIED_FOLDER = "imgs_{date}_rect"  # <band>.tif, every band on the 10 m grid
 
 
 class OscdConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, bands: tuple[str, ...], **kwargs):
-        super().__init__(version=tfds.core.Version("1.0.0"), **kwargs)
+    def __init__(self, *, bands: tuple[str, ...], folder: str, **kwargs):
+        super().__init__(
+            version=tfds.core.Version("1.1.0"),
+            release_notes={
+                "1.1.0": "rgb reads imgs_1/ and imgs_2/ as SeCo did (1.0.0 read imgs_*_rect/)"
+            },
+            **kwargs,
+        )
         self.bands = bands
+        self.folder = folder  # "imgs_{date}" or "imgs_{date}_rect"
 
 
 class Oscd(tfds.core.GeneratorBasedBuilder):
     """OSCD image pairs with their change masks, one example per city."""
 
     BUILDER_CONFIGS = [  # noqa: RUF012 (TFDS reads a class attribute list)
-        OscdConfig(name="rgb", description="B04, B03, B02", bands=RGB_BANDS),
-        OscdConfig(name="all_bands", description="all 13 bands", bands=ALL_BANDS),
+        OscdConfig(
+            name="rgb",
+            description="B04, B03, B02 of imgs_1/, imgs_2/ (SeCo's)",
+            bands=RGB_BANDS,
+            folder=NATIVE_FOLDER,
+        ),
+        OscdConfig(
+            name="all_bands",
+            description="all 13 bands of imgs_1_rect/, imgs_2_rect/",
+            bands=ALL_BANDS,
+            folder=RECTIFIED_FOLDER,
+        ),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download the three OSCD archives (Images, Train Labels, Test Labels) from "
@@ -100,8 +123,9 @@ class Oscd(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, images_dir: str, labels_dir: str, split: str):
         for city in city_list(images_dir, split):
-            image1 = read_bands(images_dir, city, 1, self.builder_config.bands)
-            image2 = read_bands(images_dir, city, 2, self.builder_config.bands)
+            config = self.builder_config
+            image1 = read_bands(images_dir, city, config.folder.format(date=1), config.bands)
+            image2 = read_bands(images_dir, city, config.folder.format(date=2), config.bands)
             mask = read_change_mask(os.path.join(labels_dir, city, "cm"), city)
             if image1.shape != image2.shape or image1.shape[:2] != mask.shape:
                 raise ValueError(
@@ -148,28 +172,32 @@ def city_list(images_dir: str, split: str) -> list[str]:
     return cities
 
 
-def _band_file(images_dir: str, city: str, date: int, band: str) -> str:
-    """`imgs_<date>_rect/<band>.tif` (all bands on the 10 m grid), else
-    `imgs_<date>/*_<band>.tif`."""
-    city_dir = os.path.join(images_dir, city)
-    rectified = os.path.join(city_dir, f"imgs_{date}_rect", f"{band}.tif")
-    if os.path.exists(rectified):
-        return rectified
-    native = sorted(glob.glob(os.path.join(glob.escape(city_dir), f"imgs_{date}", f"*_{band}.tif")))
-    if len(native) == 1:
-        return native[0]
+def band_file(images_dir: str, city: str, folder: str, band: str) -> str:
+    """`<folder>/<band>.tif` (the rectified folders) or `<folder>/<product>_<band>.tif` (the
+    native ones, SeCo's `read_image`); missing is an error naming the file and the download."""
+    folder_dir = os.path.join(images_dir, city, folder)
+    if folder.endswith("_rect"):
+        paths = [p for p in [os.path.join(folder_dir, f"{band}.tif")] if os.path.exists(p)]
+    else:
+        paths = sorted(glob.glob(os.path.join(glob.escape(folder_dir), f"*_{band}.tif")))
+    if len(paths) == 1:
+        return paths[0]
+    if len(paths) > 1:
+        raise ValueError(f"OSCD city {city!r}: several {band} files in {folder_dir}: {paths}")
+    name = f"{band}.tif" if folder.endswith("_rect") else f"<product>_{band}.tif"
     raise FileNotFoundError(
-        f"OSCD city {city!r}: no {band} of date {date} ({rectified} is missing)"
+        f"OSCD city {city!r}: no {folder}/{name} in {images_dir} (part of '{IMAGES_FOLDER}.zip')"
     )
 
 
-def read_bands(images_dir: str, city: str, date: int, bands) -> np.ndarray:
-    """uint16 [H, W, len(bands)] reflectance of one date; bands must share one grid."""
+def read_bands(images_dir: str, city: str, folder: str, bands) -> np.ndarray:
+    """uint16 [H, W, len(bands)] reflectance of one date from `folder` of the city; the bands must
+    share one grid."""
     import rasterio
 
     channels = []
     for band in bands:
-        path = _band_file(images_dir, city, date, band)
+        path = band_file(images_dir, city, folder, band)
         try:
             with rasterio.open(path) as source:
                 channels.append(source.read(1))
@@ -206,7 +234,7 @@ def read_change_mask(cm_dir: str, city: str) -> np.ndarray:
 
 
 def prepare(manual_dir: str, data_dir: str, config_name: str = "rgb") -> str:
-    """Builds `<data_dir>/oscd/<config_name>/1.0.0` from the downloaded archive; returns its
+    """Builds `<data_dir>/oscd/<config_name>/<version>` from the downloaded archive; returns its
     path."""
     builder = Oscd(config=config_name, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(
