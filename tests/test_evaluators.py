@@ -13,6 +13,7 @@ import tarfile
 import threading
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,12 +37,23 @@ from caco_jax import config as config_lib
 from caco_jax import tasks
 from caco_jax.data import dataset, layout
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
-from caco_jax.evaluators import bigearthnet, common, eurosat, heads, land_cover, tiling
+from caco_jax.evaluators import (
+    bigearthnet,
+    common,
+    eurosat,
+    fit,
+    heads,
+    land_cover,
+    oscd,
+    protocol,
+    tiling,
+)
 from caco_jax.evaluators.datasets import bigearthnet as bigearthnet_builder
 from caco_jax.evaluators.datasets import eurosat as eurosat_builder
 from caco_jax.evaluators.datasets import oscd as oscd_builder
 from caco_jax.evaluators.datasets import split_lists
 from caco_jax.models import export, unet
+from caco_jax.models.heads import LinearClassifier
 from caco_jax.models.resnet import BatchNorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run") / "encoder"
-    export.save_encoder(path, common.random_encoder(18, 3, seed=5), {"method": "test"})
+    export.save_encoder(path, common.random_encoder(10, 3, seed=5, width=8), {"method": "test"})
     return str(path)
 
 
@@ -116,7 +128,7 @@ def test_learning_rate_is_multiplied_by_a_tenth_at_each_milestone_epoch():
 
 
 def test_refresh_batch_stats_moves_running_statistics_to_the_data():
-    model = common.random_encoder(18, 3, seed=0)
+    model = common.random_encoder(10, 3, seed=0, width=8)
     images = np.full((16, 32, 32, 3), 200, np.uint8)
     before = np.asarray(model.bn1.mean[...])
     common.refresh_batch_stats(
@@ -170,7 +182,7 @@ def test_augmentation_moves_images_and_mask_together():
 
 
 def test_decoder_gives_one_logit_per_pixel_and_zero_differences_for_equal_images():
-    encoder = common.random_encoder(18, 3, seed=0)
+    encoder = common.random_encoder(10, 3, seed=0, width=8)
     decoder = unet.ChangeDecoder(unet.skip_channels(encoder), rngs=nnx.Rngs(0))
     decoder.eval()
     images = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3)), jnp.float32)
@@ -187,20 +199,35 @@ def test_decoder_gives_one_logit_per_pixel_and_zero_differences_for_equal_images
     assert logits.shape == (2, 64, 64)
 
 
-def test_oscd_builder_reads_the_onera_layout(tmp_path):
-    written = write_fake_oscd(tmp_path / "oscd")
-    path = oscd_builder.prepare(str(tmp_path / "oscd"), str(tmp_path / "tfds"))
-    builder = oscd_builder.Oscd(config="rgb", data_dir=str(tmp_path / "tfds"))
-    assert builder.is_prepared() and os.path.samefile(path, builder.data_dir)
-    for split, cities in (("train", {"alpha", "beta"}), ("test", {"gamma"})):
-        source = builder.as_data_source(split)
-        assert {common.read_text(source[i]["city"]) for i in range(len(source))} == cities
-        for i in range(len(source)):
-            example = source[i]
-            city = common.read_text(example["city"])
-            np.testing.assert_array_equal(example["image1"], written[city, 1])
-            np.testing.assert_array_equal(example["image2"], written[city, 2])
-            np.testing.assert_array_equal(example["mask"], written[city, "mask"])
+def test_oscd_builder_reads_imgs_1_and_imgs_2_as_seco_and_the_rect_folders_for_all_bands(tmp_path):
+    """The download holds both image folders, whose RGB values differ here. `rgb` must hold what
+    SeCo's reader takes, imgs_<d>/<product>_<band>.tif; `all_bands` the 10 m grid of
+    imgs_<d>_rect/ (the native 20 m and 60 m bands have other sizes)."""
+    written = write_fake_oscd(tmp_path / "oscd", band_names=oscd_builder.ALL_BANDS)
+    for config_name, folder in (("rgb", "native"), ("all_bands", "rect")):
+        path = oscd_builder.prepare(str(tmp_path / "oscd"), str(tmp_path / "tfds"), config_name)
+        builder = oscd_builder.Oscd(config=config_name, data_dir=str(tmp_path / "tfds"))
+        assert builder.is_prepared() and os.path.samefile(path, builder.data_dir)
+        bands = builder.builder_config.bands
+        for split, cities in (("train", {"alpha", "beta"}), ("test", {"gamma"})):
+            source = builder.as_data_source(split)
+            assert {common.read_text(source[i]["city"]) for i in range(len(source))} == cities
+            for i in range(len(source)):
+                example = source[i]
+                city = common.read_text(example["city"])
+                for date in (1, 2):
+                    expected = np.stack([written[city, date, folder][b] for b in bands], axis=-1)
+                    np.testing.assert_array_equal(example[f"image{date}"], expected)
+                np.testing.assert_array_equal(example["mask"], written[city, "mask"])
+
+
+def test_oscd_rgb_needs_the_native_folders_and_says_so(tmp_path):
+    write_fake_oscd(tmp_path / "oscd")
+    native = tmp_path / "oscd" / oscd_builder.IMAGES_FOLDER / "alpha" / "imgs_2"
+    for path in native.glob("*_B03.tif"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"'alpha': no imgs_2/<product>_B03\.tif .*Images"):
+        oscd_builder.prepare(str(tmp_path / "oscd"), str(tmp_path / "tfds"))
 
 
 def test_oscd_builder_names_a_missing_mask(tmp_path):
@@ -208,6 +235,189 @@ def test_oscd_builder_names_a_missing_mask(tmp_path):
     os.remove(tmp_path / "oscd" / oscd_builder.LABEL_FOLDERS["train"] / "beta" / "cm" / "cm.png")
     with pytest.raises(FileNotFoundError, match="'beta'"):
         oscd_builder.prepare(str(tmp_path / "oscd"), str(tmp_path / "tfds"))
+
+
+def test_official_oscd_f1_is_the_mean_over_shuffled_batches_of_whole_tiles_not_the_pooled_f1():
+    """Five 4x4 test tiles, batches of 2 in a given order, the fifth tile dropped. A: 4 changed
+    pixels found; B: nothing; C: 2 changed pixels missed; D: no change, one false alarm in the
+    padding beyond its city's border; E: 8 changed pixels found."""
+    targets = np.zeros((5, 4, 4), np.uint8)
+    probabilities = np.zeros((5, 4, 4), np.float32)
+    inside = np.ones((5, 4, 4), bool)
+    targets[0, :2, :2] = probabilities[0, :2, :2] = 1  # A
+    targets[2, 0, :2] = 1  # C
+    inside[3, :, 3] = False
+    probabilities[3, 0, 3] = 0.7  # D
+    targets[4, :2] = probabilities[4, :2] = 1  # E
+    tiles = tiling.TiledScenes(images=(), targets=targets, inside=inside, scene=np.zeros(5, int))
+    order = np.array([0, 3, 2, 1, 4])
+
+    result = oscd.test_scores(probabilities, tiles, batch_size=2, order=order)
+
+    def f1(predicted, actual):  # written out: 2 tp / (2 tp + fp + fn), 0 where undefined
+        tp, fp = np.sum(predicted & actual), np.sum(predicted & ~actual)
+        fn = np.sum(~predicted & actual)
+        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+    predicted, actual = probabilities >= 0.5, targets.astype(bool)
+    per_batch = [f1(predicted[order[b : b + 2]], actual[order[b : b + 2]]) for b in (0, 2)]
+    assert per_batch == [8 / 9, 0.0]
+    assert result["f1"] == pytest.approx(np.mean(per_batch))  # 4/9
+    # Pooled over every pixel inside the cities: tp 12, no false alarm inside, fn 2.
+    assert result["pooled_f1"] == pytest.approx(f1(predicted[inside], actual[inside])) == 24 / 26
+    assert abs(result["f1"] - result["pooled_f1"]) > 0.4
+
+
+def test_official_bigearthnet_ap_is_the_mean_of_per_batch_micro_aps_not_the_pooled_ap():
+    """Five validation patches of three classes, batches of 2 in the list's order, the fifth
+    dropped; the per-batch micro APs are computed here by their definition."""
+    from test_metrics import reference_average_precision
+
+    targets = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1]], np.float32)
+    probabilities = np.array(
+        [[0.9, 0.2, 0.1], [0.3, 0.8, 0.7], [0.2, 0.6, 0.7], [0.9, 0.1, 0.4], [0.1, 0.5, 0.3]],
+        np.float32,
+    )
+    result = bigearthnet.scores(targets, probabilities, batch_size=2)
+    per_batch = [
+        reference_average_precision(targets[b : b + 2], probabilities[b : b + 2]) for b in (0, 2)
+    ]
+    assert per_batch[0] == 1.0 and per_batch[1] < 0.7
+    assert result["micro_ap"] == pytest.approx(np.mean(per_batch))
+    pooled = reference_average_precision(targets, probabilities)
+    assert result["pooled_micro_ap"] == pytest.approx(pooled)
+    assert abs(result["micro_ap"] - result["pooled_micro_ap"]) > 0.05
+
+
+def test_tiled_scenes_mark_the_padding_and_keep_the_scene_of_each_tile():
+    scenes = [(np.ones((5, 3, 2), np.uint8),), (np.full((2, 4, 2), 2, np.uint8),)]
+    targets = [np.ones((5, 3), np.uint8), np.zeros((2, 4), np.uint8)]
+    tiles = tiling.tile_scenes(scenes, targets, size=4, pad=255)
+    assert len(tiles) == 3 and tiles.scene.tolist() == [0, 0, 1]
+    assert tiles.images[0].shape == (3, 4, 4, 2)
+    assert tiles.inside.sum() == 5 * 3 + 2 * 4
+    assert (tiles.targets[~tiles.inside] == 255).all()
+    np.testing.assert_array_equal(tiles.load([2])[0][0, :2], scenes[1][0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The fitting loop and the runner every evaluation shares.
+
+
+def test_fit_trains_what_the_protocol_says_and_compiles_once_per_protocol(one_device):
+    """Frozen with BatchNorm in training mode (OSCD's default): only the head moves, the encoder's
+    running statistics drift. Fine-tuned with BatchNorm in eval mode (BigEarthNet's): encoder and
+    head move, the statistics stay. A second encoder of the same architecture reuses the
+    compilation."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 32, 32, 3)).astype(np.uint8)
+    targets = rng.integers(0, 2, (8, 5)).astype(np.float32)
+    before = fit.train_step._cache_size()
+    for seed, (encoder_bn, parts) in enumerate(
+        [("train", ("head",)), ("eval", ("encoder", "head")), ("train", ("head",))]
+    ):
+        encoder = common.random_encoder(10, 3, seed=seed, width=8)
+        head = LinearClassifier(encoder.feature_dim, 5, dropout=0.2, rngs=nnx.Rngs(0))
+        classify_fit, state = fit.start(
+            encoder, head, encoder_bn=encoder_bn, preprocess=common.as_unit_float,
+            forward=bigearthnet.classify_forward, loss=heads.multilabel_soft_margin,
+            output=jax.nn.sigmoid,
+            optimizer=fit.Optimizer(tuple((p, 1e-2) for p in parts), steps_per_epoch=1),
+        )  # fmt: skip
+        after, _ = fit.train_step(
+            classify_fit, state, (jnp.asarray(images),), jnp.asarray(targets), jax.random.key(0)
+        )
+        moved = {
+            kind: {
+                part: not all(
+                    np.array_equal(a, b)
+                    for a, b in zip(
+                        jax.tree.leaves(state[kind][part]),
+                        jax.tree.leaves(after[kind][part]),
+                        strict=True,
+                    )
+                )
+                for part in ("encoder", "head")
+            }
+            for kind in ("params", "stats")
+        }
+        assert moved["params"] == {"encoder": "encoder" in parts, "head": True}
+        assert moved["stats"]["encoder"] == (encoder_bn == "train")
+        probabilities = fit.predict(classify_fit, after, lambda i: (images[i],), 8, batch_size=4)
+        assert probabilities.shape == (8, 5) and ((0 < probabilities) & (probabilities < 1)).all()
+    assert fit.train_step._cache_size() - before == 2  # the third reused the first's compile
+
+
+class RecordingEvaluation(protocol.Evaluation):
+    """An evaluation that records what the runner asks of it."""
+
+    task = "eval_recording"
+    columns = ("score",)
+
+    def __init__(self, settings, *, refuse="", fail=""):
+        super().__init__(settings)
+        self.refuse, self.fail, self.calls = refuse, fail, []
+
+    def dataset_key(self, encoder):
+        if encoder.name == self.refuse:
+            raise ValueError(f"the dataset lacks the bands of the {encoder.name} row")
+        return "data"
+
+    def load(self, key):
+        self.calls.append(("load", key))
+        return key
+
+    def evaluate(self, encoder, data):
+        self.calls.append(("evaluate", encoder.name))
+        if encoder.name == self.fail:
+            raise RuntimeError(f"{encoder.name} stopped")
+        return {"score": 0.25}
+
+    def describe(self, data):
+        return {"data": data}
+
+
+def test_the_runner_checks_every_row_first_and_writes_each_row_when_it_finishes(
+    encoder_dir, tmp_path
+):
+    imagenet = export.save_encoder(
+        tmp_path / "imagenet", common.random_encoder(10, 3, seed=2, width=8), {"method": "test"}
+    )
+    settings = config_lib.resolve(
+        eval_config(
+            encoder_dir,
+            tmp_path,
+            eval__random_baseline=True,
+            eval__imagenet_checkpoint=str(imagenet),
+        )
+    )
+    refusing = RecordingEvaluation(settings, refuse="imagenet")
+    with pytest.raises(ValueError, match="bands of the imagenet row"):
+        protocol.run(refusing, str(tmp_path))
+    assert refusing.calls == []  # nothing loaded or trained before the last row was checked
+
+    stopping = RecordingEvaluation(settings, fail="random")
+    with pytest.raises(RuntimeError, match="random stopped"):
+        protocol.run(stopping, str(tmp_path))
+    record = read_metrics(encoder_dir, "eval_recording")
+    assert record["complete"] is False and record["data"] == "data"
+    assert [row["encoder"] for row in record["rows"]] == ["checkpoint"]
+
+    result = protocol.run(RecordingEvaluation(settings), str(tmp_path))
+    record = read_metrics(encoder_dir, "eval_recording")
+    assert record["complete"] is True and result["rows"] == record["rows"]
+    assert [row["encoder"] for row in record["rows"]] == ["checkpoint", "random", "imagenet"]
+
+
+def test_best_and_last_epochs_and_when_the_official_loops_validated():
+    history = [{"epoch": 10, "f1": 0.4}, {"epoch": 20, "f1": 0.6}, {"epoch": 30, "f1": 0.5}]
+    row = protocol.best_and_last(history, "f1")
+    assert (row["epoch"], row["f1"], row["best_epoch"], row["best_f1"]) == (30, 0.5, 20, 0.6)
+    assert row["history"] == history
+    epochs = range(1, 26)
+    assert [e for e in epochs if protocol.is_validation_epoch(e, 10, 25)] == [10, 20, 25]
+    assert [e for e in epochs if protocol.is_validation_epoch(e, 0, 25)] == [25]
+    assert len([e for e in epochs if protocol.is_validation_epoch(e, 1, 25)]) == 25
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,9 +683,9 @@ def get_config():
     config.eval.random_baseline = False
     config.eval.extract_batch_size = 16
     config.eval.prepare_workers = 1
-    for protocol in (config.eurosat, config.bigearthnet):
-        protocol.epochs, protocol.milestones, protocol.batch_size = 2, (1,), 8
-    config.bigearthnet.image_size = 32
+    config.eurosat.epochs, config.eurosat.milestones, config.eurosat.batch_size = 2, (1,), 8
+    config.bigearthnet.epochs, config.bigearthnet.milestones = 2, (1,)
+    config.bigearthnet.batch_size, config.bigearthnet.image_size = 4, 32
     config.oscd.epochs, config.oscd.batch_size, config.oscd.tile_size = 2, 8, 32
     config.dynamicearthnet.epochs, config.dynamicearthnet.batch_size = 1, 16
     config.dynamicearthnet.tile_size = 32
@@ -485,17 +695,19 @@ def get_config():
 
 def tiny_protocols(config):
     """The protocols of EVERY_EVALUATION_CONFIG, in-process."""
-    for protocol in (config.eurosat, config.bigearthnet):
-        protocol.epochs, protocol.milestones, protocol.batch_size = 2, (1,), 8
-    config.bigearthnet.image_size = 32
+    config.eurosat.epochs, config.eurosat.milestones, config.eurosat.batch_size = 2, (1,), 8
+    config.bigearthnet.epochs, config.bigearthnet.milestones = 2, (1,)
+    config.bigearthnet.batch_size, config.bigearthnet.image_size = 4, 32
     config.oscd.epochs, config.oscd.batch_size, config.oscd.tile_size = 2, 8, 32
     return config
 
 
 def test_every_evaluation_runs_through_run_py_without_tensorflow(tmp_path):
     """As a user runs them: one run.py process evaluates an RGB encoder with all four protocols
-    from the downloads as published (in one folder), while a `tensorflow` package first on the
-    path records any import attempt and raises ImportError."""
+    from the downloads as published (in one folder: OSCD with both image folders, DynamicEarthNet
+    as its zips, the separate validation/test labels and split_info/), while a `tensorflow`
+    package first on the path records any import attempt and raises ImportError. Each metrics file
+    holds the official metric, the pooled one beside it, and the last and best epochs."""
     manual = tmp_path / "downloads"
     manual.mkdir()
     write_eurosat_rgb_zip(manual)
@@ -510,7 +722,7 @@ def test_every_evaluation_runs_through_run_py_without_tensorflow(tmp_path):
         os.rename(manual / "dynamicearthnet" / name, manual / name)
     recorded = Normalization.rgb().to_json() | {"mean": [0.4, 0.4, 0.4]}
     checkpoint = export.save_encoder(
-        tmp_path / "encoder", common.random_encoder(18, 3, seed=5), {EXPORT_KEY: recorded}
+        tmp_path / "encoder", common.random_encoder(10, 3, seed=5, width=8), {EXPORT_KEY: recorded}
     )
     config_file = tmp_path / "every_evaluation.py"
     config_file.write_text(
@@ -542,33 +754,54 @@ def test_every_evaluation_runs_through_run_py_without_tensorflow(tmp_path):
         task: read_metrics(str(checkpoint), task)
         for task in ("eval_eurosat", "eval_bigearthnet", "eval_oscd", "eval_dynamicearthnet_frozen")
     }
-    for task in records:
+    for task, record in records.items():
         assert f"{task} (percent)" in result.stdout
+        assert record["complete"] and record["task"] == task
 
     eurosat = records["eval_eurosat"]
     assert eurosat["probe"] == "official" and not eurosat["seeded_split"]
     assert (eurosat["train_examples"], eurosat["val_examples"]) == (30, 10)
-    assert eurosat["rows"][0]["dataset"] == "eurosat_download/rgb"
-    assert eurosat["rows"][0]["bands"] == list(layout.RGB_BANDS)
-    assert 0.0 <= eurosat["rows"][0]["top1"] <= 1.0
+    row = eurosat["rows"][0]
+    assert row["dataset"] == "eurosat_download/rgb" and row["bands"] == list(layout.RGB_BANDS)
+    # Validated after both epochs (as Lightning did); top1 over the one full batch of 8 of the
+    # list's 10 images, pooled_top1 over all 10.
+    assert [entry["epoch"] for entry in row["history"]] == [1, 2] and row["epoch"] == 2
+    assert row["best_top1"] == max(entry["top1"] for entry in row["history"])
+    assert row["top1"] * 8 == round(row["top1"] * 8) and row["pooled_top1"] * 10 == round(
+        row["pooled_top1"] * 10
+    )
     bigearthnet = records["eval_bigearthnet"]
     assert bigearthnet["cloud_snow_removed"] == 3 and not bigearthnet["seeded_split"]
     assert (bigearthnet["train_patches"], bigearthnet["val_patches"]) == (14, 7)
-    assert 0.0 < bigearthnet["rows"][0]["micro_ap"] <= 1.0
-    oscd = records["eval_oscd"]
-    assert oscd["encoder_bn"] == "train" and oscd["test_cities"] == ["gamma"]
-    assert 0.0 <= oscd["rows"][0]["f1"] <= 1.0
+    row = bigearthnet["rows"][0]
+    # Validated every 10th epoch and after the last: after epoch 2 only.
+    assert [entry["epoch"] for entry in row["history"]] == [2] and row["best_epoch"] == 2
+    assert 0.0 < row["micro_ap"] <= 1.0 and 0.0 < row["pooled_micro_ap"] <= 1.0
+    assert row["micro_ap"] != row["pooled_micro_ap"]  # one batch of 4 of the 7 val patches
+    oscd_record = records["eval_oscd"]
+    assert oscd_record["settings"]["encoder_bn"] == "train"
+    assert oscd_record["test_cities"] == ["gamma"] and oscd_record["test_tiles"] == 12
+    row = oscd_record["rows"][0]
+    assert [entry["epoch"] for entry in row["history"]] == [1, 2]
+    for key in ("f1", "precision", "recall", "pooled_f1", "best_f1"):
+        assert 0.0 <= row[key] <= 1.0
+    assert set(row["pooled_per_city_f1"]) == {"gamma"}
     dynamicearthnet = records["eval_dynamicearthnet_frozen"]
-    assert dynamicearthnet["mode"] == "frozen"
+    assert dynamicearthnet["mode"] == "frozen" and dynamicearthnet["split"] == "val"
     assert (dynamicearthnet["train_images"], dynamicearthnet["validation_images"]) == (52, 2)
-    assert dynamicearthnet["rows"][0]["input"]["mean"] == [0.4, 0.4, 0.4]
-    assert 0.0 <= dynamicearthnet["rows"][0]["miou"] <= 1.0
+    assert dynamicearthnet["settings"]["input"] == "unit"
+    assert dynamicearthnet["settings"]["encoder_bn"] == "train"
+    row = dynamicearthnet["rows"][0]
+    assert row["input"]["mean"] == [0.4, 0.4, 0.4] and row["encoder_input"] == "unit"
+    assert 0.0 <= row["miou"] <= 1.0 and [entry["epoch"] for entry in row["history"]] == [1]
 
 
 def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path, one_device):
     encoder = tmp_path / "encoder"
     export.save_encoder(
-        encoder, common.random_encoder(18, 12, seed=5), {EXPORT_KEY: ALL_BANDS_INPUT.to_json()}
+        encoder,
+        common.random_encoder(10, 12, seed=5, width=8),
+        {EXPORT_KEY: ALL_BANDS_INPUT.to_json()},
     )
     manual = tmp_path / "downloads"
     manual.mkdir()
@@ -607,18 +840,18 @@ def test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning(tmp_path, one
     assert (bigearthnet["train_patches"], bigearthnet["val_patches"]) == (14, 5)
     assert bigearthnet["cloud_snow_removed"] == 0  # no lists in manual_dir
     assert bigearthnet["mode"] == "finetune" and 0.0 < bigearthnet["rows"][0]["micro_ap"] <= 1.0
-    assert records["eval_oscd"]["encoder_bn"] == "eval"
+    assert records["eval_oscd"]["settings"]["encoder_bn"] == "eval"
 
 
 def test_the_imagenet_row_reads_its_own_export_and_input(tmp_path):
     checkpoint = export.save_encoder(
         tmp_path / "encoder",
-        common.random_encoder(18, 12, seed=1),
+        common.random_encoder(10, 12, seed=1, width=8),
         {EXPORT_KEY: ALL_BANDS_INPUT.to_json()},
     )
     imagenet = export.save_encoder(
         tmp_path / "imagenet",
-        common.random_encoder(18, 3, seed=2),
+        common.random_encoder(10, 3, seed=2, width=8),
         {EXPORT_KEY: Normalization.rgb().to_json()},
     )
     shared = common.EvalSettings(checkpoint=str(checkpoint), imagenet_checkpoint=str(imagenet))

@@ -5,10 +5,14 @@ to the 19-class nomenclature, split with SeCo's lists, and the cloud/shadow and 
 patches are removed. Input: SeCo's per-band stretch (mean +- 2 std to uint8) to [0, 1], resized to
 128x128 (bicubic). The head is Dropout(0.2) + Linear(d, 19) trained with the multi-label
 soft-margin loss and Adam for 100 epochs (lr x0.1 at 60 and 80), batch 1024 at lr 1e-3 (SeCo's
-README command), on 10 % or 100 % of the training labels; the metric is micro-averaged AP on the
-validation split (macro AP reported beside it, labelled). The frozen mode trains the head on cached
-features (the official `on_train_epoch_start` puts the encoder in eval mode, so they are what it
-sees); `config.bigearthnet.finetune` also trains the encoder (BatchNorm still in eval mode).
+README command), on 10 % or 100 % of the training labels, validated every 10th epoch
+(`check_val_every_n_epoch=10`). The metric is the official micro AP: scikit-learn's micro AP of
+each validation batch of 1024 patches in the list's order, the last partial batch dropped,
+averaged over the batches; the pooled micro and macro AP of every validation patch stand beside
+it, and the last and the best validated epoch are both reported. The frozen mode trains the head on
+cached features (the official `on_train_epoch_start` puts the encoder in eval mode, so they are
+what it sees); `config.bigearthnet.finetune` also trains the encoder (BatchNorm still in eval
+mode) through `fit`.
 """
 
 from __future__ import annotations
@@ -20,15 +24,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
-from caco_jax.evaluators import common, heads, metrics
+from caco_jax.evaluators import common, fit, heads, metrics, protocol
 from caco_jax.evaluators.datasets import bigearthnet as bigearthnet_builder
 from caco_jax.evaluators.datasets import split_lists
+from caco_jax.models.heads import LinearClassifier
 from caco_jax.runtime import inference, progress
 from caco_jax.runtime import mesh as mesh_lib
 
@@ -41,6 +44,7 @@ class BigEarthNetSettings(heads.HeadSettings):
     SECTION = "bigearthnet"
     batch_size: int = 1024
     dropout: float = 0.2
+    validate_every: int = 10  # main_bigearthnet.py: check_val_every_n_epoch=10
     image_size: int = 128
     train_fraction: float = 1.0  # of the training labels: the paper reports 0.1 and 1.0
     finetune: bool = False  # also train the encoder
@@ -272,14 +276,28 @@ def bigearthnet_input(norm: Normalization, config_name: str, image_size: int):
     return preprocess
 
 
-def _ap(targets, scores) -> dict:
-    result = metrics.multilabel_average_precision(targets, scores)
-    return {"micro_ap": result["micro_ap"], "macro_ap": result["macro_ap"]}
+def scores(targets: np.ndarray, probabilities: np.ndarray, batch_size: int) -> dict:
+    """The official micro AP (scikit-learn's micro AP of each validation batch of `batch_size` in
+    the list's order, the last partial batch dropped, averaged over the batches, as SeCo's
+    `ssl_finetuner.py` logged `acc/val`) and the pooled micro and macro AP of every validation
+    patch."""
+    official = metrics.batch_mean(
+        lambda t, p: {"micro_ap": metrics.micro_average_precision(t, p)},
+        (targets, probabilities),
+        batch_size,
+    )
+    return {
+        **official,
+        "pooled_micro_ap": metrics.micro_average_precision(targets, probabilities),
+        "pooled_macro_ap": metrics.macro_average_precision(targets, probabilities),
+    }
 
 
 def frozen_probe(encoder, data: BigEarthNet, settings) -> dict:
-    protocol = settings.bigearthnet
-    preprocess = bigearthnet_input(encoder.input, data.config_name, protocol.image_size)
+    """The head on cached eval-mode features (the official `on_train_epoch_start` puts the encoder
+    in eval mode and no gradient reaches it, so these are the features it trains on)."""
+    protocol_settings = settings.bigearthnet
+    preprocess = bigearthnet_input(encoder.input, data.config_name, protocol_settings.image_size)
     features = {
         name: inference.extract_features(
             encoder.model,
@@ -291,116 +309,141 @@ def frozen_probe(encoder, data: BigEarthNet, settings) -> dict:
         )
         for name, subset in (("train", data.train), ("val", data.val))
     }
-    params = heads.train_linear_head(
+    targets = data.targets[data.val]
+    history = []
+
+    def validate(epoch, params):
+        if protocol.is_validation_epoch(
+            epoch, protocol_settings.validate_every, protocol_settings.epochs
+        ):
+            probabilities = np.asarray(jax.nn.sigmoid(heads.linear(params, features["val"])))
+            history.append(
+                {"epoch": epoch, **scores(targets, probabilities, protocol_settings.batch_size)}
+            )
+
+    heads.train_linear_head(
         features["train"],
         data.targets[data.train],
         num_outputs=len(CLASSES_19),
         loss_fn=heads.multilabel_soft_margin,
-        settings=protocol,
+        settings=protocol_settings,
         seed=settings.seed,
         description=f"{encoder.name} probe",
+        after_epoch=validate,
     )
-    scores = np.asarray(jax.nn.sigmoid(heads.linear(params, features["val"])))
-    return _ap(data.targets[data.val], scores)
+    return protocol.best_and_last(history, "micro_ap")
+
+
+def classify_forward(encoder, head, images, rngs):
+    return head(encoder(images[0]), rngs=rngs)
 
 
 def finetune(encoder, data: BigEarthNet, settings) -> dict:
-    """Trains encoder and head together (Adam, `config.bigearthnet.finetune_learning_rate`),
-    data-parallel over every device; the encoder's BatchNorm keeps its statistics (eval mode), as
-    in the official code."""
-    protocol, seed = settings.bigearthnet, settings.seed
-    preprocess = bigearthnet_input(encoder.input, data.config_name, protocol.image_size)
-    mesh = mesh_lib.data_mesh()
-    batch_size = inference.global_batch_size(protocol.batch_size, mesh)
-    steps_per_epoch = data.train.size // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"bigearthnet: {data.train.size} training patches, fewer than one batch")
-    model = encoder.model
-    model.eval()
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    key = jax.random.key(seed)
-    trainable = {
-        "encoder": params,
-        "head": heads.init_linear(key, model.feature_dim, len(CLASSES_19)),
-    }
-    schedule = heads.step_schedule(
-        protocol.replace(learning_rate=protocol.finetune_learning_rate), steps_per_epoch
+    """Trains encoder and head together (`fit`: Adam at `config.bigearthnet.finetune_learning_rate`
+    for both, x0.1 at the milestones), data-parallel over every device; the encoder's BatchNorm
+    keeps its statistics (eval mode, the official `on_train_epoch_start`)."""
+    protocol_settings, seed = settings.bigearthnet, settings.seed
+    batch_size = inference.global_batch_size(protocol_settings.batch_size, mesh_lib.data_mesh())
+    steps = fit.steps_per_epoch(data.train.size, batch_size, "BigEarthNet")
+    rate = protocol_settings.finetune_learning_rate
+    head = LinearClassifier(
+        encoder.model.feature_dim,
+        len(CLASSES_19),
+        dropout=protocol_settings.dropout,
+        rngs=nnx.Rngs(seed),
     )
-    optimizer = optax.adam(schedule)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec(mesh_lib.AXIS))
-    trainable, batch_stats = jax.device_put((trainable, batch_stats), replicated)
-    opt_state = optimizer.init(trainable)
-    keep = 1.0 - protocol.dropout
+    classify_fit, state = fit.start(
+        encoder.model,
+        head,
+        encoder_bn="eval",
+        preprocess=bigearthnet_input(encoder.input, data.config_name, protocol_settings.image_size),
+        forward=classify_forward,
+        loss=heads.multilabel_soft_margin,
+        output=jax.nn.sigmoid,
+        optimizer=fit.Optimizer(
+            (("encoder", rate), ("head", rate)), steps, milestones=protocol_settings.milestones
+        ),
+    )
 
-    @jax.jit
-    def train_step(trainable, opt_state, images, targets, step_key):
-        def loss_fn(trainable):
-            features = nnx.merge(graphdef, trainable["encoder"], batch_stats)(preprocess(images))
-            features = jnp.where(
-                jax.random.bernoulli(step_key, keep, features.shape), features / keep, 0.0
+    def batches(epoch, rng):
+        for batch in fit.shuffled_batches(data.train.size, batch_size, rng):
+            indices = data.train[np.sort(batch)]
+            yield (data.images(indices),), data.targets[indices]
+
+    targets = data.targets[data.val]
+    history = []
+
+    def validate(epoch, state):
+        if protocol.is_validation_epoch(
+            epoch, protocol_settings.validate_every, protocol_settings.epochs
+        ):
+            probabilities = fit.predict(
+                classify_fit,
+                state,
+                lambda i: (data.images(data.val[i]),),
+                data.val.size,
+                batch_size=settings.eval.extract_batch_size,
             )
-            return heads.multilabel_soft_margin(heads.linear(trainable["head"], features), targets)
+            history.append(
+                {"epoch": epoch, **scores(targets, probabilities, protocol_settings.batch_size)}
+            )
 
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    rng = np.random.default_rng(seed)
-    epochs = progress.trange(protocol.epochs, desc=f"{encoder.name} finetune", leave=False)
-    for epoch in epochs:
-        order = rng.permutation(data.train)[: steps_per_epoch * batch_size]
-        for step, batch in enumerate(order.reshape(steps_per_epoch, batch_size)):
-            images = jax.device_put(data.images(np.sort(batch)), batch_sharding)
-            targets = jax.device_put(data.targets[np.sort(batch)], batch_sharding)
-            step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
-            trainable, opt_state, loss = train_step(trainable, opt_state, images, targets, step_key)
-        epochs.set_postfix(loss=f"{float(loss):.4f}")
-    nnx.update(model, jax.device_get(trainable["encoder"]))
-    features = inference.extract_features(
-        model,
-        lambda i: data.images(data.val[i]),
-        data.val.size,
-        preprocess=preprocess,
-        batch_size=settings.eval.extract_batch_size,
-        description=f"{encoder.name} val",
+    fit.train(
+        classify_fit,
+        state,
+        batches,
+        epochs=protocol_settings.epochs,
+        seed=seed,
+        after_epoch=validate,
+        description=f"{encoder.name} finetune",
     )
-    head = jax.device_get(trainable["head"])
-    scores = np.asarray(jax.nn.sigmoid(heads.linear(head, features)))
-    return _ap(data.targets[data.val], scores)
+    return protocol.best_and_last(history, "micro_ap")
+
+
+class BigEarthNetEvaluation(protocol.Evaluation):
+    """BigEarthNet-19, frozen probe or fine-tuning, for every encoder row (`protocol.run`)."""
+
+    task = "eval_bigearthnet"
+    columns = ("micro_ap", "pooled_micro_ap", "pooled_macro_ap", "best_micro_ap", "best_epoch")
+
+    def dataset_key(self, encoder) -> str:
+        config_name = bigearthnet_config_name(encoder.input)
+        bigearthnet_input(encoder.input, config_name, self.settings.bigearthnet.image_size)
+        return config_name
+
+    def load(self, key: str) -> BigEarthNet:
+        return load_bigearthnet(
+            self.settings.eval, self.settings.bigearthnet, self.settings.seed, key
+        )
+
+    def evaluate(self, encoder, data: BigEarthNet) -> dict:
+        evaluate = finetune if self.settings.bigearthnet.finetune else frozen_probe
+        return {
+            "dataset": f"bigearthnet_download/{data.config_name}",
+            "bands": list(encoder.input.bands),
+            **evaluate(encoder, data, self.settings),
+        }
+
+    def describe(self, data: BigEarthNet) -> dict:
+        settings = self.settings.bigearthnet
+        return {
+            "metric": (
+                f"micro_ap: scikit-learn's micro AP per batch of {settings.batch_size} validation "
+                "patches in the list's order (last partial batch dropped), averaged over the "
+                "batches (SeCo's ssl_finetuner.py); pooled_*: over every validation patch"
+            ),
+            "mode": "finetune" if settings.finetune else "frozen",
+            "train_fraction": settings.train_fraction,
+            "split": data.split,
+            "seeded_split": data.seeded_split,
+            "train_patches": int(data.train.size),
+            "val_patches": int(data.val.size),
+            "cloud_snow_removed": data.removed_cloud_snow,
+            "settings": settings.to_dict(),
+        }
 
 
 def run_task(settings, workdir) -> dict:
     """Task `eval_bigearthnet`: frozen probe (default) or full fine-tuning, for every encoder
     row."""
-    protocol, shared, seed = settings.bigearthnet, settings.eval, settings.seed
-    evaluate = finetune if protocol.finetune else frozen_probe
-    datasets = {}
-    rows = []
-    for encoder in common.encoders(shared, seed, workdir):
-        config_name = bigearthnet_config_name(encoder.input)
-        bigearthnet_input(encoder.input, config_name, protocol.image_size)  # checks the bands
-        if config_name not in datasets:
-            datasets[config_name] = load_bigearthnet(shared, protocol, seed, config_name)
-        result = evaluate(encoder, datasets[config_name], settings)
-        rows.append(
-            {
-                "encoder": encoder.name,
-                "source": encoder.source,
-                "dataset": f"bigearthnet_download/{config_name}",
-                "bands": list(encoder.input.bands),
-                **result,
-            }
-        )
-    data = next(iter(datasets.values()))
-    extra = {
-        "mode": "finetune" if protocol.finetune else "frozen",
-        "train_fraction": protocol.train_fraction,
-        "split": data.split,
-        "seeded_split": data.seeded_split,
-        "train_patches": int(data.train.size),
-        "val_patches": int(data.val.size),
-        "cloud_snow_removed": data.removed_cloud_snow,
-        "settings": protocol.to_dict(),
-    }
-    return common.report(shared, workdir, "eval_bigearthnet", rows, ("micro_ap", "macro_ap"), extra)
+    return protocol.run(BigEarthNetEvaluation(settings), workdir)

@@ -1,6 +1,6 @@
 """What every evaluator shares: `config.eval` (the encoders to compare and where the datasets
 are), the encoder rows with the bands each reads, datasets prepared from the downloads and read
-without TensorFlow, and the metrics file and console table.
+without TensorFlow, and the metrics file and console table (written by `protocol.run`).
 
 Each evaluator compares the same rows: the checkpoint under test (an export written by
 `save_encoder`, by pretraining or by `models.convert`), a randomly initialised encoder of the same
@@ -73,22 +73,16 @@ def checkpoint_dir(settings: EvalSettings, workdir) -> str:
 
 
 def encoders(settings: EvalSettings, seed: int, workdir) -> list[Encoder]:
-    """The rows to evaluate, in table order. The random encoder copies the checkpoint's
-    architecture and input, and is drawn with ``seed``."""
+    """The rows to evaluate, in table order, every export loaded and checked (its architecture, and
+    its recorded input against its input channels) before any evaluation starts. The random
+    encoder copies the checkpoint's architecture and input, and is drawn with ``seed``."""
     directory = checkpoint_dir(settings, workdir)
-    if not storage.path(directory).is_dir():
-        raise FileNotFoundError(
-            f"config.eval.checkpoint: no encoder export at {directory} (pretrain first, convert "
-            "official "
-            "weights with the convert_weights task, or point --config.eval.checkpoint at an export)"
-        )
-    model, metadata = export.load_encoder(directory)
-    norm = export.input_normalization(metadata)
-    if norm.num_bands != model.in_channels:
-        raise ValueError(
-            f"{directory}: metadata {EXPORT_KEY!r} names {norm.num_bands} bands, the encoder takes "
-            f"{model.in_channels} input channels"
-        )
+    model, metadata, norm = _load_export(
+        directory,
+        "checkpoint",
+        "pretrain first, convert official weights with the convert_weights task, or point "
+        "--config.eval.checkpoint at an export",
+    )
     rows = [Encoder("checkpoint", model, directory, norm)]
     if settings.random_baseline:
         random_model = random_encoder(
@@ -96,16 +90,32 @@ def encoders(settings: EvalSettings, seed: int, workdir) -> list[Encoder]:
         )
         rows.append(Encoder("random", random_model, f"random init (seed {seed})", norm))
     if settings.imagenet_checkpoint:
-        imagenet_model, imagenet_metadata = export.load_encoder(settings.imagenet_checkpoint)
-        rows.append(
-            Encoder(
-                "imagenet",
-                imagenet_model,
-                os.fspath(storage.path(settings.imagenet_checkpoint)),
-                export.input_normalization(imagenet_metadata),
-            )
+        directory = os.fspath(storage.path(settings.imagenet_checkpoint))
+        imagenet_model, _, imagenet_norm = _load_export(
+            directory,
+            "imagenet_checkpoint",
+            "convert torchvision's resnet18-f37072fd.pth with configs/convert.py",
         )
+        rows.append(Encoder("imagenet", imagenet_model, directory, imagenet_norm))
     return rows
+
+
+def _load_export(directory: str, key: str, remedy: str):
+    """(model, metadata, input) of the export `config.eval.<key>` names; a missing or inconsistent
+    export is an error naming the key."""
+    if not storage.path(directory).is_dir():
+        raise FileNotFoundError(f"config.eval.{key}: no encoder export at {directory} ({remedy})")
+    try:
+        model, metadata = export.load_encoder(directory)
+        norm = export.input_normalization(metadata)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"config.eval.{key}: {error}") from error
+    if norm.num_bands != model.in_channels:
+        raise ValueError(
+            f"config.eval.{key}: {directory}: metadata {EXPORT_KEY!r} names {norm.num_bands} "
+            f"bands, the encoder takes {model.in_channels} input channels"
+        )
+    return model, metadata, norm
 
 
 def random_encoder(depth: int, in_channels: int, seed: int, width: int = 64) -> ResNet:
@@ -253,20 +263,3 @@ def _format_cell(value) -> str:
     if isinstance(value, float):
         return f"{100.0 * value:.2f}"
     return "-" if value is None else str(value)
-
-
-def report(
-    settings: EvalSettings,
-    workdir,
-    task: str,
-    rows: list[dict],
-    columns: Sequence[str],
-    extra: dict,
-) -> dict:
-    """Prints the table, writes the metrics JSON beside the checkpoint, returns the task's
-    result."""
-    checkpoint = checkpoint_dir(settings, workdir)
-    print(format_table(f"{task} (percent)", rows, columns), flush=True)
-    record = {"task": task, "checkpoint": checkpoint, "rows": rows, **extra}
-    path = write_metrics(metrics_path(checkpoint, task), record)
-    return {"metrics_file": path, "rows": rows}

@@ -1,22 +1,28 @@
-"""DynamicEarthNet semantic segmentation: the CACo paper's segmentation table, whose code its
-authors never released. Every choice the paper leaves open is listed in docs/dynamicearthnet.md.
+"""DynamicEarthNet semantic segmentation (task `eval_dynamicearthnet`): the CACo paper's
+segmentation table, whose code its authors never released. Every choice the paper leaves open is
+listed with its reason in docs/dynamicearthnet.md.
 
 The paper: 55 training and 10 evaluation locations of DynamicEarthNet (the official train and val
 splits), one Planet image per labelled month, a U-Net whose encoder is the pretrained ResNet on a
 single image (its stage maps used directly), Dice loss, the encoder frozen or fine-tuned, mIoU.
 
-Here: the month's first-day image, red/green/blue, surface reflectance x 255 truncated to uint8 like
-the CACo archive (`data.layout.to_archive_uint8`), then the encoder export's input normalisation
-(`data.normalization`); native 3 m pixels. The encoder's skip maps feed SeCo's U-Net decoder
+Here, by default the protocol of the code the authors built on (SeCo's `segmentation.py`, copied
+into CACo, trained as SeCo's `main_oscd.py` trains it): the month's first-day image, red, green,
+blue, surface reflectance x 255 truncated to uint8 like the CACo archive
+(`data.layout.to_archive_uint8`), then [0, 1] without mean/std (`dynamicearthnet.input="unit"`);
+the encoder's BatchNorm in training mode while the decoder trains (`dynamicearthnet.encoder_bn=
+"train"`: Lightning trains the whole model in training mode). The options `input="export"` (the
+export's own input normalisation) and `encoder_bn="eval"` (the exported statistics kept) are the
+protocol of caco_jax before. Native 3 m pixels. The encoder's skip maps feed SeCo's U-Net decoder
 (`models.unet.UNetDecoder`, as for OSCD) with one logit per class. Six classes: snow and ice and
 unlabelled pixels are ignored in the loss and the metric, as in DynamicEarthNet's own loader and
-benchmark. Training: per epoch every training image once, a random `tile_size` crop of it with a
-random flip and rot90, batch 32 (last partial batch dropped), multi-class soft Dice, Adam with L2
-weight decay, lr x`lr_decay` per epoch (OSCD's optimiser); in fine-tuning mode the encoder trains
-too, at `finetune_learning_rate`, its BatchNorm statistics fixed (as for BigEarthNet). Evaluation:
-every validation image predicted whole, stitched from non-overlapping tiles; IoU per class from the
-confusion matrix of all validation pixels, mIoU over the classes with a non-empty union
-(DynamicEarthNet's `jaccard_index.py`).
+benchmark. Training (`fit`): per epoch every training image once, a random `tile_size` crop of it
+with a random flip and rot90, batch 32 (last partial batch dropped), multi-class soft Dice, Adam
+with L2 weight decay, lr x`lr_decay` per epoch (OSCD's optimiser); in fine-tuning mode the encoder
+trains too, at `finetune_learning_rate`. Evaluation on the val split (or `split="test"`): every
+image cut into non-overlapping tiles and predicted; IoU per class from the confusion matrix of all
+its labelled pixels, mIoU over the classes with a non-empty union (DynamicEarthNet's
+`jaccard_index.py`).
 """
 
 from __future__ import annotations
@@ -27,15 +33,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
-from caco_jax.evaluators import common, fit, metrics
+from caco_jax.evaluators import common, fit, metrics, protocol
 from caco_jax.evaluators.datasets import dynamicearthnet as dynamicearthnet_builder
-from caco_jax.evaluators.tiling import flip_rotate, random_crops, stitch, tile
+from caco_jax.evaluators.tiling import TiledScenes, flip_rotate, random_crops, tile_scenes
 from caco_jax.models import unet
 from caco_jax.runtime import inference, progress
 from caco_jax.runtime import mesh as mesh_lib
@@ -46,6 +50,8 @@ CLASS_NAMES = ("impervious", "agriculture", "forest", "wetlands", "soil", "water
 NUM_CLASSES = len(CLASS_NAMES)
 IGNORE = 255  # target value of snow and ice and of unlabelled pixels
 DICE_EPSILON = 1e-7
+INPUTS = ("unit", "export")
+SPLITS = {"val": "validation", "test": "test"}  # config value -> records split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +60,22 @@ class DynamicEarthNetSettings(fit.DecoderSettings):
 
     SECTION = "dynamicearthnet"
     tile_size: int = 256
+    validate_every: int = 0  # no official loop: the last epoch only (see docs/dynamicearthnet.md)
     finetune: bool = False  # also train the encoder
     finetune_learning_rate: float = 1e-5  # the encoder's learning rate when fine-tuning (SeCo's)
+    # The encoder's input: "unit" = reflectance in [0, 1] without mean/std (SeCo's segmentation
+    # input); "export" = the export's own input normalisation.
+    input: str = "unit"
+    split: str = "val"  # where the mIoU is measured: "val" (the paper's) or "test"
+    # The folder of train.txt, val.txt, test.txt; "" = dynnet_training_splits/ or split_info/ in
+    # eval.manual_dir.
+    split_dir: str = ""
 
     def validate(self) -> None:
         super().validate()
         self.require(self.finetune_learning_rate > 0, "finetune_learning_rate", "must be > 0")
+        self.require(self.input in INPUTS, "input", f"one of {INPUTS}")
+        self.require(self.split in SPLITS, "split", f"one of {tuple(SPLITS)}")
 
 
 @dataclasses.dataclass
@@ -81,19 +97,34 @@ def targets_from_labels(label: np.ndarray) -> np.ndarray:
     return np.where(label < NUM_CLASSES, label, IGNORE).astype(np.uint8)
 
 
-def load_dynamicearthnet(shared: common.EvalSettings) -> dict[str, Scenes]:
-    """{"train", "validation"} from TFDS `dynamic_earthnet/rgb`, built from `config.eval.manual_dir`
-    first when it is not prepared yet."""
+@dataclasses.dataclass
+class DynamicEarthNetData:
+    """The training images, and the evaluation split's images as tiles."""
+
+    split: str  # the records' name of the evaluation split: "validation" or "test"
+    train: Scenes
+    evaluation: Scenes
+    tiles: TiledScenes  # of `evaluation`, IGNORE beyond the images' borders
+
+
+def load_dynamicearthnet(
+    shared: common.EvalSettings, settings: DynamicEarthNetSettings
+) -> DynamicEarthNetData:
+    """The train split and the evaluation split from TFDS `dynamic_earthnet/rgb`, built from
+    `config.eval.manual_dir` first when it is not prepared yet."""
     data_dir = shared.records_dir()
     builder = common.prepared(
         dynamicearthnet_builder.DynamicEarthNet(
-            config="rgb", data_dir=data_dir, file_format="array_record"
+            config="rgb",
+            data_dir=data_dir,
+            file_format="array_record",
+            split_dir=settings.split_dir,
         ),
         shared,
-        "the download (planet.*.zip, labels.zip, dynnet_training_splits/)",
+        "the download (planet.*.zip, labels.zip, the validation/test labels and the split files)",
     )
     scenes = {}
-    for split in ("train", "validation"):
+    for split in ("train", SPLITS[settings.split]):
         source = builder.as_data_source(split)
         if len(source) == 0:
             raise ValueError(f"DynamicEarthNet: the {split} split under {data_dir} is empty")
@@ -114,7 +145,11 @@ def load_dynamicearthnet(shared: common.EvalSettings) -> dict[str, Scenes]:
             images[i] = layout.to_archive_uint8(example["image"])
             targets[i] = targets_from_labels(example["label"])
         scenes[split] = Scenes(names, images, targets)
-    return scenes
+    evaluation = scenes[SPLITS[settings.split]]
+    tiles = tile_scenes(
+        [(image,) for image in evaluation.images], evaluation.targets, settings.tile_size, IGNORE
+    )
+    return DynamicEarthNetData(SPLITS[settings.split], scenes["train"], evaluation, tiles)
 
 
 def check_rgb(encoder) -> Normalization:
@@ -126,6 +161,17 @@ def check_rgb(encoder) -> Normalization:
             f"Planet imagery has red, green, blue only, i.e. {layout.RGB_BANDS}"
         )
     return encoder.input
+
+
+@functools.cache
+def export_input(norm: Normalization):
+    """The export's own input normalisation of the uint8 images (`dynamicearthnet.input=export`)."""
+    return lambda images: norm(images, jnp)
+
+
+def encoder_input(norm: Normalization, input_kind: str):
+    """What the encoder sees of the uint8 reflectance images."""
+    return common.as_unit_float if input_kind == "unit" else export_input(norm)
 
 
 def soft_dice_loss(logits, targets, num_classes: int = NUM_CLASSES):
@@ -147,199 +193,128 @@ def soft_dice_loss(logits, targets, num_classes: int = NUM_CLASSES):
     return 1.0 - jnp.sum(jnp.where(present, dice, 0.0)) / jnp.maximum(jnp.sum(present), 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-    """What the compiled steps depend on besides arrays; hashable, so every encoder row of one
-    architecture and input reuses one compilation."""
-
-    encoder_graph: nnx.GraphDef
-    train_graph: nnx.GraphDef  # the decoder in training mode (BatchNorm batch statistics, dropout)
-    eval_graph: nnx.GraphDef
-    normalization: Normalization
-    learning_rates: tuple[
-        tuple[str, float], ...
-    ]  # ("decoder", lr) and, fine-tuning, ("encoder", lr)
-    weight_decay: float
-    lr_decay: float
-    steps_per_epoch: int
-
-    def optimizer(self) -> optax.GradientTransformation:
-        """OSCD's optimiser for each trained part: torch's Adam with L2 weight decay added to the
-        gradient, lr x lr_decay per epoch."""
-
-        def adam(learning_rate):
-            return fit.adam_with_l2(
-                learning_rate,
-                weight_decay=self.weight_decay,
-                lr_decay=self.lr_decay,
-                steps_per_epoch=self.steps_per_epoch,
-            )
-
-        parts = dict(self.learning_rates)
-        return optax.multi_transform(
-            {part: adam(rate) for part, rate in parts.items()}, {part: part for part in parts}
-        )
-
-    def skip_maps(self, encoder_params, encoder_stats, images):
-        model = nnx.merge(self.encoder_graph, encoder_params, encoder_stats)
-        return unet.skip_features(model, self.normalization(images, xp=jnp))
+def segment_forward(encoder, decoder, images, rngs):
+    """Class logits of one image: the decoder on the encoder's skip maps."""
+    return decoder(unet.skip_features(encoder, images[0]), rngs=rngs)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _train_step(
-    protocol: Protocol, trainable, frozen, batch_stats, opt_state, images, targets, key
-):
-    """One step on `trainable` = {"decoder": params} (+ "encoder" when fine-tuning); `frozen` =
-    {"params", "stats"} of the encoder, whose statistics never change."""
-
-    def loss_fn(trainable):
-        # Frozen mode differentiates the decoder only: no gradient reaches the encoder.
-        encoder_params = trainable.get("encoder", frozen["params"])
-        skips = protocol.skip_maps(encoder_params, frozen["stats"], images)
-        # Fresh Variables for the statistics: BatchNorm updates them inside this trace.
-        decoder = nnx.merge(
-            protocol.train_graph, trainable["decoder"], jax.tree.map(jnp.asarray, batch_stats)
-        )
-        logits = decoder(skips, rngs=nnx.Rngs(dropout=key))
-        return soft_dice_loss(logits, targets), nnx.state(decoder, nnx.BatchStat)
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = protocol.optimizer().update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), batch_stats, opt_state, loss
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _predict(
-    protocol: Protocol, encoder_params, encoder_stats, decoder_params, batch_stats, images
-):
-    """Class index [N, H, W] of each pixel."""
-    skips = protocol.skip_maps(encoder_params, encoder_stats, images)
-    logits = nnx.merge(protocol.eval_graph, decoder_params, batch_stats)(skips)
+def predicted_classes(logits):
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
 
 def train_and_evaluate(
-    encoder, normalization: Normalization, scenes, settings: DynamicEarthNetSettings, seed: int
+    encoder, data: DynamicEarthNetData, settings: DynamicEarthNetSettings, seed: int
 ) -> dict:
     """Trains a fresh decoder (and, in fine-tuning mode, the encoder) on the training images and
-    reports the validation IoUs."""
-    size = settings.tile_size
-    mesh = mesh_lib.data_mesh()
-    batch_size = inference.global_batch_size(settings.batch_size, mesh)
-    train = scenes["train"]
-    steps_per_epoch = train.images.shape[0] // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"DynamicEarthNet: {train.images.shape[0]} training images, fewer than one batch of "
-            f"{batch_size}"
-        )
-
-    model = encoder.model
-    model.eval()  # BatchNorm keeps the pretrained statistics in both modes
-    encoder_graph, encoder_params, encoder_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    decoder = unet.UNetDecoder(unet.skip_channels(model), NUM_CLASSES, rngs=nnx.Rngs(seed))
-    decoder.train()
-    train_graph, decoder_params, batch_stats = nnx.split(decoder, nnx.Param, nnx.BatchStat)
-    decoder.eval()
-
-    trainable = {"decoder": decoder_params}
-    learning_rates = [("decoder", settings.learning_rate)]
+    reports the IoUs of the evaluation split."""
+    batch_size = inference.global_batch_size(settings.batch_size, mesh_lib.data_mesh())
+    train, tiles = data.train, data.tiles
+    steps = fit.steps_per_epoch(len(train.images), batch_size, "DynamicEarthNet")
+    learning_rates = [("head", settings.learning_rate)]
     if settings.finetune:
-        trainable["encoder"] = encoder_params
         learning_rates.append(("encoder", settings.finetune_learning_rate))
-    protocol = Protocol(
-        encoder_graph=encoder_graph,
-        train_graph=train_graph,
-        eval_graph=nnx.graphdef(decoder),
-        normalization=normalization,
-        learning_rates=tuple(learning_rates),
-        weight_decay=settings.weight_decay,
-        lr_decay=settings.lr_decay,
-        steps_per_epoch=steps_per_epoch,
+    decoder = unet.UNetDecoder(unet.skip_channels(encoder.model), NUM_CLASSES, rngs=nnx.Rngs(seed))
+    segment_fit, state = fit.start(
+        encoder.model,
+        decoder,
+        encoder_bn=settings.encoder_bn,
+        preprocess=encoder_input(check_rgb(encoder), settings.input),
+        forward=segment_forward,
+        loss=soft_dice_loss,
+        output=predicted_classes,
+        optimizer=fit.Optimizer(
+            tuple(learning_rates),
+            steps,
+            weight_decay=settings.weight_decay,
+            lr_decay=settings.lr_decay,
+        ),
     )
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec(mesh_lib.AXIS))
-    trainable, frozen, batch_stats = jax.device_put(
-        (trainable, {"params": encoder_params, "stats": encoder_stats}, batch_stats), replicated
-    )
-    opt_state = protocol.optimizer().init(trainable)
 
-    rng = np.random.default_rng(seed)
-    key = jax.random.key(seed)
+    def batches(epoch, rng):
+        for batch in fit.shuffled_batches(len(train.images), batch_size, rng):
+            crops = random_crops((train.images, train.targets), batch, settings.tile_size, rng)
+            images, targets = flip_rotate(crops, rng)
+            yield (images,), targets
+
+    history, confusions = [], {}
+
+    def validate(epoch, state):
+        if not protocol.is_validation_epoch(epoch, settings.validate_every, settings.epochs):
+            return
+        classes = fit.predict(segment_fit, state, tiles.load, len(tiles), batch_size=batch_size)
+        confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+        for start in range(0, len(tiles), batch_size):
+            chunk = slice(start, start + batch_size)
+            confusion += metrics.confusion_matrix(classes[chunk], tiles.targets[chunk], NUM_CLASSES)
+        iou = metrics.intersection_over_union(confusion)
+        history.append(
+            {
+                "epoch": epoch,
+                "miou": iou["miou"],
+                **{f"iou_{n}": v for n, v in zip(CLASS_NAMES, iou["iou"], strict=True)},
+            }
+        )
+        confusions["last"] = confusion
+
     mode = "finetune" if settings.finetune else "frozen"
-    epochs = progress.trange(settings.epochs, desc=f"{encoder.name} {mode}", leave=False)
-    for epoch in epochs:
-        order = rng.permutation(train.images.shape[0])[: steps_per_epoch * batch_size]
-        for step, batch in enumerate(order.reshape(steps_per_epoch, batch_size)):
-            crops = random_crops((train.images, train.targets), batch, size, rng)
-            images, targets = jax.device_put(tuple(flip_rotate(crops, rng)), batch_sharding)
-            step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
-            trainable, batch_stats, opt_state, loss = _train_step(
-                protocol, trainable, frozen, batch_stats, opt_state, images, targets, step_key
-            )
-        epochs.set_postfix(loss=f"{float(loss):.4f}")
-
-    validation = scenes["validation"]
-    encoder_params = trainable.get("encoder", frozen["params"])
-    grid = tile(validation.images[0], size)[1]
-    tiles = np.concatenate([tile(image, size)[0] for image in validation.images])
-    classes = []
-    for start in progress.trange(0, tiles.shape[0], batch_size, desc="predict", leave=False):
-        stop = min(start + batch_size, tiles.shape[0])
-        batch = jax.device_put(inference.pad_batch(tiles[start:stop], batch_size), batch_sharding)
-        predicted = _predict(
-            protocol, encoder_params, frozen["stats"], trainable["decoder"], batch_stats, batch
-        )
-        classes.append(np.asarray(predicted)[: stop - start])
-    per_image = np.concatenate(classes).reshape(len(validation.names), -1, size, size)
-    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    for predicted, target in zip(per_image, validation.targets, strict=True):
-        confusion += metrics.confusion_matrix(
-            stitch(predicted, grid, target.shape), target, NUM_CLASSES
-        )
-    iou = metrics.intersection_over_union(confusion)
+    _, loss = fit.train(
+        segment_fit,
+        state,
+        batches,
+        epochs=settings.epochs,
+        seed=seed,
+        after_epoch=validate,
+        description=f"{encoder.name} {mode}",
+    )
     return {
-        "miou": iou["miou"],
-        **{f"iou_{name}": value for name, value in zip(CLASS_NAMES, iou["iou"], strict=True)},
-        "confusion": confusion.tolist(),
-        "final_loss": float(loss),
+        **protocol.best_and_last(history, "miou"),
+        "confusion": confusions["last"].tolist(),
+        "final_loss": loss,
     }
+
+
+class DynamicEarthNetEvaluation(protocol.Evaluation):
+    """DynamicEarthNet segmentation for every encoder row (`protocol.run`)."""
+
+    columns = ("miou", "best_miou", "best_epoch", *(f"iou_{name}" for name in CLASS_NAMES))
+
+    @property
+    def task(self) -> str:
+        """`eval_dynamicearthnet_<frozen|finetune>`, `_test` added on the test split."""
+        settings = self.settings.dynamicearthnet
+        mode = "finetune" if settings.finetune else "frozen"
+        return f"eval_dynamicearthnet_{mode}" + ("_test" if settings.split == "test" else "")
+
+    def dataset_key(self, encoder) -> str:
+        check_rgb(encoder)
+        return "rgb"
+
+    def load(self, key: str) -> DynamicEarthNetData:
+        return load_dynamicearthnet(self.settings.eval, self.settings.dynamicearthnet)
+
+    def evaluate(self, encoder, data: DynamicEarthNetData) -> dict:
+        settings = self.settings.dynamicearthnet
+        result = train_and_evaluate(encoder, data, settings, self.settings.seed)
+        return {**result, "input": encoder.input.to_json(), "encoder_input": settings.input}
+
+    def describe(self, data: DynamicEarthNetData) -> dict:
+        settings = self.settings.dynamicearthnet
+        return {
+            "mode": "finetune" if settings.finetune else "frozen",
+            "split": settings.split,
+            "classes": list(CLASS_NAMES),
+            "ignored": ["snow and ice", "unlabelled"],
+            "planet_to_uint8": "surface reflectance x 255, clipped to [0, 255], truncated",
+            **{
+                f"{split}_{what}": value
+                for split, scenes in (("train", data.train), (data.split, data.evaluation))
+                for what, value in (("locations", scenes.locations), ("images", len(scenes.names)))
+            },
+            "settings": settings.to_dict(),
+        }
 
 
 def run_task(settings, workdir) -> dict:
     """Task `eval_dynamicearthnet`: frozen (default) or fine-tuned segmentation for every encoder
     row; the metrics go to `<checkpoint>_eval_dynamicearthnet_<mode>.json`."""
-    protocol, shared, seed = settings.dynamicearthnet, settings.eval, settings.seed
-    encoders = common.encoders(shared, seed, workdir)
-    inputs = [check_rgb(encoder) for encoder in encoders]  # before any work
-    scenes = load_dynamicearthnet(shared)
-    rows = []
-    for encoder, normalization in zip(encoders, inputs, strict=True):
-        result = train_and_evaluate(encoder, normalization, scenes, protocol, seed)
-        rows.append(
-            {
-                "encoder": encoder.name,
-                "source": encoder.source,
-                **result,
-                "input": normalization.to_json(),
-            }
-        )
-    mode = "finetune" if protocol.finetune else "frozen"
-    extra = {
-        "mode": mode,
-        "classes": list(CLASS_NAMES),
-        "ignored": ["snow and ice", "unlabelled"],
-        "planet_to_uint8": "surface reflectance x 255, clipped to [0, 255], truncated",
-        **{
-            f"{split}_{what}": value
-            for split, data in scenes.items()
-            for what, value in (("locations", data.locations), ("images", len(data.names)))
-        },
-        "tile_size": protocol.tile_size,
-        "epochs": protocol.epochs,
-        "batch_size": protocol.batch_size,
-        "learning_rate": protocol.learning_rate,
-        "finetune_learning_rate": protocol.finetune_learning_rate if protocol.finetune else None,
-    }
-    columns = ("miou", *(f"iou_{name}" for name in CLASS_NAMES))
-    return common.report(shared, workdir, f"eval_dynamicearthnet_{mode}", rows, columns, extra)
+    return protocol.run(DynamicEarthNetEvaluation(settings), workdir)

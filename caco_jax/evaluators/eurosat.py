@@ -2,8 +2,11 @@
 reused by CACo's `src/main_eurosat.py`.
 
 64x64 RGB scaled to [0, 1] without mean/std, Linear(d, 10), Adam lr 1e-3, batch 32 (last partial
-batch dropped), 100 epochs, lr x0.1 at epochs 60 and 80 (`heads.HeadSettings`), top-1 on SeCo's
-validation split. Two probes (`config.eurosat.probe`):
+batch dropped), 100 epochs, lr x0.1 at epochs 60 and 80 (`heads.HeadSettings`), validated after
+every epoch on SeCo's validation split. The reported top-1 is the official one: the accuracy of
+each batch of 32 validation images in the list's order (the last partial batch dropped) averaged
+over the batches; the pooled top-1 of every validation image stands beside it, and the last and
+the best epoch are both reported. Two probes (`config.eurosat.probe`):
 
 - "official" (default): as Lightning ran the official code, the "frozen" encoder stays in training
   mode while the head trains (per-batch BatchNorm statistics, running statistics drifting to
@@ -25,7 +28,7 @@ import numpy as np
 
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
-from caco_jax.evaluators import common, heads, metrics
+from caco_jax.evaluators import common, heads, metrics, protocol
 from caco_jax.evaluators.datasets import eurosat as eurosat_builder
 from caco_jax.evaluators.datasets import split_lists
 from caco_jax.runtime import inference, progress
@@ -39,6 +42,7 @@ class EurosatSettings(heads.HeadSettings):
     """`config.eurosat`: the probe's training (SeCo's linear protocol) and which probe."""
 
     SECTION = "eurosat"
+    validate_every: int = 1  # Lightning validated CACo's probe after every epoch
     # "official" trains the head with the encoder in train mode (per-batch BatchNorm statistics,
     # running ones drifting to EuroSAT, as Lightning ran CACo's main_eurosat.py); "cached" trains
     # on features cached once in eval mode (fast).
@@ -129,87 +133,119 @@ def eurosat_input(norm: Normalization, config_name: str):
     return preprocess
 
 
-def run_task(settings, workdir) -> dict:
-    """Task `eval_eurosat`: the paper's EuroSAT linear probe for every encoder row."""
-    protocol, shared, seed = settings.eurosat, settings.eval, settings.seed
-    datasets = {}
-    rows = []
-    for encoder in common.encoders(shared, seed, workdir):
+def scores(logits: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
+    """The official top-1 (the mean of per-batch accuracies over the validation list's batches of
+    `batch_size`, last partial batch dropped, as Lightning logged CACo's `val/acc`) and the pooled
+    top-1 of every validation image."""
+    official = metrics.batch_mean(
+        lambda logits, labels: {"top1": metrics.top1_accuracy(logits, labels)},
+        (logits, labels),
+        batch_size,
+    )
+    return {**official, "pooled_top1": metrics.top1_accuracy(logits, labels)}
+
+
+class EuroSatEvaluation(protocol.Evaluation):
+    """The EuroSAT linear probe for every encoder row (`protocol.run`)."""
+
+    task = "eval_eurosat"
+    columns = ("top1", "pooled_top1", "best_top1", "best_epoch", "train_top1")
+
+    def dataset_key(self, encoder) -> str:
         config_name = eurosat_config_name(encoder.input)
-        preprocess = eurosat_input(encoder.input, config_name)  # checks the bands first
-        if config_name not in datasets:
-            datasets[config_name] = load_eurosat(shared, seed, config_name)
-        data = datasets[config_name]
+        eurosat_input(encoder.input, config_name)  # the encoder's bands are in the download
+        return config_name
 
-        def load(indices, subset, images=data.images):
-            return images[subset[indices]]
+    def load(self, key: str) -> EuroSat:
+        return load_eurosat(self.settings.eval, self.settings.seed, key)
 
-        if protocol.probe == "official":
+    def evaluate(self, encoder, data: EuroSat) -> dict:
+        settings, shared, seed = self.settings.eurosat, self.settings.eval, self.settings.seed
+        preprocess = eurosat_input(encoder.input, data.config_name)
+        labels = {"train": data.labels[data.train], "val": data.labels[data.val]}
+
+        def features(subset: str) -> np.ndarray:
+            indices = data.train if subset == "train" else data.val
+            return inference.extract_features(
+                encoder.model,
+                lambda i: data.images[indices[i]],
+                indices.size,
+                preprocess=preprocess,
+                batch_size=shared.extract_batch_size,
+                description=f"{encoder.name} {subset}",
+            )
+
+        history = []
+
+        def validate(epoch, head, val_features=None):
+            if protocol.is_validation_epoch(epoch, settings.validate_every, settings.epochs):
+                # The official probe's encoder drifts: its validation features change every epoch.
+                val_features = features("val") if val_features is None else val_features
+                logits = np.asarray(heads.linear(head, val_features))
+                history.append(
+                    {"epoch": epoch, **scores(logits, labels["val"], settings.batch_size)}
+                )
+
+        if settings.probe == "official":
             head = heads.train_head_with_encoder_in_train_mode(
                 encoder.model,
                 data.images[data.train],
-                data.labels[data.train],
+                labels["train"],
                 preprocess=preprocess,
                 num_classes=EUROSAT_CLASSES,
-                settings=protocol,
+                settings=settings,
                 seed=seed,
                 description=f"{encoder.name} probe",
+                after_epoch=validate,
             )
-        elif protocol.update_bn_stats:
-            common.refresh_batch_stats(
-                encoder.model,
-                lambda i, data=data: load(i, data.train),
-                data.train.size,
-                preprocess=preprocess,
-                batch_size=protocol.batch_size,
-                seed=seed,
-            )
-        features = {
-            name: inference.extract_features(
-                encoder.model,
-                lambda i, subset=subset: load(i, subset),
-                subset.size,
-                preprocess=preprocess,
-                batch_size=shared.extract_batch_size,
-                description=f"{encoder.name} {name}",
-            )
-            for name, subset in (("train", data.train), ("val", data.val))
-        }
-        train = (features["train"], data.labels[data.train])
-        val = (features["val"], data.labels[data.val])
-        if protocol.probe == "official":
-            result = {
-                "top1": metrics.top1_accuracy(np.asarray(heads.linear(head, val[0])), val[1]),
-                "train_top1": metrics.top1_accuracy(
-                    np.asarray(heads.linear(head, train[0])), train[1]
-                ),
-            }
+            train_features = features("train")
         else:
-            result = heads.probe_top1(
-                train,
-                val,
-                num_classes=EUROSAT_CLASSES,
-                settings=protocol,
+            if settings.update_bn_stats:
+                common.refresh_batch_stats(
+                    encoder.model,
+                    lambda i: data.images[data.train[i]],
+                    data.train.size,
+                    preprocess=preprocess,
+                    batch_size=settings.batch_size,
+                    seed=seed,
+                )
+            train_features, val_features = features("train"), features("val")
+            head = heads.train_linear_head(
+                train_features,
+                labels["train"],
+                num_outputs=EUROSAT_CLASSES,
+                loss_fn=heads.softmax_cross_entropy,
+                settings=settings,
                 seed=seed,
                 description=f"{encoder.name} probe",
+                after_epoch=lambda epoch, head: validate(epoch, head, val_features),
             )
-        rows.append(
-            {
-                "encoder": encoder.name,
-                "source": encoder.source,
-                "dataset": f"eurosat_download/{config_name}",
-                "bands": list(encoder.input.bands),
-                **result,
-            }
-        )
-    first = next(iter(datasets.values()))
-    extra = {
-        "probe": protocol.probe,
-        "split": first.split,
-        "seeded_split": first.seeded_split,
-        "train_examples": int(first.train.size),
-        "val_examples": int(first.val.size),
-        "settings": protocol.to_dict(),
-        "update_bn_stats": bool(protocol.update_bn_stats),
-    }
-    return common.report(shared, workdir, "eval_eurosat", rows, ("top1", "train_top1"), extra)
+        train_logits = np.asarray(heads.linear(head, train_features))
+        return {
+            "dataset": f"eurosat_download/{data.config_name}",
+            "bands": list(encoder.input.bands),
+            **protocol.best_and_last(history, "top1"),
+            "train_top1": metrics.top1_accuracy(train_logits, labels["train"]),
+        }
+
+    def describe(self, data: EuroSat) -> dict:
+        settings = self.settings.eurosat
+        return {
+            "metric": (
+                f"top1: per batch of {settings.batch_size} validation images in the list's order "
+                "(last partial batch dropped), averaged over the batches (CACo's main_eurosat.py); "
+                "pooled_top1: over every validation image"
+            ),
+            "probe": settings.probe,
+            "split": data.split,
+            "seeded_split": data.seeded_split,
+            "train_examples": int(data.train.size),
+            "val_examples": int(data.val.size),
+            "settings": settings.to_dict(),
+            "update_bn_stats": bool(settings.update_bn_stats),
+        }
+
+
+def run_task(settings, workdir) -> dict:
+    """Task `eval_eurosat`: the paper's EuroSAT linear probe for every encoder row."""
+    return protocol.run(EuroSatEvaluation(settings), workdir)

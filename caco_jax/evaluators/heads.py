@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ class HeadSettings(Section):
     learning_rate: float = 1e-3  # Adam
     milestones: tuple[int, ...] = (60, 80)  # epochs at which the learning rate is x0.1
     dropout: float = 0.0  # on the features, before the linear layer (BigEarthNet: 0.2)
+    validate_every: int = 0  # epochs between evaluations (the last always); 0 = the last only
 
     def validate(self) -> None:
         self.require(self.epochs >= 1, "epochs", "must be >= 1")
@@ -52,6 +54,7 @@ class HeadSettings(Section):
             f"must be increasing epochs in (0, epochs={self.epochs})",
         )
         self.require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        self.require(self.validate_every >= 0, "validate_every", "must be >= 0 (0 = the last only)")
 
 
 def softmax_cross_entropy(logits, labels):
@@ -143,8 +146,10 @@ def train_linear_head(
     settings: HeadSettings,
     seed: int,
     description: str = "probe",
+    after_epoch: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Trains Dropout(p) + Linear(d, num_outputs) with Adam on cached features; returns params."""
+    """Trains Dropout(p) + Linear(d, num_outputs) with Adam on cached features; returns params.
+    `after_epoch(epoch, params)` is called after each epoch (counted from 1)."""
     count = features.shape[0]
     steps_per_epoch = count // settings.batch_size
     if steps_per_epoch == 0:
@@ -173,6 +178,8 @@ def train_linear_head(
             steps_per_epoch=steps_per_epoch,
         )
         epochs.set_postfix(loss=f"{float(loss):.4f}")
+        if after_epoch is not None:
+            after_epoch(epoch + 1, params)
     return jax.device_get(params)
 
 
@@ -265,11 +272,14 @@ def train_head_with_encoder_in_train_mode(
     settings: HeadSettings,
     seed: int,
     description: str = "probe",
+    after_epoch: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """CACo's `main_eurosat.py` as Lightning ran it: the "frozen" encoder stays in training mode,
     so the head trains on features normalised with each batch's own BatchNorm statistics while the
     running statistics drift to the training images (torch's momentum 0.1). Leaves `model` in eval
-    mode with the drifted statistics (what the official validation used); returns the head."""
+    mode with the drifted statistics (what the official validation used); returns the head.
+    `after_epoch(epoch, head)` is called after each epoch (counted from 1) with `model` in eval
+    mode holding that epoch's statistics, as Lightning validated."""
     count = images.shape[0]
     steps_per_epoch = count // settings.batch_size
     if steps_per_epoch == 0:
@@ -302,6 +312,10 @@ def train_head_with_encoder_in_train_mode(
             steps_per_epoch=steps_per_epoch,
         )
         epochs.set_postfix(loss=f"{float(loss):.4f}")
+        if after_epoch is not None:
+            nnx.update(model, batch_stats)
+            model.eval()
+            after_epoch(epoch + 1, head)
     nnx.update(model, batch_stats)
     model.eval()
     return jax.device_get(head)

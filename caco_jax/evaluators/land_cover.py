@@ -20,7 +20,7 @@ import numpy as np
 
 from caco_jax.data import dataset
 from caco_jax.data.normalization import Normalization
-from caco_jax.evaluators import common, heads
+from caco_jax.evaluators import heads, protocol
 from caco_jax.runtime import inference, progress
 from caco_jax.sources import synthetic
 
@@ -79,48 +79,72 @@ def pretraining_input(image_size: int):
     return preprocess
 
 
-def run_task(settings, workdir) -> dict:
-    """Task `eval_land_cover`: a linear probe of land cover on the synthetic archive, locations
-    split in halves (seeded), so the demo shows whether pretraining beats a random encoder."""
-    protocol, seed = settings.land_cover, settings.seed
-    images, labels, locations = load_synthetic_land_cover(settings.data, workdir)
-    num_locations = int(locations.max()) + 1
-    # The synthetic archive has no fixed split: seeded halves of its locations.
-    order = np.random.default_rng(seed).permutation(num_locations)
-    train_locations = order[: num_locations // 2]
-    in_train = np.isin(locations, train_locations)
-    train, test = np.flatnonzero(in_train), np.flatnonzero(~in_train)
-    num_classes = len(synthetic.LAND_COVER_CLASSES)
-    preprocess = pretraining_input(protocol.image_size)
-    rows = []
-    for encoder in common.encoders(settings.eval, seed, workdir):
+@dataclasses.dataclass
+class LandCover:
+    """The early-window acquisitions of the synthetic archive, split by location."""
+
+    images: np.ndarray  # uint8 [M, 264, 264, 3]
+    labels: np.ndarray  # [M]
+    train: np.ndarray  # indices
+    test: np.ndarray
+
+
+class LandCoverEvaluation(protocol.Evaluation):
+    """The demo's land-cover probe for every encoder row (`protocol.run`)."""
+
+    task = "eval_land_cover"
+    columns = ("top1", "train_top1")
+
+    def __init__(self, settings, workdir):
+        super().__init__(settings)
+        self.workdir = workdir
+
+    def dataset_key(self, encoder) -> str:
+        return "rgb"
+
+    def load(self, key: str) -> LandCover:
+        images, labels, locations = load_synthetic_land_cover(self.settings.data, self.workdir)
+        num_locations = int(locations.max()) + 1
+        # The synthetic archive has no fixed split: seeded halves of its locations.
+        order = np.random.default_rng(self.settings.seed).permutation(num_locations)
+        in_train = np.isin(locations, order[: num_locations // 2])
+        return LandCover(images, labels, np.flatnonzero(in_train), np.flatnonzero(~in_train))
+
+    def evaluate(self, encoder, data: LandCover) -> dict:
+        settings, shared = self.settings.land_cover, self.settings.eval
+        preprocess = pretraining_input(settings.image_size)
         features = [
             inference.extract_features(
                 encoder.model,
-                lambda i, subset=subset: images[subset[i]],
+                lambda i, subset=subset: data.images[subset[i]],
                 subset.size,
                 preprocess=preprocess,
-                batch_size=settings.eval.extract_batch_size,
+                batch_size=shared.extract_batch_size,
                 description=f"{encoder.name} features",
             )
-            for subset in (train, test)
+            for subset in (data.train, data.test)
         ]
-        result = heads.probe_top1(
-            (features[0], labels[train]),
-            (features[1], labels[test]),
-            num_classes=num_classes,
-            settings=protocol,
-            seed=seed,
+        return heads.probe_top1(
+            (features[0], data.labels[data.train]),
+            (features[1], data.labels[data.test]),
+            num_classes=len(synthetic.LAND_COVER_CLASSES),
+            settings=settings,
+            seed=self.settings.seed,
             description=f"{encoder.name} probe",
         )
-        rows.append({"encoder": encoder.name, "source": encoder.source, **result})
-    extra = {
-        "train_images": int(train.size),
-        "test_images": int(test.size),
-        "classes": num_classes,
-        "chance_top1": float(np.max(np.bincount(labels[test])) / test.size),
-        "settings": protocol.to_dict(),
-    }
-    return common.report(
-        settings.eval, workdir, "eval_land_cover", rows, ("top1", "train_top1"), extra
-    )
+
+    def describe(self, data: LandCover) -> dict:
+        test_labels = data.labels[data.test]
+        return {
+            "train_images": int(data.train.size),
+            "test_images": int(data.test.size),
+            "classes": len(synthetic.LAND_COVER_CLASSES),
+            "chance_top1": float(np.max(np.bincount(test_labels)) / test_labels.size),
+            "settings": self.settings.land_cover.to_dict(),
+        }
+
+
+def run_task(settings, workdir) -> dict:
+    """Task `eval_land_cover`: a linear probe of land cover on the synthetic archive, locations
+    split in halves (seeded), so the demo shows whether pretraining beats a random encoder."""
+    return protocol.run(LandCoverEvaluation(settings, workdir), workdir)

@@ -1,12 +1,15 @@
-"""What the dense (per-pixel) evaluators share on the host: cutting images into tiles and stitching
-predictions back, random crops, and the flips and rotations applied alike to an image and its map.
+"""What the dense (per-pixel) evaluators share on the host: cutting scenes into tiles (and stitching
+them back), random crops, and the flips and rotations applied alike to an image and its map.
 
 OSCD change detection and DynamicEarthNet segmentation both train on square windows of large scenes
-and predict each evaluation scene whole, stitched from its non-overlapping tiles.
+and predict every evaluation scene as its non-overlapping tiles (`TiledScenes`, predicted by
+`fit.predict`): the official OSCD metric is taken over batches of these tiles, the pooled metrics
+over the pixels inside the scenes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -63,3 +66,45 @@ def flip_rotate(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[
             x = source[i][:, ::-1] if flip else source[i]
             target[i] = np.rot90(x, turns, axes=(0, 1))
     return out
+
+
+@dataclasses.dataclass
+class TiledScenes:
+    """Every scene of an evaluation set as its tiles, zero-padded at the bottom and right borders
+    (as PIL's crop beyond the border did in SeCo's OSCD reader)."""
+
+    images: tuple[np.ndarray, ...]  # per input image of a scene: [T, size, size, C]
+    targets: np.ndarray  # [T, size, size], `pad` beyond the border
+    inside: np.ndarray  # bool [T, size, size]: the pixel lies in its scene
+    scene: np.ndarray  # [T]: the index of the tile's scene
+
+    def __len__(self) -> int:
+        return len(self.scene)
+
+    def load(self, indices) -> tuple[np.ndarray, ...]:
+        return tuple(images[indices] for images in self.images)
+
+
+def tile_scenes(
+    scenes: Sequence[tuple[np.ndarray, ...]], targets: Sequence[np.ndarray], size: int, pad=0
+) -> TiledScenes:
+    """`TiledScenes` of `scenes` (each a tuple of [H, W, C] images of one scene) and their
+    [H, W] `targets`, in scene order and row-major order within a scene; target pixels beyond a
+    scene's border are `pad`."""
+    images = [[] for _ in scenes[0]]
+    tiled_targets, inside, scene = [], [], []
+    for index, (scene_images, target) in enumerate(zip(scenes, targets, strict=True)):
+        for part, image in zip(images, scene_images, strict=True):
+            part.append(tile(image, size)[0])
+        target_tiles, _ = tile(target, size)
+        mask_tiles, _ = tile(np.ones(target.shape, bool), size)
+        target_tiles[~mask_tiles] = pad
+        tiled_targets.append(target_tiles)
+        inside.append(mask_tiles)
+        scene.append(np.full(len(target_tiles), index))
+    return TiledScenes(
+        images=tuple(np.concatenate(part) for part in images),
+        targets=np.concatenate(tiled_targets),
+        inside=np.concatenate(inside),
+        scene=np.concatenate(scene),
+    )

@@ -74,3 +74,16 @@ class SubspaceHeads(nnx.Module):
 
     def __call__(self, features):
         return jnp.stack([l2_normalize(head(features)) for head in self.heads])
+
+
+class LinearClassifier(nnx.Module):
+    """Dropout(p) on the features, then Linear(d, classes) (pl_bolts' `SSLEvaluator` without a
+    hidden layer, SeCo's BigEarthNet head). `rngs` (stream `dropout`) is needed in training mode
+    only."""
+
+    def __init__(self, in_features: int, num_classes: int, *, dropout: float, rngs: nnx.Rngs):
+        self.dropout = nnx.Dropout(dropout)
+        self.linear = torch_linear(in_features, num_classes, dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, features, *, rngs: nnx.Rngs | None = None):
+        return self.linear(self.dropout(features, rngs=rngs))
