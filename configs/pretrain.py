@@ -15,7 +15,14 @@ and seco, whose epoch visits every location, the archive size sets the schedule:
 epochs (lr x0.1 at 600 and 800), 1M images 200 epochs (x0.1 at 120 and 160). MoCo's epoch visits
 every acquisition (`methods.Method.epoch_over`), and the official MoCo runs
 (``resnet{18,50}_moco_geo_100k_200``) train 200 of them, lr x0.1 at 120 and 160.
+
+``moco,*,1m`` has no official run (the official list has MoCo on the 100k archive only): it is an
+extrapolation that keeps the official MoCo schedule, 200 epochs over every acquisition of the 1M
+archive, about 781k steps at batch 256 (~1M acquisitions x 200 / 256), five times CACo-1M's about
+156k (~100k locations x 2 windows x 200 / 256). The config warns when it is chosen.
 """
+
+import warnings
 
 from caco_jax import config as config_lib
 from caco_jax import methods
@@ -38,6 +45,13 @@ def get_config(arg: str = "caco,r18,100k"):
     config.method.name = method
     config.model.depth = ARCHITECTURES[arch]
     over_acquisitions = methods.get(method).epoch_over == "acquisitions"
+    if over_acquisitions and data != "100k":
+        warnings.warn(
+            f"configs/pretrain.py:{arg}: no official run; an extrapolation of the official MoCo "
+            "schedule (200 epochs over every acquisition: about 781k steps at batch 256 on the 1M "
+            "archive, five times CACo-1M's); pass --config.train.epochs to change it",
+            stacklevel=2,
+        )
     schedule = ACQUISITION_EPOCHS if over_acquisitions else SCHEDULES[data]
     config.train.epochs, config.train.milestones = schedule
     return config
