@@ -1,7 +1,9 @@
 r"""BigEarthNet-19 multi-label classification (SeCo's main_bigearthnet.py and its README command):
 frozen encoder, Dropout(0.2) + Linear, multi-label soft-margin loss, Adam 1e-3 at batch 1024, 100
-epochs, x0.1 at 60 and 80, 128x128 input; micro AP on SeCo's validation split. docs/evaluation.md
-says what to download.
+epochs, x0.1 at 60 and 80, 128x128 input; validated every 10th epoch on SeCo's validation split.
+The reported micro AP is the official one (per validation batch of 1024, averaged), the pooled
+micro and macro AP beside it, the last and the best validation both. docs/evaluation.md says what
+to download.
 
   python run.py --config configs/eval_bigearthnet.py --workdir workdir/caco_r18_100k \
     --config.eval.manual_dir=data/bigearthnet --config.bigearthnet.train_fraction=0.1

@@ -1,5 +1,6 @@
 r"""EuroSAT linear probe (CACo's src/main_eurosat.py): Linear(d, 10) on the encoder, Adam 1e-3,
-100 epochs, x0.1 at 60 and 80, batch 32, 64x64 input in [0, 1]; top-1 on SeCo's validation split.
+100 epochs, x0.1 at 60 and 80, batch 32, 64x64 input in [0, 1]; top-1 on SeCo's validation split
+after every epoch (the official per-batch mean, the pooled top-1 beside it, last and best epoch).
 The encoder stays in training mode while the head trains, as the official run did
 (`--config.eurosat.probe=cached` for the fast probe on eval-mode features). docs/evaluation.md says
 what to download.

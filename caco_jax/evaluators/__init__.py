@@ -9,7 +9,9 @@ module per dataset, each a task that evaluates every encoder row (`common`):
 - `land_cover`: the demo's land-cover probe on the synthetic archive.
 - `change_scoring`: the demo's change labels against the synthetic ground truth (score_change).
 
-Shared: `common` (the encoder rows, datasets, reporting), `heads` (training linear heads), `fit`
-(the decoders' protocol), `tiling`, `metrics`; `datasets/` holds the TFDS builders of the downloads
-(no TensorFlow) and the published split lists.
+Shared: `protocol` (what a dataset module declares, and the one runner of every evaluation task),
+`common` (the encoder rows, datasets, the metrics file and table), `heads` (the linear-head engine),
+`fit` (the fitting loop through the encoder: BigEarthNet fine-tuning, OSCD, DynamicEarthNet),
+`tiling`, `metrics` (scikit-learn, and the official per-batch aggregation); `datasets/` holds the
+TFDS builders of the downloads (no TensorFlow) and the published split lists.
 """
