@@ -304,11 +304,11 @@ def test_tiled_scenes_mark_the_padding_and_keep_the_scene_of_each_tile():
 # The fitting loop and the runner every evaluation shares.
 
 
-def test_fit_trains_what_the_protocol_says_and_compiles_once_per_protocol(one_device):
+def test_fit_trains_what_the_protocol_says_and_compiles_once_per_protocol():
     """Frozen with BatchNorm in training mode (OSCD's default): only the head moves, the encoder's
     running statistics drift. Fine-tuned with BatchNorm in eval mode (BigEarthNet's): encoder and
     head move, the statistics stay. A second encoder of the same architecture reuses the
-    compilation."""
+    compilation. `train` and `predict` split their batches over the test session's 8 devices."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (8, 32, 32, 3)).astype(np.uint8)
     targets = rng.integers(0, 2, (8, 5)).astype(np.float32)
@@ -346,6 +346,13 @@ def test_fit_trains_what_the_protocol_says_and_compiles_once_per_protocol(one_de
         probabilities = fit.predict(classify_fit, after, lambda i: (images[i],), 8, batch_size=4)
         assert probabilities.shape == (8, 5) and ((0 < probabilities) & (probabilities < 1)).all()
     assert fit.train_step._cache_size() - before == 2  # the third reused the first's compile
+    # The loop: host batches split over the 8 devices, a callback after each epoch.
+    epochs = []
+    _, loss = fit.train(
+        classify_fit, state, lambda epoch, rng: [((images,), targets)], epochs=2, seed=0,
+        after_epoch=lambda epoch, state: epochs.append(epoch),
+    )  # fmt: skip
+    assert epochs == [1, 2] and np.isfinite(loss)
 
 
 class RecordingEvaluation(protocol.Evaluation):
