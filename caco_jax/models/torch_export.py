@@ -23,6 +23,7 @@ from flax import nnx, traverse_util
 
 from caco_jax.data.normalization import EXPORT_KEY
 from caco_jax.models import convert, export, resnet
+from caco_jax.runtime import extras
 
 FORMATS = (".pth", ".safetensors")
 
@@ -59,11 +60,9 @@ def write(export_dir: str, output: str, *, overwrite: bool = False) -> dict:
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staging = f"{stem}.incoming{suffix}"
     if suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
-        save_file(state, staging)
+        extras.require("safetensors.numpy", "torch").save_file(state, staging)
     else:
-        import torch
+        torch = extras.require("torch", "torch")
 
         torch.save({key: torch.from_numpy(value.copy()) for key, value in state.items()}, staging)
     record = {
