@@ -8,8 +8,8 @@ location does not depend on how many others the archive holds or on the order th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import datetime
+import functools
 import math
 import os
 from collections.abc import Mapping
