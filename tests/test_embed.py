@@ -132,7 +132,7 @@ def test_bad_inputs_name_the_file_and_what_was_expected(tmp_path, encoder):
     ):
         embed.embed(str(scene), directory)
     write_tif(scene / "B02.tif", values, "EPSG:32632", grid)
-    with pytest.raises(embed.InputError, match=r"B02\.tif: CRS EPSG:32632 differs from EPSG:32633"):
+    with pytest.raises(embed.InputError, match=r"B02\.tif: covers 0% of the footprint of .*B04"):
         embed.embed(str(scene), directory)
     four = tmp_path / "four.tif"
     write_tif(four, np.zeros((4, 40, 40), np.uint8), "EPSG:4326", from_origin(0, 1, 1e-4, 1e-4))
@@ -165,3 +165,41 @@ def test_archive_acquisitions_become_whole_tiles_in_the_encoders_band_order(tmp_
     blocks = first.pixels[..., 1].astype(float).reshape(132, 2, 132, 2).mean(axis=(1, 3))
     assert np.abs(blocks - coarse).mean() < 2.0
     np.testing.assert_allclose((first.lat, first.lon), (centre[1], centre[0]), atol=1e-5)
+
+
+def test_bands_on_shifted_grids_are_warped_onto_the_finest(tmp_path):
+    """The real 10, 20 and 60 m bands of a Sentinel-2 scene do not share bounds (B01's start 10 m
+    west and end 50 m north of B02's, as in a real L1C product): the coarse bands are warped onto
+    the 10 m grid. Every band holds one plane of the world, v = a + b x + c y, which a bilinear
+    warp reproduces wherever the band covers the grid."""
+    from caco_jax.data import geotiff
+
+    crs = "EPSG:32633"
+
+    def plane(x, y):
+        return 20.0 + 0.2 * (x - 435_700.0) + 0.05 * (y - 4_159_900.0)
+
+    def write_band(name, left, bottom, resolution, columns, rows):
+        xs = left + (np.arange(columns) + 0.5) * resolution
+        ys = bottom + rows * resolution - (np.arange(rows) + 0.5) * resolution
+        values = np.round(plane(xs[None, :], ys[:, None])).astype(np.uint8)
+        path = str(tmp_path / f"T33_{name}.tif")
+        top = bottom + rows * resolution
+        write_tif(path, values[None], crs, from_origin(left, top, resolution, resolution))
+        return path
+
+    b02 = write_band("B02", 435_730.0, 4_159_990.0, 10.0, 64, 64)
+    b05 = write_band("B05", 435_740.0, 4_159_980.0, 20.0, 32, 33)
+    b01 = write_band("B01", 435_720.0, 4_160_040.0, 60.0, 11, 10)
+    image = geotiff.Image("scene", ((b01, 1), (b02, 1), (b05, 1)))
+    (tile,) = geotiff.read_tiles(image, tile=64, scale="uint8")
+    xs = 435_730.0 + (np.arange(64) + 0.5) * 10.0
+    ys = 4_159_990.0 + 640.0 - (np.arange(64) + 0.5) * 10.0
+    expected = plane(xs[None, :], ys[:, None])
+    # B01 covers the 10 m grid but its southernmost 50 m; bilinear needs a coarse pixel centre on
+    # each side, so 3 px (30 m) are left out at the other edges.
+    inside = np.s_[3:59, 3:61]
+    for channel, name in ((0, "B01"), (1, "B02"), (2, "B05")):
+        error = np.abs(tile.pixels[..., channel][inside] - expected[inside]).max()
+        assert error <= 1.0, f"{name}: off by {error} from the plane"
+    assert (tile.pixels[59:, :, 0] == 0).all()  # not covered by B01: nodata

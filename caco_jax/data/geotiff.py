@@ -9,9 +9,9 @@ note. Images are cut into square ``tile`` px tiles at ``stride`` (the last row a
 end at the image's edge, so every pixel is covered); an image narrower than that gives tiles of
 its narrower side.
 
-uint8 values are used as they are; uint16 values are Sentinel-2 L1C / L2A digital numbers
-(reflectance x 10000, less ``dn_offset``: 1000 for processing baseline 04.00 and later), mapped to
-the archive's uint8 scale (`layout.to_archive_uint8`).
+Raw values are brought to the archive's uint8 scale by `sentinel2.to_archive_uint8` (``scale``:
+uint8 as they are, digital numbers less ``dn_offset``, 1000 for processing baseline 04.00 and
+later, or reflectance), which refuses values that cannot be on that scale.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from caco_jax.data import layout
+from caco_jax.data import sentinel2
 from caco_jax.data.normalization import Normalization
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff", ".jp2")
-SCALES = ("auto", "uint8", "reflectance_10000")
+SCALES = sentinel2.SCALES
+# A band warped onto an image's grid must cover this much of it (else it shows another place).
+MIN_COVERAGE = 0.5
 # A band token in a file name: B04, B4, B8A, delimited by _ . - or the ends of the name.
 _BAND_TOKEN = re.compile(r"(?:^|[_.-])B(0?[1-9]|1[0-2]|8A)(?=[_.-]|$)")
 
@@ -148,29 +150,47 @@ def read_tiles(
     scale: str = "auto",
     dn_offset: float = 0.0,
 ) -> Iterator[Tile]:
-    """The tiles of ``image`` on the grid of its finest band, as archive-scale raw values."""
+    """The tiles of ``image`` on the grid of its finest band, as archive-scale raw values.
+
+    Bands on that grid (the same CRS and footprint, to within half a pixel) are read at its size
+    with a bilinear resample (a 20 m band's window is read into the 10 m tile's shape). Bands on
+    another grid (shifted bounds, as real Sentinel-2 10, 20 and 60 m bands have, or another CRS)
+    are warped onto it by GDAL's bilinear warp (`rasterio.vrt.WarpedVRT`); where such a band does
+    not cover the grid its pixels are 0, nodata.
+    """
     import rasterio
     from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
 
     datasets = [rasterio.open(path) for path, _ in image.files]
+    opened = list(datasets)
     try:
-        reference = max(range(len(datasets)), key=lambda i: datasets[i].width)
-        grid = datasets[reference]
         for (path, _), dataset in zip(image.files, datasets, strict=True):
             if dataset.crs is None:
                 raise InputError(f"{path}: no CRS (expected a georeferenced GeoTIFF)")
-            if dataset.crs != grid.crs:
-                raise InputError(
-                    f"{path}: CRS {dataset.crs} differs from {grid.crs} of "
-                    f"{image.files[reference][0]} (the bands of an image must share one grid)"
+        reference = min(range(len(datasets)), key=lambda i: min(datasets[i].res))
+        grid = datasets[reference]
+        for index, dataset in enumerate(datasets):
+            # A band on another grid (another footprint, or another CRS) is warped onto the
+            # finest band's: real 10, 20 and 60 m bands do not share exact bounds.
+            if not on_grid(dataset, grid):
+                covered = coverage(dataset, grid)
+                if covered < MIN_COVERAGE:
+                    raise InputError(
+                        f"{image.files[index][0]}: covers {covered:.0%} of the footprint of "
+                        f"{image.files[reference][0]} ({dataset.crs} against {grid.crs}): the "
+                        "bands of an image must show one place"
+                    )
+                datasets[index] = WarpedVRT(
+                    dataset,
+                    crs=grid.crs,
+                    transform=grid.transform,
+                    width=grid.width,
+                    height=grid.height,
+                    resampling=Resampling.bilinear,
                 )
-            # Same footprint to within half a pixel of the finest band.
-            if not np.allclose(dataset.bounds, grid.bounds, rtol=0, atol=0.5 * min(grid.res)):
-                raise InputError(
-                    f"{path}: bounds {tuple(dataset.bounds)} differ from {tuple(grid.bounds)} of "
-                    f"{image.files[reference][0]}"
-                )
+                opened.append(datasets[index])
         height, width = grid.height, grid.width
         size = min(tile, height, width)
         stride = stride or size
@@ -184,7 +204,9 @@ def read_tiles(
                     values = dataset.read(
                         band, window=window, out_shape=(h, w), resampling=Resampling.bilinear
                     )
-                    channels.append(_archive_scale(values, path, scale, dn_offset))
+                    channels.append(
+                        sentinel2.to_archive_uint8(values, scale, offset=dn_offset, name=path)
+                    )
                 lat, lon = _lat_lon(grid, row + h / 2.0, col + w / 2.0)
                 yield Tile(
                     id=f"{image.name}:{row}:{col}",
@@ -193,24 +215,27 @@ def read_tiles(
                     lon=lon,
                 )
     finally:
-        for dataset in datasets:
+        for dataset in reversed(opened):
             dataset.close()
 
 
-def _archive_scale(values: np.ndarray, path: str, scale: str, dn_offset: float) -> np.ndarray:
-    if scale == "auto":
-        if values.dtype == np.uint8:
-            scale = "uint8"
-        elif values.dtype == np.uint16:
-            scale = "reflectance_10000"
-        else:
-            raise InputError(
-                f"{path}: {values.dtype} values; expected uint8 (the archive's scale) or uint16 "
-                "(Sentinel-2 digital numbers), or set embed.scale"
-            )
-    if scale == "uint8":
-        return values.astype(np.uint8)
-    return layout.to_archive_uint8(values, offset=dn_offset)
+def coverage(dataset, grid) -> float:
+    """The fraction of ``grid``'s footprint that ``dataset``'s covers (in ``grid``'s CRS)."""
+    from rasterio.warp import transform_bounds
+
+    left, bottom, right, top = transform_bounds(dataset.crs, grid.crs, *dataset.bounds)
+    g_left, g_bottom, g_right, g_top = grid.bounds
+    width = max(0.0, min(right, g_right) - max(left, g_left))
+    height = max(0.0, min(top, g_top) - max(bottom, g_bottom))
+    return width * height / ((g_right - g_left) * (g_top - g_bottom))
+
+
+def on_grid(dataset, grid) -> bool:
+    """Whether ``dataset`` covers ``grid``'s footprint in its CRS, to within half a pixel of the
+    grid (its pixels then line up with the grid's up to their size)."""
+    return dataset.crs == grid.crs and np.allclose(
+        dataset.bounds, grid.bounds, rtol=0, atol=0.5 * min(grid.res)
+    )
 
 
 def _lat_lon(dataset, row: float, col: float) -> tuple[float, float]:
@@ -247,11 +272,11 @@ def geotiff_tiles(
 def _tile_count(image: Image, tile: int, stride: int) -> int:
     import rasterio
 
-    shapes = []
+    grids = []
     for path, _ in image.files:
         with rasterio.open(path) as dataset:
-            shapes.append((dataset.width, dataset.height))
-    width, height = max(shapes)
+            grids.append((min(dataset.res), dataset.width, dataset.height))
+    _, width, height = min(grids)  # the finest band's grid, as `read_tiles`
     size = min(tile, height, width)
     stride = stride or size
     return len(tile_origins(height, size, stride)) * len(tile_origins(width, size, stride))

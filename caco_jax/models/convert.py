@@ -188,7 +188,10 @@ def build(depth: int, in_channels: int, state: dict[str, np.ndarray]) -> ResNet:
 
     The model is built abstractly and filled from `state`, so no random initialisation is
     computed."""
-    abstract = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels))
+    width = state["conv1.weight"].shape[0] if "conv1.weight" in state else 64  # torchvision: 64
+    abstract = nnx.eval_shape(
+        lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels, width=width)
+    )
     graphdef, graph_state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(graph_state))
     expected = {torch_name(path): path for path in flat}

@@ -23,11 +23,10 @@ import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caco_jax.data import geotiff, layout
+from caco_jax.data import geotiff, layout, sentinel2
 from caco_jax.data.geotiff import InputError, Tile
 from caco_jax.data.normalization import Normalization, merge_band_groups
 from caco_jax.models import export
@@ -50,7 +49,7 @@ class EmbedSettings(Section):
     encoder: str = ""  # an official name or an export path; "" = <workdir>/encoder
     output: str = ""  # file stem; "" = <workdir>/embeddings (.npz and .parquet)
     bands: tuple[str, ...] = ()  # band order of multi-band GeoTIFFs without band descriptions
-    scale: str = "auto"  # raw -> archive uint8: auto (by dtype), uint8, reflectance_10000
+    scale: str = "auto"  # raw values: auto (by dtype), uint8, dn (digital numbers), reflectance
     dn_offset: float = 0.0  # subtracted from uint16 DNs (1000 for L1C/L2A baseline >= 04.00)
     tile_stride: int = 0  # GeoTIFF tiles' stride in pixels; 0 = the tile size
     batch_size: int = 64
@@ -173,11 +172,7 @@ class EncoderInput:
     image_size: int
 
     def __call__(self, raw):
-        x = self.normalization.stretch(raw, jnp)
-        size = self.image_size
-        if x.shape[1:3] != (size, size):
-            x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "bilinear")
-        return self.normalization.standardize(x, jnp)
+        return sentinel2.encoder_input(raw, self.normalization, self.image_size, jnp)
 
 
 # ----------------------------------------------------------------------------- archive, records
@@ -257,6 +252,52 @@ def archive_tiles(path: str, normalization: Normalization):
 
 
 # ----------------------------------------------------------------------------- entry points
+
+
+class Encoder:
+    """An encoder with its input recipe, for Python: pooled features of raw Sentinel-2 images.
+
+        encoder = Encoder.load("r18_100k_caco")   # an official name or an export's path
+        features = encoder(pixels, scale="dn", offset=1000)   # [N, feature_dim]
+
+    ``pixels`` is [N, H, W, C] with the encoder's bands (`bands`) in that order, on the ``scale``
+    of `data.sentinel2` (digital numbers, reflectance or the archive's uint8); the transform is
+    `sentinel2`'s, checks included, and H, W other than `image_size` are resized.
+    """
+
+    def __init__(self, model, metadata: dict, *, batch_size: int = 64):
+        self.model = model
+        self.metadata = metadata
+        self.normalization = export.input_normalization(metadata)
+        self.image_size = int(metadata.get(export.IMAGE_SIZE_KEY) or DEFAULT_IMAGE_SIZE)
+        self._frozen = inference.FrozenModel(
+            model, EncoderInput(self.normalization, self.image_size), batch_size=batch_size
+        )
+
+    @classmethod
+    def load(cls, name: str, *, cache: str = "", base_url: str = "", batch_size: int = 64):
+        from caco_jax.models import pretrained
+
+        model, metadata = pretrained.load_pretrained(
+            name, cache=cache, base_url=base_url or pretrained.OFFICIAL_BASE_URL
+        )
+        return cls(model, metadata, batch_size=batch_size)
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return self.normalization.bands
+
+    def __call__(self, pixels, *, scale: str = "auto", offset: float = 0.0) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 4 or pixels.shape[-1] != self.normalization.num_bands:
+            raise InputError(
+                f"images of shape {pixels.shape}; the encoder takes [N, H, W, "
+                f"{self.normalization.num_bands}] with bands {', '.join(self.bands)}"
+            )
+        raw = sentinel2.to_archive_uint8(pixels, scale, offset=offset, name="images")
+        step = self._frozen.batch_size
+        batches = [self._frozen(raw[i : i + step]) for i in range(0, raw.shape[0], step)]
+        return np.concatenate(batches) if batches else np.zeros((0, self.model.feature_dim))
 
 
 def embed(
