@@ -6,9 +6,10 @@ lists (`config.for_tasks` builds a config of just those) and talks to the other 
 files in the workdir (`runtime.workdir`); what it returns is printed and written to
 ``<workdir>/results.json``.
 
-In a run of several processes (`runtime.multihost`) a task runs on every process (pretraining:
-they train together), on process 0 while the others wait for its result or skip it (writing the
-synthetic archive and the records), or it is a one-process task that such a run refuses up front.
+In a run of several processes (`runtime.multihost`) a task runs on every process (pretraining: they
+train together; embeddings and change maps: each takes its share), on process 0 while the others
+wait for its result or skip it (writing the synthetic archive and the records), or it is a
+one-process task that such a run refuses up front.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ TASKS: dict[str, Task] = {
     "change_map": Task(
         "caco_jax.products.change_map:run_task",
         ("change_map", "pretrained"),
+        EVERY_PROCESS,
         check="caco_jax.products.change_map:check_task",
-        summary="which places changed, from an encoder alone: CSV, GeoJSON, maps",
+        summary="which places changed between two dates, from an encoder alone: maps, GeoTIFF",
     ),
     "eval_land_cover": Task(
         f"{EVAL}.land_cover:run_task",
@@ -112,8 +114,9 @@ TASKS: dict[str, Task] = {
     "embed": Task(
         "caco_jax.products.embed:run_task",
         ("embed", "pretrained"),
+        EVERY_PROCESS,
         check="caco_jax.products.embed:check_task",
-        summary="embeddings of Sentinel-2 GeoTIFFs, an archive or records",
+        summary="embeddings of Sentinel-2 scenes, an archive or records -> GeoParquet",
     ),
     "convert_weights": Task(
         "caco_jax.models.convert:run_task",

@@ -50,23 +50,48 @@ def reference_features(model, directory, raw_tiles):
     return np.asarray(nnx.jit(lambda m, v: m(v))(model, jnp.asarray(x, jnp.float32)))
 
 
-def test_l2a_band_files_embed_like_the_numpy_reference(tmp_path, encoder):
+L2A_METADATA = """<?xml version="1.0" encoding="UTF-8"?>
+<n1:Level-2A_User_Product xmlns:n1="https://psd-14.sentinel2.eo.esa.int/PSD/User_Product_Level-2A.xsd">
+ <n1:General_Info><Product_Image_Characteristics><BOA_ADD_OFFSET_VALUES_LIST>
+  <BOA_ADD_OFFSET band_id="0">-1000</BOA_ADD_OFFSET>
+  <BOA_ADD_OFFSET band_id="1">-1000</BOA_ADD_OFFSET>
+ </BOA_ADD_OFFSET_VALUES_LIST></Product_Image_Characteristics></n1:General_Info>
+</n1:Level-2A_User_Product>
+"""
+
+
+def test_l2a_product_embeds_like_the_numpy_reference(tmp_path, encoder):
+    """An L2A product as delivered: bands at their finest resolution (R10m over R20m), masks in
+    QI_DATA and the SCL raster passed over, the +1000 offset read from MTD_MSIL2A.xml, digital
+    number 0 counted as no data; ids relative to the source; the GeoParquet dataset holds the
+    tiles' footprints in longitude/latitude, as geopandas reads them."""
     directory, model = encoder
-    scene = tmp_path / "S2A_MSIL2A_20230612" / "R10m"
-    scene.mkdir(parents=True)
+    product = tmp_path / "S2A_MSIL2A_20230612T100031_N0509_R122_T33TVF.SAFE"
+    (product / "MTD_MSIL2A.xml").parent.mkdir()
+    (product / "MTD_MSIL2A.xml").write_text(L2A_METADATA)
+    image_data = product / "GRANULE" / "L2A_T33TVF" / "IMG_DATA"
+    for folder in ("R10m", "R20m"):
+        (image_data / folder).mkdir(parents=True)
+    (product / "GRANULE" / "L2A_T33TVF" / "QI_DATA").mkdir()
     rng = np.random.default_rng(0)
     digital_numbers = rng.integers(1000, 4000, size=(3, 48, 64), dtype=np.uint16)  # B4, B3, B2
+    digital_numbers[1, :4, :8] = 0  # 32 pixels of no data in the first tile
     grid = from_origin(500_000.0, 4_700_000.0, 10.0, 10.0)
     for values, band in zip(digital_numbers, ("B04", "B03", "B02"), strict=True):
-        write_tif(
-            scene / f"T33TVF_20230612T100031_{band}_10m.tif", values[None], "EPSG:32633", grid
-        )
-    write_tif(scene / "T33TVF_20230612T100031_SCL_20m.tif", digital_numbers[:1], "EPSG:32633", grid)
+        name = f"T33TVF_20230612T100031_{band}_10m.tif"
+        write_tif(image_data / "R10m" / name, values[None], "EPSG:32633", grid)
+    coarse = from_origin(500_000.0, 4_700_000.0, 20.0, 20.0)
+    for name in ("T33TVF_20230612T100031_B02_20m.tif", "T33TVF_20230612T100031_SCL_20m.tif"):
+        write_tif(image_data / "R20m" / name, digital_numbers[:1, :24, :32], "EPSG:32633", coarse)
+    mask = product / "GRANULE" / "L2A_T33TVF" / "QI_DATA" / "MSK_DETFOO_B02.tif"
+    write_tif(mask, digital_numbers[:1], "EPSG:32633", grid)
 
-    result = embed.embed(str(tmp_path), directory, dn_offset=1000.0, batch_size=8)
+    result = embed.embed(str(tmp_path), directory, batch_size=8)  # offset from the metadata
 
     origins = [(0, 0), (0, 32), (16, 0), (16, 32)]  # 48 x 64 px in 32 px tiles, edge-aligned
-    assert result.ids == [f"{scene}:{r}:{c}" for r, c in origins]
+    name = os.path.relpath(image_data, tmp_path)
+    assert result.ids == [f"{name}:{r}:{c}" for r, c in origins]
+    np.testing.assert_allclose(result.nodata, [32 / TILE**2, 0, 0, 0])
     archive_scale = np.floor(np.clip((digital_numbers - 1000.0) / 10000.0, 0, 1) * 255.0)
     tiles = np.stack(
         [archive_scale[:, r : r + TILE, c : c + TILE].transpose(1, 2, 0) for r, c in origins]
@@ -81,16 +106,27 @@ def test_l2a_band_files_embed_like_the_numpy_reference(tmp_path, encoder):
     np.testing.assert_allclose(result.lat, lats, atol=1e-9)
     np.testing.assert_allclose(result.lon, lons, atol=1e-9)
 
-    paths = result.write(str(tmp_path / "out" / "embeddings"))
-    saved = np.load(paths["npz"])
-    np.testing.assert_array_equal(saved["embeddings"], result.embeddings)
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(paths["parquet"])
-    assert table.column("id").to_pylist() == result.ids
-    np.testing.assert_array_equal(
-        np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), result.embeddings
-    )
+    folder, rows = embed.write_dataset(lambda: result, str(tmp_path / "out" / "embeddings"))
+    assert rows == 4 and sorted(os.listdir(folder)) == [
+        "_manifest.json",
+        "part-00000-of-00001.parquet",
+    ]
+    read = embed.Embeddings.read(folder)
+    assert read.ids == result.ids
+    np.testing.assert_array_equal(read.embeddings, result.embeddings)
+    np.testing.assert_array_equal(read.nodata, result.nodata)
+    geopandas = pytest.importorskip("geopandas")
+    frame = geopandas.read_parquet(folder)
+    assert frame.crs.equals("OGC:CRS84")
+    assert list(frame["id"]) == result.ids
+    for (r, c), polygon in zip(origins, frame.geometry, strict=True):
+        xs = [500_000.0 + (c + dc) * 10.0 for dc in (0, TILE, TILE, 0)]
+        ys = [4_700_000.0 - (r + dr) * 10.0 for dr in (TILE, TILE, 0, 0)]
+        corner_lons, corner_lats = reproject("EPSG:32633", "EPSG:4326", xs, ys)
+        exterior = np.asarray(polygon.exterior.coords)
+        np.testing.assert_allclose(exterior[:4], np.stack([corner_lons, corner_lats], 1))
+    with pytest.raises(FileExistsError, match=r"embeddings already holds embed"):
+        embed.write_dataset(lambda: result, folder)
 
 
 def test_multiband_file_is_ordered_by_its_band_descriptions(tmp_path, encoder):
@@ -104,19 +140,43 @@ def test_multiband_file_is_ordered_by_its_band_descriptions(tmp_path, encoder):
     config.embed.batch_size = 8  # as the test above: one compile
     config_lib.validate(config)
     result = embed.run_task(config_lib.resolve(config), str(tmp_path))
-    saved = np.load(result["npz"])
+    saved = embed.Embeddings.read(result["output"])
     origins = [(0, 0), (0, 8), (8, 0), (8, 8)]
+    assert saved.ids == [f"stack.tif:{r}:{c}" for r, c in origins]
     rgb = pixels[::-1].transpose(1, 2, 0).astype(np.float64)  # file B2, B3, B4 -> B4, B3, B2
     expected = reference_features(
         model, directory, np.stack([rgb[r : r + TILE, c : c + TILE] for r, c in origins])
     )
-    assert np.abs(saved["embeddings"] - expected).max() < 1e-4
-    np.testing.assert_allclose(
-        saved["lat"], [50.0 - (r + 16) * 1e-4 for r, _ in origins], atol=1e-12
+    assert np.abs(saved.embeddings - expected).max() < 1e-4
+    np.testing.assert_allclose(saved.lat, [50.0 - (r + 16) * 1e-4 for r, _ in origins], atol=1e-12)
+    np.testing.assert_allclose(saved.lon, [10.0 + (c + 16) * 1e-4 for _, c in origins], atol=1e-12)
+    assert (saved.nodata == 0).all()  # uint8 values without a declared nodata: all data
+
+
+def test_product_offset_is_read_from_the_metadata(tmp_path):
+    from caco_jax.data import sentinel2
+
+    l1c = tmp_path / "S2B_MSIL1C_20190612.SAFE"
+    image_data = l1c / "GRANULE" / "L1C_T33TVF" / "IMG_DATA"
+    image_data.mkdir(parents=True)
+    assert sentinel2.product_offset(str(image_data)) is None  # no metadata
+    (l1c / "MTD_MSIL1C.xml").write_text(
+        "<Level-1C_User_Product><General_Info/></Level-1C_User_Product>"
     )
-    np.testing.assert_allclose(
-        saved["lon"], [10.0 + (c + 16) * 1e-4 for _, c in origins], atol=1e-12
+    assert sentinel2.product_offset(str(image_data)) == 0.0  # before baseline 04.00: no offset
+    (l1c / "MTD_MSIL1C.xml").write_text(
+        "<p><RADIO_ADD_OFFSET band_id='0'>-1000</RADIO_ADD_OFFSET>"
+        "<RADIO_ADD_OFFSET band_id='1'>-1000</RADIO_ADD_OFFSET></p>"
     )
+    assert sentinel2.product_offset(str(image_data)) == 1000.0
+    (l1c / "MTD_MSIL1C.xml").write_text(
+        "<p><RADIO_ADD_OFFSET>-1000</RADIO_ADD_OFFSET><RADIO_ADD_OFFSET>-900</RADIO_ADD_OFFSET></p>"
+    )
+    with pytest.raises(sentinel2.RawValueError, match=r"MTD_MSIL1C\.xml: the bands have different"):
+        sentinel2.product_offset(str(image_data))
+    (l1c / "MTD_MSIL1C.xml").write_text("<p>")
+    with pytest.raises(sentinel2.RawValueError, match=r"MTD_MSIL1C\.xml: not a readable product"):
+        sentinel2.product_offset(str(image_data))
 
 
 def test_bad_inputs_name_the_file_and_what_was_expected(tmp_path, encoder):
@@ -132,7 +192,7 @@ def test_bad_inputs_name_the_file_and_what_was_expected(tmp_path, encoder):
     ):
         embed.embed(str(scene), directory)
     write_tif(scene / "B02.tif", values, "EPSG:32632", grid)
-    with pytest.raises(embed.InputError, match=r"B02\.tif: covers 0% of the footprint of .*B04"):
+    with pytest.raises(embed.InputError, match=r"B02\.tif: covers 0% of the grid it is read on"):
         embed.embed(str(scene), directory)
     four = tmp_path / "four.tif"
     write_tif(four, np.zeros((4, 40, 40), np.uint8), "EPSG:4326", from_origin(0, 1, 1e-4, 1e-4))

@@ -5,7 +5,8 @@ Raw values come on one of three scales (``scale``):
 
   uint8        the CACo archives' values: reflectance x 255, truncated (what the records hold)
   dn           Sentinel-2 L1C or L2A digital numbers (uint16): reflectance x 10000, plus 1000 from
-               processing baseline 04.00 on (pass ``offset=1000`` for those products)
+               processing baseline 04.00 on (pass ``offset=1000`` for those products, or read it
+               from the product's metadata with `product_offset`)
   reflectance  floats, 1.0 = full reflectance (L1C top of atmosphere, L2A surface)
 
 ``"auto"`` takes uint8 arrays as uint8, other integer arrays as digital numbers and floats as
@@ -24,6 +25,9 @@ reflectance), or float digital numbers with a fractional part.
 
 from __future__ import annotations
 
+import os
+import xml.etree.ElementTree as ElementTree
+
 import numpy as np
 
 from caco_jax.data import layout
@@ -33,6 +37,12 @@ SCALES = ("auto", "uint8", "dn", "reflectance")
 # The brightest Sentinel-2 reflectances (snow, clouds, specular water) stay well below this; a
 # float array above it holds digital numbers, not reflectance.
 MAX_REFLECTANCE = 2.0
+# A product's metadata file, at the root of its .SAFE folder, and the elements holding the offset
+# added to its digital numbers (negative: reflectance = (DN + offset) / 10000).
+PRODUCT_METADATA = ("MTD_MSIL1C.xml", "MTD_MSIL2A.xml")
+OFFSET_ELEMENTS = ("RADIO_ADD_OFFSET", "BOA_ADD_OFFSET")
+# How far above a band's folder the metadata may be (L2A: SAFE/GRANULE/<tile>/IMG_DATA/R10m).
+_PRODUCT_DEPTH = 5
 
 
 class RawValueError(ValueError):
@@ -89,6 +99,38 @@ def to_archive_uint8(
             )
         values = values.astype(np.int64)
     return layout.to_archive_uint8(values, offset=offset)
+
+
+def product_offset(folder: str) -> float | None:
+    """The offset to subtract from the digital numbers of the Sentinel-2 product that ``folder``
+    belongs to, from its metadata (``MTD_MSIL1C.xml`` or ``MTD_MSIL2A.xml`` in the folder or up to
+    its ``.SAFE`` root): 1000 from processing baseline 04.00 on, 0 before (no offset element).
+    None when no metadata is found."""
+    folder = os.path.abspath(folder)
+    for _ in range(_PRODUCT_DEPTH):
+        for name in PRODUCT_METADATA:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return _offset_in_metadata(path)
+        parent = os.path.dirname(folder)
+        if folder.endswith(".SAFE") or parent == folder:
+            break
+        folder = parent
+    return None
+
+
+def _offset_in_metadata(path: str) -> float:
+    try:
+        elements = ElementTree.parse(path).iter()
+        offsets = {float(e.text) for e in elements if e.tag.rsplit("}", 1)[-1] in OFFSET_ELEMENTS}
+    except (ElementTree.ParseError, ValueError, TypeError) as error:
+        raise RawValueError(f"{path}: not a readable product metadata file ({error})") from None
+    if len(offsets) > 1:
+        raise RawValueError(
+            f"{path}: the bands have different offsets {sorted(offsets)}; give each band's "
+            "digital numbers less its own offset as reflectance"
+        )
+    return -offsets.pop() if offsets else 0.0
 
 
 def encoder_input(archive_uint8, normalization: Normalization, image_size: int, xp=np):
