@@ -59,6 +59,7 @@ UNIT = (
     "test_rehearsal.py",
     "test_run.py",
     "test_sampling.py",
+    "test_sentinel2.py",
     "test_shard_writer.py",
     "test_synthetic_scoring.py",
 )
@@ -108,7 +109,6 @@ EXCEPTIONS = {
         "unit"
     ),
     "test_change_map.py::test_scene_settings_are_checked_before_any_work": "unit",
-    "test_embed.py::test_product_offset_is_read_from_the_metadata": "unit",
     "test_storage.py::test_preparing_records_into_a_bucket_stops_before_any_work_naming_the_fix": (
         "unit"
     ),
@@ -148,9 +148,9 @@ def pytest_configure(config):
 
 @pytest.fixture
 def one_device(monkeypatch):
-    """Code that builds the default mesh (`runtime.mesh.data_mesh()`) gets the first device only:
-    for tests of a whole evaluation, whose multi-device paths have tests of their own, and which
-    run several times faster on one simulated device than split over eight."""
+    """Code that builds the default mesh (`runtime.mesh.data_mesh()`, `local_mesh()`) gets the
+    first device only: for tests of a whole evaluation, whose multi-device paths have tests of
+    their own, and which run several times faster on one simulated device than split over eight."""
     import jax
 
     from caco_jax.runtime import mesh
@@ -159,3 +159,4 @@ def one_device(monkeypatch):
     monkeypatch.setattr(
         mesh, "data_mesh", lambda devices=None: data_mesh(devices or jax.devices()[:1])
     )
+    monkeypatch.setattr(mesh, "local_mesh", lambda: data_mesh(jax.devices()[:1]))

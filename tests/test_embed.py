@@ -153,32 +153,6 @@ def test_multiband_file_is_ordered_by_its_band_descriptions(tmp_path, encoder):
     assert (saved.nodata == 0).all()  # uint8 values without a declared nodata: all data
 
 
-def test_product_offset_is_read_from_the_metadata(tmp_path):
-    from caco_jax.data import sentinel2
-
-    l1c = tmp_path / "S2B_MSIL1C_20190612.SAFE"
-    image_data = l1c / "GRANULE" / "L1C_T33TVF" / "IMG_DATA"
-    image_data.mkdir(parents=True)
-    assert sentinel2.product_offset(str(image_data)) is None  # no metadata
-    (l1c / "MTD_MSIL1C.xml").write_text(
-        "<Level-1C_User_Product><General_Info/></Level-1C_User_Product>"
-    )
-    assert sentinel2.product_offset(str(image_data)) == 0.0  # before baseline 04.00: no offset
-    (l1c / "MTD_MSIL1C.xml").write_text(
-        "<p><RADIO_ADD_OFFSET band_id='0'>-1000</RADIO_ADD_OFFSET>"
-        "<RADIO_ADD_OFFSET band_id='1'>-1000</RADIO_ADD_OFFSET></p>"
-    )
-    assert sentinel2.product_offset(str(image_data)) == 1000.0
-    (l1c / "MTD_MSIL1C.xml").write_text(
-        "<p><RADIO_ADD_OFFSET>-1000</RADIO_ADD_OFFSET><RADIO_ADD_OFFSET>-900</RADIO_ADD_OFFSET></p>"
-    )
-    with pytest.raises(sentinel2.RawValueError, match=r"MTD_MSIL1C\.xml: the bands have different"):
-        sentinel2.product_offset(str(image_data))
-    (l1c / "MTD_MSIL1C.xml").write_text("<p>")
-    with pytest.raises(sentinel2.RawValueError, match=r"MTD_MSIL1C\.xml: not a readable product"):
-        sentinel2.product_offset(str(image_data))
-
-
 def test_bad_inputs_name_the_file_and_what_was_expected(tmp_path, encoder):
     directory, _ = encoder
     grid = from_origin(500_000.0, 4_700_000.0, 10.0, 10.0)
@@ -262,4 +236,17 @@ def test_bands_on_shifted_grids_are_warped_onto_the_finest(tmp_path):
     for channel, name in ((0, "B01"), (1, "B02"), (2, "B05")):
         error = np.abs(tile.pixels[..., channel][inside] - expected[inside]).max()
         assert error <= 1.0, f"{name}: off by {error} from the plane"
-    assert (tile.pixels[59:, :, 0] == 0).all()  # not covered by B01: nodata
+    assert (tile.pixels[59:, :, 0] == 0).all()  # not covered by B01: counted as no data
+    assert tile.nodata == pytest.approx(5 / 64, abs=1 / 64)
+
+
+def test_the_python_encoder_applies_the_same_transform(encoder):
+    directory, model = encoder
+    digital_numbers = np.random.default_rng(2).integers(900, 5000, size=(3, TILE, TILE, 3))
+    encoder_ = embed.Encoder.load(directory, batch_size=8)
+    assert encoder_.bands == ("B4", "B3", "B2") and encoder_.image_size == TILE
+    features = encoder_(digital_numbers.astype(np.uint16), scale="dn", offset=1000)
+    archive_scale = np.floor(np.clip((digital_numbers - 1000.0) / 10000.0, 0, 1) * 255.0)
+    assert np.abs(features - reference_features(model, directory, archive_scale)).max() < 1e-4
+    with pytest.raises(embed.InputError, match=r"shape \(3, 32, 32, 4\); .*bands B4, B3, B2"):
+        encoder_(np.zeros((3, TILE, TILE, 4), np.uint8))

@@ -281,7 +281,7 @@ def read_tiles(
 
     grid = grid or image_grid(image)
     datasets = [rasterio.open(path) for path, _ in image.files]
-    opened = list(datasets)
+    opened, warped = list(datasets), set()
     try:
         for index, dataset in enumerate(datasets):
             path = image.files[index][0]
@@ -302,12 +302,16 @@ def read_tiles(
                 width=grid.width,
                 height=grid.height,
                 resampling=Resampling.bilinear,
+                add_alpha=True,  # its mask then marks where the band does not reach
             )
             opened.append(datasets[index])
+            warped.add(index)
         size = min(tile, grid.height, grid.width)
         for row, col in tile_grid(grid, tile, stride) if origins is None else origins:
             channels, missing = [], np.zeros((size, size), bool)
-            for (path, band), dataset in zip(image.files, datasets, strict=True):
+            for index, ((path, band), dataset) in enumerate(
+                zip(image.files, datasets, strict=True)
+            ):
                 fx, fy = dataset.width / grid.width, dataset.height / grid.height
                 window = Window(col * fx, row * fy, size * fx, size * fy)
                 values = dataset.read(
@@ -315,6 +319,8 @@ def read_tiles(
                 )
                 on_scale = sentinel2.scale_of(values, scale)
                 missing |= _nodata(values, dataset.nodata, on_scale)
+                if index in warped:
+                    missing |= dataset.read_masks(band, window=window, out_shape=(size, size)) == 0
                 offset = resolve_offset(image, dn_offset) if on_scale == "dn" else 0.0
                 channels.append(
                     sentinel2.to_archive_uint8(values, on_scale, offset=offset, name=path)

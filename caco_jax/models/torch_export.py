@@ -70,7 +70,7 @@ def write(export_dir: str, output: str, *, overwrite: bool = False) -> dict:
     normalization = export.input_normalization(metadata)
     image_size = metadata.get(export.IMAGE_SIZE_KEY) or registry.OFFICIAL_IMAGE_SIZE
     record = {
-        "arch": resnet.torchvision_arch(model.depth),
+        "arch": resnet.torchvision_arch(model.depth, model.width, model.in_channels),
         "depth": model.depth,
         "in_channels": model.in_channels,
         "classifier": "none: set model.fc = torch.nn.Identity() before load_state_dict",

@@ -35,8 +35,8 @@ changed), ``change_map.png`` (over the offline land mask) and ``histograms.png``
 The label, for every kind: changed when the ratio is above `split_threshold`, the decision
 boundary of a seeded two-component Gaussian mixture fitted to the ratios, taken between the two
 means. The labels are therefore monotone in the ratio (a mixture's own labels need not be: a wide
-component can claim both tails). A pretraining run's own labels (the official three-statistic
-mixture) are kept beside them as ``pretraining_changed``.
+component can claim both tails). A pretraining run's own labels (the official mixture's
+predictions on r) are kept beside them as ``pretraining_changed``.
 
 The embeddings behind a map are written too (``embeddings*/``, GeoParquet, `products.embed`): on
 several processes each embeds its share of the tiles or locations there, and process 0 draws the
@@ -348,6 +348,7 @@ class SceneChange:
     nodata_before: np.ndarray
     nodata_after: np.ndarray
     threshold: float
+    pair: ScenePair | None = None  # the scenes, for the figure
 
     @property
     def usable(self) -> np.ndarray:
@@ -377,8 +378,9 @@ class SceneChange:
         return ratio, changed
 
     def raster_transform(self):
-        """The rasters' transform: the grid's, a pixel per tile (the last row and column of
-        tiles end at the scene's edge; their pixels reach up to a tile beyond it)."""
+        """The rasters' transform: the grid's, a pixel per tile. The last row and column of tiles
+        end at the scene's edge (`geotiff.tile_origins`), so their pixels reach up to a tile
+        beyond it; each pixel's part inside the scene lies within the tile whose value it holds."""
         from affine import Affine
 
         return self.grid.transform @ Affine.scale(self.tile)
@@ -497,7 +499,9 @@ def compare_scenes(
 ) -> SceneChange:
     """The change map of two scenes of one place with ``encoder`` (name or export), in this
     process."""
-    model, normalization, image_size = _load(encoder, cache, base_url)
+    model, normalization, image_size = embed_lib.load_encoder(
+        encoder, cache=cache, base_url=base_url
+    )
     pair = ScenePair.find(before, after, normalization, bands)
     early, late = scene_embeddings(
         pair,
@@ -508,19 +512,10 @@ def compare_scenes(
         dn_offsets=dn_offsets,
         batch_size=batch_size,
     )
-    return from_scene_embeddings(
+    result = from_scene_embeddings(
         early, late, pair.grid, image_size, max_nodata=max_nodata, seed=seed
     )
-
-
-def _load(encoder: str, cache: str, base_url: str):
-    from caco_jax.models import export, pretrained
-
-    model, metadata = pretrained.load_pretrained(
-        encoder, cache=cache, base_url=base_url or pretrained.OFFICIAL_BASE_URL
-    )
-    image_size = int(metadata.get(export.IMAGE_SIZE_KEY) or embed_lib.DEFAULT_IMAGE_SIZE)
-    return model, export.input_normalization(metadata), image_size
+    return dataclasses.replace(result, pair=pair)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -570,11 +565,10 @@ def write(result: ChangeMap, folder, *, land_mask: bool = True, overwrite: bool 
 
 
 def write_scenes(
-    result: SceneChange, pair: ScenePair, folder, *, scale="auto", dn_offsets=(-1.0, -1.0),
-    overwrite: bool = False,
-) -> dict:  # fmt: skip
-    """A map of tiles: the rasters, GeoJSON (polygons in the scene's CRS), CSV, map and histograms
-    in ``folder``; returns their paths."""
+    result: SceneChange, folder, *, scale="auto", dn_offsets=(-1.0, -1.0), overwrite=False
+) -> dict:
+    """A map of tiles: the rasters, GeoJSON (polygons in the scene's CRS), CSV, map (of
+    ``result.pair``'s scenes) and histograms in ``folder``; returns their paths."""
     refuse_existing(folder, SCENE_FILES, overwrite)
     paths = _paths(folder, SCENE_FILES)
     storage.path(folder).mkdir(parents=True, exist_ok=True)
@@ -599,7 +593,7 @@ def write_scenes(
     _write_csv(paths["change_map_csv"], rows)
     paths["change_map_geojson"].write_text(json.dumps(_tiles_geojson(result, rows)))
     storage.write_png(
-        scene_figure(result, pair, scale=scale, dn_offsets=dn_offsets),
+        scene_figure(result, scale=scale, dn_offsets=dn_offsets),
         paths["change_map_png"],
         **PNG,
     )
@@ -762,8 +756,9 @@ def quicklook(image, grid, *, scale="auto", dn_offset=-1.0, max_side: int = 600)
     return np.clip((picture - low) / max(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
 
 
-def scene_figure(result: SceneChange, pair: ScenePair, *, scale="auto", dn_offsets=(-1.0, -1.0)):
-    """The two dates and the tiles' ratio, changed tiles outlined in red."""
+def scene_figure(result: SceneChange, *, scale="auto", dn_offsets=(-1.0, -1.0)):
+    """The two dates (of ``result.pair``) and the tiles' ratio, changed tiles outlined in red."""
+    pair = result.pair
     west, south, east, north = pair.grid.bounds
     extent = (west, east, south, north)
     figure = _figure((15, 4.8), layout="constrained")
@@ -772,7 +767,8 @@ def scene_figure(result: SceneChange, pair: ScenePair, *, scale="auto", dn_offse
     ):
         axes = figure.add_subplot(1, 3, index + 1)
         axes.imshow(quicklook(image, pair.grid, scale=scale, dn_offset=offset), extent=extent)
-        axes.set_title(f"{title}: {image.name}", fontsize=9)
+        name = image.name if len(image.name) <= 48 else f"...{image.name[-45:]}"
+        axes.set_title(f"{title}: {name}", fontsize=9)
     axes = figure.add_subplot(1, 3, 3)
     ratio, changed = result.rasters()
     tile_width, tile_height = (result.tile * r for r in pair.grid.res)
@@ -878,7 +874,9 @@ def run_task(settings, workdir) -> dict:
     cache, base_url = settings.pretrained.cache_dir, settings.pretrained.base_url
     share = (process.index, process.count)
     if kind == "scenes":
-        model, normalization, image_size = _load(encoder, cache, base_url)
+        model, normalization, image_size = embed_lib.load_encoder(
+            encoder, cache=cache, base_url=base_url
+        )
         pair = ScenePair.find(c.before, c.after, normalization, c.bands)
         offsets = (c.before_dn_offset, c.after_dn_offset)
         computed = {}
@@ -915,8 +913,9 @@ def run_task(settings, workdir) -> dict:
             max_nodata=c.max_nodata,
             seed=settings.seed,
         )
+        result = dataclasses.replace(result, pair=pair)
         paths = write_scenes(
-            result, pair, folder, scale=c.scale, dn_offsets=offsets, overwrite=c.overwrite
+            result, folder, scale=c.scale, dn_offsets=offsets, overwrite=c.overwrite
         )
         left_out = int((~result.usable).sum())
         changed = int(result.changed.sum())

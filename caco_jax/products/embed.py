@@ -369,9 +369,23 @@ class Encoder:
         return np.concatenate(batches) if batches else np.zeros((0, self.model.feature_dim))
 
 
+def load_encoder(encoder, *, cache: str = "", base_url: str = ""):
+    """(model, normalization, image size) of ``encoder``: an `Encoder`, an official name or an
+    export path."""
+    if isinstance(encoder, Encoder):
+        return encoder.model, encoder.normalization, encoder.image_size
+    from caco_jax.models import pretrained
+
+    model, metadata = pretrained.load_pretrained(
+        encoder, cache=cache, base_url=base_url or pretrained.OFFICIAL_BASE_URL
+    )
+    image_size = int(metadata.get(export.IMAGE_SIZE_KEY) or DEFAULT_IMAGE_SIZE)
+    return model, export.input_normalization(metadata), image_size
+
+
 def embed(
     source: str,
-    encoder: str,
+    encoder,
     *,
     kind: str = "geotiff",
     builder_config: str = "rgb",
@@ -384,17 +398,11 @@ def embed(
     base_url: str = "",
     share: tuple[int, int] = (0, 1),
 ) -> Embeddings:
-    """Embeddings of ``source`` with ``encoder`` (an official name or an export path); the
-    keywords are those of `geotiff.geotiff_tiles` / `record_tiles`, and the cache and server of
-    `pretrained.load_pretrained`; ``share`` (index, count) takes one process's share of the
-    tiles (GeoTIFF tiles, records, or archive locations, round robin)."""
-    from caco_jax.models import pretrained
-
-    model, metadata = pretrained.load_pretrained(
-        encoder, cache=cache, base_url=base_url or pretrained.OFFICIAL_BASE_URL
-    )
-    normalization = export.input_normalization(metadata)
-    image_size = int(metadata.get(export.IMAGE_SIZE_KEY) or DEFAULT_IMAGE_SIZE)
+    """Embeddings of ``source`` with ``encoder`` (an `Encoder`, an official name or an export
+    path); the keywords are those of `geotiff.geotiff_tiles` / `record_tiles`, and the cache and
+    server of `pretrained.load_pretrained`; ``share`` (index, count) takes one process's share of
+    the tiles (GeoTIFF tiles, records, or archive locations, round robin)."""
+    model, normalization, image_size = load_encoder(encoder, cache=cache, base_url=base_url)
     if kind == "geotiff":
         tiles, total = geotiff.geotiff_tiles(
             source,

@@ -53,7 +53,7 @@ class FrozenModel:
         mesh: jax.sharding.Mesh | None = None,
     ):
         # This process's devices: in a run of several processes each embeds its own share.
-        mesh = mesh or mesh_lib.data_mesh(jax.local_devices())
+        mesh = mesh or mesh_lib.local_mesh()
         self.batch_size = global_batch_size(batch_size, mesh)
         self.preprocess = preprocess
         model.eval()
