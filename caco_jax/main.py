@@ -1,10 +1,13 @@
 r"""Runs the tasks a config lists: build the synthetic archive, prepare records, pretrain, evaluate.
 
-  python run.py --config configs/demo.py --workdir workdir/demo
-  caco-jax --config configs/pretrain.py:caco,r18,100k --config.data.archive=/data/caco ...
+  python run.py --config demo --workdir workdir/demo
+  caco-jax --config pretrain:caco,r18,100k --config.data.archive=/data/caco ...
+  caco-jax --config configs/demo.py --print_config
 
 `run.py` (a checkout) and the `caco-jax` command (an installed package) are this module's `run`.
-Any config value can be overridden with `--config.<key>=<value>`.
+A config is named (`demo`, `pretrain:caco,r18,100k`: the packaged configs, `config_files`) or given
+by path; any value can be overridden with `--config.<key>=<value>`. `--help` lists the configs, the
+tasks and the official encoders.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "A packaged config's name or a config file (name_or_file[:arg]).",
+    lock_config=True,
+)
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (defaults and overrides) as JSON and exit."
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Folder for outputs; default workdir/<config name>."
 )
@@ -68,6 +79,9 @@ def main(argv):
         settings = config_lib.resolve(_CONFIG.value)
     except SettingsError as error:
         raise app.UsageError(str(error)) from None
+    if _PRINT_CONFIG.value:
+        print(json.dumps(settings.to_dict(), indent=2))
+        return
     process = multihost.initialize(
         auto=_MULTIHOST.value,
         coordinator_address=_COORDINATOR_ADDRESS.value,
@@ -125,7 +139,9 @@ def _run_task(name, settings, workdir, process) -> dict:
 
 
 def parse_flags(argv):
-    """absl's parser, with one-line errors for bad flags and overrides of missing config keys."""
+    """absl's parser, with packaged configs by name and one-line errors for bad flags and
+    overrides of missing config keys."""
+    argv = with_config_path(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
@@ -137,10 +153,30 @@ def parse_flags(argv):
         )
 
 
+def with_config_path(argv: list[str]) -> list[str]:
+    """``argv`` with a packaged config's name after ``--config`` replaced by its file's path."""
+    from caco_jax import config_files
+
+    resolved = list(argv)
+    for index, arg in enumerate(resolved):
+        if arg.startswith("--config="):
+            resolved[index] = "--config=" + config_files.resolve_path(arg[len("--config=") :])
+        elif arg == "--config" and index + 1 < len(resolved):
+            resolved[index + 1] = config_files.resolve_path(resolved[index + 1])
+    return resolved
+
+
 def _program(argv) -> str:
     return os.path.basename(argv[0]) if argv else "caco-jax"
 
 
 def run() -> None:
     """The command line: `python run.py ...` or `caco-jax ...`."""
+    from caco_jax import config_files
+
+    if any(arg in ("-h", "--help", "-?", "--usage") for arg in sys.argv[1:]) or len(sys.argv) < 2:
+        print(config_files.usage(_program(sys.argv)))
+        sys.exit(0 if len(sys.argv) > 1 else 2)
+    # config_flags reads the overrides from sys.argv: it must see the same arguments.
+    sys.argv = with_config_path(sys.argv)
     app.run(main, flags_parser=parse_flags)

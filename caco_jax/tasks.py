@@ -6,9 +6,10 @@ lists (`config.for_tasks` builds a config of just those) and talks to the other 
 files in the workdir (`runtime.workdir`); what it returns is printed and written to
 ``<workdir>/results.json``.
 
-In a run of several processes (`runtime.multihost`) a task runs on every process (pretraining:
-they train together), on process 0 while the others wait for its result or skip it (writing the
-synthetic archive and the records), or it is a one-process task that such a run refuses up front.
+In a run of several processes (`runtime.multihost`) a task runs on every process (pretraining: they
+train together; embeddings and change maps: each takes its share), on process 0 while the others
+wait for its result or skip it (writing the synthetic archive and the records), or it is a
+one-process task that such a run refuses up front.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Task:
     runs_on: str = ONE_PROCESS  # EVERY_PROCESS, PROCESS_0 or ONE_PROCESS
     others: str = ""  # PROCESS_0 tasks: what the other processes run meanwhile ("" = nothing)
     check: str = ""  # "module:function(settings)": raises SettingsError before any task starts
+    summary: str = ""  # one line for `caco-jax --help`
 
 
 PRETRAIN_SECTIONS = (
@@ -50,6 +52,7 @@ TASKS: dict[str, Task] = {
         ("synthetic", "data"),
         PROCESS_0,
         check="caco_jax.sources.synthetic:check_task",
+        summary="write the embedded synthetic archive in the published layout",
     ),
     "prepare": Task(
         "caco_jax.data.dataset:run_task",
@@ -57,37 +60,79 @@ TASKS: dict[str, Task] = {
         PROCESS_0,
         others="caco_jax.data.dataset:wait_for_dataset",
         check="caco_jax.data.dataset:check_task",
+        summary="an archive (tar.gz, parts or folder) -> TFDS records",
     ),
-    "pretrain": Task("caco_jax.pretrain.train:run_task", PRETRAIN_SECTIONS, EVERY_PROCESS),
-    "score_change": Task(f"{EVAL}.change_scoring:run_task", ("data",)),
+    "pretrain": Task(
+        "caco_jax.pretrain.train:run_task",
+        PRETRAIN_SECTIONS,
+        EVERY_PROCESS,
+        summary="CACo, TeCo, SeCo or MoCo v2 on the records -> checkpoints, an encoder",
+    ),
+    "score_change": Task(
+        f"{EVAL}.change_scoring:run_task",
+        ("data",),
+        summary="the run's change labels against the synthetic archive's ground truth",
+    ),
     "change_map": Task(
         "caco_jax.products.change_map:run_task",
         ("change_map", "pretrained"),
+        EVERY_PROCESS,
         check="caco_jax.products.change_map:check_task",
+        summary="which places changed between two dates, from an encoder alone: maps, GeoTIFF",
     ),
-    "eval_land_cover": Task(f"{EVAL}.land_cover:run_task", ("data", "eval", "land_cover")),
-    "eval_eurosat": Task(f"{EVAL}.eurosat:run_task", ("eval", "eurosat")),
-    "eval_bigearthnet": Task(f"{EVAL}.bigearthnet:run_task", ("eval", "bigearthnet")),
-    "eval_oscd": Task(f"{EVAL}.oscd:run_task", ("eval", "oscd")),
-    "eval_dynamicearthnet": Task(f"{EVAL}.dynamicearthnet:run_task", ("eval", "dynamicearthnet")),
+    "eval_land_cover": Task(
+        f"{EVAL}.land_cover:run_task",
+        ("data", "eval", "land_cover"),
+        summary="the demo's land-cover probe on the synthetic archive",
+    ),
+    "eval_eurosat": Task(
+        f"{EVAL}.eurosat:run_task",
+        ("eval", "eurosat"),
+        summary="EuroSAT linear probe (the paper's protocol)",
+    ),
+    "eval_bigearthnet": Task(
+        f"{EVAL}.bigearthnet:run_task",
+        ("eval", "bigearthnet"),
+        summary="BigEarthNet-19 multi-label classification, frozen or fine-tuned",
+    ),
+    "eval_oscd": Task(
+        f"{EVAL}.oscd:run_task",
+        ("eval", "oscd"),
+        summary="OSCD change detection with SeCo's U-Net decoder",
+    ),
+    "eval_dynamicearthnet": Task(
+        f"{EVAL}.dynamicearthnet:run_task",
+        ("eval", "dynamicearthnet"),
+        summary="DynamicEarthNet semantic segmentation, frozen or fine-tuned",
+    ),
     "pretrained": Task(
         "caco_jax.models.pretrained:run_task",
         ("pretrained",),
         check="caco_jax.models.pretrained:check_task",
+        summary="an official encoder by name -> an export (and a PyTorch file)",
     ),
     "embed": Task(
         "caco_jax.products.embed:run_task",
         ("embed", "pretrained"),
+        EVERY_PROCESS,
         check="caco_jax.products.embed:check_task",
+        summary="embeddings of Sentinel-2 scenes, an archive or records -> GeoParquet",
     ),
     "convert_weights": Task(
         "caco_jax.models.convert:run_task",
         ("convert",),
         check="caco_jax.models.convert:check_task",
+        summary="PyTorch weights (.pth, .ckpt, .safetensors) -> an encoder export",
     ),
-    "sample_locations": Task("caco_jax.sources.sampling.task:run_task", ("sampling",)),
+    "sample_locations": Task(
+        "caco_jax.sources.sampling.task:run_task",
+        ("sampling",),
+        summary="the paper's change-aware sample of locations (the `sampling` extra)",
+    ),
     "download": Task(
-        "caco_jax.sources.download.task:run_task", ("sampling", "download", "logging")
+        "caco_jax.sources.download.task:run_task",
+        ("sampling", "download", "logging"),
+        summary="Sentinel-2 images of sampled locations from Earth Engine -> an archive",
     ),
 }
 

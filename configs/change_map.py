@@ -1,12 +1,22 @@
-r"""Change map of a CACo archive or prepared records from an encoder alone.
+r"""Change maps from an encoder alone: two scenes of one place, or a CACo archive or records.
 
-  python run.py --config configs/change_map.py --workdir workdir/change \
+  # two dates of one place: GeoTIFF files or folders, or two Sentinel-2 products
+  caco-jax --config change_map:r18_100k_caco --workdir workdir/change \
+    --config.change_map.before=<first date>.SAFE --config.change_map.after=<second date>.SAFE
+  # a CACo archive, prepared records, or a pretraining run's own estimate
+  caco-jax --config change_map --workdir workdir/change \
     --config.change_map.source=/data/caco100k --config.change_map.encoder=r18_100k_caco
-  python run.py --config configs/change_map.py --workdir workdir/demo \
+  caco-jax --config change_map --workdir workdir/demo \
     --config.change_map.kind=records --config.change_map.source=workdir/demo/tfds
+  caco-jax --config change_map --workdir workdir/demo --config.change_map.kind=pretraining
 
-Writes <workdir>/change_map/: change_map.csv, change_map.geojson, change_map.png, histograms.png
-(d_lt, d_st, ratio and the fitted label per location; see caco_jax/products/change_map.py).
+The `:arg` is the encoder (config.change_map.encoder). Writes <workdir>/change_map/: for two
+scenes change_ratio.tif and changed.tif (a pixel per tile, 255 = left out), change_map.geojson
+(tile polygons in the scene's CRS), change_map.csv, change_map.png, histograms.png and the
+GeoParquet embeddings_before/ and embeddings_after/; for locations change_map.csv,
+change_map.geojson (points), change_map.png, histograms.png, and for an archive or records the
+GeoParquet embeddings/. Changed = ratio above one threshold (caco_jax/products/change_map.py).
+Runs on every process of a multi-host run. See docs/encoders.md.
 """
 
 from caco_jax import config as config_lib

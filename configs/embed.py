@@ -1,16 +1,18 @@
 r"""Embeddings of Sentinel-2 images with an encoder export or an official encoder by name.
 
-  # GeoTIFFs: a multi-band file, a folder of band files (L1C / L2A .jp2 or .tif), or a tree of them
-  python run.py --config configs/embed.py --workdir workdir/embed \
-    --config.embed.source=<product>.SAFE/GRANULE/<granule>/IMG_DATA/R10m \
-    --config.embed.encoder=r18_100k_caco --config.embed.dn_offset=1000
+  # GeoTIFF / JPEG 2000: a Sentinel-2 product (.SAFE, L1C or L2A), a folder of band files, a
+  # multi-band file, or a tree of them; the DN offset is read from the product's metadata
+  caco-jax --config embed:r18_100k_caco --workdir workdir/embed \
+    --config.embed.source=<product>.SAFE
   # every acquisition of a CACo archive, or of prepared records
-  python run.py --config configs/embed.py --config.embed.kind=archive --config.embed.source=data/
-  python run.py --config configs/embed.py --config.embed.kind=records \
+  caco-jax --config embed --config.embed.kind=archive --config.embed.source=data/ \
+    --config.embed.encoder=r18_100k_caco
+  caco-jax --config embed --config.embed.kind=records \
     --config.embed.source=workdir/demo/tfds --config.embed.encoder=workdir/demo/encoder
 
-Writes <workdir>/embeddings.npz and .parquet (id, lat, lon, window, embedding); see
-docs/encoders.md.
+The `:arg` is the encoder (config.embed.encoder). Writes the GeoParquet dataset
+<workdir>/embeddings/ (a part per process, _manifest.json last; columns id, lat, lon, window,
+nodata, embedding, geometry); runs on every process of a multi-host run. See docs/encoders.md.
 """
 
 from caco_jax import config as config_lib

@@ -442,3 +442,16 @@ def fake_band(product_id, band, size):
     base = rng.uniform(200, 12_000)
     ramp = np.linspace(0, 1500, size, dtype=np.float64)
     return (base + ramp[:, None] + ramp[None, :]).clip(1, 65_535).astype(np.uint16)
+
+
+def write_band_files(folder, values, transform, crs="EPSG:32633"):
+    """B4, B3, B2 band files of [3, H, W] uint16 digital numbers."""
+    import rasterio
+
+    folder.mkdir(parents=True)
+    for band_values, band in zip(values, ("B04", "B03", "B02"), strict=True):
+        with rasterio.open(
+            folder / f"T33TVF_{band}_10m.tif", "w", driver="GTiff", height=band_values.shape[0],
+            width=band_values.shape[1], count=1, dtype="uint16", crs=crs, transform=transform,
+        ) as dst:  # fmt: skip
+            dst.write(band_values, 1)

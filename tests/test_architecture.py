@@ -22,6 +22,7 @@ FLOORS = {
     "caco_jax.products": 6,
     "caco_jax.tasks": 7,
     "caco_jax.config": 8,
+    "caco_jax.config_files": 8,  # the packaged configs, found by name
     "caco_jax.main": 9,
     "caco_jax": 9,  # the package itself: importing it registers the TFDS builder
 }

@@ -1,5 +1,6 @@
 """Change maps from an encoder alone: per-location statistics as documented, at the centres of the
-locations' GeoTIFF footprints, written as CSV, GeoJSON and figures."""
+locations' GeoTIFF footprints; two scenes compared tile by tile on the first one's grid; labels by
+one threshold on the ratio; CSV, GeoJSON, GeoTIFF and figures that hold those numbers."""
 
 import csv
 import json
@@ -8,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import rasterio
+from helpers import write_band_files
 
 from caco_jax import config as config_lib
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
@@ -72,14 +74,18 @@ def test_change_map_of_an_archive(tmp_path, archive_and_encoder):
         )
     changed = np.array([r["changed"] == "True" for r in rows])
     ratios = np.array([float(r["ratio"]) for r in rows])
-    if changed.any() and (~changed).any():  # the mixture splits the ratios at one threshold
-        assert ratios[changed].min() > ratios[~changed].max()
+    threshold = change_map.split_threshold(ratios, seed=0)
+    np.testing.assert_array_equal(changed, ratios > threshold)
     written = change_map.ChangeMap(
         [r["location_id"] for r in rows],
         *(np.array([float(r[k]) for r in rows]) for k in ("lat", "lon", "d_lt", "d_st", "ratio")),
-        changed,
+        threshold,
     )
     check_figures(written, result)
+    # The embeddings behind the map are kept, as the embed task writes them.
+    kept = embed.Embeddings.read(os.path.join(tmp_path, "change_map", "embeddings"))
+    assert kept.ids == embeddings.ids
+    np.testing.assert_allclose(kept.embeddings, embeddings.embeddings, atol=1e-6)
 
 
 def png_pixels(source) -> np.ndarray:
@@ -105,7 +111,7 @@ def check_figures(result, paths):
         rings.get_offsets().reshape(-1, 2),
         np.stack([result.lon, result.lat], 1)[result.changed],
     )
-    histograms = change_map.histogram_figure(result)
+    histograms = change_map.location_histograms(result)
     for axes, values in zip(histograms.axes, (result.d_lt, result.d_st, result.ratio), strict=True):
         bars = [p for p in axes.patches if p.get_height() > 0]
         heights = sorted(round(p.get_height()) for p in bars)
@@ -130,6 +136,7 @@ def test_locations_without_two_acquisitions_per_window_are_skipped():
         lat=np.zeros(5),
         lon=np.zeros(5),
         window=np.array([0, 0, 1, 1, 0]),
+        nodata=np.zeros(5, np.float32),
     )
     statistics, notes = change_map.location_statistics(embeddings)
     assert list(statistics) == ["a"]
@@ -166,3 +173,120 @@ def test_change_map_of_a_pretraining_run_from_its_own_labels(tmp_path):
         [float(table["b"][k]) for k in ("d_lt", "d_st", "ratio")], [0.9, 0.1, 9.0]
     )
     assert (table["a"]["changed"], table["b"]["changed"]) == ("False", "True")
+    assert table["b"]["pretraining_changed"] == "True"  # the run's own labels, kept beside
+
+
+def test_the_threshold_splits_two_groups_and_labels_are_monotone_in_the_ratio():
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(3)
+    low, high = rng.normal(1.0, 0.1, 200), rng.normal(3.0, 0.3, 20)
+    ratios = np.concatenate([low, high])
+    threshold = change_map.split_threshold(ratios, seed=0)
+    assert low.max() < threshold < high.min()
+    assert change_map.split_threshold(ratios, seed=0) == threshold  # seeded
+    mixture = GaussianMixture(2, random_state=0).fit(ratios[:, None])
+    posterior = mixture.predict_proba([[threshold - 1e-3], [threshold]])[:, 1]
+    assert posterior[0] < 0.5 <= posterior[1]  # the decision boundary between the means
+
+    # Where a mixture's own labels are not monotone: a narrow component inside a wide one of about
+    # the same mean, which claims both tails (checked here for this data). The threshold labels
+    # every ratio above it changed and none below.
+    rng = np.random.default_rng(0)
+    ratios = np.concatenate([rng.normal(0.42, 0.005, 600), rng.normal(0.42, 0.1, 400)])
+    mixture = GaussianMixture(2, random_state=0).fit(ratios[:, None])
+    own = mixture.predict(ratios[:, None]) == np.argmax(mixture.covariances_.ravel())
+    assert own[np.argmin(ratios)] and own[np.argmax(ratios)] and not own.all()
+    threshold = change_map.split_threshold(ratios, seed=0)
+    assert min(mixture.means_.ravel()) <= threshold <= max(mixture.means_.ravel())
+    labels = (ratios > threshold)[np.argsort(ratios)]
+    assert not labels[0] and labels[-1] and (np.diff(labels.astype(int)) >= 0).all()
+
+    assert change_map.split_threshold(np.full(5, 0.7)) == np.inf  # one value: nothing changed
+    assert change_map.split_threshold(np.array([np.nan, 1.0])) == np.inf
+
+
+def test_two_scenes_compared_tile_by_tile_on_the_first_ones_grid(tmp_path, archive_and_encoder):
+    """Two dates of one place as digital numbers; the second on a grid shifted by half a pixel
+    (warped onto the first's), a block of it without data. Per tile: the distance of the
+    normalised embeddings, the ratio to the scene's median, the label by the threshold; tiles
+    without data left out and counted; rasters, GeoJSON and CSV hold the same numbers."""
+    from rasterio.transform import from_origin
+
+    _, encoder = archive_and_encoder  # a 32 px RGB encoder: 4 x 3 tiles of a 128 x 96 scene
+    rng = np.random.default_rng(0)
+    before = rng.integers(1500, 3500, size=(3, 96, 128), dtype=np.uint16)
+    after = before + rng.integers(0, 80, size=before.shape, dtype=np.uint16)
+    after[:, 32:64, 64:96] = rng.integers(6000, 9000, size=(3, 32, 32))  # one tile changed
+    after[:, :32, :32] = 0  # no data
+    write_band_files(tmp_path / "before", before, from_origin(500_000.0, 4_700_000.0, 10.0, 10.0))
+    write_band_files(tmp_path / "after", after, from_origin(500_005.0, 4_700_000.0, 10.0, 10.0))
+    config = config_lib.for_tasks("change_map")
+    config.change_map.before = str(tmp_path / "before")
+    config.change_map.after = str(tmp_path / "after")
+    config.change_map.encoder = encoder
+    config.change_map.before_dn_offset = 0.0
+    config.change_map.after_dn_offset = 0.0
+    config.change_map.batch_size = 8
+    config_lib.validate(config)
+    settings = config_lib.resolve(config)
+    assert settings.change_map.resolved_kind == "scenes"
+    result = change_map.run_task(settings, str(tmp_path / "w"))
+    assert (result["tiles"], result["left_out"]) == (12, 1)
+
+    with open(result["change_map_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    folder = tmp_path / "w" / "change_map"
+    early = embed.Embeddings.read(folder / "embeddings_before")
+    late = embed.Embeddings.read(folder / "embeddings_after")
+    assert (
+        [r["id"] for r in rows]
+        == early.ids
+        == [f"before:{r}:{c}" for r in (0, 32, 64) for c in (0, 32, 64, 96)]
+    )
+    assert late.ids == [i.replace("before", "after") for i in early.ids]
+    normalised = [
+        e.embeddings / np.linalg.norm(e.embeddings, axis=1, keepdims=True) for e in (early, late)
+    ]
+    distance = np.linalg.norm(normalised[0] - normalised[1], axis=1)
+    usable = np.ones(12, bool)
+    usable[0] = False  # the tile without data
+    assert late.nodata[0] == pytest.approx(1.0, abs=0.02) and (late.nodata[1:] < 0.02).all()
+    ratio = distance / np.median(distance[usable])
+    written = np.array([float(r["ratio"]) for r in rows])
+    np.testing.assert_allclose(written[usable], ratio[usable], rtol=1e-5)
+    assert np.isnan(written[0]) and rows[0]["changed"] == ""
+    threshold = change_map.split_threshold(ratio[usable], seed=0)
+    changed = [r["changed"] == "True" for r in rows]
+    assert changed == list(usable & (ratio > threshold))
+    assert np.argmax(np.where(usable, ratio, -1)) == 6  # the changed tile (row 32, col 64)
+    assert changed[6]
+
+    with rasterio.open(result["change_ratio_tif"]) as raster:
+        assert raster.crs.to_epsg() == 32633 and raster.shape == (3, 4)
+        assert raster.transform == from_origin(500_000.0, 4_700_000.0, 320.0, 320.0)
+        np.testing.assert_allclose(raster.read(1).ravel(), written, rtol=1e-6)
+    with rasterio.open(result["changed_tif"]) as raster:
+        labels = raster.read(1).ravel()
+    assert list(labels) == [255] + [int(c) for c in changed[1:]]
+    with open(result["change_map_geojson"]) as f:
+        collection = json.load(f)
+    assert collection["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
+    ring = collection["features"][6]["geometry"]["coordinates"][0]
+    assert ring[:4] == [[500_640.0, 4_699_360.0], [500_960.0, 4_699_360.0],
+                        [500_960.0, 4_699_680.0], [500_640.0, 4_699_680.0]]  # fmt: skip
+    for png in ("change_map_png", "histograms_png"):
+        assert png_pixels(result[png]).std() > 0.05
+    with pytest.raises(FileExistsError, match=r"change_ratio\.tif already exists"):
+        change_map.run_task(settings, str(tmp_path / "w"))
+
+
+def test_scene_settings_are_checked_before_any_work():
+    config = config_lib.for_tasks("change_map")
+    config.change_map.before = "a.tif"
+    with pytest.raises(config_lib.SettingsError, match=r"change_map\.after: .*needs both"):
+        config_lib.validate(config)
+    config.change_map.after = "b.tif"
+    config.change_map.kind = "records"
+    with pytest.raises(config_lib.SettingsError, match=r"change_map\.kind: 'records' maps"):
+        config_lib.validate(config)

@@ -72,7 +72,12 @@ def synthetic_run(tmp_path_factory):
     with open(workdir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     step_losses = [row["loss"] for row in rows if "loss" in row]  # one per step, in order
-    return {**results["pretrain"], **results["score_change"], "step_losses": step_losses}
+    return {
+        **results["pretrain"],
+        **results["score_change"],
+        "step_losses": step_losses,
+        "workdir": str(workdir),
+    }
 
 
 def welch_t(a, b):
@@ -134,3 +139,78 @@ def test_change_labels_agree_with_the_ground_truth(synthetic_run):
     # The labels (the mixture's split of r) point the same way; their agreement is the coarser
     # statistic, so only its direction is asserted.
     assert run["change_agreement"] > run["change_agreement_chance"]
+
+
+def test_two_date_change_maps_rank_a_new_built_up_block_first(synthetic_run, tmp_path):
+    """The run's encoder compares two dates of every unchanged location of the archive: the
+    cloud-free early and late acquisitions nearest in season, a 2 x 2 block of tiles of the late
+    one paved over (concrete, the renderer's spectrum, with sensor noise). Per location the AUC of
+    the change ratio, pasted tiles against the rest, averages above 0.9, and three quarters of the
+    pasted tiles are labelled changed.
+
+    Measured (seed 0): AUC 0.93-1.0 per location, 0.99 on average; 7 of 12 locations rank all four
+    pasted tiles first. What outranks them elsewhere is the location's own change between the
+    windows (the renderer rotates 40 % of crop parcels and this encoder saw 72 steps)."""
+    import json
+    import shutil
+
+    import rasterio
+    from sklearn.metrics import roc_auc_score
+
+    from caco_jax.data import layout
+    from caco_jax.products import change_map
+    from caco_jax.sources.synthetic import ground_truth
+
+    archive = os.path.join(synthetic_run["workdir"], "synthetic_archive")
+    (folder,) = [f for f in os.listdir(archive) if os.path.isdir(os.path.join(archive, f))]
+    truth = ground_truth.read_ground_truth(os.path.join(archive, ground_truth.ground_truth_name()))
+    concrete = {"B4": 0.16, "B3": 0.14, "B2": 0.12}  # caco_jax/sources/synthetic/render.py
+    block = np.s_[64:128, 96:160]  # the tiles at (64, 96), (64, 128), (96, 96), (96, 128)
+    rng = np.random.default_rng(0)
+
+    def time(acquisition):
+        return layout.sensing_time(os.path.basename(acquisition))
+
+    def cloud_free_windows(location):
+        """The cloud-free acquisitions of the two windows (split at the longest gap)."""
+        path = os.path.join(archive, folder, location)
+        found = sorted(f.path for f in os.scandir(path) if f.is_dir())  # not the stray files
+        gap = np.argmax(np.diff([time(a).timestamp() for a in found])) + 1
+        clouds = [
+            json.loads(open(os.path.join(a, "metadata.json")).read())["CLOUDY_PIXEL_PERCENTAGE"]
+            for a in found
+        ]
+        clear = [c == 0 for c in clouds]
+        return (
+            [a for a, ok in zip(found[:gap], clear[:gap], strict=True) if ok],
+            [a for a, ok in zip(found[gap:], clear[gap:], strict=True) if ok],
+        )
+
+    def day(acquisition):
+        return time(acquisition).timetuple().tm_yday
+
+    aucs, labelled = [], []
+    for location in [t.location_id for t in truth if not t.changed]:
+        early, late = cloud_free_windows(location)
+        pairs = [(e, a) for e in early for a in late]
+        before, later = min(pairs, key=lambda p: abs(day(p[0]) - day(p[1])))
+        after = tmp_path / location
+        after.mkdir()
+        for band in layout.RGB_BANDS:
+            name = layout.band_file(band)
+            shutil.copy(os.path.join(later, name), after / name)
+            with rasterio.open(after / name, "r+") as target:
+                values = target.read(1)
+                paved = concrete[band] * 255 + rng.normal(0, 2, values[block].shape)
+                values[block] = np.clip(paved, 0, 255).astype(np.uint8)
+                target.write(values, 1)
+        result = change_map.compare_scenes(
+            before, str(after), os.path.join(synthetic_run["workdir"], "encoder"), batch_size=96
+        )
+        pasted = np.isin(result.rows, (64, 96)) & np.isin(result.cols, (96, 128))
+        assert pasted.sum() == 4
+        aucs.append(roc_auc_score(pasted, result.ratio))
+        labelled.append(result.changed[pasted].mean())
+    print(f"AUC per location {np.round(aucs, 3)}; labelled changed {np.mean(labelled):.2f}")
+    assert np.mean(aucs) > 0.9
+    assert np.mean(labelled) >= 0.75

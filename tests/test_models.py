@@ -67,11 +67,16 @@ def test_parameter_count_equals_torchvision_without_fc(depth):
     )
 
 
-def test_torchvision_arch_names_the_builder_or_the_block_table():
-    assert resnet.torchvision_arch(50) == "torchvision.models.resnet50"
+def test_torchvision_arch_names_the_builder_or_what_differs():
+    assert resnet.torchvision_arch(50) == "torchvision.models.resnet50()"
     assert resnet.torchvision_arch(10) == (
         "torchvision.models.resnet.ResNet(BasicBlock, [1, 1, 1, 1])"
     )
+    assert resnet.torchvision_arch(18, in_channels=12) == (
+        "torchvision.models.resnet18(), its conv1 replaced by "
+        "torch.nn.Conv2d(12, 64, 7, 2, 3, bias=False)"
+    )
+    assert resnet.torchvision_arch(18, width=8).startswith("none in torchvision: a ResNet-18 of")
 
 
 def test_resnet18_output_and_stage_shapes():

@@ -18,8 +18,9 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
-from helpers import free_port, xla_flags
+from helpers import free_port, write_band_files, xla_flags
 
 from caco_jax import config as config_lib
 from caco_jax import tasks
@@ -304,3 +305,95 @@ def test_the_task_table_says_which_process_runs_what(monkeypatch):
         tasks.run("prepare", None, "w", process_index=index, process_count=2)
     tasks.run("prepare", None, "w")  # one process: it prepares
     assert calls == ["wait", "prepare", "prepare"]
+
+
+PRODUCTS_CONFIG = """
+from caco_jax import config as config_lib
+
+
+def get_config():
+    config = config_lib.for_tasks("embed", "change_map")
+    config.embed.source = {before!r}
+    config.embed.encoder = config.change_map.encoder = {encoder!r}
+    config.embed.batch_size = config.change_map.batch_size = 4
+    config.change_map.before, config.change_map.after = {before!r}, {after!r}
+    config.change_map.before_dn_offset = config.change_map.after_dn_offset = 0.0
+    config.embed.dn_offset = 0.0
+    return config
+"""
+
+
+def test_embeddings_and_change_maps_split_over_two_processes_equal_one_process(tmp_path):
+    """run.py's embed and change_map tasks over two processes: each embeds every other tile of the
+    scenes and writes its part of the GeoParquet datasets, process 0 draws the map; the rows, the
+    ratios and the labels equal those of one process."""
+    import csv
+
+    from rasterio.transform import from_origin
+
+    from caco_jax.data.normalization import EXPORT_KEY, Normalization
+    from caco_jax.evaluators import common
+    from caco_jax.models import export
+    from caco_jax.products import embed
+
+    rng = np.random.default_rng(0)
+    before = rng.integers(1500, 3500, size=(3, 96, 160), dtype=np.uint16)  # 3 x 5 tiles of 32
+    after = before + rng.integers(0, 80, size=before.shape, dtype=np.uint16)
+    after[:, 32:64, 64:96] = 7000
+    grid = from_origin(500_000.0, 4_700_000.0, 10.0, 10.0)
+    write_band_files(tmp_path / "before", before, grid)
+    write_band_files(tmp_path / "after", after, grid)
+    metadata = {EXPORT_KEY: Normalization.rgb().to_json(), "image_size": 32}
+    model = common.random_encoder(10, 3, seed=1, width=8)
+    encoder = export.save_encoder(tmp_path / "encoder", model, metadata)
+    config_file = tmp_path / "products.py"
+    config_file.write_text(
+        PRODUCTS_CONFIG.format(
+            before=str(tmp_path / "before"), after=str(tmp_path / "after"), encoder=str(encoder)
+        )
+    )
+
+    def run(workdir, processes):
+        port = free_port()
+        command = [sys.executable, "run.py", "--config", str(config_file), "--workdir", workdir]
+        joined = [
+            (f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}")
+            for i in range(processes)
+        ] if processes > 1 else [()]  # fmt: skip
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}
+        started = [
+            subprocess.Popen(
+                [*command, *flags], cwd=ROOT, env=env, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            for flags in joined
+        ]  # fmt: skip
+        return finish(started)
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run(one, 1)
+    outputs = run(two, 2)
+    assert "2 processes" in outputs[0]
+    assert sorted(os.listdir(os.path.join(two, "embeddings"))) == [
+        "_manifest.json",
+        "part-00000-of-00002.parquet",
+        "part-00001-of-00002.parquet",
+    ]
+    for name in ("embeddings", "change_map/embeddings_before", "change_map/embeddings_after"):
+        single = embed.Embeddings.read(os.path.join(one, name))
+        split = embed.Embeddings.read(os.path.join(two, name))
+        assert len(single.ids) == 15 and sorted(split.ids) == sorted(single.ids)
+        order = [split.ids.index(i) for i in single.ids]
+        np.testing.assert_allclose(split.embeddings[order], single.embeddings, atol=1e-5)
+        np.testing.assert_array_equal(split.lat[order], single.lat)
+        assert [split.footprints[i] for i in order] == single.footprints
+    tables = []
+    for workdir in (one, two):
+        with open(os.path.join(workdir, "change_map", "change_map.csv")) as f:
+            tables.append(list(csv.DictReader(f)))
+    assert [r["id"] for r in tables[0]] == [r["id"] for r in tables[1]]
+    assert [r["changed"] for r in tables[0]] == [r["changed"] for r in tables[1]]
+    np.testing.assert_allclose(
+        [float(r["ratio"]) for r in tables[1]], [float(r["ratio"]) for r in tables[0]], rtol=1e-4
+    )
+    assert tables[0][7]["changed"] == "True"  # the tile at (32, 64)

@@ -1,6 +1,8 @@
 """notebooks/caco_jax_colab.ipynb: it runs top to bottom in a real kernel of this Python with tiny
-settings and shows its figures and the probe, its install cell then does nothing, its default
-settings are configs/demo.py's, and the committed file carries no outputs."""
+settings and shows its figures and the probe, its encoder section embeds a GeoTIFF, maps the
+change between two dates and exports the encoder for PyTorch, its install cell then does nothing
+(elsewhere it asks for REPOSITORY or installs, a folder named caco_jax notwithstanding), its
+default settings are configs/demo.py's, and the committed file carries no outputs."""
 
 import importlib.util
 import json
@@ -10,6 +12,7 @@ import subprocess
 import sys
 
 import nbformat
+import numpy as np
 import pytest
 from helpers import xla_flags
 from jupyter_client.kernelspec import KernelSpecManager
@@ -23,7 +26,7 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "caco_jax_colab.ipynb")
 # land-cover probe one batch of 32 training images: 8 locations x 5 early acquisitions).
 TINY = {"NUM_LOCATIONS": 16, "CROP_SIZE": 32, "WIDTH": 8, "BATCH_SIZE": 16, "EPOCHS": 2}
 # Cells that draw, by id, and how many PNGs each shows.
-FIGURES = {"views": 1, "loss": 1, "change": 1, "map": 1, "probe": 1}
+FIGURES = {"views": 1, "loss": 1, "change": 1, "map": 1, "probe": 1, "scene-change": 1}
 
 
 def read_notebook():
@@ -139,6 +142,49 @@ def test_the_figures_and_the_probe_are_shown(executed):
     assert sum("epoch/loss" in record for record in epochs) == TINY["EPOCHS"]
 
 
+def test_the_encoder_section_embeds_maps_and_exports(executed):
+    """With the run's export: the before scene's tiles embedded and written as GeoParquet (the
+    Encoder giving the first tile's row), a change map of the two dates as GeoTIFFs and GeoJSON on
+    the same tiles, and the weights as a torchvision state dict with its JSON."""
+    import rasterio
+    from safetensors.numpy import load_file
+
+    from caco_jax.data import layout
+    from caco_jax.products import embed
+
+    notebook, workdir = executed
+    # The synthetic scenes' side over the tile size, the last tile ending at the edge.
+    per_side = -(-layout.PIXELS_AT_RESOLUTION[10] // TINY["CROP_SIZE"])
+    width = TINY["WIDTH"]
+    embeddings = embed.Embeddings.read(workdir / "embeddings")
+    assert embeddings.embeddings.shape == (per_side**2, 8 * width)  # ResNet-18: 8 x its width
+    assert np.isfinite(embeddings.embeddings).all() and embeddings.footprints is not None
+    printed = texts(cell(notebook, "embed"))
+    assert f"{per_side**2} tiles x {8 * width} features" in printed
+    assert float(re.search(r"max \|difference\| (\S+)", printed).group(1)) < 1e-5
+
+    scene_change = workdir / "scene_change"
+    with rasterio.open(scene_change / "change_ratio.tif") as ratio_tif:
+        ratio = ratio_tif.read(1)
+        assert ratio_tif.crs is not None
+    with rasterio.open(scene_change / "changed.tif") as changed_tif:
+        changed = changed_tif.read(1)
+    assert ratio.shape == changed.shape == (per_side, per_side)
+    assert np.isfinite(ratio).all() and set(np.unique(changed)) <= {0, 1}
+    with open(scene_change / "change_map.geojson") as f:
+        assert len(json.load(f)["features"]) == per_side**2
+    summary = re.search(r"(\d+) of (\d+) tiles changed", texts(cell(notebook, "scene-change")))
+    assert summary.groups() == (str(int(changed.sum())), str(per_side**2))
+
+    state = load_file(workdir / "pytorch" / "encoder.safetensors")
+    assert state["conv1.weight"].shape == (width, 3, 7, 7)
+    assert state["layer4.1.bn2.weight"].shape == (8 * width,)
+    with open(workdir / "pytorch" / "encoder.json") as f:
+        sidecar = json.load(f)
+    assert sidecar["image_size"] == TINY["CROP_SIZE"]
+    assert sidecar["recipe"]["bands"] == ["B4", "B3", "B2"]
+
+
 def test_the_default_settings_are_the_demo_config():
     """The parameters and config cells, run here, build configs/demo.py's config (the notebook
     only adds change_map.overwrite, so that its cell can be run again)."""
@@ -160,30 +206,79 @@ def test_the_default_settings_are_the_demo_config():
     assert namespace["config"].to_dict() == expected.to_dict()
 
 
-def test_the_install_cell_asks_for_the_repository_or_installs_from_it(tmp_path):
-    """Where caco_jax is not importable (no checkout on the path): without a repository URL the
-    cell stops naming REPOSITORY; with one it runs pip on the package and this runtime's JAX."""
+def run_install_cell(folder, repository: str = "", before: str = "", after: str = ""):
+    """The install cell run by this Python in ``folder`` without the checkout on its path,
+    REPOSITORY set to ``repository``, between the code ``before`` and ``after``, and pip replaced
+    by a print of its command line."""
     source = cell(read_notebook(), "install").source
+    assert source.count('REPOSITORY = ""') == 1
+    source = source.replace('REPOSITORY = ""', f"REPOSITORY = {repository!r}")
+    stub = "import json, subprocess\nsubprocess.run = lambda cmd, check: print(json.dumps(cmd))\n"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = lambda code: subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    asked = run(source)
-    assert asked.returncode == 1
-    assert asked.stderr.strip() == (
-        "caco_jax is not installed: set REPOSITORY to its repository's URL"
+    return subprocess.run(
+        [sys.executable, "-c", "\n".join([stub, before, source, after])],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
     )
 
-    stub = "import json, subprocess\nsubprocess.run = lambda cmd, check: print(json.dumps(cmd))\n"
-    with_url = source.replace('REPOSITORY = ""', 'REPOSITORY = "https://example.org/caco_jax"')
-    assert with_url != source
-    installed = run(stub + with_url)
-    assert installed.returncode == 0, installed.stderr
+
+def pip_command(package: str) -> list[str]:
     # No CUDA plugin or libtpu in this environment: the plain JAX build.
-    assert json.loads(installed.stdout) == [
-        sys.executable, "-m", "pip", "install", "-q",
-        "caco_jax @ git+https://example.org/caco_jax", "jax",
-    ]  # fmt: skip
+    return [sys.executable, "-m", "pip", "install", "-q", package, "jax"]
+
+
+def test_the_install_cell_asks_for_the_repository_or_installs_from_it(tmp_path):
+    """Where caco_jax is not importable (no checkout on the path): without a repository the cell
+    stops naming REPOSITORY; with a URL it runs pip on the package from git and this runtime's
+    JAX, with a checkout's folder on that folder."""
+    asked = run_install_cell(tmp_path)
+    assert (asked.returncode, asked.stdout) == (1, "")
+    assert asked.stderr.strip() == (
+        "caco_jax is not installed: set REPOSITORY in this cell to the caco_jax git "
+        "repository's URL or a checkout's folder"
+    )
+
+    installed = run_install_cell(tmp_path, "https://example.org/caco_jax")
+    assert installed.returncode == 0, installed.stderr
+    assert json.loads(installed.stdout) == pip_command(
+        "caco_jax @ git+https://example.org/caco_jax"
+    )
+
+    (tmp_path / "checkout").mkdir()
+    installed = run_install_cell(tmp_path, "checkout")
+    assert installed.returncode == 0, installed.stderr
+    assert json.loads(installed.stdout) == pip_command(str(tmp_path / "checkout"))
+
+
+def test_the_install_cell_installs_over_a_folder_named_caco_jax(tmp_path):
+    """A folder named caco_jax in the working directory that is not the package (a clone's top
+    folder) imports as an empty namespace package: the cell names it and installs all the same,
+    from a URL or from that folder, dropping the namespace package this session imported."""
+    (tmp_path / "caco_jax").mkdir()
+    note = f"({tmp_path / 'caco_jax'}: a folder without __init__.py, not the package)"
+    asked = run_install_cell(tmp_path)
+    assert (asked.returncode, asked.stdout) == (1, "")
+    assert asked.stderr.strip() == (
+        f"caco_jax is not installed {note}: set REPOSITORY in this cell to the caco_jax git "
+        "repository's URL or a checkout's folder"
+    )
+
+    url = "https://example.org/caco_jax"
+    (tmp_path / "caco_jax" / "sub").mkdir()
+    imported = "import caco_jax.sub\nassert caco_jax.__file__ is None  # a namespace package"
+    left = "print([m for m in sys.modules if m.split('.')[0] == 'caco_jax'])"
+    installed = run_install_cell(tmp_path, url, before=imported, after=left)
+    assert installed.returncode == 0, installed.stderr
+    told, command, modules = installed.stdout.splitlines()
+    assert told == f"caco_jax {note}: installing it from {url}"
+    assert json.loads(command) == pip_command(f"caco_jax @ git+{url}")
+    assert modules == "[]"
+
+    installed = run_install_cell(tmp_path, "caco_jax")  # the clone itself
+    assert installed.returncode == 0, installed.stderr
+    assert json.loads(installed.stdout.splitlines()[-1]) == pip_command(str(tmp_path / "caco_jax"))
 
 
 def test_the_committed_notebook_has_no_outputs():

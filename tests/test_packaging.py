@@ -21,6 +21,7 @@ LOCKS = {
     "earthengine": "requirements-earthengine.txt",
     "cloud": "requirements-cloud.txt",
     "notebook": "requirements-notebook.txt",
+    "sampling": "requirements-sampling.txt",
     "dev": "requirements-dev.txt",
 }
 
@@ -119,8 +120,9 @@ def test_the_license_is_apache_2():
 
 def test_the_installed_package_runs_without_the_checkout(tmp_path):
     """`pip install --no-deps` of a copy of the checkout (so that the build leaves no files in it),
-    then the `caco-jax` command from another folder: it imports the installed caco_jax and stops
-    on a bad config override with the one-line message."""
+    then the `caco-jax` command from another folder: it imports the installed caco_jax, finds the
+    packaged configs by name, lists them in its help, and stops on a bad config override with the
+    one-line message."""
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -151,6 +153,8 @@ def test_the_installed_package_runs_without_the_checkout(tmp_path):
     )
     assert install.returncode == 0, install.stderr[-3000:]
     assert (target / "caco_jax" / "main.py").exists()
+    assert (target / "caco_jax" / "configs" / "demo.py").exists()
+    assert (target / "caco_jax" / "sources" / "synthetic" / "cities.npz").exists()
     assert not (target / "configs").exists() and not (target / "tests").exists()
 
     elsewhere = tmp_path / "elsewhere"
@@ -160,7 +164,7 @@ def test_the_installed_package_runs_without_the_checkout(tmp_path):
         [
             str(target / "bin" / "caco-jax"),
             "--config",
-            os.path.join(ROOT, "configs", "smoke.py"),
+            "smoke",
             "--config.train.bogus=1",
             "--workdir",
             str(elsewhere / "w"),
@@ -173,6 +177,17 @@ def test_the_installed_package_runs_without_the_checkout(tmp_path):
     )
     assert result.returncode != 0
     assert "caco-jax: a --config.* override names 'bogus'" in result.stderr, result.stderr[-2000:]
+    helped = subprocess.run(
+        [str(target / "bin" / "caco-jax"), "--help"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    for listed in ("  demo ", "  pretrain[:caco,r18,100k] ", "  eval_oscd ", "  r18_100k_caco "):
+        assert listed in helped.stdout, helped.stdout
     located = subprocess.run(
         [sys.executable, "-c", "import caco_jax; print(caco_jax.__file__)"],
         cwd=elsewhere,

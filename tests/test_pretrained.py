@@ -186,3 +186,47 @@ def test_pretrained_task_writes_an_export_and_reads_exports_by_path(tmp_path, se
     config.pretrained.name = ""
     with pytest.raises(SettingsError, match=r"pretrained\.name"):
         config_lib.validate(config)
+
+
+def test_every_official_encoder_says_what_it_is_without_downloading():
+    from caco_jax.models import registry
+
+    for name, checkpoint in registry.CHECKPOINTS.items():
+        meta = checkpoint.meta()
+        assert meta["name"] == name and meta["bands"] == ["B4", "B3", "B2"]
+        assert meta["architecture"] == f"ResNet-{checkpoint.depth}" and meta["image_size"] == 224
+        assert meta["licence"].startswith("MIT") and meta["url"].endswith(checkpoint.file)
+        assert meta["publication"] and meta["pretraining_data"].startswith("CACo")
+    assert registry.get("r50_1m_caco").describe() == (
+        "CACo, ResNet-50, RGB 224 px, CACo 1M images (geography), 200 epochs"
+    )
+
+
+def test_another_file_under_an_official_name_is_refused(tmp_path, server):
+    """A torchvision file (same architecture, other keys) saved under the official name converts,
+    but is not labelled official; the official file's SHA-256 is recorded at first use and a file
+    changed since is refused at the next load."""
+    checkpoint = pretrained.get("r18_100k_caco")
+    torch_model = random_torch_resnet(18, seed=6)
+    cached = tmp_path / "checkpoints" / checkpoint.file
+    cached.parent.mkdir()
+    torch.save({k: v for k, v in torch_model.state_dict().items()}, cached)
+    with pytest.raises(pretrained.DownloadError, match="in the torchvision layout"):
+        pretrained.load_pretrained(checkpoint.name, cache=str(tmp_path), base_url=server.url)
+    assert not (tmp_path / "exports" / checkpoint.name).exists()
+
+    for path in (cached, cached.with_suffix(".pth.sha256")):
+        path.unlink()
+    buffer = io.BytesIO()
+    torch.save(sequential_state_dict(torch_model), buffer)
+    server.files[f"checkpoints/{checkpoint.file}"] = buffer.getvalue()
+    _, metadata = pretrained.load_pretrained(
+        checkpoint.name, cache=str(tmp_path), base_url=server.url
+    )
+    import hashlib
+
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    assert cached.with_suffix(".pth.sha256").read_text().strip() == digest == metadata["sha256"]
+    cached.write_bytes(buffer.getvalue()[:-10] + b"0123456789")  # changed after the download
+    with pytest.raises(pretrained.DownloadError, match=f"differs from {digest}, recorded"):
+        pretrained.load_pretrained(checkpoint.name, cache=str(tmp_path), base_url=server.url)

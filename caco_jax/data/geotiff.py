@@ -2,16 +2,24 @@
 
 A source is a file or a folder (searched recursively). A folder whose files are named by band
 (``B04.tif``, ``T33TVF_20230612T100031_B04_10m.jp2``, ``B4.tif``, ...) is one scene of single-band
-files, resampled bilinearly to the grid of the finest band; other GeoTIFFs are multi-band images
-whose bands are named by their descriptions, by ``bands``, or else taken in the encoder's order.
-In a folder of band files, other rasters (an L2A folder's TCI, SCL, AOT, WVP) are ignored, with a
-note. Images are cut into square ``tile`` px tiles at ``stride`` (the last row and column of tiles
-end at the image's edge, so every pixel is covered); an image narrower than that gives tiles of
-its narrower side.
+files; so is an L2A product's ``IMG_DATA`` folder, whose ``R10m``, ``R20m`` and ``R60m`` folders
+give each band at its finest resolution (in a ``.SAFE`` product, the mask and preview folders are
+passed over). Other GeoTIFFs are multi-band images whose bands are
+named by their descriptions, by ``bands``, or else taken in the encoder's order. In a folder of
+band files, other rasters (an L2A folder's TCI, SCL, AOT, WVP) are ignored, with a note.
 
-uint8 values are used as they are; uint16 values are Sentinel-2 L1C / L2A digital numbers
-(reflectance x 10000, less ``dn_offset``: 1000 for processing baseline 04.00 and later), mapped to
-the archive's uint8 scale (`layout.to_archive_uint8`).
+An image is read on one grid: its finest band's, or one given (the first date's, for a change
+map). Bands on that grid are read with a bilinear resample (a 20 m band's window into the 10 m
+tile's shape); bands on another grid are warped onto it. Images are cut into square ``tile`` px
+tiles at ``stride`` (the last row and column of tiles end at the image's edge, so every pixel is
+covered); an image narrower than that gives tiles of its narrower side.
+
+Raw values are brought to the archive's uint8 scale by `sentinel2.to_archive_uint8` (``scale``:
+uint8 as they are, digital numbers less ``dn_offset``, or reflectance), which refuses values that
+cannot be on that scale. ``dn_offset`` `AUTO_OFFSET` takes the offset from the product's metadata
+(`sentinel2.product_offset`). Pixels without data (the file's nodata value; digital number 0, the
+Sentinel-2 no-data value; where a warped band does not reach) are counted per tile
+(`Tile.nodata`).
 """
 
 from __future__ import annotations
@@ -23,11 +31,18 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from caco_jax.data import layout
+from caco_jax.data import sentinel2
 from caco_jax.data.normalization import Normalization
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff", ".jp2")
-SCALES = ("auto", "uint8", "reflectance_10000")
+SCALES = sentinel2.SCALES
+AUTO_OFFSET = -1.0  # dn_offset: from the product's metadata where found, else 0
+# A band warped onto an image's grid must cover this much of it (else it shows another place).
+MIN_COVERAGE = 0.5
+# An L2A product's IMG_DATA folders, finest first.
+L2A_RESOLUTION_FOLDERS = ("R10m", "R20m", "R60m")
+# Folders of a Sentinel-2 product (.SAFE) that hold masks, previews and auxiliary rasters.
+PRODUCT_FOLDERS_SKIPPED = ("QI_DATA", "AUX_DATA", "DATASTRIP", "HTML", "rep_info")
 # A band token in a file name: B04, B4, B8A, delimited by _ . - or the ends of the name.
 _BAND_TOKEN = re.compile(r"(?:^|[_.-])B(0?[1-9]|1[0-2]|8A)(?=[_.-]|$)")
 
@@ -43,6 +58,10 @@ class Tile:
     lat: float
     lon: float
     window: int = -1  # the CACo window of archive / records acquisitions; -1 for GeoTIFFs
+    row: int = -1  # GeoTIFF tiles: the first pixel's row and column on the image's grid
+    col: int = -1
+    nodata: float = 0.0  # the fraction of pixels without data in some band
+    footprint: tuple | None = None  # GeoTIFF tiles: closed ring of (lon, lat) corners
 
 
 def band_name(file_name: str) -> str | None:
@@ -58,10 +77,37 @@ def band_name(file_name: str) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class Image:
     """One georeferenced image to tile: its band files (one per band of the encoder's input, in
-    that order; a multi-band file appears once per band with its 1-based band index)."""
+    that order; a multi-band file appears once per band with its 1-based band index), its name
+    relative to the source (the tiles' ids start with it) and the digital-number offset its
+    product's metadata records (None: no metadata found)."""
 
     name: str
     files: tuple[tuple[str, int], ...]
+    dn_offset: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The pixel grid tiles are cut on: a CRS, an affine transform and a size."""
+
+    crs: object  # rasterio.crs.CRS
+    transform: object  # affine.Affine
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, dataset) -> Grid:
+        return cls(dataset.crs, dataset.transform, dataset.width, dataset.height)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        from rasterio.transform import array_bounds
+
+        return array_bounds(self.height, self.width, self.transform)  # west, south, east, north
+
+    @property
+    def res(self) -> tuple[float, float]:
+        return abs(self.transform.a), abs(self.transform.e)
 
 
 def find_images(
@@ -69,27 +115,50 @@ def find_images(
 ) -> list[Image]:
     """The images under ``source`` (a GeoTIFF file or a folder), their bands matched to the
     encoder's input; raises InputError naming the file or folder that does not fit."""
+    source = os.fspath(source)
     if os.path.isfile(source):
-        return [_multiband_image(source, normalization, bands)]
+        return [_multiband_image(source, os.path.basename(source), normalization, bands)]
     if not os.path.isdir(source):
         raise InputError(f"{source}: no such GeoTIFF file or folder")
+
+    def relative(path):
+        name = os.path.relpath(path, source)
+        return os.path.basename(os.path.abspath(source)) if name == "." else name
+
     images = []
     for folder, subfolders, files in os.walk(source):
         subfolders.sort()
-        rasters = sorted(f for f in files if f.lower().endswith(GEOTIFF_SUFFIXES))
+        if ".SAFE" in os.path.abspath(folder):  # a product: its band images only
+            subfolders[:] = [f for f in subfolders if f not in PRODUCT_FOLDERS_SKIPPED]
         by_band: dict[str, list[str]] = {}
+        others = []
+        levels = [f for f in L2A_RESOLUTION_FOLDERS if f in subfolders]
+        if levels:  # an L2A IMG_DATA folder: each band from its finest resolution folder
+            subfolders[:] = [f for f in subfolders if f not in levels]
+            for level in levels:
+                for name in sorted(os.listdir(os.path.join(folder, level))):
+                    band = band_name(name)
+                    if name.lower().endswith(GEOTIFF_SUFFIXES) and band is not None:
+                        by_band.setdefault(band, [os.path.join(folder, level, name)])
+        rasters = sorted(f for f in files if f.lower().endswith(GEOTIFF_SUFFIXES))
         for name in rasters:
             band = band_name(name)
-            if band is not None:
+            if band is None:
+                others.append(name)
+            else:
                 by_band.setdefault(band, []).append(os.path.join(folder, name))
         if by_band:
-            images.append(_band_files_image(folder, by_band, normalization))
-            others = [name for name in rasters if band_name(name) is None]
+            images.append(_band_files_image(folder, relative(folder), by_band, normalization))
             if others:  # e.g. an L2A folder's TCI, SCL, AOT, WVP rasters
                 print(f"embed: {folder}: not a band, ignored: {', '.join(others)}", flush=True)
         else:
             images += [
-                _multiband_image(os.path.join(folder, name), normalization, bands)
+                _multiband_image(
+                    os.path.join(folder, name),
+                    relative(os.path.join(folder, name)),
+                    normalization,
+                    bands,
+                )
                 for name in rasters
             ]
     if not images:
@@ -97,7 +166,7 @@ def find_images(
     return images
 
 
-def _band_files_image(folder: str, by_band: dict, normalization: Normalization) -> Image:
+def _band_files_image(folder: str, name: str, by_band: dict, normalization) -> Image:
     duplicated = {b: f for b, f in by_band.items() if len(f) > 1}
     if duplicated:
         raise InputError(f"{folder}: several files for one band: {duplicated}")
@@ -107,10 +176,14 @@ def _band_files_image(folder: str, by_band: dict, normalization: Normalization) 
             f"{folder}: no file for band(s) {', '.join(missing)} (the encoder takes "
             f"{', '.join(normalization.bands)}; found {', '.join(sorted(by_band))})"
         )
-    return Image(folder, tuple((by_band[b][0], 1) for b in normalization.bands))
+    return Image(
+        name,
+        tuple((by_band[b][0], 1) for b in normalization.bands),
+        sentinel2.product_offset(folder),
+    )
 
 
-def _multiband_image(path: str, normalization: Normalization, bands: Sequence[str]) -> Image:
+def _multiband_image(path: str, name: str, normalization, bands: Sequence[str]) -> Image:
     import rasterio
 
     with rasterio.open(path) as dataset:
@@ -129,7 +202,11 @@ def _multiband_image(path: str, normalization: Normalization, bands: Sequence[st
             f"{path}: bands named {names}, expected {count} named {list(normalization.bands)} "
             "(set embed.bands to the file's band order)"
         )
-    return Image(path, tuple((path, names.index(b) + 1) for b in normalization.bands))
+    return Image(
+        name,
+        tuple((path, names.index(b) + 1) for b in normalization.bands),
+        sentinel2.product_offset(os.path.dirname(path)),
+    )
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
@@ -140,6 +217,45 @@ def tile_origins(length: int, tile: int, stride: int) -> list[int]:
     return starts if starts[-1] == length - tile else [*starts, length - tile]
 
 
+def image_grid(image: Image) -> Grid:
+    """The grid of ``image``'s finest band (the first of equals), which `read_tiles` uses."""
+    import rasterio
+
+    grids = []
+    for path, _ in image.files:
+        with rasterio.open(path) as dataset:
+            _check_georeferenced(path, dataset)
+            grids.append((min(dataset.res), Grid.of(dataset)))
+    return min(grids, key=lambda item: item[0])[1]
+
+
+def _check_georeferenced(path, dataset) -> None:
+    if dataset.crs is None:
+        raise InputError(f"{path}: no CRS (expected a georeferenced GeoTIFF)")
+
+
+_NOTED: set[str] = set()  # images already named in a note on their offset
+
+
+def resolve_offset(image: Image, dn_offset: float) -> float:
+    """``dn_offset``, or for `AUTO_OFFSET` the one ``image``'s product metadata records (0, with
+    a note once per image, when there is none)."""
+    if dn_offset != AUTO_OFFSET:
+        return dn_offset
+    if image.dn_offset is None:
+        if image.name in _NOTED:
+            return 0.0
+        _NOTED.add(image.name)
+        print(
+            f"{image.name}: no product metadata (MTD_MSIL1C.xml / MTD_MSIL2A.xml) above "
+            "it; digital numbers taken without offset (set dn_offset=1000 for products of "
+            "processing baseline 04.00 and later)",
+            flush=True,
+        )
+        return 0.0
+    return image.dn_offset
+
+
 def read_tiles(
     image: Image,
     *,
@@ -147,80 +263,135 @@ def read_tiles(
     stride: int = 0,
     scale: str = "auto",
     dn_offset: float = 0.0,
+    grid: Grid | None = None,
+    origins: Sequence[tuple[int, int]] | None = None,
 ) -> Iterator[Tile]:
-    """The tiles of ``image`` on the grid of its finest band, as archive-scale raw values."""
+    """The tiles of ``image`` on ``grid`` (default: `image_grid`), as archive-scale raw values:
+    those starting at ``origins`` ((row, col) pairs; default: all, `tile_grid`).
+
+    Bands on the grid (the same CRS and footprint, to within half a pixel) are read at its size
+    with a bilinear resample. Bands on another grid (shifted bounds, as real Sentinel-2 10, 20 and
+    60 m bands have, or another CRS) are warped onto it by GDAL's bilinear warp
+    (`rasterio.vrt.WarpedVRT`); where such a band does not cover the grid its pixels are 0, nodata.
+    """
     import rasterio
     from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
 
+    grid = grid or image_grid(image)
     datasets = [rasterio.open(path) for path, _ in image.files]
+    opened, warped = list(datasets), set()
     try:
-        reference = max(range(len(datasets)), key=lambda i: datasets[i].width)
-        grid = datasets[reference]
-        for (path, _), dataset in zip(image.files, datasets, strict=True):
-            if dataset.crs is None:
-                raise InputError(f"{path}: no CRS (expected a georeferenced GeoTIFF)")
-            if dataset.crs != grid.crs:
+        for index, dataset in enumerate(datasets):
+            path = image.files[index][0]
+            _check_georeferenced(path, dataset)
+            if on_grid(dataset, grid):
+                continue
+            covered = coverage(dataset, grid)
+            if covered < MIN_COVERAGE:
                 raise InputError(
-                    f"{path}: CRS {dataset.crs} differs from {grid.crs} of "
-                    f"{image.files[reference][0]} (the bands of an image must share one grid)"
+                    f"{path}: covers {covered:.0%} of the grid it is read on ({grid.crs}, bounds "
+                    f"{tuple(round(b, 1) for b in grid.bounds)}): it must show the same place"
                 )
-            # Same footprint to within half a pixel of the finest band.
-            if not np.allclose(dataset.bounds, grid.bounds, rtol=0, atol=0.5 * min(grid.res)):
-                raise InputError(
-                    f"{path}: bounds {tuple(dataset.bounds)} differ from {tuple(grid.bounds)} of "
-                    f"{image.files[reference][0]}"
+            # Real 10, 20 and 60 m bands do not share exact bounds: warp onto the grid.
+            datasets[index] = WarpedVRT(
+                dataset,
+                crs=grid.crs,
+                transform=grid.transform,
+                width=grid.width,
+                height=grid.height,
+                resampling=Resampling.bilinear,
+                add_alpha=True,  # its mask then marks where the band does not reach
+            )
+            opened.append(datasets[index])
+            warped.add(index)
+        size = min(tile, grid.height, grid.width)
+        for row, col in tile_grid(grid, tile, stride) if origins is None else origins:
+            channels, missing = [], np.zeros((size, size), bool)
+            for index, ((path, band), dataset) in enumerate(
+                zip(image.files, datasets, strict=True)
+            ):
+                fx, fy = dataset.width / grid.width, dataset.height / grid.height
+                window = Window(col * fx, row * fy, size * fx, size * fy)
+                values = dataset.read(
+                    band, window=window, out_shape=(size, size), resampling=Resampling.bilinear
                 )
-        height, width = grid.height, grid.width
-        size = min(tile, height, width)
-        stride = stride or size
-        h = w = size
-        for row in tile_origins(height, size, stride):
-            for col in tile_origins(width, size, stride):
-                channels = []
-                for (path, band), dataset in zip(image.files, datasets, strict=True):
-                    fx, fy = dataset.width / width, dataset.height / height
-                    window = Window(col * fx, row * fy, w * fx, h * fy)
-                    values = dataset.read(
-                        band, window=window, out_shape=(h, w), resampling=Resampling.bilinear
-                    )
-                    channels.append(_archive_scale(values, path, scale, dn_offset))
-                lat, lon = _lat_lon(grid, row + h / 2.0, col + w / 2.0)
-                yield Tile(
-                    id=f"{image.name}:{row}:{col}",
-                    pixels=np.stack(channels, axis=-1),
-                    lat=lat,
-                    lon=lon,
+                on_scale = sentinel2.scale_of(values, scale)
+                missing |= _nodata(values, dataset.nodata, on_scale)
+                if index in warped:
+                    missing |= dataset.read_masks(band, window=window, out_shape=(size, size)) == 0
+                offset = resolve_offset(image, dn_offset) if on_scale == "dn" else 0.0
+                channels.append(
+                    sentinel2.to_archive_uint8(values, on_scale, offset=offset, name=path)
                 )
+            lat, lon = _lat_lon(grid, row + size / 2.0, col + size / 2.0)
+            yield Tile(
+                id=f"{image.name}:{row}:{col}",
+                pixels=np.stack(channels, axis=-1),
+                lat=lat,
+                lon=lon,
+                row=row,
+                col=col,
+                nodata=float(missing.mean()),
+                footprint=_footprint(grid, row, col, size),
+            )
     finally:
-        for dataset in datasets:
+        for dataset in reversed(opened):
             dataset.close()
 
 
-def _archive_scale(values: np.ndarray, path: str, scale: str, dn_offset: float) -> np.ndarray:
-    if scale == "auto":
-        if values.dtype == np.uint8:
-            scale = "uint8"
-        elif values.dtype == np.uint16:
-            scale = "reflectance_10000"
-        else:
-            raise InputError(
-                f"{path}: {values.dtype} values; expected uint8 (the archive's scale) or uint16 "
-                "(Sentinel-2 digital numbers), or set embed.scale"
-            )
-    if scale == "uint8":
-        return values.astype(np.uint8)
-    return layout.to_archive_uint8(values, offset=dn_offset)
+def _nodata(values: np.ndarray, nodata, scale: str) -> np.ndarray:
+    """Where ``values`` hold no data: the file's nodata value, or 0 for Sentinel-2 digital numbers
+    (their no-data value, which is also what a warp leaves where a band does not reach)."""
+    missing = np.zeros(values.shape, bool)
+    if nodata is not None and not np.isnan(nodata):
+        missing |= values == nodata
+    if scale == "dn":
+        missing |= values == 0
+    return missing
 
 
-def _lat_lon(dataset, row: float, col: float) -> tuple[float, float]:
-    x, y = dataset.transform @ (col, row)
-    if not dataset.crs.is_geographic:
-        from rasterio.warp import transform
+def coverage(dataset, grid) -> float:
+    """The fraction of ``grid``'s footprint that ``dataset``'s covers (in ``grid``'s CRS)."""
+    from rasterio.warp import transform_bounds
 
-        xs, ys = transform(dataset.crs, "EPSG:4326", [x], [y])
-        x, y = xs[0], ys[0]
-    return float(y), float(x)
+    left, bottom, right, top = transform_bounds(dataset.crs, grid.crs, *dataset.bounds)
+    g_left, g_bottom, g_right, g_top = grid.bounds
+    width = max(0.0, min(right, g_right) - max(left, g_left))
+    height = max(0.0, min(top, g_top) - max(bottom, g_bottom))
+    return width * height / ((g_right - g_left) * (g_top - g_bottom))
+
+
+def on_grid(dataset, grid) -> bool:
+    """Whether ``dataset`` covers ``grid``'s footprint in its CRS, to within half a pixel of the
+    grid (its pixels then line up with the grid's up to their size)."""
+    return dataset.crs == grid.crs and np.allclose(
+        dataset.bounds, grid.bounds, rtol=0, atol=0.5 * min(grid.res)
+    )
+
+
+def _to_lon_lat(grid, xs, ys) -> tuple[list[float], list[float]]:
+    if grid.crs.is_geographic:
+        return list(xs), list(ys)
+    from rasterio.warp import transform
+
+    return transform(grid.crs, "EPSG:4326", list(xs), list(ys))
+
+
+def _lat_lon(grid, row: float, col: float) -> tuple[float, float]:
+    x, y = grid.transform @ (col, row)
+    (lon,), (lat,) = _to_lon_lat(grid, [x], [y])
+    return float(lat), float(lon)
+
+
+def _footprint(grid, row: int, col: int, size: int) -> tuple:
+    """The tile's corners in (lon, lat), a closed ring (counter-clockwise on the map)."""
+    corners = [(col, row + size), (col + size, row + size), (col + size, row), (col, row)]
+    xs, ys = zip(*(grid.transform @ corner for corner in corners), strict=True)
+    lons, lats = _to_lon_lat(grid, xs, ys)
+    ring = tuple(zip(lons, lats, strict=True))
+    return (*ring, ring[0])
 
 
 def geotiff_tiles(
@@ -232,26 +403,30 @@ def geotiff_tiles(
     bands: Sequence[str] = (),
     scale: str = "auto",
     dn_offset: float = 0.0,
+    share: tuple[int, int] = (0, 1),
 ) -> tuple[Iterator[Tile], int]:
-    """The tiles of every image under ``source`` and how many there are."""
+    """The tiles of every image under ``source`` and how many there are; with ``share`` (index,
+    count), only every count-th tile from the index-th (one process's share of a run)."""
+    index, count = share
     images = find_images(source, normalization, bands)
-    total = sum(_tile_count(image, tile, stride) for image in images)
+    chosen, position = [], 0
+    for image in images:
+        origins = tile_grid(image_grid(image), tile, stride)
+        chosen.append([o for i, o in enumerate(origins, position) if i % count == index])
+        position += len(origins)
     tiles = (
         t
-        for image in images
-        for t in read_tiles(image, tile=tile, stride=stride, scale=scale, dn_offset=dn_offset)
+        for image, origins in zip(images, chosen, strict=True)
+        for t in read_tiles(
+            image, tile=tile, stride=stride, scale=scale, dn_offset=dn_offset, origins=origins
+        )
     )
-    return tiles, total
+    return tiles, sum(map(len, chosen))
 
 
-def _tile_count(image: Image, tile: int, stride: int) -> int:
-    import rasterio
-
-    shapes = []
-    for path, _ in image.files:
-        with rasterio.open(path) as dataset:
-            shapes.append((dataset.width, dataset.height))
-    width, height = max(shapes)
-    size = min(tile, height, width)
+def tile_grid(grid: Grid, tile: int, stride: int = 0) -> list[tuple[int, int]]:
+    """The (row, col) origins of the tiles `read_tiles` cuts from ``grid``, row by row."""
+    size = min(tile, grid.height, grid.width)
     stride = stride or size
-    return len(tile_origins(height, size, stride)) * len(tile_origins(width, size, stride))
+    rows, cols = tile_origins(grid.height, size, stride), tile_origins(grid.width, size, stride)
+    return [(row, col) for row in rows for col in cols]

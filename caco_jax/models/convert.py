@@ -1,6 +1,6 @@
 """PyTorch ResNet weights -> this project's ResNet -> an encoder export the evaluators load.
 
-Reads (torch is an optional extra: `pip install -r requirements-torch.txt`):
+Reads (torch is an optional extra: `pip install 'caco_jax[torch]'`):
 - the official CACo / SeCo / MoCo `.pth` query-encoder state dicts, whose keys index
   `nn.Sequential(conv1, bn1, relu, maxpool, layer1..layer4, avgpool, Flatten)`: `0.weight`,
   `1.running_mean`, `4.0.conv1.weight`, `5.0.downsample.1.running_var`, ...;
@@ -31,9 +31,9 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
-from caco_jax.models import export
+from caco_jax.models import export, registry
 from caco_jax.models.resnet import ARCHITECTURES, ResNet
-from caco_jax.runtime import storage
+from caco_jax.runtime import extras, storage
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section, SettingsError
 
@@ -89,11 +89,10 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.nd
         raise FileNotFoundError(f"config.convert.source: no file {path}")
     data = source.read_bytes()  # through bytes: the path may be a bucket URL
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load
-
+        load = extras.require("safetensors.numpy", "torch").load
         return {key: value.astype(np.float32) for key, value in load(data).items()}
 
-    import torch
+    torch = extras.require("torch", "torch")
 
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -114,6 +113,19 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.nd
         for key, value in loaded.items()
         if isinstance(value, torch.Tensor)
     }
+
+
+def key_layout(state: dict) -> str:
+    """How a state dict's keys are laid out: "sequential" (the official CACo/SeCo/MoCo `.pth`
+    query encoders, `0.weight`, `4.0.conv1.weight`), "lightning" (a pretraining checkpoint's
+    `encoder_q.` keys), "torchvision" (`conv1.weight`) or "unknown"."""
+    if any(key.startswith(ENCODER_PREFIXES) for key in state):
+        return "lightning"
+    if "0.weight" in state and any(key.startswith("4.0.") for key in state):
+        return "sequential"
+    if "conv1.weight" in state:
+        return "torchvision"
+    return "unknown"
 
 
 def torchvision_names(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -176,7 +188,10 @@ def build(depth: int, in_channels: int, state: dict[str, np.ndarray]) -> ResNet:
 
     The model is built abstractly and filled from `state`, so no random initialisation is
     computed."""
-    abstract = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels))
+    width = state["conv1.weight"].shape[0] if "conv1.weight" in state else 64  # torchvision: 64
+    abstract = nnx.eval_shape(
+        lambda: ResNet(depth, rngs=nnx.Rngs(0), in_channels=in_channels, width=width)
+    )
     graphdef, graph_state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(graph_state))
     expected = {torch_name(path): path for path in flat}
@@ -216,10 +231,6 @@ def convert(path: str, *, depth: int = 0, allow_pickle: bool = False) -> tuple[R
     return build(inferred, state["conv1.weight"].shape[1], state), notes
 
 
-# The official weights were pretrained on 224 px crops of SeCo-stretched RGB (B4, B3, B2).
-OFFICIAL_IMAGE_SIZE = 224
-
-
 def write_export(
     source: str,
     output: str,
@@ -231,17 +242,24 @@ def write_export(
 ) -> tuple[ResNet, list[str]]:
     """Converts the torch file ``source`` and saves it as an encoder export at ``output``.
 
-    The export records the official RGB input normalisation and 224 px image size (what the
-    official CACo/SeCo/MoCo weights and torchvision's ImageNet weights were trained on), plus
-    ``metadata`` (e.g. the method). Weights with other than 3 input channels are refused: no
-    normalisation is known for them.
+    The export records the encoder's input: the one the JSON beside ``source`` records
+    (``<stem>.json``, written by `torch_export` with every export: its ``input`` normalisation and
+    ``image_size``), else for 3-channel weights the official RGB input at 224 px (what the official
+    CACo/SeCo/MoCo weights and torchvision's ImageNet weights were trained on); other weights
+    without that JSON are refused, since nothing says what their bands are. ``metadata`` (e.g. the
+    method) is recorded too.
     """
     model, notes = convert(source, depth=depth, allow_pickle=allow_pickle)
-    if model.in_channels != 3:
+    recorded = _sidecar_input(source)
+    if recorded is None and model.in_channels != 3:
         raise ConversionError(
-            f"{source}: the stem takes {model.in_channels} channels; only RGB (3-channel) weights "
-            "have a known input normalisation"
+            f"{source}: the stem takes {model.in_channels} channels and no "
+            f"{os.path.splitext(source)[0]}.json beside it records their bands and "
+            "normalisation (caco_jax's PyTorch export writes one); only RGB weights have a "
+            "known input"
         )
+    if recorded is not None:
+        notes.append(f"input and image size from {os.path.splitext(source)[0]}.json")
     for note in notes:
         logging.info("convert: %s", note)
         print(f"convert: {note}", flush=True)
@@ -250,11 +268,28 @@ def write_export(
         "converted_by": "caco_jax.models.convert",
         "notes": notes,
         EXPORT_KEY: Normalization.rgb().to_json(),
-        export.IMAGE_SIZE_KEY: OFFICIAL_IMAGE_SIZE,
+        export.IMAGE_SIZE_KEY: registry.OFFICIAL_IMAGE_SIZE,
+        **(recorded or {}),
         **(metadata or {}),
     }
     export.save_encoder(output, model, record, overwrite=overwrite)
     return model, notes
+
+
+def _sidecar_input(source: str) -> dict | None:
+    """{input, image_size, method, ...} from the JSON `torch_export` writes beside its weights."""
+    import json
+
+    sidecar = storage.path(os.path.splitext(source)[0] + ".json")
+    if not sidecar.exists():
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+        Normalization.from_json(record[EXPORT_KEY])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConversionError(f"{sidecar}: not a caco_jax export's JSON ({error})") from None
+    keys = (EXPORT_KEY, export.IMAGE_SIZE_KEY, "method", "pretrained_name")
+    return {key: record[key] for key in keys if record.get(key) is not None}
 
 
 def check_task(settings) -> None:

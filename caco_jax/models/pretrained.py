@@ -1,13 +1,14 @@
 """The official pretrained encoders by name: download, convert, load.
 
-`CHECKPOINTS` holds exactly the weights the official repository lists
-(`utkarshmall13/CACo`, `src/utils/pretrained_checkpoints.py`, `saved_torch_ckpts`), served as
-`.pth` files of the `nn.Sequential` query encoder from the project page's `checkpoints/` folder
-(`OFFICIAL_BASE_URL`, the link in the official README). `load_pretrained(name)` downloads one into
-the cache (progress bar; an interrupted transfer resumes with an HTTP Range request; the size is
-checked against the server's, the SHA-256 where one is known), converts it once into an encoder
-export (`models.convert`) and loads it. Any other encoder export, e.g. `<workdir>/encoder` of a
-pretraining run, loads the same way from its path.
+`CHECKPOINTS` (`models.registry`, with what each encoder is) holds exactly the weights the official
+repository lists, served as `.pth` files of the `nn.Sequential` query encoder from the project
+page's `checkpoints/` folder. `load_pretrained(name)` downloads one into the cache (progress bar; an
+interrupted transfer resumes with an HTTP Range request; the size is checked against the server's),
+checks the file (its keys and shapes must be the official `nn.Sequential` layout of the named
+architecture before it is labelled official; its SHA-256 is recorded beside it on first use and
+compared at every later load), converts it once into an encoder export (`models.convert`) and loads
+it. Any other encoder export, e.g. `<workdir>/encoder` of a pretraining run, loads the same way from
+its path.
 
 The cache is `$CACO_JAX_CACHE` or `~/.cache/caco_jax`: `checkpoints/<file>.pth` (the downloads),
 `exports/<name>/` (the converted exports). Offline, put a file downloaded elsewhere at the path the
@@ -23,75 +24,15 @@ import os
 import urllib.error
 import urllib.request
 
-from caco_jax.data.normalization import Normalization
 from caco_jax.models import convert, export
+from caco_jax.models.registry import CHECKPOINTS, OFFICIAL_BASE_URL, Checkpoint, get
 from caco_jax.runtime import progress, storage
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section, SettingsError
 
-OFFICIAL_BASE_URL = "https://research.cs.cornell.edu/caco/checkpoints/"
 CACHE_ENV = "CACO_JAX_CACHE"
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """One published encoder: its file, architecture, how and on what it was pretrained."""
-
-    name: str
-    file: str
-    depth: int
-    method: str
-    data: str  # the pretraining archive
-    epochs: int
-    normalization: Normalization = dataclasses.field(default_factory=Normalization.rgb)
-    image_size: int = convert.OFFICIAL_IMAGE_SIZE
-    sha256: str | None = None  # the official repository publishes no checksums
-
-    def url(self, base_url: str = OFFICIAL_BASE_URL) -> str:
-        return base_url.rstrip("/") + "/" + self.file
-
-    def metadata(self, base_url: str = OFFICIAL_BASE_URL) -> dict:
-        """What the converted export records about its origin."""
-        return {
-            "pretrained_name": self.name,
-            "method": self.method,
-            "pretraining_data": self.data,
-            "epochs": self.epochs,
-            "url": self.url(base_url),
-        }
-
-
-def _official(depth: int, data: str, method: str, epochs: int) -> Checkpoint:
-    archive = {"100k": "CACo 100k images (geography)", "1m": "CACo 1M images (geography)"}[data]
-    return Checkpoint(
-        name=f"r{depth}_{data}_{method}",
-        file=f"resnet{depth}_{method}_geo_{data}_{epochs}.pth",
-        depth=depth,
-        method=method,
-        data=archive,
-        epochs=epochs,
-    )
-
-
-# In the official file's order.
-CHECKPOINTS: dict[str, Checkpoint] = {
-    c.name: c
-    for c in (
-        _official(18, "100k", "seco", 1000),
-        _official(18, "100k", "moco", 200),
-        _official(18, "100k", "teco", 1000),
-        _official(18, "100k", "caco", 1000),
-        _official(18, "1m", "seco", 200),
-        _official(18, "1m", "caco", 200),
-        _official(50, "100k", "moco", 200),
-        _official(50, "100k", "seco", 1000),
-        _official(50, "100k", "caco", 1000),
-        _official(50, "1m", "seco", 200),
-        _official(50, "1m", "caco", 200),
-    )
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,15 +77,6 @@ def cache_dir(override: str = "") -> str:
     )
 
 
-def get(name: str) -> Checkpoint:
-    if name not in CHECKPOINTS:
-        raise KeyError(
-            f"{name!r} is neither an official encoder ({', '.join(CHECKPOINTS)}) "
-            "nor the path of an encoder export"
-        )
-    return CHECKPOINTS[name]
-
-
 def download(checkpoint: Checkpoint, *, cache: str = "", base_url: str = OFFICIAL_BASE_URL) -> str:
     """The path of ``checkpoint``'s file in the cache, downloaded first if it is not there.
 
@@ -154,6 +86,7 @@ def download(checkpoint: Checkpoint, *, cache: str = "", base_url: str = OFFICIA
     folder = os.path.join(cache_dir(cache), "checkpoints")
     path = os.path.join(folder, checkpoint.file)
     if os.path.isfile(path):
+        check_recorded_sha256(path)
         return path
     os.makedirs(folder, exist_ok=True)
     url = checkpoint.url(base_url)
@@ -207,7 +140,28 @@ def download(checkpoint: Checkpoint, *, cache: str = "", base_url: str = OFFICIA
                 "the corrupt download was removed"
             )
     os.replace(partial, path)
+    check_recorded_sha256(path)
     return path
+
+
+def check_recorded_sha256(path: str) -> str:
+    """The SHA-256 of a cached checkpoint file, recorded beside it (``<file>.sha256``) the first
+    time it is used and compared with that record every later time: a file that changed since
+    (replaced, truncated, another file under the official name) is a DownloadError."""
+    digest = _sha256(path)
+    record = path + ".sha256"
+    if not os.path.exists(record):
+        with open(record, "w") as f:
+            f.write(digest + "\n")
+        return digest
+    with open(record) as f:
+        recorded = f.read().strip()
+    if recorded != digest:
+        raise DownloadError(
+            f"{path}: SHA-256 {digest} differs from {recorded}, recorded when it was first "
+            f"downloaded ({record}); delete both files to download it again"
+        )
+    return digest
 
 
 def _sha256(path: str) -> str:
@@ -225,9 +179,11 @@ def export_path(name: str, *, cache: str = "", base_url: str = OFFICIAL_BASE_URL
         return os.path.abspath(name)
     checkpoint = get(name)
     target = os.path.join(cache_dir(cache), "exports", checkpoint.name)
-    if not os.path.isdir(target):
+    downloaded = os.path.join(cache_dir(cache), "checkpoints", checkpoint.file)
+    if not os.path.isdir(target) or os.path.isfile(downloaded):  # checked at every load
         source = download(checkpoint, cache=cache, base_url=base_url)
-        write_official_export(checkpoint, source, target, base_url=base_url)
+        if not os.path.isdir(target):
+            write_official_export(checkpoint, source, target, base_url=base_url)
     return target
 
 
@@ -239,7 +195,18 @@ def write_official_export(
     base_url: str = OFFICIAL_BASE_URL,
     overwrite: bool = False,
 ) -> str:
-    """Converts the downloaded ``source`` of ``checkpoint`` into an export at ``output``."""
+    """Converts the downloaded ``source`` of ``checkpoint`` into an export at ``output``, once
+    its keys and shapes are those of the official file: the `nn.Sequential` query encoder of a
+    ResNet-``checkpoint.depth`` (a torchvision or Lightning file under the official name is
+    refused, whatever its weights)."""
+    layout = convert.key_layout(convert.load_state_dict(source))
+    if layout != "sequential":
+        raise DownloadError(
+            f"{source} is not the official {checkpoint.name} file: its keys are in the "
+            f"{layout} layout, the official files hold the nn.Sequential query encoder "
+            "(0.weight, 1.running_mean, 4.0.conv1.weight, ...); delete it to download the "
+            "official one"
+        )
     convert.write_export(
         source,
         output,
@@ -247,6 +214,7 @@ def write_official_export(
         overwrite=overwrite,
         metadata={
             **checkpoint.metadata(base_url),
+            "sha256": _sha256(source),
             "input": checkpoint.normalization.to_json(),
             export.IMAGE_SIZE_KEY: checkpoint.image_size,
         },

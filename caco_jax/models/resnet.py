@@ -184,12 +184,23 @@ ARCHITECTURES = {
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)  # with a builder: torchvision.models.resnet{depth}
 
 
-def torchvision_arch(depth: int) -> str:
-    """The torchvision call that builds the same network (for export sidecars)."""
-    if depth in TORCHVISION_DEPTHS:
-        return f"torchvision.models.resnet{depth}"
+def torchvision_arch(depth: int, width: int = 64, in_channels: int = 3) -> str:
+    """The torchvision call that builds the same network (for export sidecars), or what to change
+    in it: torchvision's ResNets are 64 wide and take 3 channels."""
+    if width != 64:
+        return (
+            f"none in torchvision: a ResNet-{depth} of width {width} in torchvision's layout "
+            "(torchvision's are 64 wide)"
+        )
     block, blocks_per_stage = ARCHITECTURES[depth]
-    return f"torchvision.models.resnet.ResNet({block.__name__}, {list(blocks_per_stage)})"
+    call = (
+        f"torchvision.models.resnet{depth}()"
+        if depth in TORCHVISION_DEPTHS
+        else f"torchvision.models.resnet.ResNet({block.__name__}, {list(blocks_per_stage)})"
+    )
+    if in_channels != 3:
+        call += f", its conv1 replaced by torch.nn.Conv2d({in_channels}, 64, 7, 2, 3, bias=False)"
+    return call
 
 
 class ResNet(nnx.Module):

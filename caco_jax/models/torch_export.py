@@ -9,8 +9,9 @@ The state dict has torchvision's ResNet names (`conv1.weight`, `bn1.running_mean
 
 gives the encoder's pooled features. `.pth` files need torch; `.safetensors` files are written with
 the `safetensors` package alone. `<name>.json` beside the weights records the input the encoder
-expects (`input` = `Normalization.to_json()`, `image_size`) and how to rebuild it (`arch`, `depth`),
-copied from the export's metadata. `caco_jax/models/convert.py` reads both formats back.
+expects (`input` = `Normalization.to_json()`, `image_size`), every step from raw Sentinel-2 values
+to that input (`recipe`, `data.sentinel2`), and how to rebuild it (`arch`, `depth`), copied from
+the export's metadata. `caco_jax/models/convert.py` reads both formats back.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import os
 import numpy as np
 from flax import nnx, traverse_util
 
+from caco_jax.data import sentinel2
 from caco_jax.data.normalization import EXPORT_KEY
-from caco_jax.models import convert, export, resnet
+from caco_jax.models import convert, export, registry, resnet
+from caco_jax.runtime import extras
 
 FORMATS = (".pth", ".safetensors")
 
@@ -59,20 +62,22 @@ def write(export_dir: str, output: str, *, overwrite: bool = False) -> dict:
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staging = f"{stem}.incoming{suffix}"
     if suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
-        save_file(state, staging)
+        extras.require("safetensors.numpy", "torch").save_file(state, staging)
     else:
-        import torch
+        torch = extras.require("torch", "torch")
 
         torch.save({key: torch.from_numpy(value.copy()) for key, value in state.items()}, staging)
+    normalization = export.input_normalization(metadata)
+    image_size = metadata.get(export.IMAGE_SIZE_KEY) or registry.OFFICIAL_IMAGE_SIZE
     record = {
-        "arch": resnet.torchvision_arch(model.depth),
+        "arch": resnet.torchvision_arch(model.depth, model.width, model.in_channels),
         "depth": model.depth,
         "in_channels": model.in_channels,
         "classifier": "none: set model.fc = torch.nn.Identity() before load_state_dict",
-        EXPORT_KEY: export.input_normalization(metadata).to_json(),
-        export.IMAGE_SIZE_KEY: metadata.get(export.IMAGE_SIZE_KEY),
+        EXPORT_KEY: normalization.to_json(),
+        export.IMAGE_SIZE_KEY: image_size,
+        # Every step from raw Sentinel-2 values to the input, with the numbers of `input`.
+        "recipe": sentinel2.recipe(normalization, image_size),
         "source_export": os.path.abspath(export_dir),
         **{k: metadata[k] for k in ("method", "pretrained_name", "url") if k in metadata},
     }

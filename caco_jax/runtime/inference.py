@@ -1,6 +1,7 @@
 """A frozen model over host batches on every device: what the evaluators and the products share.
 
-The batch is split over the devices of the 1-D mesh (`runtime.mesh`) and the model is replicated;
+The batch is split over this process's devices (a 1-D mesh, `runtime.mesh`) and the model is
+replicated;
 only the raw pixels cross to the devices, and ``preprocess`` (the encoder's input recipe) runs
 inside the compiled function. Each batch is padded to the global batch size, so a shape compiles
 once, and the function is keyed by (graph, preprocess), so every encoder of one architecture and
@@ -51,7 +52,8 @@ class FrozenModel:
         batch_size: int,
         mesh: jax.sharding.Mesh | None = None,
     ):
-        mesh = mesh or mesh_lib.data_mesh()
+        # This process's devices: in a run of several processes each embeds its own share.
+        mesh = mesh or mesh_lib.local_mesh()
         self.batch_size = global_batch_size(batch_size, mesh)
         self.preprocess = preprocess
         model.eval()

@@ -23,6 +23,12 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(devices, (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def local_mesh() -> jax.sharding.Mesh:
+    """The 1-D mesh over this process's devices: for work each process does on its own share
+    (embeddings, change maps), with no collective across processes."""
+    return data_mesh(jax.local_devices())
+
+
 def gather(x):
     """Inside `jax.shard_map`: the rows of ``x`` of every device, replicated on each."""
     return jax.lax.all_gather(x, AXIS, tiled=True, to="invarying")

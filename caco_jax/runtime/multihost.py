@@ -200,3 +200,20 @@ def _exit_now(message: str) -> None:
     sys.stdout.flush()
     print(message, file=sys.stderr, flush=True)
     os._exit(1)
+
+
+def current() -> Process:
+    """This process's place in the run (JAX's process index and count)."""
+    import jax
+
+    return Process(jax.process_index(), jax.process_count())
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of the run reaches ``name`` (returns at once in one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -12,8 +12,8 @@ below is the default of a config key that can point elsewhere (``config.data.dat
   change/              CACo's change report: histograms per epoch, labels.csv
   metrics.jsonl        pretraining scalars, one JSON line per log step
   tensorboard/         the same as TensorBoard events
-  change_map/          the change_map task's CSV, GeoJSON and figures
-  embeddings.npz/.parquet   the embed task's output
+  change_map/          the change_map task's rasters, CSV, GeoJSON, figures and embeddings
+  embeddings/          the embed task's GeoParquet dataset (a part per process, _manifest.json)
   locations/           sampled locations (task sample_locations)
   archive/             a downloaded archive (task download)
   results.json         what every task of the last run returned
@@ -104,7 +104,7 @@ class Workdir:
 
     @property
     def embeddings(self) -> str:
-        """The stem of ``embeddings.npz`` and ``embeddings.parquet``."""
+        """The embed task's GeoParquet dataset folder (`products.geoparquet`)."""
         return self.join("embeddings")
 
     @property

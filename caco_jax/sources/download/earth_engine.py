@@ -1,6 +1,6 @@
 """The real `Client`: Sentinel-2 surface reflectance from Google Earth Engine (optional extra).
 
-  pip install -r requirements-earthengine.txt && earthengine authenticate
+  pip install 'caco_jax[earthengine]' && earthengine authenticate
 
 `ee` is imported only when an `EarthEngineClient` is made, so nothing else in caco_jax needs it.
 Authentication is the user's own (`earthengine authenticate` or application default credentials);
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from caco_jax.runtime import extras
 from caco_jax.sources.download.client import Acquisition, PixelGrid, TransientError
 
 HIGH_VOLUME_URL = "https://earthengine-highvolume.googleapis.com"
@@ -47,13 +48,7 @@ class EarthEngineClient:
     """Searches and fetches one Earth Engine image collection (e.g. COPERNICUS/S2_SR_HARMONIZED)."""
 
     def __init__(self, collection: str, project: str = "", high_volume: bool = True):
-        try:
-            import ee
-        except ImportError as error:
-            raise ImportError(
-                "the downloader needs the Earth Engine API: "
-                "pip install -r requirements-earthengine.txt"
-            ) from error
+        ee = extras.require("ee", "earthengine")
         self._ee = ee
         self._collection = collection
         try:

