@@ -307,35 +307,43 @@ def read_tiles(
             opened.append(datasets[index])
             warped.add(index)
         size = min(tile, grid.height, grid.width)
-        for row, col in tile_grid(grid, tile, stride) if origins is None else origins:
-            channels, missing = [], np.zeros((size, size), bool)
+        origins = tile_grid(grid, tile, stride) if origins is None else list(origins)
+        places = _places(grid, origins, size)
+        # A strip of tiles at a time: one read per band and tile row (GDAL calls, not pixels,
+        # dominate per-tile reads), cut into the row's tiles.
+        for row, cols in _rows(origins):
+            left, right = min(cols), max(cols) + size
+            channels, missing = [], np.zeros((size, right - left), bool)
             for index, ((path, band), dataset) in enumerate(
                 zip(image.files, datasets, strict=True)
             ):
                 fx, fy = dataset.width / grid.width, dataset.height / grid.height
-                window = Window(col * fx, row * fy, size * fx, size * fy)
+                window = Window(left * fx, row * fy, (right - left) * fx, size * fy)
+                shape = (size, right - left)
                 values = dataset.read(
-                    band, window=window, out_shape=(size, size), resampling=Resampling.bilinear
+                    band, window=window, out_shape=shape, resampling=Resampling.bilinear
                 )
                 on_scale = sentinel2.scale_of(values, scale)
                 missing |= _nodata(values, dataset.nodata, on_scale)
                 if index in warped:
-                    missing |= dataset.read_masks(band, window=window, out_shape=(size, size)) == 0
+                    missing |= dataset.read_masks(band, window=window, out_shape=shape) == 0
                 offset = resolve_offset(image, dn_offset) if on_scale == "dn" else 0.0
                 channels.append(
                     sentinel2.to_archive_uint8(values, on_scale, offset=offset, name=path)
                 )
-            lat, lon = _lat_lon(grid, row + size / 2.0, col + size / 2.0)
-            yield Tile(
-                id=f"{image.name}:{row}:{col}",
-                pixels=np.stack(channels, axis=-1),
-                lat=lat,
-                lon=lon,
-                row=row,
-                col=col,
-                nodata=float(missing.mean()),
-                footprint=_footprint(grid, row, col, size),
-            )
+            strip = np.stack(channels, axis=-1)
+            for col in cols:
+                lat, lon, footprint = places[row, col]
+                yield Tile(
+                    id=f"{image.name}:{row}:{col}",
+                    pixels=strip[:, col - left : col - left + size],
+                    lat=lat,
+                    lon=lon,
+                    row=row,
+                    col=col,
+                    nodata=float(missing[:, col - left : col - left + size].mean()),
+                    footprint=footprint,
+                )
     finally:
         for dataset in reversed(opened):
             dataset.close()
@@ -379,19 +387,32 @@ def _to_lon_lat(grid, xs, ys) -> tuple[list[float], list[float]]:
     return transform(grid.crs, "EPSG:4326", list(xs), list(ys))
 
 
-def _lat_lon(grid, row: float, col: float) -> tuple[float, float]:
-    x, y = grid.transform @ (col, row)
-    (lon,), (lat,) = _to_lon_lat(grid, [x], [y])
-    return float(lat), float(lon)
+def _rows(origins) -> list[tuple[int, list[int]]]:
+    """``origins`` grouped by row, in their order: [(row, [col, ...]), ...]."""
+    rows: dict[int, list[int]] = {}
+    for row, col in origins:
+        rows.setdefault(row, []).append(col)
+    return list(rows.items())
 
 
-def _footprint(grid, row: int, col: int, size: int) -> tuple:
-    """The tile's corners in (lon, lat), a closed ring (counter-clockwise on the map)."""
-    corners = [(col, row + size), (col + size, row + size), (col + size, row), (col, row)]
-    xs, ys = zip(*(grid.transform @ corner for corner in corners), strict=True)
-    lons, lats = _to_lon_lat(grid, xs, ys)
-    ring = tuple(zip(lons, lats, strict=True))
-    return (*ring, ring[0])
+def _places(grid, origins, size: int) -> dict:
+    """{(row, col): (lat, lon of the tile's centre, its footprint)}: the tiles' corners in
+    longitude and latitude, a closed ring counter-clockwise on the map, all reprojected at once."""
+    if not origins:
+        return {}
+    offsets = [(0.5, 0.5), (0, 1), (1, 1), (1, 0), (0, 0)]  # centre, then the corners
+    points = [
+        grid.transform @ (col + dx * size, row + dy * size)
+        for row, col in origins
+        for dx, dy in offsets
+    ]
+    lons, lats = _to_lon_lat(grid, *zip(*points, strict=True))
+    places = {}
+    for i, origin in enumerate(origins):
+        at = slice(5 * i, 5 * i + 5)
+        ring = tuple(zip(lons[at][1:], lats[at][1:], strict=True))
+        places[tuple(origin)] = (float(lats[at][0]), float(lons[at][0]), (*ring, ring[0]))
+    return places
 
 
 def geotiff_tiles(
@@ -406,14 +427,15 @@ def geotiff_tiles(
     share: tuple[int, int] = (0, 1),
 ) -> tuple[Iterator[Tile], int]:
     """The tiles of every image under ``source`` and how many there are; with ``share`` (index,
-    count), only every count-th tile from the index-th (one process's share of a run)."""
-    index, count = share
+    count), only those of every count-th row of tiles from the index-th, counting the rows of all
+    images in turn (one process's share of a run: rows, as `read_tiles` reads a row at once)."""
     images = find_images(source, normalization, bands)
-    chosen, position = [], 0
+    chosen, first_row = [], 0
     for image in images:
         origins = tile_grid(image_grid(image), tile, stride)
-        chosen.append([o for i, o in enumerate(origins, position) if i % count == index])
-        position += len(origins)
+        mine, rows = share_rows(origins, share, first_row)
+        chosen.append(mine)
+        first_row += rows
     tiles = (
         t
         for image, origins in zip(images, chosen, strict=True)
@@ -422,6 +444,20 @@ def geotiff_tiles(
         )
     )
     return tiles, sum(map(len, chosen))
+
+
+def share_rows(origins, share: tuple[int, int], first_row: int = 0):
+    """(the ``origins`` in every ``share[1]``-th row of tiles from the ``share[0]``-th, the
+    number of rows), the rows numbered from ``first_row``."""
+    index, count = share
+    rows = _rows(origins)
+    mine = [
+        (row, col)
+        for number, (row, cols) in enumerate(rows, first_row)
+        if number % count == index
+        for col in cols
+    ]
+    return mine, len(rows)
 
 
 def tile_grid(grid: Grid, tile: int, stride: int = 0) -> list[tuple[int, int]]:

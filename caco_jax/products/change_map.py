@@ -398,7 +398,7 @@ def scene_embeddings(
     share: tuple[int, int] = (0, 1),
 ) -> tuple[embed_lib.Embeddings, embed_lib.Embeddings]:
     """The embeddings of the same tiles of both scenes (this process's ``share`` of them)."""
-    origins = geotiff.tile_grid(pair.grid, image_size)[share[0] :: share[1]]
+    origins, _ = geotiff.share_rows(geotiff.tile_grid(pair.grid, image_size), share)
     result = []
     for image, offset in zip((pair.before, pair.after), dn_offsets, strict=True):
         tiles = geotiff.read_tiles(

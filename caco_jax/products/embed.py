@@ -13,8 +13,8 @@ Sources (``config.embed.kind``):
 - ``archive``: every acquisition of a CACo archive (`data.archive`), whole.
 - ``records``: every acquisition of prepared ``caco_geography`` records, whole.
 
-The task runs on every process of a run, each embedding its share of the tiles round robin on
-its own devices, and writes a partitioned GeoParquet dataset (`products.geoparquet`): per tile
+The task runs on every process of a run, each embedding its share (every n-th row of tiles,
+record or location) on its own devices, and writes a partitioned GeoParquet dataset (`products.geoparquet`): per tile
 ``id`` (relative to the source), ``lat``, ``lon`` (its centre), ``window``, ``nodata`` (the fraction
 of its pixels without data), ``embedding`` (a fixed-size list) and ``geometry`` (the tile's
 footprint; an archive acquisition's location centre). `Embeddings.read` reads it back.
@@ -401,7 +401,7 @@ def embed(
     """Embeddings of ``source`` with ``encoder`` (an `Encoder`, an official name or an export
     path); the keywords are those of `geotiff.geotiff_tiles` / `record_tiles`, and the cache and
     server of `pretrained.load_pretrained`; ``share`` (index, count) takes one process's share of
-    the tiles (GeoTIFF tiles, records, or archive locations, round robin)."""
+    the tiles (rows of GeoTIFF tiles, records, or archive locations, round robin)."""
     model, normalization, image_size = load_encoder(encoder, cache=cache, base_url=base_url)
     if kind == "geotiff":
         tiles, total = geotiff.geotiff_tiles(
