@@ -5,7 +5,8 @@ Writes an L1C-like scene of band files with the real 10/20/60 m sizes and bounds
 1933 x 1947 px cut (B01 starts 10 m west and ends 50 m north of B02, B05 10 m east, ...), uint16
 digital numbers, and two encoder exports of a ResNet-18 at ``--image_size`` px: RGB (B4, B3, B2)
 and all 12 bands. Each measurement runs in its own process (`--tree` first on ``sys.path``), twice
-in a row: the first includes loading and compiling, the second is the steady state. The RGB scene
+in a row: the first includes loading and compiling, the second is the steady state; then the
+encoder alone on as many zero tiles (the floor: the model's time without reading). The RGB scene
 is also embedded by ``--baseline_tree`` in the same run, alternating with this tree, for the ratio;
 an all-bands encoder needs the resampling onto one grid that older trees refuse.
 
@@ -42,7 +43,23 @@ for _ in range(2):
     start = time.perf_counter()
     result = embed.embed(sys.argv[2], sys.argv[3], dn_offset=0.0, batch_size=int(sys.argv[4]))
     times.append(time.perf_counter() - start)
-print(json.dumps({"tiles": len(result.ids), "first_s": times[0], "steady_s": times[1]}))
+row = {"tiles": len(result.ids), "first_s": times[0], "steady_s": times[1]}
+try:  # the floor: the encoder alone on as many tiles (trees with runtime.inference)
+    import numpy as np
+    from caco_jax.runtime import inference
+    model, normalization, size = embed.load_encoder(sys.argv[3])
+    frozen = inference.FrozenModel(
+        model, embed.EncoderInput(normalization, size), batch_size=int(sys.argv[4])
+    )
+    batch = np.zeros((frozen.batch_size, size, size, normalization.num_bands), np.uint8)
+    frozen(batch)
+    start = time.perf_counter()
+    for _ in range(-(-len(result.ids) // frozen.batch_size)):
+        frozen(batch)
+    row["model_s"] = time.perf_counter() - start
+except (ImportError, AttributeError):
+    pass
+print(json.dumps(row))
 """
 
 
@@ -139,9 +156,11 @@ def main() -> None:
             steady = float(np.median([r["steady_s"] for r in mine]))
             first = float(np.median([r["first_s"] for r in mine]))
             tiles = mine[0]["tiles"]
+            model = [r["model_s"] for r in mine if "model_s" in r]
             print(
                 f"{encoder}: {tiles} tiles, first {first:.1f} s, steady {steady:.1f} s "
                 f"({tiles / steady:.0f} tiles/s)"
+                + (f"; the encoder alone {np.median(model):.1f} s" if model else "")
             )
     base = [r["steady_s"] for r in rows if r["tree"] == "baseline" and "steady_s" in r]
     mine = [r["steady_s"] for r in rows if r["tree"] == "this tree" and r["encoder"] == "rgb"]
