@@ -25,6 +25,7 @@ import numpy as np
 
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
+from caco_jax.runtime import errors
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff", ".jp2")
 SCALES = ("auto", "uint8", "reflectance_10000")
@@ -32,7 +33,7 @@ SCALES = ("auto", "uint8", "reflectance_10000")
 _BAND_TOKEN = re.compile(r"(?:^|[_.-])B(0?[1-9]|1[0-2]|8A)(?=[_.-]|$)")
 
 
-class InputError(ValueError):
+class InputError(errors.UserError, ValueError):
     """An input that cannot be embedded with this encoder; the message names the file."""
 
 

@@ -33,7 +33,7 @@ from flax import nnx, traverse_util
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models import export
 from caco_jax.models.resnet import ARCHITECTURES, ResNet
-from caco_jax.runtime import storage
+from caco_jax.runtime import errors, storage
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section, SettingsError
 
@@ -75,7 +75,7 @@ class ConvertSettings(Section):
         )
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
     """A state dict that does not describe a supported ResNet; the message lists the culprits."""
 
 

@@ -25,7 +25,7 @@ import urllib.request
 
 from caco_jax.data.normalization import Normalization
 from caco_jax.models import convert, export
-from caco_jax.runtime import progress, storage
+from caco_jax.runtime import errors, progress, storage
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section, SettingsError
 
@@ -126,7 +126,7 @@ class PretrainedSettings(Section):
         )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(errors.UserError, RuntimeError):
     """A checkpoint could not be fetched or failed its checks; the message says where to put it."""
 
 
@@ -136,9 +136,16 @@ def cache_dir(override: str = "") -> str:
     )
 
 
+class UnknownEncoderError(errors.UserError, KeyError):
+    """A name that is neither an official encoder nor an export path."""
+
+    def __str__(self) -> str:  # KeyError's own quotes the message
+        return str(self.args[0])
+
+
 def get(name: str) -> Checkpoint:
     if name not in CHECKPOINTS:
-        raise KeyError(
+        raise UnknownEncoderError(
             f"{name!r} is neither an official encoder ({', '.join(CHECKPOINTS)}) "
             "nor the path of an encoder export"
         )

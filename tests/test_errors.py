@@ -1,0 +1,98 @@
+"""Expected errors are one line and exit status 2; the rest keep their traceback
+(caco_jax/runtime/errors.py)."""
+
+import errno
+
+import pytest
+
+from caco_jax.data import archive, geotiff
+from caco_jax.models import convert, export, pretrained
+from caco_jax.runtime import errors
+from caco_jax.settings import SettingsError
+
+
+def chained(outer, inner):
+    """``outer`` raised while handling ``inner``, as library code raises it."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            raise outer from inner
+    except BaseException as error:
+        return error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        archive.ArchiveError("caco10k.tar.gz: not a gzip file (starts with b'PK')"),
+        geotiff.InputError("scene.tif: band B4 holds NaN values"),
+        convert.ConversionError("weights.pth: not a ResNet state dict"),
+        pretrained.DownloadError("cannot download https://x/y.pth (timed out)"),
+        export.ExportError("load_encoder: /w/encoder is damaged"),
+        SettingsError("config.train.batch_size: must be >= 2"),
+        FileNotFoundError("config.eval.manual_dir='/d' lacks eurosat-train.txt"),
+        FileExistsError(errno.EEXIST, "File exists", "/w/embeddings.npz"),
+        PermissionError(errno.EACCES, "Permission denied", "/readonly/w"),
+    ],
+)
+def test_expected_errors_are_one_line_with_status_2_and_no_traceback(error, capsys, monkeypatch):
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    assert errors.report(error) == errors.EXIT_STATUS == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("run.py: ") and "Traceback" not in err
+
+
+def test_an_unknown_encoder_name_reads_as_its_message_not_a_quoted_key(capsys):
+    with pytest.raises(pretrained.UnknownEncoderError) as raised:
+        pretrained.get("r18_100k_cacoo")
+    assert errors.report(raised.value, "caco-jax") == 2
+    assert capsys.readouterr().err == (
+        "caco-jax: 'r18_100k_cacoo' is neither an official encoder "
+        f"({', '.join(pretrained.CHECKPOINTS)}) nor the path of an encoder export\n"
+    )
+
+
+def test_a_bug_keeps_its_traceback_and_status_1(capsys):
+    error = chained(TypeError("unsupported operand"), KeyError("x"))
+    assert errors.report(error) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.rstrip().endswith("TypeError: unsupported operand")
+
+
+def test_the_environment_variable_adds_the_traceback_to_the_line(capsys, monkeypatch):
+    monkeypatch.setenv(errors.TRACEBACK_ENV, "1")
+    error = chained(archive.ArchiveError("a.tar.gz: truncated"), EOFError("end of stream"))
+    assert errors.report(error) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "EOFError: end of stream" in err
+    assert err.splitlines()[-1] == "run.py: a.tar.gz: truncated"
+
+
+def test_a_full_disk_deep_in_a_library_is_its_root_cause_once(capsys):
+    # TensorStore reports ENOSPC inside a ValueError that Orbax wraps again.
+    disk = OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/4/state/d/1a2b")
+    inner = chained(ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left"), disk)
+    outer = chained(RuntimeError("async save failed:\n" + "detail\n" * 50), inner)
+    assert errors.is_expected(outer) and errors.root_cause(outer) is disk
+    assert errors.report(outer) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("run.py: the disk is full (") and "No space left" in line
+
+
+def test_tfds_missing_manual_dir_is_one_line_with_what_to_do(capsys):
+    error = AssertionError(
+        "Manual directory /data/eurosat does not exist or is empty. Create it and download/extract "
+        "dataset artifacts in there using instructions:\nDownload EuroSAT..."
+    )
+    assert errors.report(error) == 2
+    assert capsys.readouterr().err == (
+        "run.py: Manual directory /data/eurosat does not exist or is empty: point "
+        "config.eval.manual_dir at the folder holding the download (see docs/evaluation.md)\n"
+    )
+    assert not errors.is_expected(AssertionError("an internal invariant broke"))
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    assert errors.report(KeyboardInterrupt()) == 130
+    assert capsys.readouterr().err == "run.py: interrupted\n"
