@@ -77,7 +77,7 @@ def test_a_full_disk_deep_in_a_library_is_its_root_cause_once(capsys):
     assert errors.is_expected(outer) and errors.root_cause(outer) is disk
     assert errors.report(outer) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("run.py: the disk is full (") and "No space left" in line
+    assert line.startswith("run.py: out of disk space (") and "No space left" in line
 
 
 def test_tfds_missing_manual_dir_is_one_line_with_what_to_do(capsys):

@@ -111,7 +111,7 @@ def one_line(error: BaseException) -> str:
         return f"{error.filename}: {error.strerror}"
     if not isinstance(error, UserError | SettingsError) and disk_full(error):
         cause = next(link for link in _chain(error) if _says_disk_full(link))
-        return f"the disk is full ({_first_line(cause)}); free space or set a smaller output"
+        return f"out of disk space ({_first_line(cause)}); free space, then run again"
     return text or type(error).__name__
 
 
