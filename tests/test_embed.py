@@ -13,7 +13,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as reproject
 
 from caco_jax import config as config_lib
-from caco_jax.data import layout
+from caco_jax.data import geotiff, layout
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import common
 from caco_jax.models import export
@@ -165,3 +165,61 @@ def test_archive_acquisitions_become_whole_tiles_in_the_encoders_band_order(tmp_
     blocks = first.pixels[..., 1].astype(float).reshape(132, 2, 132, 2).mean(axis=(1, 3))
     assert np.abs(blocks - coarse).mean() < 2.0
     np.testing.assert_allclose((first.lat, first.lon), (centre[1], centre[0]), atol=1e-5)
+
+
+def write_nodata_tif(path, bands, nodata):
+    count, height, width = bands.shape
+    with rasterio.open(
+        path, "w", driver="GTiff", height=height, width=width, count=count, dtype=bands.dtype,
+        crs="EPSG:32633", transform=from_origin(500_000.0, 4_700_000.0, 10.0, 10.0),
+        nodata=nodata,
+    ) as dst:  # fmt: skip
+        dst.write(bands)
+        for index, name in enumerate(("B4", "B3", "B2"), start=1):
+            dst.set_band_description(index, name)
+
+
+def test_nodata_tiles_are_skipped_and_partial_ones_flagged_in_the_output(tmp_path, encoder, capsys):
+    directory, _ = encoder
+    values = np.random.default_rng(2).integers(1000, 4000, size=(3, 32, 64), dtype=np.uint16)
+    values[:, :, :32] = 0  # the left tile: nodata only (outside the swath)
+    values[:, :16, 32:] = 0  # the right tile: its top half
+    write_nodata_tif(tmp_path / "scene.tif", values, nodata=0)
+    result = embed.embed(str(tmp_path / "scene.tif"), directory, batch_size=8)
+    assert result.ids == [f"{tmp_path / 'scene.tif'}:0:32"]
+    np.testing.assert_allclose(result.nodata_fraction, [0.5])
+    assert "scene.tif: skipped 1 tile(s) of nodata only" in capsys.readouterr().out
+    saved = np.load(result.write(str(tmp_path / "out"))["npz"])
+    np.testing.assert_allclose(saved["nodata_fraction"], [0.5])
+
+
+def tiles_of(path, scale="auto"):
+    (image,) = geotiff.find_images(str(path), Normalization.rgb())
+    return list(geotiff.read_tiles(image, tile=TILE, scale=scale))
+
+
+def test_nan_and_values_outside_the_stated_scale_are_refused_naming_the_band(tmp_path):
+    reflectance = np.full((3, 32, 32), 0.2, np.float32) * 10_000
+    reflectance[1, 5, 7] = np.nan  # one NaN in B3
+    write_nodata_tif(tmp_path / "nan.tif", reflectance, nodata=None)
+    with pytest.raises(geotiff.InputError) as refused:
+        tiles_of(tmp_path / "nan.tif", scale="reflectance_10000")
+    assert str(refused.value).startswith(f"{tmp_path / 'nan.tif'} (B3): 1 NaN value(s)")
+    # NaN as the file's nodata value is no data, not an error.
+    write_nodata_tif(tmp_path / "nan_nodata.tif", reflectance, nodata=float("nan"))
+    (tile,) = tiles_of(tmp_path / "nan_nodata.tif", scale="reflectance_10000")
+    assert tile.nodata_fraction == pytest.approx(1 / (32 * 32))
+    # uint16 digital numbers declared uint8: they would wrap modulo 256.
+    numbers = np.full((3, 32, 32), 1200, np.uint16)
+    write_nodata_tif(tmp_path / "dn.tif", numbers, nodata=None)
+    with pytest.raises(geotiff.InputError) as refused:
+        tiles_of(tmp_path / "dn.tif", scale="uint8")
+    assert str(refused.value).startswith(
+        f"{tmp_path / 'dn.tif'} (B4): values from 1200 to 1200, outside the 0-255 of "
+        "embed.scale='uint8'"
+    )
+    assert len(tiles_of(tmp_path / "dn.tif")) == 1  # "auto" reads them as digital numbers
+    negative = np.full((3, 32, 32), -5.0, np.float32)
+    write_nodata_tif(tmp_path / "negative.tif", negative, nodata=None)
+    with pytest.raises(geotiff.InputError, match=r"outside the 0-65535 of embed.scale="):
+        tiles_of(tmp_path / "negative.tif", scale="reflectance_10000")

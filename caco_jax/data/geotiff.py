@@ -12,6 +12,12 @@ its narrower side.
 uint8 values are used as they are; uint16 values are Sentinel-2 L1C / L2A digital numbers
 (reflectance x 10000, less ``dn_offset``: 1000 for processing baseline 04.00 and later), mapped to
 the archive's uint8 scale (`layout.to_archive_uint8`).
+
+Values are checked, never silently mapped: a pixel marked nodata (the file's nodata value or mask)
+is no data, a tile of nodata only is skipped and counted, and a tile with some carries the share
+in `Tile.nodata_fraction`; a NaN among the data, or a value outside the stated scale's range (a
+uint16 value above 255 with ``scale="uint8"`` would wrap), is an InputError naming the file and
+band (`check_values`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Tile:
     lat: float
     lon: float
     window: int = -1  # the CACo window of archive / records acquisitions; -1 for GeoTIFFs
+    nodata_fraction: float = 0.0  # the share of its pixels that a band marks as nodata
 
 
 def band_name(file_name: str) -> str | None:
@@ -176,26 +183,84 @@ def read_tiles(
         size = min(tile, height, width)
         stride = stride or size
         h = w = size
+        empty = 0
         for row in tile_origins(height, size, stride):
             for col in tile_origins(width, size, stride):
-                channels = []
+                channels, valid = [], np.ones((h, w), bool)
                 for (path, band), dataset in zip(image.files, datasets, strict=True):
                     fx, fy = dataset.width / width, dataset.height / height
                     window = Window(col * fx, row * fy, w * fx, h * fy)
                     values = dataset.read(
                         band, window=window, out_shape=(h, w), resampling=Resampling.bilinear
                     )
+                    data = valid_pixels(dataset, band, window, (h, w))
+                    check_values(
+                        values, data, f"{path} ({_band_label(dataset, path, band)})", scale
+                    )
+                    valid &= data
                     channels.append(_archive_scale(values, path, scale, dn_offset))
+                if not valid.any():
+                    empty += 1
+                    continue
                 lat, lon = _lat_lon(grid, row + h / 2.0, col + w / 2.0)
                 yield Tile(
                     id=f"{image.name}:{row}:{col}",
                     pixels=np.stack(channels, axis=-1),
                     lat=lat,
                     lon=lon,
+                    nodata_fraction=float(1.0 - valid.mean()),
                 )
+        if empty:
+            print(f"embed: {image.name}: skipped {empty} tile(s) of nodata only", flush=True)
     finally:
         for dataset in datasets:
             dataset.close()
+
+
+# The raw values each scale maps (`layout.to_archive_uint8` clips digital numbers above 10000).
+SCALE_RANGES = {"uint8": (0, 255), "reflectance_10000": (0, 65535)}
+
+
+def valid_pixels(dataset, band: int, window, shape) -> np.ndarray:
+    """bool [h, w]: the pixels of ``window`` that band ``band`` does not mark as nodata (its
+    nodata value, a mask band or an alpha band: GDAL's mask), at the tile's grid."""
+    from rasterio.enums import Resampling
+
+    mask = dataset.read_masks(band, window=window, out_shape=shape, resampling=Resampling.nearest)
+    return mask > 0
+
+
+def check_values(values: np.ndarray, valid: np.ndarray, where: str, scale: str) -> None:
+    """Raises InputError naming ``where`` (a file and band) when its data (``valid`` pixels)
+    hold NaN or values outside the range of ``scale`` ("auto": that of the values' type)."""
+    data = values[valid]
+    if not data.size:
+        return
+    if np.issubdtype(data.dtype, np.floating) and np.isnan(data).any():
+        raise InputError(
+            f"{where}: {int(np.isnan(data).sum())} NaN value(s) among the data; mark them as the "
+            "file's nodata value (or mask them) to have them skipped"
+        )
+    if scale == "auto":
+        scale = {np.dtype(np.uint8): "uint8", np.dtype(np.uint16): "reflectance_10000"}.get(
+            data.dtype, scale
+        )
+    if scale not in SCALE_RANGES:
+        return  # a type without a scale: `_archive_scale` names it
+    low, high = SCALE_RANGES[scale]
+    smallest, largest = data.min(), data.max()
+    if smallest < low or largest > high:
+        raise InputError(
+            f"{where}: values from {smallest:g} to {largest:g}, outside the {low}-{high} of "
+            f"embed.scale={scale!r} (they would wrap or clip); set embed.scale to the values' "
+            "scale, or mark invalid values as the file's nodata value"
+        )
+
+
+def _band_label(dataset, path: str, band: int) -> str:
+    """A band's name for messages: its description, the band its file name names, or its index."""
+    description = dataset.descriptions[band - 1] if dataset.descriptions else None
+    return description or band_name(path) or f"band {band}"
 
 
 def _archive_scale(values: np.ndarray, path: str, scale: str, dn_offset: float) -> np.ndarray:

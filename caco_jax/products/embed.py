@@ -20,6 +20,7 @@ Sources (``config.embed.kind``):
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Iterable, Sequence
 
@@ -74,6 +75,8 @@ class Embeddings:
     lat: np.ndarray  # [N] float64
     lon: np.ndarray
     window: np.ndarray  # [N] int64
+    # [N] float32: the share of each tile's pixels marked nodata (GeoTIFFs; 0 elsewhere)
+    nodata_fraction: np.ndarray | None = None
 
     def write(self, stem: str, *, overwrite: bool = False) -> dict:
         """``<stem>.npz`` and ``<stem>.parquet`` (local or in a bucket, `storage.path`); returns
@@ -86,7 +89,7 @@ class Embeddings:
             if path.exists() and not overwrite:
                 raise FileExistsError(f"{path} already exists (set embed.overwrite to replace it)")
         paths["npz"].parent.mkdir(parents=True, exist_ok=True)
-        with paths["npz"].open("wb") as f:
+        with io.BytesIO() as f:  # written whole, then renamed into place (a rerun replaces it)
             np.savez(
                 f,
                 ids=np.asarray(self.ids, dtype=str),
@@ -94,7 +97,9 @@ class Embeddings:
                 lat=self.lat,
                 lon=self.lon,
                 window=self.window,
+                nodata_fraction=self._nodata_fraction(),
             )
+            storage.replace_bytes(paths["npz"], f.getvalue())
         dim = self.embeddings.shape[1]
         table = pa.table(
             {
@@ -102,14 +107,21 @@ class Embeddings:
                 "lat": pa.array(self.lat, pa.float64()),
                 "lon": pa.array(self.lon, pa.float64()),
                 "window": pa.array(self.window, pa.int64()),
+                "nodata_fraction": pa.array(self._nodata_fraction(), pa.float32()),
                 "embedding": pa.FixedSizeListArray.from_arrays(
                     pa.array(self.embeddings.reshape(-1), pa.float32()), dim
                 ),
             }
         )
-        with paths["parquet"].open("wb") as f:
+        with io.BytesIO() as f:
             pq.write_table(table, f)
+            storage.replace_bytes(paths["parquet"], f.getvalue())
         return {kind: os.fspath(path) for kind, path in paths.items()}
+
+    def _nodata_fraction(self) -> np.ndarray:
+        if self.nodata_fraction is None:
+            return np.zeros(len(self.ids), np.float32)
+        return np.asarray(self.nodata_fraction, np.float32)
 
 
 # ----------------------------------------------------------------------------- the encoder side
@@ -128,7 +140,7 @@ def embed_tiles(
     frozen = inference.FrozenModel(
         model, EncoderInput(normalization, image_size), batch_size=batch_size
     )
-    ids, lat, lon, window, features = [], [], [], [], []
+    ids, lat, lon, window, features, nodata = [], [], [], [], [], []
     pending: list[Tile] = []
 
     def flush():
@@ -139,6 +151,7 @@ def embed_tiles(
             lat.append(t.lat)
             lon.append(t.lon)
             window.append(t.window)
+            nodata.append(t.nodata_fraction)
         pending.clear()
 
     for tile in progress.bar(tiles, total=total, desc="embeddings", unit="image"):
@@ -160,6 +173,7 @@ def embed_tiles(
         lat=np.asarray(lat, np.float64),
         lon=np.asarray(lon, np.float64),
         window=np.asarray(window, np.int64),
+        nodata_fraction=np.asarray(nodata, np.float32),
     )
 
 
@@ -326,6 +340,8 @@ def run_task(settings, workdir) -> dict:
         cache=settings.pretrained.cache_dir,
         base_url=settings.pretrained.base_url,
     )
-    paths = result.write(e.output or workdir.embeddings, overwrite=e.overwrite)
+    # The workdir's own embeddings are this task's output: a rerun replaces them. Those written to
+    # embed.output are replaced only with embed.overwrite.
+    paths = result.write(e.output or workdir.embeddings, overwrite=e.overwrite or not e.output)
     print(f"embed: {len(result.ids)} embeddings of dimension {result.embeddings.shape[1]}")
     return {**paths, "count": len(result.ids), "dim": int(result.embeddings.shape[1])}
