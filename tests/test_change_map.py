@@ -166,3 +166,13 @@ def test_change_map_of_a_pretraining_run_from_its_own_labels(tmp_path):
         [float(table["b"][k]) for k in ("d_lt", "d_st", "ratio")], [0.9, 0.1, 9.0]
     )
     assert (table["a"]["changed"], table["b"]["changed"]) == ("False", "True")
+    # A rerun in the same workdir replaces the workdir's own map, whole files only; one written
+    # to change_map.output is kept unless change_map.overwrite says otherwise.
+    (tmp_path / "change_map" / "change_map.csv").write_text("an earlier run's map")
+    again = change_map.run_task(config_lib.resolve(config), str(tmp_path))
+    assert again["change_map_csv"] == result["change_map_csv"]
+    assert "location_id" in (tmp_path / "change_map" / "change_map.csv").read_text()
+    assert sorted(os.listdir(tmp_path / "change_map")) == sorted(change_map.FILES)  # no temp
+    config.change_map.output = str(tmp_path / "change_map")
+    with pytest.raises(FileExistsError, match=r"change_map\.csv already exists \(set change_map"):
+        change_map.run_task(config_lib.resolve(config), str(tmp_path))

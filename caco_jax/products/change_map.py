@@ -208,19 +208,24 @@ def compute(
 
 def write(result: ChangeMap, folder: str, *, land_mask: bool = True, overwrite: bool = False):
     """The CSV, GeoJSON, map and histograms in ``folder`` (local or in a bucket,
-    `storage.path`); returns their paths."""
+    `storage.path`), each written whole under a temporary name and renamed into place, so that a
+    crash leaves an earlier file or the new one (`storage.replace_bytes`); returns their paths.
+    Existing files are replaced only with ``overwrite``."""
     folder = storage.path(folder)
     paths = {name.replace(".", "_"): folder / name for name in FILES}
     existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists (set change_map.overwrite)")
+        raise FileExistsError(
+            f"{existing[0]} already exists (set change_map.overwrite=True to replace it, or "
+            "change_map.output to write elsewhere)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     rows = result.rows()
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    paths["change_map_csv"].write_text(table.getvalue())
+    storage.replace_text(paths["change_map_csv"], table.getvalue())
     features = [
         {
             "type": "Feature",
@@ -229,8 +234,9 @@ def write(result: ChangeMap, folder: str, *, land_mask: bool = True, overwrite: 
         }
         for row in rows
     ]
-    paths["change_map_geojson"].write_text(
-        json.dumps({"type": "FeatureCollection", "features": features})
+    storage.replace_text(
+        paths["change_map_geojson"],
+        json.dumps({"type": "FeatureCollection", "features": features}),
     )
     plot_map(result, paths["change_map_png"], land_mask=land_mask)
     plot_histograms(result, paths["histograms_png"])
@@ -361,12 +367,13 @@ def run_task(settings, workdir) -> dict:
         cache=settings.pretrained.cache_dir,
         base_url=settings.pretrained.base_url,
     )
-    paths = write(
-        result,
-        c.output or workdir.change_map,
-        land_mask=c.land_mask,
-        overwrite=c.overwrite,
-    )
+    folder = c.output or workdir.change_map
+    # The workdir's own change map is this task's output: a rerun replaces it. One written to
+    # change_map.output is replaced only with change_map.overwrite.
+    replace = c.overwrite or not c.output
+    if replace and any((storage.path(folder) / name).exists() for name in FILES):
+        print(f"change_map: replacing the change map of an earlier run in {folder}", flush=True)
+    paths = write(result, folder, land_mask=c.land_mask, overwrite=replace)
     changed = int(result.changed.sum())
     print(f"change_map: {changed} of {len(result.location_id)} locations labelled changed")
     return {**paths, "locations": len(result.location_id), "changed": changed}
