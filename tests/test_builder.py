@@ -369,3 +369,18 @@ def test_a_prepare_removes_what_an_interrupted_one_left_and_a_second_writer_is_r
         f"data_dir {data_dir} is being written by another run (host other-host, pid 4242, "
         "started 2026-01-01T00:00:00+00:00; lock file "
     )
+
+
+def test_a_truncated_shard_is_named_with_the_fix(synthetic, tmp_path):
+    prepared = prepare(synthetic, tmp_path)
+    shard = sorted(prepared.data_path.glob("*.array_record-*"))[0]
+    os.truncate(shard, os.path.getsize(shard) // 3)  # a copy that stopped early
+    source = dataset.open_records(os.fspath(tmp_path))
+    with pytest.raises(records.DamagedRecordsError) as error:
+        for location in range(len(source)):
+            source.pixels(location, [0])
+    message = str(error.value)
+    assert message.startswith(f"{shard}: record 0 does not read (") and "\n" not in message
+    assert message.endswith(
+        f"the records are damaged: delete {prepared.data_path} and run the 'prepare' task again"
+    )
