@@ -3,6 +3,7 @@
 
 import errno
 
+import numpy as np
 import pytest
 
 from caco_jax.data import archive, geotiff
@@ -96,3 +97,43 @@ def test_tfds_missing_manual_dir_is_one_line_with_what_to_do(capsys):
 def test_ctrl_c_is_one_line_and_status_130(capsys):
     assert errors.report(KeyboardInterrupt()) == 130
     assert capsys.readouterr().err == "run.py: interrupted\n"
+
+
+def test_an_imagenet_row_of_other_bands_is_refused_before_any_row_is_evaluated(
+    tmp_path, monkeypatch
+):
+    """eval_land_cover reads RGB records: an ImageNet export of 12 bands is named before the
+    checkpoint row's probe runs (it used to fail after it, with no results written)."""
+    from caco_jax import config as config_lib
+    from caco_jax.data import layout
+    from caco_jax.data.normalization import EXPORT_KEY, Normalization
+    from caco_jax.evaluators import common, land_cover
+
+    rgb = Normalization.rgb()
+    twelve = Normalization(
+        bands=layout.BANDS, low=(0.0,) * 12, high=(255.0,) * 12, mean=(0.5,) * 12, std=(0.2,) * 12
+    )
+    export.save_encoder(
+        tmp_path / "encoder", common.random_encoder(18, 3, 1, width=8), {EXPORT_KEY: rgb.to_json()}
+    )
+    export.save_encoder(
+        tmp_path / "imagenet",
+        common.random_encoder(18, 12, 2, width=8),
+        {EXPORT_KEY: twelve.to_json()},
+    )
+    config = config_lib.for_tasks("eval_land_cover")
+    config.eval.imagenet_checkpoint = str(tmp_path / "imagenet")
+    images = np.zeros((4, 264, 264, 3), np.uint8)
+    monkeypatch.setattr(
+        land_cover,
+        "load_synthetic_land_cover",
+        lambda *args: (images, np.arange(4) % 2, np.arange(4)),
+    )
+    probed = []
+    monkeypatch.setattr(land_cover.inference, "extract_features", lambda *a, **k: probed.append(a))
+    with pytest.raises(common.EncoderInputError) as refused:
+        land_cover.run_task(config_lib.resolve(config), str(tmp_path))
+    assert str(refused.value).startswith(
+        f"the imagenet encoder ({tmp_path / 'imagenet'}): it takes bands ['B1', 'B2'"
+    )
+    assert probed == []

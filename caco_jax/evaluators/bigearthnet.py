@@ -377,7 +377,12 @@ def run_task(settings, workdir) -> dict:
     evaluate = finetune if protocol.finetune else frozen_probe
     datasets = {}
     rows = []
-    for encoder in common.encoders(shared, seed, workdir):
+    encoders = common.encoders(shared, seed, workdir)
+    common.check_inputs(
+        encoders,
+        lambda e: bigearthnet_input(e.input, bigearthnet_config_name(e.input), protocol.image_size),
+    )
+    for encoder in encoders:
         config_name = bigearthnet_config_name(encoder.input)
         bigearthnet_input(encoder.input, config_name, protocol.image_size)  # checks the bands
         if config_name not in datasets:

@@ -311,7 +311,7 @@ def run_task(settings, workdir) -> dict:
     row; the metrics go to `<checkpoint>_eval_dynamicearthnet_<mode>.json`."""
     protocol, shared, seed = settings.dynamicearthnet, settings.eval, settings.seed
     encoders = common.encoders(shared, seed, workdir)
-    inputs = [check_rgb(encoder) for encoder in encoders]  # before any work
+    inputs = common.check_inputs(encoders, check_rgb)  # before any work
     scenes = load_dynamicearthnet(shared)
     rows = []
     for encoder, normalization in zip(encoders, inputs, strict=True):

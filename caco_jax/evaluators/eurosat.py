@@ -134,7 +134,9 @@ def run_task(settings, workdir) -> dict:
     protocol, shared, seed = settings.eurosat, settings.eval, settings.seed
     datasets = {}
     rows = []
-    for encoder in common.encoders(shared, seed, workdir):
+    encoders = common.encoders(shared, seed, workdir)
+    common.check_inputs(encoders, lambda e: eurosat_input(e.input, eurosat_config_name(e.input)))
+    for encoder in encoders:
         config_name = eurosat_config_name(encoder.input)
         preprocess = eurosat_input(encoder.input, config_name)  # checks the bands first
         if config_name not in datasets:

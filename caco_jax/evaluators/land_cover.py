@@ -65,6 +65,14 @@ def load_synthetic_land_cover(data: dataset.DataSettings, workdir):
     return np.concatenate(images), np.asarray(labels), np.asarray(locations)
 
 
+def _check_rgb(encoder) -> None:
+    if not encoder.input.is_rgb:
+        raise ValueError(
+            f"it takes bands {list(encoder.input.bands)}; the synthetic records hold the "
+            "pretraining input, RGB (B4, B3, B2)"
+        )
+
+
 @functools.cache
 def pretraining_input(image_size: int):
     """The pretraining input (`Normalization.rgb`: SeCo's stretch, ImageNet mean/std), resized
@@ -93,7 +101,9 @@ def run_task(settings, workdir) -> dict:
     num_classes = len(synthetic.LAND_COVER_CLASSES)
     preprocess = pretraining_input(protocol.image_size)
     rows = []
-    for encoder in common.encoders(settings.eval, seed, workdir):
+    encoders = common.encoders(settings.eval, seed, workdir)
+    common.check_inputs(encoders, _check_rgb)  # before any row is probed
+    for encoder in encoders:
         features = [
             inference.extract_features(
                 encoder.model,

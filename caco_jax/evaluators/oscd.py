@@ -234,7 +234,9 @@ def run_task(settings, workdir) -> dict:
     protocol, shared, seed = settings.oscd, settings.eval, settings.seed
     datasets = {}
     rows = []
-    for encoder in common.encoders(shared, seed, workdir):
+    encoders = common.encoders(shared, seed, workdir)
+    common.check_inputs(encoders, lambda e: oscd_input(e.input, oscd_config_name(e.input)))
+    for encoder in encoders:
         config_name = oscd_config_name(encoder.input)
         preprocess = oscd_input(encoder.input, config_name)  # checks the bands first
         if config_name not in datasets:
