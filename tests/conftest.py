@@ -69,6 +69,7 @@ SYSTEM = (
     "test_end_to_end.py",
     "test_launchers.py",
     "test_notebook.py",
+    "test_rerun.py",
     "test_storage.py",
     "test_workers.py",
 )
