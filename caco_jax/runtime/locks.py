@@ -32,8 +32,7 @@ import sys
 import threading
 
 from caco_jax.runtime import errors, storage
-
-LOCK_FILE = "caco_jax.lock"
+from caco_jax.runtime.workdir import LOCK_FILE
 
 _held: dict[str, list] = {}  # lock path -> [open file descriptor, depth], this process's locks
 _held_lock = threading.Lock()
