@@ -157,12 +157,13 @@ def parse_flags(argv):
         return flags.FLAGS(argv)
     except flags.Error as error:
         message = str(error)
+        if "Traceback (most recent call last)" in message and not os.environ.get(
+            errors.TRACEBACK_ENV
+        ):  # a config file whose get_config raised: its first line and the error it ends with
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            message = f"{lines[0]} {lines[-1]} ({errors.TRACEBACK_ENV}=1 shows the traceback)"
     except (KeyError, AttributeError) as error:
         message = _unknown_override(argv, error)
-    except TypeError as error:  # a config argument its get_config does not take
-        if "get_config()" not in str(error):
-            raise
-        message = f"--config: {error} (config arguments follow the file name after a colon)"
     print(f"{_program(argv)}: {message}", file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_STATUS)
 
