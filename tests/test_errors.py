@@ -137,3 +137,19 @@ def test_an_imagenet_row_of_other_bands_is_refused_before_any_row_is_evaluated(
         f"the imagenet encoder ({tmp_path / 'imagenet'}): it takes bands ['B1', 'B2'"
     )
     assert probed == []
+
+
+def test_a_download_that_does_not_read_is_one_line(tmp_path, capsys):
+    """The evaluation datasets' readers raise ValueError naming the file (a corrupt EuroSAT zip);
+    a ValueError raised elsewhere is a bug and keeps its traceback."""
+    from caco_jax.evaluators.datasets import eurosat as eurosat_builder
+
+    (tmp_path / "EuroSAT_RGB.zip").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError) as raised:
+        eurosat_builder.find_images(str(tmp_path), "rgb")
+    assert errors.report(raised.value) == 2
+    assert capsys.readouterr().err == (
+        f"run.py: EuroSAT: {tmp_path / 'EuroSAT_RGB.zip'} is not a readable zip file (File is not "
+        "a zip file)\n"
+    )
+    assert not errors.is_expected(chained(ValueError("a bug's ValueError"), KeyError("x")))

@@ -9,7 +9,9 @@ Python's traceback and exit status 1.
 
 Expected are `UserError` (the base of caco_jax's own error types), `settings.SettingsError`, the
 operating system's errors about a path (missing, already there, not a folder, no permission, disk
-full) and the few library errors recognised in `_LIBRARY_ERRORS`. A library error that wraps
+full), the ValueErrors the readers of the evaluation downloads raise about a download that does
+not read (`_DOWNLOAD_READERS`; each names the file) and the few library errors recognised in
+`_LIBRARY_ERRORS`. A library error that wraps
 another (Orbax, asyncio, TensorStore) is described by its innermost cause (`root_cause`), once.
 """
 
@@ -55,6 +57,9 @@ _LIBRARY_ERRORS = (
         "point config.eval.manual_dir at the folder holding the download (see docs/evaluation.md)",
     ),
 )
+# Modules whose ValueErrors describe a download that does not read (a corrupt zip, a patch without
+# its labels, ...), each naming the file: the TFDS builders of the evaluation datasets.
+_DOWNLOAD_READERS = ("caco_jax.evaluators.datasets.",)
 # Markers of a message that is really about the disk, whatever exception carries it (TensorStore
 # reports a full disk as RESOURCE_EXHAUSTED inside a ValueError).
 _DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large")
@@ -84,6 +89,8 @@ def is_expected(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in _PATH_ERRNOS:
         return True
     if _library_advice(error) is not None:
+        return True
+    if type(error) is ValueError and _raised_in(error, _DOWNLOAD_READERS):
         return True
     return disk_full(error)
 
@@ -130,6 +137,18 @@ def report(error: BaseException, program: str = "run.py") -> int:
         return EXIT_STATUS
     sys.stderr.flush()
     return 1
+
+
+def _raised_in(error: BaseException, module_prefixes) -> bool:
+    """Whether ``error`` was raised by a `raise` in a module whose name starts with one of
+    ``module_prefixes`` (the innermost frame of its traceback)."""
+    traceback_ = error.__traceback__
+    if traceback_ is None:
+        return False
+    while traceback_.tb_next is not None:
+        traceback_ = traceback_.tb_next
+    module = traceback_.tb_frame.f_globals.get("__name__", "")
+    return module.startswith(module_prefixes)
 
 
 def _chain(error: BaseException):
