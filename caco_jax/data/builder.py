@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import logging
 import os
 from typing import ClassVar
 
@@ -57,6 +58,18 @@ PIXEL_GROUPS = {
 }
 # Raw uint8 bytes per acquisition; array_record compresses each record (see BENCHMARKS.md).
 PIXEL_ENCODING = tfds.features.Encoding.BYTES
+
+
+class _QuietUnpreparedFolders(logging.Filter):
+    """Drops TFDS's "Variant folder <path> has no dataset_info.json", which every `is_prepared` of
+    a dataset not prepared yet logs (the normal state before a first prepare, for caco_geography
+    and the evaluation datasets alike)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Variant folder ") and " has no " in str(record.msg))
+
+
+logging.getLogger("absl").addFilter(_QuietUnpreparedFolders())
 
 
 class TooManySkipsError(errors.UserError, RuntimeError):
