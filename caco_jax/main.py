@@ -219,7 +219,9 @@ def _main_reporting_errors(argv):
     try:
         main(argv)
     except (Exception, KeyboardInterrupt) as error:
-        sys.exit(errors.report(error, _program(argv)))
+        status = errors.report(error, _program(argv))
+        errors.silence_exit_noise()
+        sys.exit(status)
 
 
 def run() -> None:

@@ -417,8 +417,8 @@ class QuietSaveFailures:
     and the "Exception ignored" reports of coroutines that die with the event loop. A full disk
     gave thousands of such lines (2,648, with 317 tracebacks, the cause on line 5) before. The
     main thread meets the failure at its next save (`CheckpointSaveError`, one line). When the
-    block ends without one, what was held is replayed; after one, it is dropped, and reports of
-    coroutines collected at exit stay silenced."""
+    block ends without one, what was held is replayed; after one, it is dropped (`run.py` also
+    silences what the dying save threads report while the process ends: `errors.report`)."""
 
     def __enter__(self):
         self._held = {std_logging.getLogger(name): _HeldErrors() for name in ("absl", "asyncio")}
@@ -445,10 +445,9 @@ class QuietSaveFailures:
                     logger.handle(record)
         if failed:
             gc.collect()  # the failed save's coroutines, while still silenced
-            # Its threads and coroutines may still report while the process ends.
-            threading.excepthook, sys.unraisablehook = (lambda _: None), (lambda _: None)
-            return False
         sys.unraisablehook, threading.excepthook = self._hooks
+        if failed:
+            return False
         for args in self._thread_errors:
             threading.excepthook(args)
         for args in self._unraisable:

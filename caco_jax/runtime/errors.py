@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 import traceback
 
 from caco_jax.settings import SettingsError
@@ -134,9 +135,19 @@ def report(error: BaseException, program: str = "run.py") -> int:
         traceback.print_exception(error, file=sys.stderr)
     if expected:
         print(f"{program}: {one_line(error)}", file=sys.stderr, flush=True)
-        return EXIT_STATUS
     sys.stderr.flush()
-    return 1
+    return EXIT_STATUS if expected else 1
+
+
+def silence_exit_noise() -> None:
+    """For a process about to end on an error already reported: what background threads and
+    half-run coroutines of the failed work (Orbax's save threads, asyncio tasks) would report
+    while it ends only repeats it."""
+    sys.unraisablehook = threading.excepthook = _ignore
+
+
+def _ignore(*_) -> None:
+    pass
 
 
 def _raised_in(error: BaseException, module_prefixes) -> bool:
