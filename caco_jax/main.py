@@ -12,8 +12,11 @@ tasks and the official encoders.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -64,21 +67,18 @@ flags.register_multi_flags_validator(
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from caco_jax import config as config_lib
     from caco_jax import tasks
-    from caco_jax.runtime import multihost, storage
+    from caco_jax.runtime import errors, multihost
     from caco_jax.runtime.workdir import Workdir
     from caco_jax.settings import SettingsError
 
+    if len(argv) > 1:
+        raise errors.UserError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
     if not flags.FLAGS["verbosity"].present:
         # Orbax and grain log every checkpoint operation at INFO; `--verbosity=0` shows them.
         logging.set_verbosity(logging.WARNING)
-    try:
-        settings = config_lib.resolve(_CONFIG.value)
-    except SettingsError as error:
-        raise app.UsageError(str(error)) from None
+    settings = config_lib.resolve(_loaded_config())
     if _PRINT_CONFIG.value:
         print(json.dumps(settings.to_dict(), indent=2))
         return
@@ -91,7 +91,7 @@ def main(argv):
     )
     refused = tasks.multiprocess_refusals(settings.tasks) if process.count > 1 else []
     if refused:
-        raise app.UsageError(
+        raise SettingsError(
             f"config.tasks: {refused} run in one process; a run of several processes does "
             "synthesize, prepare and pretrain (evaluate afterwards without --multihost)"
         )
@@ -103,8 +103,36 @@ def main(argv):
     )
     root = workdir.path()  # a local folder or a bucket URL
     if root.exists() and not root.is_dir():
-        sys.exit(f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)")
+        raise errors.UserError(
+            f"--workdir {workdir} is a file; expected a folder (existing or new)"
+        )
     root.mkdir(parents=True, exist_ok=True)
+    with _workdir_lock(workdir, process):
+        _run_tasks(settings, workdir, process)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir, process):
+    """The workdir's lock (`runtime.locks`): one run writes into a workdir at a time; in a run of
+    several processes process 0 holds it for all, and its refusal ends them all."""
+    from caco_jax.runtime import locks, multihost
+
+    lock = locks.workdir_lock(workdir) if process.primary else locks.NO_LOCK
+    try:
+        lock.__enter__()
+    except BaseException as error:
+        if process.count > 1:  # the peers must not wait for this process
+            multihost.exit_after_failure(error)
+        raise
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_tasks(settings, workdir, process) -> None:
+    from caco_jax.runtime import multihost, storage
+
     # Every process runs every task as the task table says; only process 0 reports.
     report = print if process.primary else lambda *args, **kwargs: None
     report(f"workdir: {workdir}", flush=True)
@@ -128,29 +156,71 @@ def main(argv):
 
 def _run_task(name, settings, workdir, process) -> dict:
     from caco_jax import tasks
-    from caco_jax.runtime import checkpointing
 
-    try:
-        return tasks.run(
-            name, settings, workdir, process_index=process.index, process_count=process.count
-        )
-    except checkpointing.NoRestorableCheckpointError as error:
-        sys.exit(f"run.py: {error}")
+    return tasks.run(
+        name, settings, workdir, process_index=process.index, process_count=process.count
+    )
 
 
 def parse_flags(argv):
-    """absl's parser, with packaged configs by name and one-line errors for bad flags and
-    overrides of missing config keys."""
+    """absl's parser, with packaged configs by name and one-line errors (`runtime.errors`) for bad
+    flags, overrides of missing config keys and config files that do not load."""
+    from caco_jax.runtime import errors
+
     argv = with_config_path(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        sys.exit(f"{_program(argv)}: {error}")
+        message = str(error)
+        if "Traceback (most recent call last)" in message and not os.environ.get(
+            errors.TRACEBACK_ENV
+        ):  # a config file whose get_config raised: its first line and the error it ends with
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            message = f"{lines[0]} {lines[-1]} ({errors.TRACEBACK_ENV}=1 shows the traceback)"
     except (KeyError, AttributeError) as error:
-        key = str(error).strip("\"'")
-        sys.exit(
-            f"{_program(argv)}: a --config.* override names {key!r}, which the config does not have"
+        message = _unknown_override(argv, error)
+    print(f"{_program(argv)}: {message}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_STATUS)
+
+
+def _loaded_config():
+    """The config `--config` names; a file that does not load is one line (ml_collections loads
+    it on first use and reports a missing file in several lines)."""
+    from caco_jax.runtime import errors
+
+    try:
+        config = _CONFIG.value
+        getattr(config, "tasks", None)  # a file that did not load raises on first use
+        return config
+    except OSError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise errors.UserError(
+            f"--config {flags.FLAGS['config'].config_filename}: the config file does not load "
+            f"({lines[-1] if lines else type(error).__name__})"
+        ) from error
+
+
+def _unknown_override(argv, error) -> str:
+    """One line for ml_collections' KeyError of an override naming a key the config lacks: the
+    override's whole key, and ml_collections' suggestion."""
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a repr, maybe nested
+        try:
+            text = ast.literal_eval(text)
+        except (SyntaxError, ValueError):
+            break
+    name = text.splitlines()[0].strip("\"'") if text.strip() else "?"
+    keys = [a.split("=", 1)[0].removeprefix("--config.") for a in argv if a.startswith("--config.")]
+    key = next((k for k in keys if name in k.split(".")), name)
+    suggested = re.search(r'Did you mean "([^"]+)"', text)
+    hint = ""
+    if suggested:
+        hint = (
+            " (did you mean config."
+            + ".".join(suggested[1] if part == name else part for part in key.split("."))
+            + "?)"
         )
+    return f"--config.{key}: the config has no key {name!r}{hint}"
 
 
 def with_config_path(argv: list[str]) -> list[str]:
@@ -170,6 +240,18 @@ def _program(argv) -> str:
     return os.path.basename(argv[0]) if argv else "caco-jax"
 
 
+def _main_reporting_errors(argv):
+    """`main`, ending with one line and status 2 on an expected error (`runtime.errors`)."""
+    from caco_jax.runtime import errors
+
+    try:
+        main(argv)
+    except (Exception, KeyboardInterrupt) as error:
+        status = errors.report(error, _program(argv))
+        errors.silence_exit_noise()
+        sys.exit(status)
+
+
 def run() -> None:
     """The command line: `python run.py ...` or `caco-jax ...`."""
     from caco_jax import config_files
@@ -179,4 +261,4 @@ def run() -> None:
         sys.exit(0 if len(sys.argv) > 1 else 2)
     # config_flags reads the overrides from sys.argv: it must see the same arguments.
     sys.argv = with_config_path(sys.argv)
-    app.run(main, flags_parser=parse_flags)
+    app.run(_main_reporting_errors, flags_parser=parse_flags)

@@ -225,7 +225,7 @@ def test_missing_part_and_ambiguous_folder_are_errors(tmp_path):
     tar = pack_tar_gz(os.fspath(root), os.fspath(parts_dir / "clean_1m_geography.tar.gz"))
     parts = split_parts(tar)
     os.remove(parts[2])
-    with pytest.raises(archive.ArchiveError, match=r"clean_1m_geography_part\*.*missing \[2\]"):
+    with pytest.raises(archive.ArchiveError, match=r"clean_1m_geography_part\*.*missing \['2'\]"):
         archive.find_archive(parts_dir)
     pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "src" / "caco10k.tar.gz"))
     with pytest.raises(archive.ArchiveError, match=r"several archives.*caco10k\.tar\.gz.*folder"):
@@ -264,3 +264,127 @@ def test_tar_without_directory_entries_is_read(tmp_path):
             if member.isfile():
                 dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
     assert as_comparable(decode_all(files_only)) == as_comparable(decode_all(root))
+
+
+def test_a_missing_first_part_or_a_gap_is_named_before_anything_is_read(tmp_path):
+    root = tmp_path / "src" / "clean_1m_geography"
+    write_location(root, "000000", EARLY + LATE)
+    numbered = tmp_path / "numbered"
+    numbered.mkdir()
+    parts = split_parts(
+        pack_tar_gz(os.fspath(root), os.fspath(numbered / "clean_1m_geography.tar.gz"))
+    )
+    os.remove(parts[0])  # parts 1..3 left: not a 1-based set, since part1 is no gzip start
+    with pytest.raises(archive.ArchiveError) as error:
+        archive.find_archive(numbered)
+    assert "missing ['0'] (clean_1m_geography_part1 does not start a gzip stream)" in str(
+        error.value
+    )
+    # split(1)'s lettered parts: a gap among them, or the first one gone.
+    lettered = tmp_path / "lettered"
+    lettered.mkdir()
+    data = open(parts[1], "rb").read()  # any bytes: nothing is read before the names are checked
+    for suffix in ("aa", "ab", "ad"):
+        (lettered / f"clean_1m_geography_part{suffix}").write_bytes(data)
+    with pytest.raises(archive.ArchiveError, match=r"parts \['aa', 'ab', 'ad'\], missing \['ac'\]"):
+        archive.find_archive(lettered)
+    (lettered / "clean_1m_geography_partaa").unlink()
+    (lettered / "clean_1m_geography_partad").unlink()
+    with pytest.raises(archive.ArchiveError, match=r"missing \['aa'\]"):
+        archive.find_archive(lettered / "clean_1m_geography_partab")
+
+
+def test_files_larger_than_the_layout_allows_are_skipped_unread(tmp_path, monkeypatch):
+    """A tar member, or a file of a folder, above `layout.max_file_bytes` is reported and never
+    read (its bytes are not held); the cap follows the band's size in the layout."""
+    assert layout.max_file_bytes("B4.tif") == 2 * 264 * 264 + 65536
+    assert layout.max_file_bytes("B1.tif") == 2 * 44 * 44 + 65536
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE)
+    folders = [f for f in sorted((root / "000000").iterdir()) if f.is_dir()]
+    oversized = b"\0" * (layout.max_file_bytes("B4.tif") + 1)  # a few hundred kB, all zeros
+    (folders[0] / "B4.tif").write_bytes(oversized)
+    (folders[1] / layout.METADATA_FILE).write_bytes(b" " * (layout.MAX_METADATA_BYTES + 1))
+    tar = pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "a.tar.gz"))
+    reads = []
+    real_read = archive._read
+    monkeypatch.setattr(archive, "_read", lambda path: reads.append(path) or real_read(path))
+    for path in (root, tar):
+        (location,) = archive.read_locations(archive.find_archive(path), RGB_KEEP)
+        assert "B4.tif" not in location.acquisitions[folders[0].name]
+        assert location.unreadable[f"{folders[0].name}/B4.tif"] == (
+            f"{len(oversized):,} bytes, more than the {layout.max_file_bytes('B4.tif'):,} a "
+            "B4.tif of the archive's layout can hold (not read)"
+        )
+        (decoded,) = [archive.decode_location(location, {"rgb": layout.RGB_BANDS})]
+        assert decoded.issues[0][:2] == (folders[0].name, "acquisition skipped")
+        assert decoded.issues[0][2].startswith(f"unreadable band B4: {len(oversized):,} bytes")
+        assert decoded.issues[1][:2] == (folders[1].name, "cloud unknown")
+        assert decoded.example is not None  # 9 acquisitions are enough
+    assert os.path.join(folders[0], "B4.tif") not in reads  # the folder form: never opened
+    assert os.path.join(folders[1], layout.METADATA_FILE) not in reads
+    assert os.path.join(folders[1], "B4.tif") in reads
+
+
+def test_a_location_with_more_acquisitions_than_a_reader_keeps_is_skipped_unread(tmp_path):
+    root = tmp_path / "archive"
+    many = layout.MAX_ACQUISITIONS_PER_LOCATION + 2
+    times = [EARLY[0] + datetime.timedelta(days=3 * i) for i in range(many)]
+    write_location(root, "000000", times, bands=("B4",))
+    for path in (root, pack_tar_gz(os.fspath(root), os.fspath(tmp_path / "a.tar.gz"))):
+        (location,) = archive.read_locations(archive.find_archive(path), frozenset({"B4.tif"}))
+        assert len(location.acquisitions) == layout.MAX_ACQUISITIONS_PER_LOCATION
+        assert len(location.dropped_acquisitions) == 2
+        decoded = archive.decode_location(location, {"rgb": ("B4",)})
+        assert decoded.example is None
+        assert decoded.skip_reason.startswith(f"{many} acquisition folders, more than the 40")
+    # What one location can hold in memory, at most (docs/data.md states it).
+    assert archive.max_location_bytes(RGB_KEEP) == 40 * (3 * (2 * 264 * 264 + 65536) + (1 << 20))
+
+
+def test_the_band_header_is_checked_before_any_pixel_is_decoded(tmp_path):
+    """A 40000 x 40000 band in a file of a few kB (sparse tiles): refused from its header, so
+    nothing the size of its pixels (1.6 GB) is allocated."""
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE)
+    folder = next(f for f in sorted((root / "000000").iterdir()) if f.is_dir())
+    huge = folder / "B4.tif"
+    with rasterio.open(
+        huge, "w", driver="GTiff", width=40000, height=40000, count=1, dtype="uint8",
+        crs="EPSG:4326", transform=rasterio.transform.from_origin(7, 45, 1e-5, 1e-5),
+        tiled=True, sparse_ok=True, compress="deflate",
+    ) as dataset:  # fmt: skip
+        dataset.write(np.ones((16, 16), np.uint8), 1, window=rasterio.windows.Window(0, 0, 16, 16))
+    assert huge.stat().st_size < layout.max_file_bytes("B4.tif")
+    (decoded,) = decode_all(root)
+    assert decoded.issues == [
+        (
+            folder.name,
+            "acquisition skipped",
+            "band B4 is uint8(40000, 40000), expected uint8(264, 264)",
+        )
+    ]
+
+
+def test_an_acquisition_without_crs_or_transform_is_skipped_not_placed_at_its_pixel_centre(
+    tmp_path,
+):
+    root = tmp_path / "archive"
+    write_location(root, "000000", EARLY + LATE)
+    write_location(root, "000001", EARLY + LATE, seed=1)
+    folders = [f for f in sorted((root / "000000").iterdir()) if f.is_dir()]
+    for folder in folders:  # every acquisition of 000000 loses its georeferencing
+        for band in layout.RGB_BANDS:
+            pixels = rasterio.open(folder / layout.band_file(band)).read(1)
+            with rasterio.open(
+                folder / layout.band_file(band), "w", driver="GTiff", width=264, height=264,
+                count=1, dtype="uint8",
+            ) as dataset:  # fmt: skip
+                dataset.write(pixels, 1)
+    unplaced, placed = decode_all(root)
+    assert unplaced.example is None
+    assert [issue[2] for issue in unplaced.issues] == [
+        "band B4 is not georeferenced (no CRS and transform): its location cannot be placed"
+    ] * 10
+    assert unplaced.skip_reason.startswith("too few acquisitions: 0 early, 0 late")
+    assert placed.example is not None and abs(placed.example["lat"] - 46.0) < 0.1

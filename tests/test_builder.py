@@ -1,6 +1,7 @@
 """The caco_geography TFDS builder (data/builder.py) and reading its records (data/records.py)."""
 
 import csv
+import fcntl
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from helpers import (
 
 from caco_jax import config as config_lib
 from caco_jax.data import archive, builder, dataset, layout, normalization, records, shard_writer
+from caco_jax.runtime import locks
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +87,10 @@ def test_every_input_form_gives_identical_records_and_run_task_uses_the_syntheti
     assert_same_records(all_records(tmp_path / "tfds_parts"), folder)
 
     # Prepared data is reused, but never silently for another archive.
-    assert dataset.run_task(config_lib.resolve(config), os.fspath(tmp_path / "work")) == result
+    reused = dataset.run_task(config_lib.resolve(config), os.fspath(tmp_path / "work"))
+    assert reused == {**result, "reused": True} and result["reused"] is False
     config.data.archive = os.fspath(tar_dir)
-    with pytest.raises(archive.ArchiveError, match=r"prepared from.*delete it"):
+    with pytest.raises(archive.ArchiveError, match=r"prepared from.*not from.*delete"):
         dataset.run_task(config_lib.resolve(config), os.fspath(tmp_path / "work"))
     config.data.archive = ""
     with pytest.raises(archive.ArchiveError, match=r"config\.data\.archive is empty"):
@@ -281,3 +284,103 @@ def test_another_file_format_is_refused_before_anything_is_written(synthetic, tm
     assert not builder.CacoGeography(
         config="rgb", data_dir=os.fspath(tmp_path / "tfds")
     ).is_prepared()
+
+
+def prepare_task(archive_path, workdir, data_dir=""):
+    config = config_lib.for_tasks("prepare")
+    config.data.archive, config.data.data_dir = os.fspath(archive_path), os.fspath(data_dir)
+    config.data.num_workers = 1
+    return dataset.run_task(config_lib.resolve(config), os.fspath(workdir))
+
+
+def test_records_are_reused_only_while_the_archive_fingerprint_matches(tmp_path, capsys):
+    """An archive that grows, or is replaced by one of the same name, between two prepares is
+    refused with one line saying what changed; the same archive is reused, saying so."""
+    root = tmp_path / "src" / "clean_10k_geography"
+    for i in range(3):
+        write_location(root, f"{i:06d}", EARLY + LATE, seed=i)
+    first = prepare_task(root, tmp_path / "w")
+    assert (first["reused"], first["locations_written"]) == (False, 3)
+    metadata = tfds.builder_from_directory(first["records"]).info.metadata
+    assert metadata[builder.SOURCE_FINGERPRINT] == {
+        "form": "folder",
+        "files": ["clean_10k_geography"],
+        "locations": 3,
+    }
+    assert prepare_task(root, tmp_path / "w")["reused"] is True
+    assert "prepare: reusing the records in" in capsys.readouterr().out
+    write_location(root, "000003", EARLY + LATE, seed=3)  # the archive grows
+    with pytest.raises(dataset.ArchiveChangedError) as error:
+        prepare_task(root, tmp_path / "w")
+    assert "it changed since (3 location folders then, 4 now)" in str(error.value)
+
+    tar_dir = tmp_path / "tar"
+    tar_dir.mkdir()
+    tar = pack_tar_gz(os.fspath(root), os.fspath(tar_dir / "caco10k.tar.gz"))
+    assert prepare_task(tar_dir, tmp_path / "t")["locations_written"] == 4
+    assert prepare_task(tar, tmp_path / "t")["reused"] is True
+    stat = os.stat(tar)
+    os.utime(tar, (stat.st_atime, stat.st_mtime + 3600))  # downloaded again, or replaced
+    with pytest.raises(dataset.ArchiveChangedError) as error:
+        prepare_task(tar_dir, tmp_path / "t")
+    message = str(error.value)
+    assert f"caco10k.tar.gz: {stat.st_size:,} bytes modified" in message and "\n" not in message
+    # Records prepared before fingerprints were stored: compared by the total size they record.
+    records = prepare_task(tar_dir, tmp_path / "legacy")["records"]
+    info = tfds.builder_from_directory(records).info
+    del info.metadata[builder.SOURCE_FINGERPRINT]
+    info.write_to_directory(records)
+    assert prepare_task(tar_dir, tmp_path / "legacy")["reused"] is True
+    assert "prepared before archives were fingerprinted" in capsys.readouterr().out
+    with open(tar, "ab") as f:
+        f.write(b"\0" * 1024)
+    with pytest.raises(dataset.ArchiveChangedError, match=r"when it had \d+ bytes; it has \d+"):
+        prepare_task(tar_dir, tmp_path / "legacy")
+
+
+def test_a_prepare_removes_what_an_interrupted_one_left_and_a_second_writer_is_refused(
+    tmp_path, capsys
+):
+    root = tmp_path / "src" / "clean_10k_geography"
+    write_location(root, "000000", EARLY + LATE)
+    data_dir = tmp_path / "tfds"
+    # What a prepare killed half way leaves: TFDS's temporary folder with partial shards.
+    stale = data_dir / "caco_geography" / "rgb" / "incomplete.AB12CD_2.0.0"
+    stale.mkdir(parents=True)
+    (stale / "caco_geography-train.array_record-00000-of-00001.tmp").write_bytes(b"partial")
+    result = prepare_task(root, tmp_path / "w", data_dir)
+    assert result["locations_written"] == 1
+    assert not stale.exists()
+    assert f"prepare: removed {stale}, left by an interrupted build" in capsys.readouterr().err
+    assert locks.LOCK_FILE not in os.listdir(data_dir)  # released
+    # Another run holding the data_dir's lock (its own open of the lock file, as a second
+    # process would have): refused at once, naming the holder.
+    (data_dir / locks.LOCK_FILE).write_text(
+        '{"host": "other-host", "pid": 4242, "started": "2026-01-01T00:00:00+00:00"}'
+    )
+    holder = os.open(data_dir / locks.LOCK_FILE, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(locks.LockedError) as error:
+            prepare_task(root, tmp_path / "w", data_dir)
+    finally:
+        os.close(holder)
+    assert str(error.value).startswith(
+        f"data_dir {data_dir} is being written by another run (host other-host, pid 4242, "
+        "started 2026-01-01T00:00:00+00:00; lock file "
+    )
+
+
+def test_a_truncated_shard_is_named_with_the_fix(synthetic, tmp_path):
+    prepared = prepare(synthetic, tmp_path)
+    shard = sorted(prepared.data_path.glob("*.array_record-*"))[0]
+    os.truncate(shard, os.path.getsize(shard) // 3)  # a copy that stopped early
+    source = dataset.open_records(os.fspath(tmp_path))
+    with pytest.raises(records.DamagedRecordsError) as error:
+        for location in range(len(source)):
+            source.pixels(location, [0])
+    message = str(error.value)
+    assert message.startswith(f"{shard}: record 0 does not read (") and "\n" not in message
+    assert message.endswith(
+        f"the records are damaged: delete {prepared.data_path} and run the 'prepare' task again"
+    )

@@ -174,6 +174,17 @@ def test_change_map_of_a_pretraining_run_from_its_own_labels(tmp_path):
     )
     assert (table["a"]["changed"], table["b"]["changed"]) == ("False", "True")
     assert table["b"]["pretraining_changed"] == "True"  # the run's own labels, kept beside
+    # A rerun in the same workdir replaces the workdir's own map, whole files only; one written
+    # to change_map.output is kept unless change_map.overwrite says otherwise.
+    (tmp_path / "change_map" / "change_map.csv").write_text("an earlier run's map")
+    again = change_map.run_task(config_lib.resolve(config), str(tmp_path))
+    assert again["change_map_csv"] == result["change_map_csv"]
+    assert "location_id" in (tmp_path / "change_map" / "change_map.csv").read_text()
+    written = sorted(os.listdir(tmp_path / "change_map"))
+    assert written == sorted(change_map.LOCATION_FILES)  # no temporary files left
+    config.change_map.output = str(tmp_path / "change_map")
+    with pytest.raises(FileExistsError, match=r"change_map\.csv already exists \(set change_map"):
+        change_map.run_task(config_lib.resolve(config), str(tmp_path))
 
 
 def test_the_threshold_splits_two_groups_and_labels_are_monotone_in_the_ratio():

@@ -193,3 +193,46 @@ def test_noise_of_a_failed_attempt_is_dropped_and_the_log_of_a_good_one_kept(
     )
     assert unraisable == []
     assert "never awaited" not in capfd.readouterr().err
+
+
+def test_a_save_that_runs_out_of_space_is_one_error_naming_the_step_without_noise(
+    tmp_path, capfd, caplog
+):
+    """A full disk during an asynchronous save, as the file size limit makes one: the save threads'
+    reports are held back and the next save raises one CheckpointSaveError with the root cause
+    (it used to print thousands of lines, the cause among them)."""
+    import resource
+    import signal
+
+    checkpoints = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=5)
+    checkpoints.save(1, state_at(1), data_position={"next_global_batch": 1})
+    checkpoints.wait()
+    noise = np.random.default_rng(0).random((512, 512), np.float32)  # 1 MiB, incompressible
+    big = {"weights": noise, "step": np.int32(2)}
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails (EFBIG)
+    try:
+        with pytest.raises(checkpointing.CheckpointSaveError) as failed:
+            with checkpointing.QuietSaveFailures():
+                resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, limits[1]))
+                checkpoints.save(2, big, data_position={"next_global_batch": 2})
+                checkpoints.save(3, big, data_position={"next_global_batch": 3})
+                checkpoints.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+        checkpoints.close()
+        gc.collect()
+    message = str(failed.value)
+    assert message.startswith(f"checkpoint step 2 could not be written to {tmp_path} (out of disk")
+    assert "File too large" in message and "\n" not in message
+    assert message.endswith(
+        "training stopped. The newest complete checkpoint is step 1: free space or fix the "
+        "folder, then rerun to resume from it"
+    )
+    output = capfd.readouterr()
+    assert "Traceback" not in output.err and "OUT_OF_RANGE" not in output.err
+    assert [r for r in caplog.records if r.levelno >= std_logging.ERROR] == []
+    reopened = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=5)
+    assert reopened.all_steps() == [1]  # the failed steps were never renamed into place
+    reopened.close()

@@ -13,7 +13,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as reproject
 
 from caco_jax import config as config_lib
-from caco_jax.data import layout
+from caco_jax.data import geotiff, layout, sentinel2
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.evaluators import common
 from caco_jax.models import export
@@ -250,3 +250,41 @@ def test_the_python_encoder_applies_the_same_transform(encoder):
     assert np.abs(features - reference_features(model, directory, archive_scale)).max() < 1e-4
     with pytest.raises(embed.InputError, match=r"shape \(3, 32, 32, 4\); .*bands B4, B3, B2"):
         encoder_(np.zeros((3, TILE, TILE, 4), np.uint8))
+
+
+def write_nodata_tif(path, bands, nodata):
+    count, height, width = bands.shape
+    with rasterio.open(
+        path, "w", driver="GTiff", height=height, width=width, count=count, dtype=bands.dtype,
+        crs="EPSG:32633", transform=from_origin(500_000.0, 4_700_000.0, 10.0, 10.0),
+        nodata=nodata,
+    ) as dst:  # fmt: skip
+        dst.write(bands)
+        for index, name in enumerate(("B4", "B3", "B2"), start=1):
+            dst.set_band_description(index, name)
+
+
+def tiles_of(path, scale="auto"):
+    (image,) = geotiff.find_images(str(path), Normalization.rgb())
+    return list(geotiff.read_tiles(image, tile=TILE, scale=scale, dn_offset=0.0))
+
+
+def test_pixels_without_data_are_not_values_and_nan_among_the_data_is_refused(tmp_path):
+    reflectance = np.full((3, 32, 32), 0.2, np.float32)
+    reflectance[1, 5, 7] = np.nan  # one NaN in B3
+    write_nodata_tif(tmp_path / "nan.tif", reflectance, nodata=None)
+    with pytest.raises(sentinel2.RawValueError, match=r"nan\.tif: 1 NaN values"):
+        tiles_of(tmp_path / "nan.tif")
+    # NaN as the file's nodata value, or -9999 on the reflectance scale: no data, counted, and
+    # not refused as a NaN or a negative value.
+    for nodata in (float("nan"), -9999.0):
+        values = np.where(np.isnan(reflectance), np.float32(nodata), reflectance)
+        write_nodata_tif(tmp_path / "nodata.tif", values, nodata=nodata)
+        (tile,) = tiles_of(tmp_path / "nodata.tif")
+        assert tile.nodata == pytest.approx(1 / TILE**2)
+        assert tile.pixels[5, 7, 1] == 0 and (tile.pixels[..., 0] == 51).all()  # 0.2 x 255
+    # uint16 digital numbers declared uint8 would wrap modulo 256.
+    write_nodata_tif(tmp_path / "dn.tif", np.full((3, 32, 32), 1200, np.uint16), nodata=None)
+    with pytest.raises(sentinel2.RawValueError, match=r"dn\.tif: uint16 values up to 1200 are not"):
+        tiles_of(tmp_path / "dn.tif", scale="uint8")
+    assert len(tiles_of(tmp_path / "dn.tif")) == 1  # "auto" reads them as digital numbers

@@ -15,9 +15,15 @@ from caco_jax.settings import SettingsError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def no_tasks(*args):
+    raise AssertionError("no task may run in these tests")
+
+
 @pytest.fixture
 def parse(monkeypatch):
-    """`main.parse_flags` on run.py's arguments (demo config); the flags are reset afterwards."""
+    """`main.parse_flags` on run.py's arguments (demo config); the flags are reset afterwards, and
+    `main` must stop before running any task."""
+    monkeypatch.setattr(main, "_run_tasks", no_tasks)
 
     def parse_args(*args, workdir=None):
         workdir_args = ("--workdir", str(workdir)) if workdir else ()
@@ -56,24 +62,65 @@ def test_bad_config_values_name_their_key(parse, args, named):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--config.train.bogus=1",), "a --config.* override names 'bogus'"),
-        (("--no_such_flag",), "no_such_flag"),
+        (
+            ("--config.train.batchsize=8",),
+            "--config.train.batchsize: the config has no key 'batchsize' (did you mean "
+            "config.train.batch_size?)",
+        ),
+        (
+            ("--config.trian.batch_size=8",),
+            "--config.trian.batch_size: the config has no key 'trian' (did you mean "
+            "config.train.batch_size?)",
+        ),
+        (("--config.train.bogus=1",), "--config.train.bogus: the config has no key 'bogus'"),
+        (("--no_such_flag",), "Unknown command line flag 'no_such_flag'"),
     ],
 )
-def test_bad_flags_are_one_line(parse, args, message):
+def test_bad_flags_are_one_line(parse, capsys, args, message):
     with pytest.raises(SystemExit) as stop:
         parse(*args)
-    assert message in str(stop.value.code) and "\n" not in str(stop.value.code)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"run.py: {message}") and err.count("\n") == 1, err
 
 
-def test_workdir_naming_an_existing_file_is_a_one_line_error(parse, tmp_path):
+def test_a_config_file_that_is_not_there_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(main, "_run_tasks", no_tasks)
+    argv = ["run.py", "--config", "configs/no_such_config.py"]
+    monkeypatch.setattr(sys, "argv", argv)
+    old_cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        main.parse_flags(argv)
+        with pytest.raises(SystemExit) as stop:
+            main._main_reporting_errors(["run.py"])
+    finally:
+        os.chdir(old_cwd)
+        flags.FLAGS.unparse_flags()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "run.py: --config configs/no_such_config.py: the config file does not load ([Errno 2] "
+        "No such file or directory: 'configs/no_such_config.py')\n"
+    )
+
+
+def test_bad_settings_and_a_file_for_a_workdir_are_one_line_and_status_2(parse, tmp_path, capsys):
+    """What `run.py` prints: `main` raises, and its wrapper turns an expected error into one line
+    on stderr (absl used to print run.py's docstring first) and exit status 2."""
+    parse("--config.logging.every_steps=0", workdir=tmp_path / "w")
+    with pytest.raises(SystemExit) as stop:
+        main._main_reporting_errors(["run.py"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "run.py: config.logging.every_steps: must be >= 1\n"
+    flags.FLAGS.unparse_flags()
     workdir = tmp_path / "results.txt"
     workdir.write_text("not a folder")
     parse(workdir=workdir)
     with pytest.raises(SystemExit) as stop:
-        main.main(["run.py"])
-    assert stop.value.code == (
-        f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)"
+        main._main_reporting_errors(["run.py"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"run.py: --workdir {workdir} is a file; expected a folder (existing or new)\n"
     )
     assert workdir.read_text() == "not a folder"
 
@@ -85,9 +132,8 @@ def test_run_py_stops_on_a_bad_value_before_any_work(tmp_path):
          "--config.train.batch_size=-3"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert result.returncode != 0
-    assert "config.train.batch_size: must be >= 2" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == "run.py: config.train.batch_size: must be >= 2\n"
     assert not workdir.exists()  # nothing was started
 
 

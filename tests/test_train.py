@@ -280,7 +280,9 @@ def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
     settings = tiny_settings(max_steps=1).replace(checkpoint={"every_steps": 1})
     train.train(settings, str(tmp_path), fake_source(), mesh=mesh)
     # Resumed with a learning rate of 1e38: the next update sends the parameters to Inf.
-    settings = settings.replace(train={"max_steps": 3, "base_learning_rate": 1e38})
+    settings = settings.replace(
+        train={"max_steps": 3, "base_learning_rate": 1e38, "allow_config_change": True}
+    )
     with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 1"):
         train.train(settings, str(tmp_path), fake_source(), mesh=mesh)
     checkpoints = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), every_steps=1, keep=3)

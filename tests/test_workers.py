@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,3 +70,53 @@ def test_records_are_synthesized_prepared_and_read_by_workers_from_an_unguarded_
     assert batch.startswith("batch (4, 3, 264, 264, 3)"), batch
     assert "others rerun main True" in lines
     assert "caco reruns main False" in lines
+
+
+# prepare's worker processes (and the forkserver and resource tracker that serve them) waiting for
+# a location that will never come, as they wait when prepare is killed half way.
+ORPHANS_SCRIPT = """
+import time
+
+from caco_jax.data import builder, shard_writer
+
+
+def locations():
+    time.sleep(600)  # the archive stream, stalled: the workers wait for their first location
+    yield
+
+
+groups = builder.PIXEL_GROUPS["rgb"]
+shard_writer.write_shards(
+    locations(), groups=groups, features=builder.acquisition_features(groups), directory=".",
+    prefix="p", num_workers=2, on_location=print,
+)
+"""
+
+
+def test_workers_end_with_a_parent_killed_with_sigkill(tmp_path):
+    import psutil
+
+    script = tmp_path / "stalled_prepare.py"
+    script.write_text(textwrap.dedent(ORPHANS_SCRIPT))
+    parent = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+    )
+    try:
+        started = time.monotonic()
+        # The forkserver, the resource tracker and the two workers below it.
+        while len(psutil.Process(parent.pid).children(recursive=True)) < 4:
+            assert time.monotonic() - started < 120, "the workers did not start"
+            time.sleep(0.2)
+        descendants = psutil.Process(parent.pid).children(recursive=True)
+        workers = [p for p in descendants if p.parent().pid != parent.pid]
+        assert len(workers) == 2
+    finally:
+        parent.kill()  # as kill -9 does: no cleanup of its own
+        parent.wait()
+    gone, alive = psutil.wait_procs(descendants, timeout=30)
+    for process in alive:  # a failed test must not leave them behind either
+        process.kill()
+    assert alive == [], [p.cmdline()[:4] for p in alive]
+    assert len(gone) == len(descendants)

@@ -11,6 +11,12 @@ it takes and returns picklable values only.
 A tar location is complete when the stream moves past its folder. The published tars are written
 folder by folder; a location whose members are not contiguous is an error naming it, never a silent
 split.
+
+Sizes are checked before anything is read: a file larger than the layout allows
+(`layout.max_file_bytes`) is skipped unread and reported, a location keeps at most
+`layout.MAX_ACQUISITIONS_PER_LOCATION` acquisition folders (more skips it), and a band's width,
+height, count and type come from its GeoTIFF header before any pixel is decoded. So one location
+holds at most `max_location_bytes` in memory, whatever the archive holds.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from caco_jax.data import layout
+from caco_jax.runtime import errors
 
 _DRAIN_BYTES = 1 << 20
 _TAR_SUFFIXES = (".tar.gz", ".tgz")
@@ -39,7 +46,7 @@ _ACQUISITION_FILES = frozenset({layout.METADATA_FILE} | {layout.band_file(b) for
 _MAX_LEADING_ENTRIES = 10_000
 
 
-class ArchiveError(Exception):
+class ArchiveError(errors.UserError):
     """The archive cannot be read as a whole (truncated, corrupt, ambiguous, out of order)."""
 
 
@@ -65,6 +72,21 @@ class ArchiveSource:
         """Compressed bytes of the stream; 0 for a folder (its size is not known without a walk)."""
         return 0 if self.form == "folder" else sum(os.path.getsize(p) for p in self.paths)
 
+    def fingerprint(self) -> dict:
+        """What tells this archive from another or from itself changed, without reading it: the
+        name, size and modification time (whole seconds) of each file of a tar form; the name and
+        the number of location folders of a folder. JSON-able; prepare stores it with the
+        records and reuses them only while it matches."""
+        if self.form == "folder":
+            root = self.paths[0]
+            count = sum(1 for entry in os.scandir(root) if _is_data_dir(entry))
+            return {"form": self.form, "files": list(self.names), "locations": count}
+        files = []
+        for path in self.paths:
+            status = os.stat(path)
+            files.append([os.path.basename(path), status.st_size, int(status.st_mtime)])
+        return {"form": self.form, "files": files}
+
 
 @dataclasses.dataclass
 class Location:
@@ -80,6 +102,43 @@ class Location:
     acquisitions: dict[str, dict[str, bytes]] = dataclasses.field(default_factory=dict)
     unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
     ignored: int = 0
+    # Acquisition folders beyond `layout.MAX_ACQUISITIONS_PER_LOCATION`, not read: the location is
+    # skipped.
+    dropped_acquisitions: set[str] = dataclasses.field(default_factory=set)
+
+    def add_acquisition(self, product_id: str) -> dict[str, bytes] | None:
+        """The files of acquisition ``product_id`` (created on first sight), or None when the
+        location already holds the most acquisitions a reader keeps."""
+        if product_id in self.acquisitions:
+            return self.acquisitions[product_id]
+        if len(self.acquisitions) >= layout.MAX_ACQUISITIONS_PER_LOCATION:
+            self.dropped_acquisitions.add(product_id)
+            return None
+        return self.acquisitions.setdefault(product_id, {})
+
+    def keep_file(self, product_id: str, name: str, size: int, read) -> None:
+        """Keeps the bytes of a file the config needs (``read()`` gives them) when its ``size``
+        is one the layout allows; otherwise records it as unreadable, unread."""
+        files = self.add_acquisition(product_id)
+        if files is None:
+            return
+        limit = layout.max_file_bytes(name)
+        if size > limit:
+            self.unreadable[f"{product_id}/{name}"] = (
+                f"{size:,} bytes, more than the {limit:,} a {name} of the archive's layout can "
+                "hold (not read)"
+            )
+            return
+        try:
+            files[name] = read()
+        except OSError as error:
+            self.unreadable[f"{product_id}/{name}"] = str(error)
+
+
+def max_location_bytes(keep: frozenset[str]) -> int:
+    """The most bytes of the files in ``keep`` that one location can hold in memory."""
+    per_acquisition = sum(layout.max_file_bytes(name) for name in keep)
+    return layout.MAX_ACQUISITIONS_PER_LOCATION * per_acquisition
 
 
 def find_archive(path: str | os.PathLike) -> ArchiveSource:
@@ -189,17 +248,56 @@ def _part_groups(files: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
 
 
 def _parts_source(base: str, parts: list[tuple[str, str]]) -> ArchiveSource:
+    """The parts as one source, once their names show none is missing before the last: numbered
+    from 0 (or 1) or lettered from ``a``/``aa`` (split's suffixes), without gaps, the first one
+    starting a gzip stream."""
     indices = [index for index, _ in parts]
     if all(i.isdigit() for i in indices):
         numbers = [int(i) for i in indices]
-        expected = list(range(numbers[0], numbers[0] + len(numbers)))
-        if numbers[0] not in (0, 1) or numbers != expected:
-            missing = sorted(set(range(min(1, numbers[0]), numbers[-1] + 1)) - set(numbers))
-            raise ArchiveError(
-                f"{base}_part*: parts {numbers} are not consecutive (missing {missing}); "
-                "the archive is the concatenation of all its parts, download the missing ones"
-            )
+        first = 0 if numbers[0] == 0 or not _starts_gzip(parts[0][1]) else 1
+        names = [str(n) for n in numbers]
+    elif all(i.isalpha() and len(i) == len(indices[0]) for i in indices):
+        numbers = [_letter_number(i) for i in indices]
+        first = 0
+        names = indices
+    else:
+        raise ArchiveError(
+            f"{base}_part*: parts {indices} mix numbered and lettered names; keep one download's "
+            "parts only"
+        )
+    missing = sorted(set(range(first, numbers[-1] + 1)) - set(numbers))
+    if missing:
+        width = len(indices[0])
+        label = [str(n) if indices[0].isdigit() else _number_letters(n, width) for n in missing]
+        hint = ""
+        if missing[0] == first and first == numbers[0] - 1:
+            hint = f" ({os.path.basename(parts[0][1])} does not start a gzip stream)"
+        raise ArchiveError(
+            f"{base}_part*: found parts {names}, missing {label}{hint}; the archive is the "
+            "concatenation of all its parts: download the missing ones"
+        )
     return ArchiveSource("parts", tuple(path for _, path in parts))
+
+
+def _starts_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _letter_number(letters: str) -> int:
+    """split's suffix as a number: a = 0 ... z = 25, aa = 0, ab = 1, ..."""
+    number = 0
+    for letter in letters:
+        number = number * 26 + ord(letter) - ord("a")
+    return number
+
+
+def _number_letters(number: int, width: int) -> str:
+    letters = ""
+    for _ in range(width):
+        number, digit = divmod(number, 26)
+        letters = chr(ord("a") + digit) + letters
+    return letters
 
 
 class _ConcatenatedFiles:
@@ -245,17 +343,24 @@ def _read_folder(root: str, keep: frozenset[str]) -> Iterator[Location]:
             if not (child.is_dir() and layout.is_acquisition_name(child.name)):
                 location.ignored += 1  # preview .tif siblings and anything unknown
                 continue
-            files = location.acquisitions.setdefault(child.name, {})
+            if location.add_acquisition(child.name) is None:
+                continue  # more acquisitions than a location may hold: not read
             for item in os.scandir(child.path):
                 if item.name not in keep:
                     location.ignored += _is_unknown_file(item.name)
                     continue
                 try:
-                    with open(item.path, "rb") as f:
-                        files[item.name] = f.read()
+                    size = item.stat().st_size
                 except OSError as error:
                     location.unreadable[f"{child.name}/{item.name}"] = str(error)
+                    continue
+                location.keep_file(child.name, item.name, size, lambda path=item.path: _read(path))
         yield location
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _read_tar(
@@ -277,18 +382,25 @@ def _read_tar(
         with tarfile.open(fileobj=uncompressed, mode="r|") as tar:
             for member in tar:
                 read = lambda member=member: tar.extractfile(member).read()
-                yield from parser.add(member.name, member.isdir(), member.isfile(), read)
+                yield from parser.add(
+                    member.name, member.isdir(), member.isfile(), read, member.size
+                )
                 tar.members = []  # TarFile keeps every member it has read: memory would grow
         while uncompressed.read(_DRAIN_BYTES):  # the padding after the tar's end marker
             pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
         last = parser.last_complete or "none"
+        parts = (
+            " (or download the parts after the last one, if there are more)"
+            if source.form == "parts"
+            else ""
+        )
         raise ArchiveError(
             f"{where}: truncated or corrupt archive: failed after {progress.bytes_read:,} of "
             f"{source.total_bytes:,} compressed bytes "
             f"(in {os.path.basename(progress.current_file)}), "
             f"after {parser.num_complete} complete locations (last: {last}): "
-            f"{type(error).__name__}: {error}. Download it again."
+            f"{type(error).__name__}: {' '.join(str(error).split())}. Download it again{parts}."
         ) from error
     finally:
         stream.close()
@@ -318,8 +430,11 @@ class _TarLayout:
         parts = tuple(p for p in name.split("/") if p not in ("", "."))
         return None if any(layout.is_stray_name(p) for p in parts) else parts
 
-    def add(self, name: str, is_dir: bool, is_file: bool, read) -> Iterator[Location]:
-        """Files the config needs are read (`read()` returns their bytes); others are skipped."""
+    def add(
+        self, name: str, is_dir: bool, is_file: bool, read, size: int = 0
+    ) -> Iterator[Location]:
+        """Files the config needs are read (`read()` returns their ``size`` bytes) when the layout
+        allows their size; others are skipped unread."""
         parts = self._components(name)
         if not parts:
             return
@@ -345,14 +460,13 @@ class _TarLayout:
         location = self._current
         if k == len(parts) - 1:  # the acquisition folder itself, or a preview file beside it
             if is_dir:
-                location.acquisitions.setdefault(parts[k], {})
+                location.add_acquisition(parts[k])
             else:
                 location.ignored += 1
         elif k == len(parts) - 2 and is_file:
-            files = location.acquisitions.setdefault(parts[k], {})
             if parts[-1] in self._keep:
-                files[parts[-1]] = read()
-            else:
+                location.keep_file(parts[k], parts[-1], size, read)
+            elif location.add_acquisition(parts[k]) is not None:
                 location.ignored += _is_unknown_file(parts[-1])
         elif not is_dir:
             location.ignored += 1
@@ -443,11 +557,26 @@ def decode_location(location: Location, groups: Mapping[str, tuple[str, ...]]) -
     """Decodes the bands of `groups` ({feature name: bands, stacked as channels}) of every
     acquisition, splits the acquisitions into windows, and checks there are enough per window.
 
-    An unreadable or missing band skips its acquisition; a location is skipped when a window then
-    has fewer than `layout.MIN_ACQUISITIONS_PER_WINDOW` acquisitions (the official loader draws 3).
+    An unreadable, missing, oversized or ungeoreferenced band skips its acquisition; a location is
+    skipped when a window then has fewer than `layout.MIN_ACQUISITIONS_PER_WINDOW` acquisitions
+    (the official loader draws 3), or when it has more acquisition folders than a reader keeps.
     """
     import rasterio
 
+    if location.dropped_acquisitions:
+        total = len(location.acquisitions) + len(location.dropped_acquisitions)
+        return DecodedLocation(
+            location_id=location.location_id,
+            example=None,
+            skip_reason=(
+                f"{total} acquisition folders, more than the "
+                f"{layout.MAX_ACQUISITIONS_PER_LOCATION} a location may hold (a complete one has "
+                f"{2 * layout.ACQUISITIONS_PER_WINDOW}); not read"
+            ),
+            issues=[],
+            ignored=location.ignored,
+            split_rule="",
+        )
     product_ids = sorted(location.acquisitions)  # name order is time order
     times = [layout.sensing_time(p) for p in product_ids]
     windows = assign_windows(times)
@@ -465,6 +594,9 @@ def decode_location(location: Location, groups: Mapping[str, tuple[str, ...]]) -
                 continue
             centre = centre or _centre_lat_lon(*georef)
             cloud, problem = _cloud_percentage(files.get(layout.METADATA_FILE))
+            unread = location.unreadable.get(f"{product_id}/{layout.METADATA_FILE}")
+            if unread:
+                problem = f"{layout.METADATA_FILE} unreadable: {unread}"
             if problem:
                 issues.append((product_id, "cloud unknown", problem))
             acquisitions.append(
@@ -520,27 +652,56 @@ def _decode_acquisition(location, product_id, files, groups):
                 raise _BadAcquisition(f"missing band {band}")
             try:
                 with MemoryFile(files[name]) as memory, memory.open() as dataset:
-                    band_pixels = dataset.read(1) if dataset.count == 1 else None
+                    # The header first: nothing is decoded from a file of another shape or type.
+                    _check_band_header(dataset, band)
+                    band_pixels = dataset.read(1)
+                    # After the pixels: a truncated file's tags do not read either, and is
+                    # unreadable rather than unplaced.
+                    _check_georeferenced(dataset, band)
                     georef = georef or (
                         dataset.transform,
                         dataset.width,
                         dataset.height,
                         dataset.crs,
                     )
-                    count = dataset.count
+            except _BadAcquisition:
+                raise
             except Exception as error:  # GDAL reports corrupt files with several exception types
-                raise _BadAcquisition(f"unreadable band {band}: {error}") from None
-            expected = layout.band_shape(band)
-            if count != 1:
-                raise _BadAcquisition(f"band {band} has {count} bands in its file, expected 1")
-            if band_pixels.dtype != np.uint8 or band_pixels.shape != expected:
                 raise _BadAcquisition(
-                    f"band {band} is {band_pixels.dtype}{band_pixels.shape}, "
-                    f"expected uint8{expected}"
-                )
+                    f"unreadable band {band}: {' '.join(str(error).split())}"
+                ) from None
             channels.append(band_pixels)
         pixels[feature] = np.stack(channels, axis=-1)
     return pixels, georef
+
+
+def _check_band_header(dataset, band: str) -> None:
+    """Raises _BadAcquisition unless ``dataset`` (an open GeoTIFF) holds one uint8 band of the
+    band's shape; reads no pixels."""
+    expected = layout.band_shape(band)
+    if dataset.count != 1:
+        raise _BadAcquisition(f"band {band} has {dataset.count} bands in its file, expected 1")
+    dtype, shape = dataset.dtypes[0], (dataset.height, dataset.width)
+    if dtype != "uint8" or shape != expected:
+        raise _BadAcquisition(f"band {band} is {dtype}{shape}, expected uint8{expected}")
+
+
+def _check_georeferenced(dataset, band: str) -> None:
+    """Raises _BadAcquisition unless ``dataset`` is placed on the Earth by a CRS and a transform
+    (without them rasterio gives the identity transform, and pixel coordinates would pass for
+    degrees)."""
+    if dataset.crs is None or dataset.transform.is_identity:
+        missing = " and ".join(
+            what
+            for what, absent in (
+                ("CRS", dataset.crs is None),
+                ("transform", dataset.transform.is_identity),
+            )
+            if absent
+        )
+        raise _BadAcquisition(
+            f"band {band} is not georeferenced (no {missing}): its location cannot be placed"
+        )
 
 
 def _centre_lat_lon(transform, width, height, crs) -> tuple[float, float]:

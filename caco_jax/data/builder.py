@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import logging
 import os
 from typing import ClassVar
 
@@ -41,10 +42,12 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_builder
 
 from caco_jax.data import archive, layout, location_index, normalization, records, shard_writer
+from caco_jax.runtime import errors, storage
 from caco_jax.runtime import progress as progress_lib
-from caco_jax.runtime import storage
 
 SKIP_REPORT = "skip_report.tsv"
+# The metadata key of the source archive's `ArchiveSource.fingerprint` at prepare time.
+SOURCE_FINGERPRINT = "source_fingerprint"
 # Where the report of a build that failed for too many skips goes, beside the version folders.
 FAILED_SKIP_REPORT = "skip_report.failed.tsv"
 
@@ -57,7 +60,19 @@ PIXEL_GROUPS = {
 PIXEL_ENCODING = tfds.features.Encoding.BYTES
 
 
-class TooManySkipsError(RuntimeError):
+class _QuietUnpreparedFolders(logging.Filter):
+    """Drops TFDS's "Variant folder <path> has no dataset_info.json", which every `is_prepared` of
+    a dataset not prepared yet logs (the normal state before a first prepare, for caco_geography
+    and the evaluation datasets alike)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Variant folder ") and " has no " in str(record.msg))
+
+
+logging.getLogger("absl").addFilter(_QuietUnpreparedFolders())
+
+
+class TooManySkipsError(errors.UserError, RuntimeError):
     """More locations were skipped than `max_skip_fraction` allows; no dataset was written."""
 
 
@@ -167,6 +182,7 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
             )
         storage.local_records_dir(os.fspath(self.data_dir_root), key="data_dir")
         source = archive.find_archive(self._archive_path or dl_manager.manual_dir)
+        fingerprint = source.fingerprint()  # as the archive is when reading starts
         groups = self.builder_config.pixel_groups
         keep = frozenset(
             {layout.METADATA_FILE} | {layout.band_file(b) for g in groups.values() for b in g}
@@ -198,11 +214,29 @@ class CacoGeography(dataset_builder.FileReaderBuilder):
                 on_location=on_location,
             )
         self._finish(source, report)
+        self.info.metadata[SOURCE_FINGERPRINT] = fingerprint
         built = index.build()
         built.save(self.data_path / location_index.FILENAME)
         self._name_shards(template, shards)
         if self.builder_config.name != "rgb":  # rgb uses SeCo's published statistics
             self.info.metadata[normalization.STORED_KEY] = self._band_statistics(built)
+
+    def is_prepared(self) -> bool:
+        """Whether the records are there. TFDS's own check logs a warning ("Variant folder ...
+        has no dataset_info.json") for a folder without records, the normal state before the
+        first `prepare`."""
+        if not (self.data_path / "dataset_info.json").exists():
+            return False
+        return super().is_prepared()
+
+    # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"
+    # before and "Dataset ... downloaded and prepared to ..." after a build: nothing is downloaded
+    # and the sizes are unknown until the end, so `_finish` says what was written instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _band_statistics(self, index: location_index.LocationIndex) -> dict:
         """The per-band input statistics of the records just written (`normalization`)."""

@@ -10,14 +10,17 @@ and all of them check that they read the same ones (`check_same_dataset`).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import os
+import shutil
+import sys
 import time
 
 from caco_jax.data import archive, location_index, normalization
 from caco_jax.data import builder as builder_lib
 from caco_jax.data.records import Records
-from caco_jax.runtime import storage
+from caco_jax.runtime import errors, locks, storage
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section, SettingsError
 
@@ -58,16 +61,20 @@ class DataSettings(Section):
         return self.archive or Workdir.of(workdir).synthetic_archive
 
 
-class DatasetWaitError(RuntimeError):
+class DatasetWaitError(errors.UserError, RuntimeError):
     """Process 0's prepared dataset did not appear in time."""
 
 
-class DatasetMismatchError(RuntimeError):
+class DatasetMismatchError(errors.UserError, RuntimeError):
     """The processes see different datasets."""
 
 
-class OutdatedRecordsError(RuntimeError):
+class OutdatedRecordsError(errors.UserError, RuntimeError):
     """The records were prepared by an earlier builder version, whose layout this cannot read."""
+
+
+class ArchiveChangedError(archive.ArchiveError):
+    """The data_dir holds records of another archive, or of this one before it changed."""
 
 
 def check_task(settings) -> None:
@@ -88,7 +95,14 @@ def builder(data: DataSettings, workdir, **kwargs) -> builder_lib.CacoGeography:
 
 def run_task(settings, workdir) -> dict:
     """Task `prepare`: the archive -> TFDS records under `config.data.data_dir` (default
-    `<workdir>/tfds`). A dataset already prepared there from the same archive is reused."""
+    `<workdir>/tfds`).
+
+    One prepare writes into a data_dir at a time (its `locks.WriterLock`; another is refused at
+    once), and it first removes the temporary folders of builds that were interrupted there.
+    Records already prepared there are reused only while the archive's fingerprint (its files'
+    names, sizes and modification times, or a folder's location count) matches the one stored
+    when they were prepared; otherwise one line says what changed (`check_reusable`).
+    """
     data = settings.data
     path = data.archive_dir(workdir)
     if not data.archive and not os.path.isdir(path):
@@ -97,20 +111,25 @@ def run_task(settings, workdir) -> dict:
             "config.data.archive to the folder holding a CACo archive, or run the 'synthesize' task"
         )
     source = archive.find_archive(path)
-    prepared = builder(
-        data,
-        workdir,
-        max_skip_fraction=data.max_skip_fraction,
-        num_workers=data.num_workers,
-        archive_path=source.paths[0],
-    )
-    if prepared.is_prepared() and prepared.info.metadata.get("source_files") != list(source.names):
-        raise archive.ArchiveError(
-            f"{prepared.data_dir} holds records prepared from "
-            f"{prepared.info.metadata.get('source_files')}, not {list(source.names)}: delete it or "
-            "set config.data.data_dir to another folder"
+    with locks.WriterLock(data.records_dir(workdir), "data_dir"):
+        prepared = builder(
+            data,
+            workdir,
+            max_skip_fraction=data.max_skip_fraction,
+            num_workers=data.num_workers,
+            archive_path=source.paths[0],
         )
-    prepared.download_and_prepare()
+        remove_interrupted_builds(prepared)
+        reused = prepared.is_prepared()
+        if reused:
+            how = check_reusable(prepared, source)
+            print(
+                f"prepare: reusing the records in {prepared.data_path} ({how}); delete that "
+                "folder to prepare them again",
+                flush=True,
+            )
+        else:
+            prepared.download_and_prepare()
     metadata = prepared.info.metadata
     return dict(
         data_dir=data.records_dir(workdir),
@@ -119,7 +138,103 @@ def run_task(settings, workdir) -> dict:
         skip_report=os.fspath(prepared.data_path / builder_lib.SKIP_REPORT),
         **{k: metadata[k] for k in ("source_files", "locations_written", "locations_skipped")},
         acquisitions_written=metadata["acquisitions_written"],
+        reused=reused,
     )
+
+
+def remove_interrupted_builds(prepared: builder_lib.CacoGeography) -> list[str]:
+    """Removes the temporary folders (TFDS's ``incomplete.*``) that interrupted builds of this
+    builder config left in its data_dir, saying so; returns them. Only a holder of the data_dir's
+    lock may call this: no other build of this config can be running there."""
+    config_dir = os.path.dirname(os.fspath(prepared.data_path))
+    if not os.path.isdir(config_dir):
+        return []
+    stale = sorted(
+        os.path.join(config_dir, name)
+        for name in os.listdir(config_dir)
+        if name.startswith(_INCOMPLETE_PREFIX)
+    )
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"prepare: removed {folder}, left by an interrupted build", file=sys.stderr)
+    return stale
+
+
+def check_reusable(prepared: builder_lib.CacoGeography, source: archive.ArchiveSource) -> str:
+    """How the prepared records are known to come from ``source`` as it is now; raises
+    ArchiveChangedError naming what differs otherwise.
+
+    Records of this version store the archive's fingerprint (`ArchiveSource.fingerprint`). Those
+    prepared before fingerprints were stored are compared by what their metadata holds: the file
+    names and total size of a tar form, the location count of a folder."""
+    metadata = prepared.info.metadata
+    where = prepared.data_path
+    fix = f"delete {where} to prepare them again, or set config.data.data_dir to another folder"
+    names = list(metadata.get("source_files") or [])
+    if names != list(source.names):
+        raise ArchiveChangedError(
+            f"{where} holds records prepared from {names}, not from {list(source.names)}: {fix}"
+        )
+    stored = metadata.get(builder_lib.SOURCE_FINGERPRINT)
+    current = source.fingerprint()
+    if stored is None:  # prepared before fingerprints were stored
+        if source.form == "folder":
+            then, now = metadata.get("locations_read"), current["locations"]
+            what = "location folders"
+        else:
+            then, now = metadata.get("source_bytes"), source.total_bytes
+            what = "bytes"
+        if then != now:
+            raise ArchiveChangedError(
+                f"{where} holds records prepared from {source.label} when it had {then} {what}; "
+                f"it has {now} now: {fix}"
+            )
+        return f"prepared before archives were fingerprinted; the names and {what} match"
+    stored = _as_lists(stored)
+    if stored != current:
+        raise ArchiveChangedError(
+            f"{where} holds records prepared from {source.label} as it was then; it changed since "
+            f"({_fingerprint_change(stored, current)}): {fix}"
+        )
+    if source.form == "folder":
+        return f"{source.label} has the same {current['locations']} location folders"
+    return f"{source.label}: the same names, sizes and modification times"
+
+
+_INCOMPLETE_PREFIX = "incomplete."  # TFDS's temporary build folders
+
+
+def _as_lists(value):
+    """Tuples as lists, recursively (JSON and TFDS's metadata give lists)."""
+    if isinstance(value, list | tuple):
+        return [_as_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return value
+
+
+def _fingerprint_change(stored: dict, current: dict) -> str:
+    if "locations" in stored or "locations" in current:
+        return f"{stored.get('locations')} location folders then, {current.get('locations')} now"
+    then = {name: (size, mtime) for name, size, mtime in stored.get("files", [])}
+    now = {name: (size, mtime) for name, size, mtime in current.get("files", [])}
+    changes = []
+    for name in sorted(set(then) | set(now)):
+        if name not in now:
+            changes.append(f"{name} gone")
+        elif name not in then:
+            changes.append(f"{name} new")
+        elif then[name] != now[name]:
+            (size0, mtime0), (size1, mtime1) = then[name], now[name]
+            changes.append(
+                f"{name}: {size0:,} bytes modified {_when(mtime0)} then, {size1:,} bytes "
+                f"modified {_when(mtime1)} now"
+            )
+    return "; ".join(changes) or "another form"
+
+
+def _when(seconds: int) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def open_records(data_dir: str, builder_config: str = "rgb", split: str = "train") -> Records:

@@ -33,6 +33,7 @@ import numpy as np
 
 from caco_jax.data import sentinel2
 from caco_jax.data.normalization import Normalization
+from caco_jax.runtime import errors
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff", ".jp2")
 SCALES = sentinel2.SCALES
@@ -47,7 +48,7 @@ PRODUCT_FOLDERS_SKIPPED = ("QI_DATA", "AUX_DATA", "DATASTRIP", "HTML", "rep_info
 _BAND_TOKEN = re.compile(r"(?:^|[_.-])B(0?[1-9]|1[0-2]|8A)(?=[_.-]|$)")
 
 
-class InputError(ValueError):
+class InputError(errors.UserError, ValueError):
     """An input that cannot be embedded with this encoder; the message names the file."""
 
 
@@ -324,9 +325,12 @@ def read_tiles(
                     band, window=window, out_shape=shape, resampling=Resampling.bilinear
                 )
                 on_scale = sentinel2.scale_of(values, scale)
-                missing |= _nodata(values, dataset.nodata, on_scale)
+                absent = _nodata(values, dataset.nodata, on_scale)
                 if index in warped:
-                    missing |= dataset.read_masks(band, window=window, out_shape=shape) == 0
+                    absent |= dataset.read_masks(band, window=window, out_shape=shape) == 0
+                if absent.any():  # no data is not a value: -9999 or NaN must not be refused
+                    values = np.where(absent, np.zeros((), values.dtype), values)
+                missing |= absent
                 offset = resolve_offset(image, dn_offset) if on_scale == "dn" else 0.0
                 channels.append(
                     sentinel2.to_archive_uint8(values, on_scale, offset=offset, name=path)
@@ -350,11 +354,12 @@ def read_tiles(
 
 
 def _nodata(values: np.ndarray, nodata, scale: str) -> np.ndarray:
-    """Where ``values`` hold no data: the file's nodata value, or 0 for Sentinel-2 digital numbers
-    (their no-data value, which is also what a warp leaves where a band does not reach)."""
+    """Where ``values`` hold no data: the file's nodata value (NaN included), or 0 for Sentinel-2
+    digital numbers (their no-data value, which is also what a warp leaves where a band does not
+    reach)."""
     missing = np.zeros(values.shape, bool)
-    if nodata is not None and not np.isnan(nodata):
-        missing |= values == nodata
+    if nodata is not None:
+        missing |= np.isnan(values) if np.isnan(nodata) else values == nodata
     if scale == "dn":
         missing |= values == 0
     return missing

@@ -45,6 +45,9 @@ REFLECTANCE_SCALE = 10_000
 
 ACQUISITIONS_PER_WINDOW = 5  # a complete location has 2 x 5 acquisitions
 MIN_ACQUISITIONS_PER_WINDOW = 3  # the official loader draws 3 distinct acquisitions per window
+# Readers keep at most this many acquisition folders of a location (4x a complete one); a location
+# with more is skipped, so that one odd folder cannot hold unbounded bytes in memory.
+MAX_ACQUISITIONS_PER_LOCATION = 4 * 2 * ACQUISITIONS_PER_WINDOW
 
 METADATA_FILE = "metadata.json"
 # Earth Engine's Sentinel-2 cloud estimate, the property kept as `cloud` in the records.
@@ -95,6 +98,24 @@ def to_archive_uint8(digital_numbers, xp=None, *, offset: float = 0.0):
 
 def band_file(band: str) -> str:
     return f"{band}.tif"
+
+
+# The largest metadata.json a reader takes (the published ones hold a few kB of Earth Engine
+# properties).
+MAX_METADATA_BYTES = 1 << 20
+_GEOTIFF_OVERHEAD_BYTES = 64 << 10  # tags, tile offsets, a colour table
+
+
+def max_file_bytes(name: str) -> int:
+    """The largest file of name ``name`` (``B4.tif``, ``metadata.json``) that a reader takes
+    before decoding it: a band file holds one uint8 band of `band_shape` pixels, at most twice
+    that size uncompressed (an uncompressible band grows a little under LZW or deflate) plus its
+    header; a larger one is not a band of this layout and is skipped unread."""
+    if name == METADATA_FILE:
+        return MAX_METADATA_BYTES
+    band = name.removesuffix(".tif")
+    height, width = band_shape(band)
+    return 2 * height * width + _GEOTIFF_OVERHEAD_BYTES
 
 
 def band_shape(band: str) -> tuple[int, int]:

@@ -14,12 +14,18 @@ decompression it follows (BENCHMARKS.md "Record layout").
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from caco_jax.data import location_index
+from caco_jax.runtime import errors
+
+
+class DamagedRecordsError(errors.UserError):
+    """A records shard that does not read (truncated, overwritten): names it and the fix."""
 
 
 class Records:
@@ -69,9 +75,21 @@ class Records:
                 f"{span.stop - span.start} acquisitions, not {wanted.tolist()}"
             )
         serialized = self.acquisitions.data_source  # the records' bytes, before TFDS decodes them
-        read = [self._pixels_of(serialized[span.start + int(a)]) for a in wanted]
+        read = [self._pixels_of(self._read(serialized, span.start + int(a))) for a in wanted]
         stacked = {g: np.stack([r[g] for r in read])[inverse] for g in self.pixel_shapes}
         return stacked["rgb"] if list(stacked) == ["rgb"] else stacked
+
+    def _read(self, serialized, key: int) -> bytes:
+        """Record ``key``'s bytes; a shard that does not read is DamagedRecordsError naming it."""
+        try:
+            return serialized[key]
+        except (RuntimeError, OSError, ValueError) as error:  # array_record's (Riegeli's) errors
+            shard = _shard_of(serialized, key)
+            folder = os.path.dirname(shard) if shard else "the records' folder"
+            raise DamagedRecordsError(
+                f"{shard or 'a shard'}: record {key} does not read ({errors.one_line(error)}); "
+                f"the records are damaged: delete {folder} and run the 'prepare' task again"
+            ) from error
 
     def _pixels_of(self, record: bytes) -> dict:
         """The pixel features of one serialised acquisition record (a tf.Example whose pixel
@@ -100,6 +118,16 @@ class Records:
             "cloud": self.index.cloud[span].copy(),
             "pixels": self.pixels(location, np.arange(span.stop - span.start)),
         }
+
+
+def _shard_of(serialized, key: int) -> str:
+    """The file of record ``key`` of an array_record data source ("" when it does not say)."""
+    first = 0
+    for instruction in getattr(serialized, "_read_instructions", None) or []:
+        if key < first + instruction.num_records:
+            return instruction.filename
+        first += instruction.num_records
+    return ""
 
 
 def location_table(source: Records) -> list[tuple[str, float, float]]:

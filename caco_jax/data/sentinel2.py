@@ -32,6 +32,7 @@ import numpy as np
 
 from caco_jax.data import layout
 from caco_jax.data.normalization import Normalization
+from caco_jax.runtime import errors
 
 SCALES = ("auto", "uint8", "dn", "reflectance")
 # The brightest Sentinel-2 reflectances (snow, clouds, specular water) stay well below this; a
@@ -45,7 +46,7 @@ OFFSET_ELEMENTS = ("RADIO_ADD_OFFSET", "BOA_ADD_OFFSET")
 _PRODUCT_DEPTH = 5
 
 
-class RawValueError(ValueError):
+class RawValueError(errors.UserError, ValueError):
     """Raw values that cannot be on the stated scale; the message names the band."""
 
 

@@ -26,7 +26,7 @@ from flax import nnx, traverse_util
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models import export
 from caco_jax.models.resnet import ResNet
-from caco_jax.runtime import progress, storage
+from caco_jax.runtime import errors, progress, storage
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section
 
@@ -116,6 +116,23 @@ def _load_export(directory: str, key: str, remedy: str):
             f"bands, the encoder takes {model.in_channels} input channels"
         )
     return model, metadata, norm
+
+
+class EncoderInputError(errors.UserError, ValueError):
+    """An encoder row whose input a dataset cannot give; names the row."""
+
+
+def check_inputs(rows: list[Encoder], check: Callable[[Encoder], object]) -> list:
+    """``check(row)`` of every row before any row is evaluated, so that a row whose bands the
+    dataset lacks (an ImageNet export of other bands, say) stops the task before the others'
+    work rather than after it; the error names the row."""
+    checked = []
+    for row in rows:
+        try:
+            checked.append(check(row))
+        except ValueError as error:
+            raise EncoderInputError(f"the {row.name} encoder ({row.source}): {error}") from None
+    return checked
 
 
 def random_encoder(depth: int, in_channels: int, seed: int, width: int = 64) -> ResNet:

@@ -152,11 +152,11 @@ def train_linear_head(
     `after_epoch(epoch, params)` is called after each epoch (counted from 1)."""
     count = features.shape[0]
     steps_per_epoch = count // settings.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{description}: {count} training examples, fewer than one batch of "
-            f"{settings.batch_size}"
-        )
+    settings.require(
+        steps_per_epoch > 0,
+        "batch_size",
+        f"{settings.batch_size} is more than the {count} training examples of the {description}",
+    )
     key = jax.random.key(seed)
     init_key, key = jax.random.split(key)
     params = init_linear(init_key, features.shape[1], num_outputs)
@@ -282,11 +282,11 @@ def train_head_with_encoder_in_train_mode(
     mode holding that epoch's statistics, as Lightning validated."""
     count = images.shape[0]
     steps_per_epoch = count // settings.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{description}: {count} training examples, fewer than one batch of "
-            f"{settings.batch_size}"
-        )
+    settings.require(
+        steps_per_epoch > 0,
+        "batch_size",
+        f"{settings.batch_size} is more than the {count} training examples of the {description}",
+    )
     model.train()
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     model.eval()

@@ -100,6 +100,11 @@ class LandCoverEvaluation(protocol.Evaluation):
         self.workdir = workdir
 
     def dataset_key(self, encoder) -> str:
+        if not encoder.input.is_rgb:
+            raise ValueError(
+                f"it takes bands {list(encoder.input.bands)}; the synthetic records hold the "
+                "pretraining input, RGB (B4, B3, B2)"
+            )
         return "rgb"
 
     def load(self, key: str) -> LandCover:

@@ -57,7 +57,7 @@ def run(evaluation: Evaluation, workdir) -> dict:
     """Evaluates every encoder row (see the module docstring); returns the task's result."""
     shared, seed = evaluation.settings.eval, evaluation.settings.seed
     encoders = common.encoders(shared, seed, workdir)
-    keys = [evaluation.dataset_key(encoder) for encoder in encoders]  # every row, before any work
+    keys = common.check_inputs(encoders, evaluation.dataset_key)  # every row, before any work
     checkpoint = common.checkpoint_dir(shared, workdir)
     path = common.metrics_path(checkpoint, evaluation.task)
     datasets, rows = {}, []

@@ -33,7 +33,7 @@ from flax import nnx, traverse_util
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models import export, registry
 from caco_jax.models.resnet import ARCHITECTURES, ResNet
-from caco_jax.runtime import extras, storage
+from caco_jax.runtime import errors, extras, storage
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section, SettingsError
 
@@ -75,7 +75,7 @@ class ConvertSettings(Section):
         )
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
     """A state dict that does not describe a supported ResNet; the message lists the culprits."""
 
 
@@ -306,12 +306,41 @@ def run_task(settings, workdir) -> dict:
     c = settings.convert
     source = os.fspath(storage.path(c.source))
     output = os.fspath(storage.path(c.output or Workdir.of(workdir).encoder))
+    made = _source_fingerprint(source)
+    if not c.overwrite and made is not None:
+        try:
+            written = export.read_metadata(output)
+        except (OSError, ValueError):
+            written = {}
+        if written.get("source") == source and written.get("source_fingerprint") == made:
+            print(f"convert: {output} was converted from {source} already (kept)", flush=True)
+            return {
+                "export": output,
+                "depth": int(written["depth"]),
+                "in_channels": int(written["in_channels"]),
+                "notes": written.get("notes", []),
+                "kept": True,
+            }
     model, notes = write_export(
-        source, output, depth=c.depth, allow_pickle=c.allow_pickle, overwrite=c.overwrite
+        source,
+        output,
+        depth=c.depth,
+        allow_pickle=c.allow_pickle,
+        overwrite=c.overwrite,
+        metadata={"source_fingerprint": made} if made is not None else None,
     )
     return {
         "export": output,
         "depth": model.depth,
         "in_channels": model.in_channels,
         "notes": notes,
+        "kept": False,
     }
+
+
+def _source_fingerprint(source: str) -> list | None:
+    """[size, modification time in whole seconds] of a local weights file; None for a URL."""
+    if storage.is_url(source) or not os.path.isfile(source):
+        return None
+    status = os.stat(source)
+    return [status.st_size, int(status.st_mtime)]

@@ -26,12 +26,16 @@ from flax import nnx
 
 from caco_jax.data.normalization import EXPORT_KEY, Normalization
 from caco_jax.models.resnet import ResNet
-from caco_jax.runtime import storage
+from caco_jax.runtime import errors, storage
 
 ARCH = "resnet"
 BUILD_KEYS = ("arch", "depth", "in_channels")
 IMAGE_SIZE_KEY = "image_size"
 METHOD_KEY = "method"
+
+
+class ExportError(errors.UserError, ValueError):
+    """An export that is incomplete, damaged or not an encoder of this package; names its folder."""
 
 
 def _checkpointer():
@@ -114,14 +118,24 @@ def read_metadata(directory) -> dict:
             f"load_encoder: {directory} is not a complete encoder export "
             "(needs the finalised Orbax items 'state' and 'metadata')"
         )
-    metadata = _checkpointer().restore(
-        directory, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
-    )["metadata"]
+    try:
+        metadata = _checkpointer().restore(
+            directory, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+        )["metadata"]
+    except Exception as error:  # a damaged JSON file, as Orbax reports it
+        raise ExportError(
+            f"load_encoder: {directory}/metadata does not read "
+            f"({_first_line(errors.root_cause(error))}); write the export again"
+        ) from error
+    if not isinstance(metadata, dict):
+        raise ExportError(f"load_encoder: {directory}/metadata is not a JSON object")
     missing = [key for key in BUILD_KEYS if key not in metadata]
     if missing:
-        raise ValueError(f"load_encoder: {directory}/metadata lacks {missing}")
+        raise ExportError(f"load_encoder: {directory}/metadata lacks {missing}")
     if metadata["arch"] != ARCH:
-        raise ValueError(f"load_encoder: {directory} holds arch {metadata['arch']!r}, not {ARCH!r}")
+        raise ExportError(
+            f"load_encoder: {directory} holds arch {metadata['arch']!r}, not {ARCH!r}"
+        )
     if EXPORT_KEY in metadata:
         _check_input(metadata, where=f"load_encoder: {directory}/metadata")
     return metadata
@@ -154,15 +168,21 @@ def _check_input(metadata: dict, *, where: str) -> None:
     try:
         normalization = Normalization.from_json(metadata[EXPORT_KEY])
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}[{EXPORT_KEY!r}] is not a normalisation: {error}") from None
+        raise ExportError(f"{where}[{EXPORT_KEY!r}] is not a normalisation: {error}") from None
     if normalization.num_bands != int(metadata["in_channels"]):
-        raise ValueError(
+        raise ExportError(
             f"{where}[{EXPORT_KEY!r}] has {normalization.num_bands} bands "
             f"{list(normalization.bands)}, but the encoder takes {metadata['in_channels']} channels"
         )
     size = metadata.get(IMAGE_SIZE_KEY)
     if size is not None and not (isinstance(size, int) and size >= 32):
-        raise ValueError(f"{where}[{IMAGE_SIZE_KEY!r}] = {size!r}, expected an int >= 32")
+        raise ExportError(f"{where}[{IMAGE_SIZE_KEY!r}] = {size!r}, expected an int >= 32")
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_encoder(
@@ -199,10 +219,17 @@ def load_encoder(
         restored = _checkpointer().restore(
             directory, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )["state"]
-    except ValueError as error:
-        raise ValueError(
-            f"load_encoder: {directory} does not match a ResNet-{metadata['depth']} "
-            f"with {metadata['in_channels']} input channels: {error}"
+    except Exception as error:  # Orbax and TensorStore raise several types; their messages hold
+        # the whole tree, so only the innermost cause's first line is kept.
+        cause = _first_line(errors.root_cause(error))
+        if "shape" in cause.lower() or "structure" in cause.lower():
+            raise ExportError(
+                f"load_encoder: {directory} does not match a ResNet-{metadata['depth']} with "
+                f"{metadata['in_channels']} input channels as its metadata says ({cause})"
+            ) from error
+        raise ExportError(
+            f"load_encoder: {directory} is damaged: its weights do not read ({cause}); write "
+            "the export again (pretrain, convert_weights or pretrained) or point at another"
         ) from error
     graphdef, params, batch_stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
     nnx.replace_by_pure_dict(params, restored["params"])

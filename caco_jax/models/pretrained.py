@@ -26,7 +26,7 @@ import urllib.request
 
 from caco_jax.models import convert, export
 from caco_jax.models.registry import CHECKPOINTS, OFFICIAL_BASE_URL, Checkpoint, get
-from caco_jax.runtime import progress, storage
+from caco_jax.runtime import errors, progress, storage
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section, SettingsError
 
@@ -67,7 +67,7 @@ class PretrainedSettings(Section):
         )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(errors.UserError, RuntimeError):
     """A checkpoint could not be fetched or failed its checks; the message says where to put it."""
 
 
@@ -244,18 +244,37 @@ def run_task(settings, workdir) -> dict:
     `config.pretrained.output` (default `<workdir>/encoder`), and optionally as a torchvision state
     dict at `config.pretrained.torch_output`."""
     p = settings.pretrained
+    kept = False
     if p.name in CHECKPOINTS:
         checkpoint = CHECKPOINTS[p.name]
         output = os.fspath(storage.path(p.output or Workdir.of(workdir).encoder))
-        source = download(checkpoint, cache=p.cache_dir, base_url=p.base_url)
-        write_official_export(
-            checkpoint, source, output, base_url=p.base_url, overwrite=p.overwrite
-        )
+        kept = not p.overwrite and _holds(output, p.name)
+        if kept:  # a rerun: the same encoder is there
+            print(f"pretrained: {output} holds {p.name} already (kept)", flush=True)
+        else:
+            source = download(checkpoint, cache=p.cache_dir, base_url=p.base_url)
+            write_official_export(
+                checkpoint, source, output, base_url=p.base_url, overwrite=p.overwrite
+            )
     else:
         output = export_path(p.name)
-    result = {"name": p.name, "export": output}
+    result = {"name": p.name, "export": output, "kept": kept}
     if p.torch_output:
         from caco_jax.models import torch_export
 
-        result["torch"] = torch_export.write(output, p.torch_output, overwrite=p.overwrite)
+        weights = os.path.abspath(p.torch_output)
+        sidecar = os.path.splitext(weights)[0] + ".json"
+        if kept and os.path.exists(weights) and os.path.exists(sidecar):
+            print(f"pretrained: {weights} written from it already (kept)", flush=True)
+            result["torch"] = {"weights": weights, "normalization": sidecar}
+        else:
+            result["torch"] = torch_export.write(output, p.torch_output, overwrite=p.overwrite)
     return result
+
+
+def _holds(output: str, name: str) -> bool:
+    """Whether the export at ``output`` is the official encoder ``name`` (complete and whole)."""
+    try:
+        return export.read_metadata(output).get("pretrained_name") == name
+    except (OSError, ValueError):
+        return False

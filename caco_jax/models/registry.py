@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from caco_jax.data.normalization import Normalization
+from caco_jax.runtime import errors
 
 OFFICIAL_BASE_URL = "https://research.cs.cornell.edu/caco/checkpoints/"
 # The official weights were pretrained on 224 px crops of SeCo-stretched RGB (B4, B3, B2).
@@ -115,9 +116,16 @@ CHECKPOINTS: dict[str, Checkpoint] = {
 }
 
 
+class UnknownEncoderError(errors.UserError, KeyError):
+    """A name that is neither an official encoder nor an export path."""
+
+    def __str__(self) -> str:  # KeyError's own quotes the message
+        return str(self.args[0])
+
+
 def get(name: str) -> Checkpoint:
     if name not in CHECKPOINTS:
-        raise KeyError(
+        raise UnknownEncoderError(
             f"{name!r} is neither an official encoder ({', '.join(CHECKPOINTS)}) "
             "nor the path of an encoder export"
         )

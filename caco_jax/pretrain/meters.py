@@ -67,9 +67,10 @@ def summary_lines(results: dict) -> list[str]:
         return f"loss {record['loss']:.3f}, accuracy per subspace {' '.join(accuracies)}"
 
     epochs = results["epochs"]
+    speed = results.get("samples_per_s")
     lines = [
         f"pretrain {results['method']}: {results['steps']} steps on {results['devices']} "
-        f"device(s), {results['samples_per_s']:.1f} samples/s"
+        "device(s), " + (f"{speed:.1f} samples/s" if speed is not None else "no step run now")
     ]
     full = [record for record in epochs if record["queue_full"]]
     if len(full) >= 2:

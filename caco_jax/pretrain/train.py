@@ -13,7 +13,9 @@ writes into the workdir (a local folder or a cloud URL; `runtime.workdir`):
   change/               CACo, per epoch: histograms of d_lt, d_st and r by label; labels.csv
 
 A run resumes from the newest checkpoint in the workdir exactly where it stopped, also on another
-number of hosts or devices (`runtime.checkpointing`). SIGTERM saves a checkpoint and stops.
+number of hosts or devices (`runtime.checkpointing`), once its settings are those the checkpoint
+was trained with (`resume`); a run that is complete says so and trains nothing. SIGTERM saves a
+checkpoint and stops.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 from caco_jax import methods
 from caco_jax.data import pipeline
 from caco_jax.data.normalization import Normalization
-from caco_jax.pretrain import augment, meters
+from caco_jax.pretrain import augment, meters, resume
 from caco_jax.pretrain import change as change_lib
 from caco_jax.pretrain import queue as queue_lib
 from caco_jax.pretrain import step as step_lib
@@ -39,8 +41,8 @@ from caco_jax.pretrain.state import (
     learning_rate_schedule,
     make_optimizer,
 )
+from caco_jax.runtime import errors, multihost, progress
 from caco_jax.runtime import mesh as mesh_lib
-from caco_jax.runtime import multihost, progress
 from caco_jax.runtime.metrics_writer import MetricsWriter
 from caco_jax.runtime.workdir import Workdir
 from caco_jax.settings import Section
@@ -61,6 +63,9 @@ class TrainSettings(Section):
     # official run, one GPU), "sync" or "shuffle" (MoCo's shuffle-BN of the keys)
     bn_mode: str = "per_device"
     max_steps: int = 0  # > 0 stops early (smoke runs); 0 = epochs x steps per epoch
+    # Resume even though settings that change the training differ from the checkpoint's; the
+    # change is recorded in metrics.jsonl and the checkpoints (`resume`).
+    allow_config_change: bool = False
 
     def validate(self) -> None:
         self.require(self.batch_size >= 2, "batch_size", "must be >= 2")
@@ -83,7 +88,7 @@ class TrainSettings(Section):
         self.require(self.max_steps >= 0, "max_steps", "must be >= 0")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
     """The loss or the parameters became NaN or Inf; the run stops, no bad state is saved."""
 
 
@@ -209,7 +214,9 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
         every_steps=settings.checkpoint.every_steps,
         keep=settings.checkpoint.keep,
     )
-    state, resumed_from, start_batch = _initial_or_restored(run, checkpoints)
+    state, resumed_from, start_batch, changes, history = _initial_or_restored(
+        settings, run, checkpoints
+    )
     batches = pipeline.make_pipeline(  # this process's rows of every global batch
         settings.input,
         source,
@@ -219,11 +226,19 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
         start_batch=start_batch,
     )
     writer = MetricsWriter(workdir)
+    if changes:  # accepted: on record beside the metrics and in every later checkpoint
+        writer.write_record(resumed_from, {"config_change": history[-1]["changes"]})
     report = ChangeReport(workdir.change, writer, locations) if run.method.tracks_change else None
     throughput = meters.Throughput(settings.train.batch_size)
     epoch_means, epochs = meters.EpochMeans(), []
     steps_per_epoch, last_good = run.stream.steps_per_epoch, resumed_from
     start_step = int(jax.device_get(state.step))
+    if start_step >= run.total_steps and jax.process_index() == 0:
+        print(
+            f"pretrain: complete at checkpoint step {start_step} (the run asks for "
+            f"{run.total_steps} steps): nothing to train",
+            flush=True,
+        )
     bar = progress.bar(
         total=run.total_steps,
         initial=start_step,
@@ -232,7 +247,7 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
         enabled=settings.logging.progress_bar and jax.process_index() == 0,
     )
     try:
-        with checkpointing.PreemptionGuard(checkpoints) as guard:
+        with checkpointing.QuietSaveFailures(), checkpointing.PreemptionGuard(checkpoints) as guard:
             for step in range(start_step, run.total_steps):
                 state, metrics = run.train_step(
                     state, mesh_lib.global_batch(next(batches), run.mesh)
@@ -255,7 +270,10 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
                     _check_finite(state, done, checkpoints, last_good)
                     position = pipeline.Position(done, run.stream)  # one global batch per step
                     checkpoints.save(
-                        done, state, data_position=position.to_json(), config=settings.to_dict()
+                        done,
+                        state,
+                        data_position=position.to_json(),
+                        config=resume.checkpoint_config(settings, history),
                     )
                     writer.flush()  # metrics.jsonl holds every line up to the checkpoint
                     last_good = done
@@ -264,6 +282,7 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
                 bar.update(1)
                 if stop:
                     break
+            checkpoints.wait()  # a failure of the last save is met here, inside the quiet block
     except Exception as error:
         if jax.process_count() > 1:  # exits before the checkpoint in flight is waited for
             multihost.stop_if_peer_lost(error)
@@ -281,8 +300,8 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
         "stopped_early": final_step < run.total_steps,
         "steps_per_epoch": steps_per_epoch,
         "devices": int(run.mesh.devices.size),
-        "samples_per_s": throughput.last.get("samples_per_s", float("nan")),
-        "encoder": str(export_encoder(settings, run, state, workdir, final_step)),
+        "samples_per_s": throughput.last.get("samples_per_s"),  # None: no step ran
+        "encoder": str(_exported_encoder(settings, run, state, workdir, final_step)),
         "epochs": epochs,  # per completed epoch: mean loss and accuracies, queue_full
     }
     if run.method.tracks_change:
@@ -293,20 +312,43 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
     return results
 
 
-def _initial_or_restored(run: Setup, checkpoints) -> tuple[TrainState, int | None, int]:
-    """(state, checkpoint step or None, first global batch) of the newest checkpoint that
-    restores (`Checkpointer.restore_latest` moves damaged ones aside), else the initial ones."""
+def _initial_or_restored(settings, run: Setup, checkpoints):
+    """(state, checkpoint step or None, first global batch, accepted setting changes, the history
+    of accepted changes) of the newest checkpoint that restores (`Checkpointer.restore_latest`
+    moves damaged ones aside) once its settings allow it (`resume.check`), else the initial ones.
+    """
     from caco_jax.runtime import checkpointing
 
     state = mesh_lib.replicate(run.initial_state, run.mesh)
     target = checkpointing.replicated_target(state, run.mesh)
-    step, restored = checkpoints.restore_latest(target)
+    steps = checkpoints.all_steps()
+    if steps:  # a change of settings is refused before any checkpoint is read (or moved aside)
+        newest = max(steps)
+        resume.check(
+            checkpoints.restore_config(newest), settings, step=newest, where=checkpoints.directory
+        )
+    try:
+        step, restored = checkpoints.restore_latest(target)
+    except checkpointing.StateMismatchError as error:
+        changes = resume.compare(checkpoints.restore_config(error.step), settings)
+        raise resume.state_changed(
+            error, changes, allowed=settings.train.allow_config_change
+        ) from None
     if step is None:
-        return state, None, 0
-    saved = pipeline.Position.from_json(checkpoints.restore_data_position(step))
+        return state, None, 0, [], []
+    saved_config = checkpoints.restore_config(step)
+    changes, note = resume.check(saved_config, settings, step=step, where=checkpoints.directory)
+    position = pipeline.Position.from_json(checkpoints.restore_data_position(step))
+    try:
+        start_batch = position.start_batch(run.stream)
+    except ValueError as error:
+        raise resume.position_changed(error, changes, step=step) from None
+    history = resume.history(saved_config)
+    if changes:
+        history.append(resume.record(changes, step))
     if jax.process_index() == 0:
-        print(f"resumed from checkpoint step {step}", flush=True)
-    return restored, step, saved.start_batch(run.stream)
+        print(f"resumed from checkpoint step {step}" + (f"; {note}" if note else ""), flush=True)
+    return restored, step, start_batch, changes, history
 
 
 def _epoch_record(settings, done: int, run: Setup, epoch_means, writer) -> dict:
@@ -349,6 +391,22 @@ def _check_finite(state, step: int, checkpoints, last_good) -> None:
     )
 
 
+def _exported_encoder(settings, run: Setup, state: TrainState, workdir, step: int):
+    """The encoder export of ``step``: written, unless the workdir holds it already (a rerun of a
+    complete run)."""
+    from caco_jax.models import export
+    from caco_jax.runtime import storage
+
+    directory = storage.path(Workdir.of(workdir).encoder)
+    try:
+        written = export.read_metadata(directory)
+    except (OSError, ValueError):  # missing, incomplete or damaged: written again
+        written = None
+    if written and written.get("step") == step and written.get("method") == run.method.name:
+        return directory
+    return export_encoder(settings, run, state, workdir, step)
+
+
 def export_encoder(settings, run: Setup, state: TrainState, workdir, step: int):
     """Writes the query encoder alone, with its input normalisation, to ``<workdir>/encoder``."""
     from caco_jax.data import normalization as normalization_lib
@@ -373,17 +431,22 @@ def export_encoder(settings, run: Setup, state: TrainState, workdir, step: int):
 def run_task(settings, workdir) -> dict:
     """Task ``pretrain``: trains on the records in ``config.data.data_dir`` (or the workdir's)."""
     from caco_jax.data import dataset, normalization, records
+    from caco_jax.runtime import locks
 
     data = settings.data
     if jax.process_count() > 1:  # every process must read the same records
         dataset.check_same_dataset(data, workdir)
     source = dataset.open_records(data.records_dir(workdir), builder_config=data.builder_config)
-    return train(
-        settings,
-        workdir,
-        source,
-        normalization=normalization.for_records(
-            data.builder_config, source, num_locations=settings.input.stats_locations
-        ),
-        locations=lambda: records.location_table(source),
-    )
+    # One run writes into a workdir at a time (`run.py` holds this lock already; from Python, the
+    # task takes it); process 0 holds it for all the processes of a run.
+    lock = locks.workdir_lock(workdir) if jax.process_index() == 0 else locks.NO_LOCK
+    with lock:
+        return train(
+            settings,
+            workdir,
+            source,
+            normalization=normalization.for_records(
+                data.builder_config, source, num_locations=settings.input.stats_locations
+            ),
+            locations=lambda: records.location_table(source),
+        )

@@ -236,7 +236,7 @@ def from_embeddings(embeddings: embed_lib.Embeddings, *, seed: int = 0) -> Chang
     for note in notes:
         print(f"change_map: {note}", flush=True)
     if not statistics:
-        raise ValueError("change_map: no location has 2 acquisitions in each window")
+        raise geotiff.InputError("change_map: no location has 2 acquisitions in each window")
     ids = list(statistics)
     lat, lon, d_lt, d_st = (np.asarray(column) for column in zip(*statistics.values(), strict=True))
     ratio = d_lt / (d_st + EPS)
@@ -262,7 +262,7 @@ def from_pretraining(labels_csv, *, seed: int = 0) -> ChangeMap:
             entry["values"].append([float(row[k]) for k in ("d_lt", "d_st", "r")])
             entry["changed"] |= row["changed"] == "1"
     if not per_location:
-        raise ValueError(f"change_map: {labels_csv} has no seen item")
+        raise geotiff.InputError(f"change_map: {labels_csv} has no seen item")
     ids = list(per_location)
     means = np.asarray([np.mean(per_location[k]["values"], axis=0) for k in ids])
     return ChangeMap(
@@ -438,7 +438,7 @@ def from_scene_embeddings(
     if origin != after_origin:
         raise ValueError("change_map: the two dates' embeddings are not of the same tiles")
     if not origin:
-        raise ValueError("change_map: the scenes have no tile")
+        raise geotiff.InputError("change_map: the scenes have no tile")
     order = sorted(range(len(origin)), key=origin.__getitem__)
     before, after = _rows(before, order), _rows(after, order)
     origin = [origin[i] for i in order]
@@ -447,7 +447,7 @@ def from_scene_embeddings(
     )
     usable = (before.nodata <= max_nodata) & (after.nodata <= max_nodata)
     if not usable.any():
-        raise ValueError(
+        raise geotiff.InputError(
             f"change_map: every one of the {usable.size} tiles has more than {max_nodata:.0%} of "
             "its pixels without data at one of the dates (change_map.max_nodata)"
         )
@@ -529,7 +529,10 @@ def _paths(folder, names) -> dict:
 def refuse_existing(folder, names, overwrite: bool) -> None:
     existing = [p for p in _paths(folder, names).values() if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists (set change_map.overwrite)")
+        raise FileExistsError(
+            f"{existing[0]} already exists (set change_map.overwrite=True to replace it, or "
+            "change_map.output to write elsewhere)"
+        )
 
 
 def _write_csv(path, rows: list[dict]) -> None:
@@ -537,7 +540,7 @@ def _write_csv(path, rows: list[dict]) -> None:
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(table.getvalue())
+    storage.replace_text(path, table.getvalue())  # whole or not at all
 
 
 def write(result: ChangeMap, folder, *, land_mask: bool = True, overwrite: bool = False) -> dict:
@@ -556,8 +559,9 @@ def write(result: ChangeMap, folder, *, land_mask: bool = True, overwrite: bool 
         }
         for row in rows
     ]
-    paths["change_map_geojson"].write_text(
-        json.dumps({"type": "FeatureCollection", "features": features})
+    storage.replace_text(
+        paths["change_map_geojson"],
+        json.dumps({"type": "FeatureCollection", "features": features}),
     )
     storage.write_png(map_figure(result, land_mask=land_mask), paths["change_map_png"], **PNG)
     storage.write_png(location_histograms(result), paths["histograms_png"], **PNG)
@@ -591,7 +595,7 @@ def write_scenes(
         for i in range(len(result.ids))
     ]
     _write_csv(paths["change_map_csv"], rows)
-    paths["change_map_geojson"].write_text(json.dumps(_tiles_geojson(result, rows)))
+    storage.replace_text(paths["change_map_geojson"], json.dumps(_tiles_geojson(result, rows)))
     storage.write_png(
         scene_figure(result, scale=scale, dn_offsets=dn_offsets),
         paths["change_map_png"],
@@ -622,7 +626,7 @@ def _write_raster(path, values: np.ndarray, result: SceneChange, nodata, descrip
             dataset.write(values, 1)
             dataset.set_band_description(1, description)
             dataset.update_tags(threshold=repr(result.threshold))
-        path.write_bytes(memory.read())
+        storage.replace_bytes(path, memory.read())
 
 
 def _tiles_geojson(result: SceneChange, rows: list[dict]) -> dict:
@@ -862,7 +866,13 @@ def run_task(settings, workdir) -> dict:
     c, workdir = settings.change_map, Workdir.of(workdir)
     kind, process = c.resolved_kind, multihost.current()
     folder = storage.path(c.output or workdir.change_map)
-    refuse_existing(folder, SCENE_FILES if kind == "scenes" else LOCATION_FILES, c.overwrite)
+    # The workdir's own change map is this task's output: a rerun replaces it. One written to
+    # change_map.output is replaced only with change_map.overwrite.
+    overwrite = c.overwrite or not c.output
+    names = SCENE_FILES if kind == "scenes" else LOCATION_FILES
+    refuse_existing(folder, names, overwrite)
+    if overwrite and process.primary and any(p.exists() for p in _paths(folder, names).values()):
+        print(f"change_map: replacing the change map of an earlier run in {folder}", flush=True)
     encoder = c.encoder or os.fspath(workdir.encoder)
     if kind == "pretraining":
         if not process.primary:
@@ -870,7 +880,7 @@ def run_task(settings, workdir) -> dict:
         result = from_pretraining(
             Workdir(c.source or workdir.root).change_labels, seed=settings.seed
         )
-        return _report(write(result, folder, land_mask=c.land_mask, overwrite=c.overwrite), result)
+        return _report(write(result, folder, land_mask=c.land_mask, overwrite=overwrite), result)
     cache, base_url = settings.pretrained.cache_dir, settings.pretrained.base_url
     share = (process.index, process.count)
     if kind == "scenes":
@@ -896,11 +906,11 @@ def run_task(settings, workdir) -> dict:
 
         about = {"before": os.fspath(c.before), "after": os.fspath(c.after), "encoder": encoder}
         _, rows = embed_lib.write_dataset(
-            both, folder / "embeddings_before", overwrite=c.overwrite, about=about,
+            both, folder / "embeddings_before", overwrite=overwrite, about=about,
             what="change_map",
         )  # fmt: skip
         embed_lib.write_dataset(
-            lambda: computed["dates"][1], folder / "embeddings_after", overwrite=c.overwrite,
+            lambda: computed["dates"][1], folder / "embeddings_after", overwrite=overwrite,
             about=about, what="change_map",
         )  # fmt: skip
         if not process.primary:
@@ -914,9 +924,7 @@ def run_task(settings, workdir) -> dict:
             seed=settings.seed,
         )
         result = dataclasses.replace(result, pair=pair)
-        paths = write_scenes(
-            result, folder, scale=c.scale, dn_offsets=offsets, overwrite=c.overwrite
-        )
+        paths = write_scenes(result, folder, scale=c.scale, dn_offsets=offsets, overwrite=overwrite)
         left_out = int((~result.usable).sum())
         changed = int(result.changed.sum())
         print(
@@ -939,13 +947,13 @@ def run_task(settings, workdir) -> dict:
 
     about = {"source": os.fspath(c.source), "encoder": encoder}
     _, rows = embed_lib.write_dataset(
-        share_of_embeddings, folder / "embeddings", overwrite=c.overwrite, about=about,
+        share_of_embeddings, folder / "embeddings", overwrite=overwrite, about=about,
         what="change_map",
     )  # fmt: skip
     if not process.primary:
         return {"rows": rows, "process": process.index}
     result = from_embeddings(embed_lib.Embeddings.read(folder / "embeddings"), seed=settings.seed)
-    return _report(write(result, folder, land_mask=c.land_mask, overwrite=c.overwrite), result)
+    return _report(write(result, folder, land_mask=c.land_mask, overwrite=overwrite), result)
 
 
 def _report(paths: dict, result: ChangeMap) -> dict:

@@ -14,10 +14,11 @@ Sources (``config.embed.kind``):
 - ``records``: every acquisition of prepared ``caco_geography`` records, whole.
 
 The task runs on every process of a run, each embedding its share (every n-th row of tiles,
-record or location) on its own devices, and writes a partitioned GeoParquet dataset (`products.geoparquet`): per tile
-``id`` (relative to the source), ``lat``, ``lon`` (its centre), ``window``, ``nodata`` (the fraction
-of its pixels without data), ``embedding`` (a fixed-size list) and ``geometry`` (the tile's
-footprint; an archive acquisition's location centre). `Embeddings.read` reads it back.
+record or location) on its own devices, and writes a partitioned GeoParquet dataset
+(`products.geoparquet`): per tile ``id`` (relative to the source), ``lat``, ``lon`` (its centre),
+``window``, ``nodata`` (the fraction of its pixels without data), ``embedding`` (a fixed-size
+list) and ``geometry`` (the tile's footprint; an archive acquisition's location centre).
+`Embeddings.read` reads it back.
 """
 
 from __future__ import annotations
@@ -455,6 +456,9 @@ def run_task(settings, workdir) -> dict:
         )
 
     about = {"source": os.fspath(e.source), "encoder": e.encoder or os.fspath(workdir.encoder)}
-    folder, rows = write_dataset(compute, folder, overwrite=e.overwrite, about=about)
+    # The workdir's own embeddings are this task's output: a rerun replaces them. A dataset at
+    # embed.output is replaced only with embed.overwrite.
+    overwrite = e.overwrite or not e.output
+    folder, rows = write_dataset(compute, folder, overwrite=overwrite, about=about)
     print(f"embed: {rows} embeddings by process {process.index} of {process.count} in {folder}")
     return {"output": folder, "rows": rows, "process": process.index}

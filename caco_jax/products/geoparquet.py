@@ -81,7 +81,8 @@ CRS84 = {
 
 
 class UnfinishedError(FileNotFoundError):
-    """A dataset folder without its manifest: its writing did not finish."""
+    """A dataset folder without its manifest (its writing did not finish), or whose parts differ
+    from it."""
 
 
 def part_name(index: int, count: int) -> str:
@@ -193,6 +194,9 @@ def read(folder):
         with (folder / name).open("rb") as f:
             part = pq.read_table(f)
         if part.num_rows != rows:
-            raise ValueError(f"{folder / name}: {part.num_rows} rows, the manifest says {rows}")
+            raise UnfinishedError(
+                f"{folder / name}: {part.num_rows} rows, the manifest says {rows} (a part replaced "
+                "or damaged since it was written; run the task again)"
+            )
         tables.append(part)
     return pa.concat_tables(tables)

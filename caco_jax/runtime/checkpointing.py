@@ -27,6 +27,7 @@ a step) and resumes from the newest that restores. See docs/reliability.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging as std_logging
@@ -42,6 +43,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from caco_jax.runtime import errors
 from caco_jax.settings import Section
 
 STATE, DATA_POSITION, CONFIG = "state", "data_position", "config"
@@ -62,8 +64,27 @@ class CheckpointSettings(Section):
         self.require(self.keep >= 1, "keep", "must be >= 1")
 
 
-class NoRestorableCheckpointError(RuntimeError):
+class NoRestorableCheckpointError(errors.UserError, RuntimeError):
     """Every checkpoint in the folder failed to restore."""
+
+
+class CheckpointSaveError(errors.UserError, RuntimeError):
+    """A checkpoint could not be written (a full disk, a folder gone); the complete ones before it
+    are intact, since Orbax renames a step into place only once it is whole."""
+
+
+class StateMismatchError(errors.UserError, ValueError):
+    """A checkpoint's arrays differ in name, shape or type from the state to restore: it was
+    written by a run with other settings, and is not damaged."""
+
+    def __init__(self, step: int, directory: str, differences: list[str]):
+        self.step, self.directory, self.differences = step, directory, differences
+        more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+        self.summary = "; ".join(differences[:3]) + more
+        super().__init__(
+            f"checkpoint step {step} in {directory} holds arrays of other shapes than the state "
+            f"to restore: {self.summary}"
+        )
 
 
 def abstract_target(state_shapes, shardings):
@@ -104,6 +125,8 @@ class Checkpointer:
             item_names=(STATE, DATA_POSITION, CONFIG),
             options=options,
         )
+        self._saving: int | None = None  # the step whose save was started last
+        self._failed = False
 
     @property
     def directory(self) -> str:
@@ -126,7 +149,10 @@ class Checkpointer:
             items[DATA_POSITION] = ocp.args.JsonSave(data_position)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        # An earlier asynchronous save that failed raises here: it is the one named.
+        with self._reporting_save_failures(self._saving if self._saving is not None else step):
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self._saving = step
 
     def restore(self, step: int, abstract_state):
         """The state of checkpoint ``step`` laid out as ``abstract_state`` says.
@@ -150,15 +176,21 @@ class Checkpointer:
         """
         failures = []
         for step in sorted(self.all_steps(), reverse=True):
-            state, failure = None, None
+            state, failure, differences = None, None, []
             # The error is dropped inside the block, so what it holds on to is collected there.
             with _SilencedNoise() as noise:
                 try:
-                    state = self.restore(step, abstract_state)
-                    self.restore_data_position(step)
+                    # Its arrays' names and shapes first: a checkpoint of another configuration is
+                    # not damaged, and must neither be moved aside nor pass for damage.
+                    differences = self.state_differences(step, abstract_state)
+                    if not differences:
+                        state = self.restore(step, abstract_state)
+                        self.restore_data_position(step)
                 except Exception as error:  # any failure to read: try an older step
                     failure = _one_line(error)
                     noise.failed()
+            if differences:
+                raise StateMismatchError(step, self.directory, differences)
             if jax.process_count() > 1:
                 # All processes resume from the same step: a failure on one rules it out for all.
                 restored = multihost_utils.process_allgather(np.array(failure is None))
@@ -202,6 +234,44 @@ class Checkpointer:
         self._manager.reload()
         return str(target)
 
+    def state_differences(self, step: int, abstract_state) -> list[str]:
+        """The arrays of ``abstract_state`` whose name, shape or type checkpoint ``step`` does not
+        hold (read from its metadata, no array data), as ``"<path>: saved <shape> <dtype>, now
+        <shape> <dtype>"``; [] when they all match."""
+        metadata = ocp.StandardCheckpointHandler().metadata(
+            self._manager.directory / str(step) / STATE
+        )
+        saved = _flat_shapes(metadata.tree)
+        wanted = _flat_shapes(abstract_state)
+        differences = []
+        for path in sorted(set(saved) | set(wanted)):
+            if path not in saved:
+                differences.append(f"{path}: not saved, now {_shape_text(wanted[path])}")
+            elif path not in wanted:
+                differences.append(f"{path}: saved {_shape_text(saved[path])}, not in the state")
+            elif saved[path] != wanted[path]:
+                differences.append(
+                    f"{path}: saved {_shape_text(saved[path])}, now {_shape_text(wanted[path])}"
+                )
+        return differences
+
+    def restore_config(self, step: int) -> dict | None:
+        """The run's config saved with checkpoint ``step``; None without one (or unreadable)."""
+        if not (self._manager.directory / str(step) / CONFIG).exists():
+            return None
+        try:
+            with _SilencedNoise() as noise:
+                try:
+                    restored = self._manager.restore(
+                        step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
+                    )
+                except Exception:
+                    noise.failed()
+                    raise
+        except Exception:  # damaged: the state's own restore decides what becomes of the step
+            return None
+        return restored[CONFIG]
+
     def restore_data_position(self, step: int) -> dict:
         """The input position saved with checkpoint ``step`` (`data.pipeline.Position` JSON)."""
         if not (self._manager.directory / str(step) / DATA_POSITION).exists():
@@ -218,11 +288,70 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._reporting_save_failures(self._saving):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the save in flight and closes; after a failed save, only closes (quietly:
+        the failure was reported once)."""
+        if self._failed:
+            with _SilencedNoise() as noise, contextlib.suppress(Exception):
+                noise.failed()
+                self._manager.close()
+            return
+        self.wait()
         self._manager.close()
+
+    @contextlib.contextmanager
+    def _reporting_save_failures(self, step):
+        """Turns Orbax's error of a failed save into one CheckpointSaveError naming the step, the
+        root cause and the newest complete checkpoint."""
+        try:
+            yield
+        except Exception as error:
+            self._failed = True
+            cause = errors.root_cause(error)
+            text = _one_line(cause)
+            if len(text) > 400:  # the file TensorStore names and, at the end, why it failed
+                text = f"{text[:220]} ... {text[-160:]}"
+            full = "out of disk space: " if errors.disk_full(error) else ""
+            complete = self._complete_steps()
+            kept = f"step {complete[-1]}" if complete else "none"
+            raise CheckpointSaveError(
+                f"checkpoint step {step if step is not None else '?'} could not be written to "
+                f"{self.directory} ({full}{text}); training stopped. The newest complete "
+                f"checkpoint is {kept}: free space or fix the folder, then rerun to resume from it"
+            ) from error
+
+    def _complete_steps(self) -> list[int]:
+        """The steps whose folders are in place (complete: Orbax renames a step when whole)."""
+        try:
+            names = [path.name for path in self._manager.directory.iterdir()]
+        except OSError:
+            return []
+        return sorted(int(name) for name in names if name.isdigit())
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    """{"a/b/c": (shape, dtype name)} of the array leaves of a pytree (a state, an abstract state
+    or Orbax's metadata tree, whose dataclass nodes are dicts of their fields)."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not hasattr(leaf, "shape"):
+            continue
+        names = []
+        for key in path:
+            for attribute in ("name", "key", "idx"):
+                if hasattr(key, attribute):
+                    names.append(str(getattr(key, attribute)))
+                    break
+        flat["/".join(names)] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+    return flat
+
+
+def _shape_text(shape_dtype: tuple) -> str:
+    shape, dtype = shape_dtype
+    return f"{list(shape)} {dtype}"
 
 
 def _one_line(error: BaseException) -> str:
@@ -279,6 +408,77 @@ class _SilencedNoise:
             if self._replay and exc[0] is None:
                 for record in hold.records:
                     logger.handle(record)
+        return False
+
+
+class QuietSaveFailures:
+    """Inside the block, the reports that Orbax's background save threads make of a failed save
+    are held back: error log records of the `absl` and `asyncio` loggers, exceptions of threads,
+    and the "Exception ignored" reports of coroutines that die with the event loop. A full disk
+    gave thousands of such lines (2,648, with 317 tracebacks, the cause on line 5) before. The
+    main thread meets the failure at its next save (`CheckpointSaveError`, one line). When the
+    block ends without one, what was held is replayed; after one, it is dropped (`run.py` also
+    silences what the dying save threads report while the process ends: `errors.report`)."""
+
+    def __enter__(self):
+        self._held = {std_logging.getLogger(name): _HeldErrors() for name in ("absl", "asyncio")}
+        for logger, hold in self._held.items():
+            logger.addFilter(hold)
+        self._hooks = sys.unraisablehook, threading.excepthook
+        self._thread_errors, self._unraisable = [], []
+        threading.excepthook = self._thread_error
+        sys.unraisablehook = self._unraisable.append
+        return self
+
+    def _thread_error(self, args) -> None:
+        if _from_saving(args.exc_traceback, args.exc_value):
+            self._thread_errors.append(args)
+        else:  # another thread's failure is reported as it happens
+            self._hooks[1](args)
+
+    def __exit__(self, exc_type, exc, traceback):
+        failed = isinstance(exc, CheckpointSaveError)
+        for logger, hold in self._held.items():
+            logger.removeFilter(hold)
+            if not failed:
+                for record in hold.records:
+                    logger.handle(record)
+        if failed:
+            gc.collect()  # the failed save's coroutines, while still silenced
+        sys.unraisablehook, threading.excepthook = self._hooks
+        if failed:
+            return False
+        for args in self._thread_errors:
+            threading.excepthook(args)
+        for args in self._unraisable:
+            sys.unraisablehook(args)
+        return False
+
+
+def _from_saving(traceback, error) -> bool:
+    """Whether an error comes from Orbax's or asyncio's code (a save in the background)."""
+    while traceback is not None:
+        name = traceback.tb_frame.f_code.co_filename
+        if "orbax" in name or "asyncio" in name:
+            return True
+        traceback = traceback.tb_next
+    return "orbax" in str(error).lower() or "event loop is closed" in str(error).lower()
+
+
+class _HeldErrors(std_logging.Filter):
+    """Holds back the error records of Orbax's save threads and of asyncio's tasks."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def filter(self, record):
+        if record.levelno < std_logging.ERROR:
+            return True
+        saving = record.name == "asyncio" or "orbax" in record.pathname
+        if not saving:
+            return True
+        self.records.append(record)
         return False
 
 

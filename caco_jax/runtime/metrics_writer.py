@@ -80,6 +80,15 @@ class MetricsWriter:
         if time.monotonic() - self._flushed_at >= self._flush_seconds:
             self.flush()
 
+    def write_record(self, step: int, record: dict) -> None:
+        """Adds one JSON line ``{"step": step, **record}`` that is not a scalar (an event such as
+        a setting changed on resume); TensorBoard does not get it."""
+        if not self.enabled:
+            return
+        self._pending.append(json.dumps({"step": int(step), **record}) + "\n")
+        if time.monotonic() - self._flushed_at >= self._flush_seconds:
+            self.flush()
+
     def write_image(self, step: int, tag: str, png_path) -> None:
         """Adds a saved PNG (e.g. the change histogram; any `epath` path) to TensorBoard."""
         if not self.enabled:

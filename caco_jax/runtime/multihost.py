@@ -23,7 +23,8 @@ import re
 import sys
 import threading
 import time
-import traceback
+
+from caco_jax.runtime import errors
 
 # A process that shows no sign of life for a minute is gone (JAX's own heartbeat default: 100 s).
 DEFAULT_PEER_TIMEOUT_SECONDS = 60
@@ -172,14 +173,18 @@ def stop_if_peer_lost(error: BaseException) -> None:
 
 
 def exit_after_failure(error: BaseException) -> None:
-    """Ends a process of a multi-process run whose task failed: the error (its traceback, or its
-    one line for a `SystemExit`) on stderr, then exit status 1 without `jax.distributed`'s shutdown
-    barrier, which would hold this process, and the peers blocked in a collective with it, until
-    its timeout. The peers then see this process gone and stop too."""
+    """Ends a process of a multi-process run whose task failed: the error on stderr (one line for
+    an expected error, with exit status 2, or its traceback, status 1; `runtime.errors`) without
+    `jax.distributed`'s shutdown barrier, which would hold this process, and the peers blocked in
+    a collective with it, until its timeout. The peers then see this process gone and stop too."""
     stop_if_peer_lost(error)
     if isinstance(error, SystemExit):
+        if isinstance(error.code, int):
+            sys.stdout.flush()
+            os._exit(error.code)
         _exit_now(str(error.code))
-    _exit_now("".join(traceback.format_exception(error)).rstrip())
+    status = errors.report(error)
+    os._exit(status)
 
 
 def _exit_lost(peer: str, cause: str) -> None:

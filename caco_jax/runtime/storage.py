@@ -73,14 +73,32 @@ def append_text(target, text: str) -> None:
 
 def write_png(figure, target, **savefig_options) -> None:
     """A matplotlib figure as a PNG at ``target`` (local or in a bucket: through bytes), its
-    folder made if missing."""
+    folder made if missing, written whole or not at all (`replace_bytes`)."""
     import io
 
     target = path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()
     figure.savefig(image, format="png", **savefig_options)
-    target.write_bytes(image.getvalue())
+    replace_bytes(target, image.getvalue())
+
+
+def replace_bytes(target, data: bytes) -> None:
+    """Writes ``data`` to ``target`` under a temporary name beside it, then renames it into place:
+    a reader, or a rerun after a crash, finds the old file or the new one, never half of one."""
+    target = path(target)
+    temporary = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        temporary.write_bytes(data)
+        temporary.replace(target)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def replace_text(target, text: str) -> None:
+    """`replace_bytes` of ``text`` as UTF-8."""
+    replace_bytes(target, text.encode("utf-8"))
 
 
 def local_records_dir(data_dir: str, key: str = "config.data.data_dir") -> str:

@@ -17,6 +17,7 @@ below is the default of a config key that can point elsewhere (``config.data.dat
   locations/           sampled locations (task sample_locations)
   archive/             a downloaded archive (task download)
   results.json         what every task of the last run returned
+  caco_jax.lock        the writer's lock while a run writes here (`runtime.locks`)
 
 A workdir is a local folder or a bucket URL (``gs://...``); `path` gives an `epath.Path` either way.
 """
@@ -118,3 +119,11 @@ class Workdir:
     @property
     def results(self) -> str:
         return self.join("results.json")
+
+    @property
+    def lock(self) -> str:
+        """The lock file a run holds while it writes here (`runtime.locks.WriterLock`)."""
+        return self.join(LOCK_FILE)
+
+
+LOCK_FILE = "caco_jax.lock"  # also in a data_dir, while `prepare` writes there

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from caco_jax.runtime import storage
+from caco_jax.runtime import errors, storage
 from caco_jax.settings import Section, SettingsError
 from caco_jax.sources.synthetic import writer
 from caco_jax.sources.synthetic.ground_truth import (
@@ -56,6 +56,7 @@ __all__ = [
     "WATER",
     "GroundTruth",
     "LocationPlan",
+    "OtherArchiveError",
     "SyntheticSettings",
     "archive_entries",
     "ground_truth_name",
@@ -91,6 +92,10 @@ def check_task(settings) -> None:
             "config.data.archive: synthesize writes the archive as local files: a local folder "
             "or a mounted bucket (gcsfuse), not a URL (see docs/running.md)"
         )
+
+
+class OtherArchiveError(errors.UserError, ValueError):
+    """The archive folder holds a synthetic archive written with other settings."""
 
 
 # Below this many locations per process, starting processes costs more than it saves.
@@ -137,7 +142,7 @@ def run_task(settings, workdir) -> dict:
         )
     truth = read_ground_truth(truth_path)
     if truth != [plan.ground_truth() for plan in expected]:
-        raise ValueError(
+        raise OtherArchiveError(
             f"{output_dir} holds a synthetic archive written with other settings than the config "
             f"(synthetic.num_locations={synthetic.num_locations}, seed={seed}, "
             f"synthetic.change_fraction={synthetic.change_fraction}); delete it or point "
