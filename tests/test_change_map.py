@@ -288,8 +288,12 @@ def test_two_scenes_compared_tile_by_tile_on_the_first_ones_grid(tmp_path, archi
                         [500_960.0, 4_699_680.0], [500_640.0, 4_699_680.0]]  # fmt: skip
     for png in ("change_map_png", "histograms_png"):
         assert png_pixels(result[png]).std() > 0.05
+    # A rerun replaces the workdir's own map; one at change_map.output needs overwrite.
+    again = change_map.run_task(settings, str(tmp_path / "w"))
+    assert again["change_ratio_tif"] == result["change_ratio_tif"]
+    config.change_map.output = str(folder)
     with pytest.raises(FileExistsError, match=r"change_ratio\.tif already exists"):
-        change_map.run_task(settings, str(tmp_path / "w"))
+        change_map.run_task(config_lib.resolve(config), str(tmp_path / "w"))
 
 
 def test_scene_settings_are_checked_before_any_work():
