@@ -196,10 +196,13 @@ def write_truth(archive, source):
     )
 
 
-def final_state(settings, workdir, source, mesh, step):
-    checkpoints = checkpointing.Checkpointer(str(workdir / "checkpoints"), every_steps=1, keep=3)
+def restore_template(settings, source, mesh):
     run = train.setup(settings, len(source), mesh=mesh)
-    template = checkpointing.replicated_target(mesh_lib.replicate(run.initial_state, mesh), mesh)
+    return checkpointing.replicated_target(mesh_lib.replicate(run.initial_state, mesh), mesh)
+
+
+def saved_state(workdir, template, step):
+    checkpoints = checkpointing.Checkpointer(str(workdir / "checkpoints"), every_steps=1, keep=3)
     state = checkpoints.restore(step, template)
     checkpoints.close()
     return jax.device_get(state)
@@ -214,9 +217,12 @@ def eval_steps(lines, name):
     return [line["step"] for line in lines if f"eval/{name}/seconds" in line]
 
 
-def test_a_run_with_evals_trains_bit_identically_and_resumes_without_duplicate_lines(tmp_path):
+def test_a_run_with_evals_trains_bit_identically_and_resumes_without_duplicate_lines(
+    tmp_path, monkeypatch
+):
     """Evaluations of every type on EuroSAT (from `manual_dir`, its download layout) and the
-    synthetic land cover and change; then the run resumed from an earlier checkpoint."""
+    synthetic land cover and change; then a crash before the last checkpoint, and the run resumed
+    with a stop requested at its last step."""
     manual = tmp_path / "manual"
     manual.mkdir()
     write_eurosat_rgb_zip(manual)
@@ -225,6 +231,7 @@ def test_a_run_with_evals_trains_bit_identically_and_resumes_without_duplicate_l
     write_truth(str(tmp_path / "archive"), source)
     mesh = mesh_lib.data_mesh(jax.devices()[:1])  # several devices: test_frozen_model_...
     plain = tiny_config()  # 2 steps per epoch, 2 epochs
+    plain.data.archive = str(tmp_path / "archive")  # the configs differ only by config.evals
     plain.checkpoint.every_steps = 2
     eurosat = dict(dataset="eurosat", manual_dir=str(manual), data_dir=str(tmp_path / "tfds"))
     config = evals_config(
@@ -250,11 +257,15 @@ def test_a_run_with_evals_trains_bit_identically_and_resumes_without_duplicate_l
     for name, settings in (("plain", plain), ("evals", with_evals)):
         results[name] = train.train(settings, str(tmp_path / name), source, mesh=mesh)
 
-    jax.tree.map(
-        np.testing.assert_array_equal,
-        final_state(plain, tmp_path / "plain", source, mesh, 4),
-        final_state(with_evals, tmp_path / "evals", source, mesh, 4),
-    )
+    # Every leaf of both checkpoints (params, BatchNorm statistics, optimizer state, queue, rng,
+    # change statistics) exactly equal.
+    template = restore_template(plain, source, mesh)  # the same state shapes with evals
+    for step in (2, 4):
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            saved_state(tmp_path / "plain", template, step),
+            saved_state(tmp_path / "evals", template, step),
+        )
     lines = {name: read_lines(tmp_path / name) for name in results}
     losses = {name: [(x["step"], x["loss"]) for x in lines[name] if "loss" in x] for name in lines}
     assert len(losses["plain"]) == 4 and losses["evals"] == losses["plain"]
@@ -278,15 +289,25 @@ def test_a_run_with_evals_trains_bit_identically_and_resumes_without_duplicate_l
     assert os.path.getsize(results["evals"]["evals_plot"]) > 0
     assert "evals" not in results["plain"]
 
-    # Stopped after step 4's evaluations, before its checkpoint was written: resumes from step 2
-    # and evaluates again at steps 3 and 4, each line once.
+    # A crash after step 4's evaluations, before its checkpoint: the run resumes from step 2,
+    # drops the eval lines after it and evaluates again at steps 3 and 4, each line once. A stop
+    # (SIGTERM) requested at step 4, the last, does not skip its evaluations: no resumed run
+    # would reach a later step.
     shutil.rmtree(tmp_path / "evals" / "checkpoints" / "4")
+    monkeypatch.setattr(checkpointing.PreemptionGuard, "should_stop", lambda self, step: step == 4)
     resumed = train.train(with_evals, str(tmp_path / "evals"), source, mesh=mesh)
-    assert resumed["resumed_from"] == 2
+    assert (resumed["resumed_from"], resumed["steps"]) == (2, 4)
     again = read_lines(tmp_path / "evals")
     for name in ("eurosat_knn", "eurosat_probe", "land_cover_knn", "change"):
         assert eval_steps(again, name) == eval_steps(found, name)
-    metrics = [{k: v for k, v in x.items() if "seconds" not in k} for x in found if "epoch" in x]
-    assert [{k: v for k, v in x.items() if "seconds" not in k} for x in again if "epoch" in x] == (
-        metrics  # the same encoder at the same step: the same numbers
+
+    def without_seconds(lines):
+        return [{k: v for k, v in x.items() if "seconds" not in k} for x in lines if "epoch" in x]
+
+    # The same encoder at the same step (resuming is exact): the same numbers.
+    assert without_seconds(again) == without_seconds(found)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        saved_state(tmp_path / "plain", template, 4),
+        saved_state(tmp_path / "evals", template, 4),
     )

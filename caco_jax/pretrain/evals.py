@@ -23,11 +23,12 @@ once per run, so that an evaluation costs a small, stated fraction of training.
 
 When: at the end of every ``every_epochs``-th epoch (or every ``every_steps`` steps) and at the
 last step, after that step's change labels and before its checkpoint; not at a step where the run
-stops early (SIGTERM, preemption). What: every process computes the features of the current query
-encoder in eval mode on every device of the run's mesh (`runtime.inference`) and the metric on
-the host; process 0 writes one line per evaluator, ``{"step", "epoch", "eval/<name>/<metric>",
-"eval/<name>/seconds"}``, to ``metrics.jsonl`` and TensorBoard, and the run's result holds each
-evaluator's history (`Evaluations.finish`, which also draws ``<workdir>/evals.png``).
+stops early (SIGTERM, preemption), unless it is the last. What: every process computes the
+features of the current query encoder in eval mode on every device of the run's mesh
+(`runtime.inference`) and the metric on the host; process 0 writes one line per evaluator,
+``{"step", "epoch", "eval/<name>/<metric>", "eval/<name>/seconds"}``, to ``metrics.jsonl`` and
+TensorBoard, and the run's result holds each evaluator's history (`Evaluations.finish`, which
+also draws ``<workdir>/evals.png``).
 
 An evaluation never changes the training: the encoder is a separate module merged from the
 state's parameters and statistics (read, never written), its random draws are its own

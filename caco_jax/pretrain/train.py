@@ -253,7 +253,9 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
                     if run.method.tracks_change:
                         state = _next_change_labels(settings, run, state, report, done, writer)
                 stop = guard.should_stop(done)
-                if not stop:  # a stopped run's evaluation is rerun where the resumed run gets to
+                # A stopped run's evaluations are rerun where the resumed run gets to; a stop at the
+                # last step still evaluates, since no resumed run will reach a later step.
+                if not stop or done == run.total_steps:
                     evaluations.run_due(done, state)
                 if checkpoints.due(done) or done == run.total_steps or stop:
                     _check_finite(state, done, checkpoints, last_good)
