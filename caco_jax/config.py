@@ -14,7 +14,6 @@ starts: a bad one fails at once with a `SettingsError` naming ``config.<section>
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 import ml_collections
@@ -34,6 +33,7 @@ SECTIONS: dict[str, str] = {
     "augment": "caco_jax.pretrain.augment:AugmentSettings",
     "checkpoint": "caco_jax.runtime.checkpointing:CheckpointSettings",
     "logging": "caco_jax.runtime.metrics_writer:LoggingSettings",
+    "evals": "caco_jax.pretrain.evals:EvalsSettings",
     "sampling": "caco_jax.sources.sampling.task:SamplingSettings",
     "download": "caco_jax.sources.download.downloader:DownloadSettings",
     "eval": "caco_jax.evaluators.common:EvalSettings",
@@ -64,7 +64,7 @@ def for_tasks(*tasks: str) -> ml_collections.ConfigDict:
     needed = {name for task in tasks for name in tasks_lib.TASKS[task].sections}
     for name in SECTIONS:
         if name in needed:
-            config[name] = dataclasses.asdict(section_class(name)())
+            config[name] = section_class(name)().to_dict()
     return config
 
 

@@ -43,6 +43,7 @@ PRETRAIN_SECTIONS = (
     "augment",
     "checkpoint",
     "logging",
+    "evals",
 )
 EVAL = "caco_jax.evaluators"
 

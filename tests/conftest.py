@@ -90,6 +90,20 @@ EXCEPTIONS = {
     "test_evaluators.py::test_all_bands_evaluations_with_a_seeded_split_and_fine_tuning": (
         "integration"
     ),
+    "test_online_evals.py::test_knn_scores_match_a_direct_numpy_computation": "unit",
+    "test_online_evals.py::test_change_distances_are_mean_distances_across_and_within_windows": (
+        "unit"
+    ),
+    "test_online_evals.py::test_eval_settings_round_trip_and_errors_name_the_evaluator_and_key": (
+        "unit"
+    ),
+    "test_online_evals.py::test_evaluators_run_at_their_epochs_or_steps_and_always_at_the_last_step": (  # noqa: E501
+        "unit"
+    ),
+    "test_online_evals.py::test_resuming_drops_the_eval_lines_written_after_the_checkpoint": "unit",
+    "test_online_evals.py::test_a_missing_download_names_the_evaluators_key_before_any_work": (
+        "unit"
+    ),
     "test_multihost.py::test_two_processes_prepare_once_stop_together_resume_and_a_lost_one_stops_the_other": (  # noqa: E501
         "system"
     ),

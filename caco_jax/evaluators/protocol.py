@@ -15,8 +15,8 @@ checkpoint, a random encoder, the ImageNet encoder), every row's export and inpu
 any work, each dataset loaded once, each row's result written to the metrics file as soon as it
 finishes (`"complete": false` until the last row), the table printed at the end.
 
-The same interface serves evaluations run during pretraining: build the `Evaluation` once, `load`
-its dataset once, and call `evaluate` for each encoder.
+Evaluations during pretraining (`config.evals`) are cheaper monitors on data subsets
+(`evaluators.online`); they reuse the datasets' loaders and `heads`, not this runner.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def host_scalars(metrics) -> dict[str, float]:
 
 
 def summary_lines(results: dict) -> list[str]:
-    """The run in a few lines: the epoch table, then its first and last full-queue epochs.
+    """The run in a few lines: the epoch table, then its first and last full-queue epochs, and the
+    evaluations run during pretraining (`pretrain.evals`) beside the loss of their epoch.
 
     The loss of an epoch that started while the queue still held random initial keys is not
     comparable with later ones (it rises as real keys replace them), so the headline compares the
@@ -80,10 +81,36 @@ def summary_lines(results: dict) -> list[str]:
         )
     if "changed_fraction" in results:
         lines.append(f"  labelled changed: {100 * results['changed_fraction']:.1f}% of items")
+    evals = results.get("evals", {})
+    for name, entry in evals.items():
+        lines.append(f"  {eval_line(name, entry)}")
     if epochs:
         lines.append("  per epoch (means over its steps; * = the queue held only real keys):")
     for record in epochs:
         mark = "*" if record["queue_full"] else " "
-        lines.append(f"    epoch {record['epoch']:3d}{mark} {describe(record)}")
+        at_epoch = [
+            f"{name} {point[entry['metric']]:.3f}"
+            for name, entry in evals.items()
+            for point in entry["history"]
+            if point["epoch"] == record["epoch"]
+        ]
+        beside = f"; {', '.join(at_epoch)}" if at_epoch else ""
+        lines.append(f"    epoch {record['epoch']:3d}{mark} {describe(record)}{beside}")
     lines.append(f"  encoder: {results['encoder']}")
     return lines
+
+
+def eval_line(name: str, entry: dict) -> str:
+    """One evaluator: its metric from the first to the last evaluation, and what it cost."""
+    history, metric = entry["history"], entry["metric"]
+    head = f"eval {name} ({entry['type']} on {entry['dataset']}): {metric}"
+    if not history:
+        return f"{head}: not run"
+    first, last = history[0], history[-1]
+    curve = f"{first[metric]:.3f} (epoch {first['epoch']:g})"
+    if len(history) > 1:
+        curve += f" -> {last[metric]:.3f} (epoch {last['epoch']:g})"
+    return (
+        f"{head} {curve}; {len(history)} evaluations, {entry['seconds']:.1f} s "
+        f"({100 * entry['fraction_of_pretraining']:.1f}% of the pretraining time)"
+    )

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from caco_jax import methods
 from caco_jax.data import pipeline
 from caco_jax.data.normalization import Normalization
-from caco_jax.pretrain import augment, meters, resume
+from caco_jax.pretrain import augment, evals, meters, resume
 from caco_jax.pretrain import change as change_lib
 from caco_jax.pretrain import queue as queue_lib
 from caco_jax.pretrain import step as step_lib
@@ -209,6 +209,7 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
         mesh=mesh,
     )
     workdir = Workdir.of(workdir)  # a local folder or a bucket URL
+    evaluations = evals.Evaluations(settings, workdir, run, source)  # config.evals, data loaded
     checkpoints = checkpointing.Checkpointer(
         storage.path(workdir.checkpoints),
         every_steps=settings.checkpoint.every_steps,
@@ -229,6 +230,7 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
     if changes:  # accepted: on record beside the metrics and in every later checkpoint
         writer.write_record(resumed_from, {"config_change": history[-1]["changes"]})
     report = ChangeReport(workdir.change, writer, locations) if run.method.tracks_change else None
+    evaluations.start(writer, resumed_from)
     throughput = meters.Throughput(settings.train.batch_size)
     epoch_means, epochs = meters.EpochMeans(), []
     steps_per_epoch, last_good = run.stream.steps_per_epoch, resumed_from
@@ -266,6 +268,10 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
                     if run.method.tracks_change:
                         state = _next_change_labels(settings, run, state, report, done, writer)
                 stop = guard.should_stop(done)
+                # A stopped run's evaluations are rerun where the resumed run gets to; a stop at the
+                # last step still evaluates, since no resumed run will reach a later step.
+                if not stop or done == run.total_steps:
+                    evaluations.run_due(done, state)
                 if checkpoints.due(done) or done == run.total_steps or stop:
                     _check_finite(state, done, checkpoints, last_good)
                     position = pipeline.Position(done, run.stream)  # one global batch per step
@@ -307,6 +313,7 @@ def train(settings, workdir, source, *, normalization=None, locations=None, mesh
     if run.method.tracks_change:
         labels = jax.device_get(state.change["labels"])
         results["changed_fraction"] = float(labels.mean()) if labels.size else 0.0
+    results.update(evaluations.finish(epochs))
     if jax.process_index() == 0:
         print("\n".join(meters.summary_lines(results)), flush=True)
     return results

@@ -6,6 +6,12 @@ only the raw pixels cross to the devices, and ``preprocess`` (the encoder's inpu
 inside the compiled function. Each batch is padded to the global batch size, so a shape compiles
 once, and the function is keyed by (graph, preprocess), so every encoder of one architecture and
 recipe reuses one compile.
+
+The default mesh is this process's devices: in a run of several processes each process embeds its
+own share (`products.embed`). On a mesh over every process's devices (the training mesh, as the
+evaluations during pretraining use) every process passes the same host batch: each places the
+rows of its own devices (`jax.make_array_from_callback`), and the output is gathered (replicated
+on every device), so every process gets every row.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
 
 class FrozenModel:
     """``model`` in eval mode, replicated on every device; calling it with a host batch of at most
-    `batch_size` rows returns ``model(preprocess(batch))`` on the host.
+    `batch_size` rows returns ``model(preprocess(batch))`` on the host (on a mesh of several
+    processes every process must pass the same batch).
 
     ``preprocess`` must be hashable (a function, or a frozen dataclass with ``__call__``): with
     the model's graph it keys the compiled function.
@@ -58,20 +65,24 @@ class FrozenModel:
         self.preprocess = preprocess
         model.eval()
         self._graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._state = jax.device_put(state, self._replicated)
         self._rows = NamedSharding(mesh, PartitionSpec(mesh_lib.AXIS))
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         count = raw.shape[0]
         if count > self.batch_size:
             raise ValueError(f"a batch of {count} rows, more than batch_size={self.batch_size}")
-        padded = jax.device_put(pad_batch(np.asarray(raw), self.batch_size), self._rows)
-        return np.asarray(_apply(self._graphdef, self.preprocess, self._state, padded))[:count]
+        padded = pad_batch(np.asarray(raw), self.batch_size)
+        rows = jax.make_array_from_callback(padded.shape, self._rows, lambda index: padded[index])
+        outputs = _apply(self._graphdef, self.preprocess, self._replicated, self._state, rows)
+        return np.asarray(outputs)[:count]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _apply(graphdef, preprocess, state, raw):
-    return nnx.merge(graphdef, state)(preprocess(raw))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _apply(graphdef, preprocess, replicated, state, raw):
+    outputs = nnx.merge(graphdef, state)(preprocess(raw))
+    return jax.lax.with_sharding_constraint(outputs, replicated)  # gathered: every process's
 
 
 def extract_features(

@@ -12,6 +12,7 @@ below is the default of a config key that can point elsewhere (``config.data.dat
   change/              CACo's change report: histograms per epoch, labels.csv
   metrics.jsonl        pretraining scalars, one JSON line per log step
   tensorboard/         the same as TensorBoard events
+  evals.png            the curves of the evaluations run during pretraining (config.evals)
   change_map/          the change_map task's rasters, CSV, GeoJSON, figures and embeddings
   embeddings/          the embed task's GeoParquet dataset (a part per process, _manifest.json)
   locations/           sampled locations (task sample_locations)
@@ -98,6 +99,10 @@ class Workdir:
     @property
     def tensorboard(self) -> str:
         return self.join("tensorboard")
+
+    @property
+    def evals_plot(self) -> str:
+        return self.join("evals.png")
 
     @property
     def change_map(self) -> str:
