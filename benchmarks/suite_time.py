@@ -9,9 +9,10 @@ steadier figure, and the suite is CPU-bound at 2 workers on 2 cores.
     python benchmarks/suite_time.py --baseline 03bde3a -- tests/test_train.py
     python benchmarks/suite_time.py --baseline 03bde3a --tests-of ebbe044 -- tests/test_a.py ...
 
-Everything after `--` goes to pytest (test files, -k, ...). `--tests-of COMMIT` runs, in both
-trees, only the test functions of the named files that already existed at COMMIT: the suite "as
-it was" then, without the tests added since.
+Everything after `--` goes to pytest (test files, -k, --durations=0, ...); `--output PREFIX` keeps
+each run's pytest output. `--tests-of COMMIT` runs, in both trees, only the test functions of the
+named files that already existed at COMMIT: the suite "as it was" then, without the tests added
+since.
 """
 
 import argparse
@@ -38,14 +39,18 @@ def test_names(source: str) -> set[str]:
     return set(re.findall(r"^def (test_\w+)", source, flags=re.MULTILINE))
 
 
-def run_pytest(tree: str, workers: int, pytest_args: list[str]) -> dict:
-    """Runs pytest in ``tree``; returns wall and CPU seconds and pytest's summary line."""
+def run_pytest(tree: str, workers: int, pytest_args: list[str], output: str = "") -> dict:
+    """Runs pytest in ``tree``; returns wall and CPU seconds and pytest's summary line (pytest's
+    whole output also goes to the file ``output``, if given)."""
     command = [sys.executable, "-m", "pytest", "-q", "-n", str(workers), *pytest_args]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=tree, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if output:
+        with open(output, "w") as f:
+            f.write(done.stdout + done.stderr)
     summary = [line for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed)", line)]
     if done.returncode != 0:
         raise SystemExit(
@@ -63,6 +68,9 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="commit to compare against")
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (-n)")
     parser.add_argument("--tests-of", help="run only test functions that existed at this commit")
+    parser.add_argument(
+        "--output", help="write each run's pytest output to <output>.baseline / <output>.this"
+    )
     parser.add_argument("pytest_args", nargs="*", help="after --: files and options for pytest")
     args = parser.parse_args()
 
@@ -83,8 +91,15 @@ def main() -> None:
     )
     try:
         results = {
-            f"baseline {args.baseline}": run_pytest(baseline_tree, args.workers, pytest_args),
-            "this tree": run_pytest(ROOT, args.workers, pytest_args),
+            f"baseline {args.baseline}": run_pytest(
+                baseline_tree,
+                args.workers,
+                pytest_args,
+                f"{args.output}.baseline" if args.output else "",
+            ),
+            "this tree": run_pytest(
+                ROOT, args.workers, pytest_args, f"{args.output}.this" if args.output else ""
+            ),
         }
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", baseline_tree], cwd=ROOT)
