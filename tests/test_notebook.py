@@ -26,7 +26,7 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "caco_jax_colab.ipynb")
 # land-cover probe one batch of 32 training images: 8 locations x 5 early acquisitions).
 TINY = {"NUM_LOCATIONS": 16, "CROP_SIZE": 32, "WIDTH": 8, "BATCH_SIZE": 16, "EPOCHS": 2}
 # Cells that draw, by id, and how many PNGs each shows.
-FIGURES = {"views": 1, "loss": 1, "change": 1, "map": 1, "probe": 1, "scene-change": 1}
+FIGURES = {"views": 1, "loss": 2, "change": 1, "map": 1, "probe": 1, "scene-change": 1}
 
 
 def read_notebook():
@@ -140,6 +140,9 @@ def test_the_figures_and_the_probe_are_shown(executed):
     assert float(top1["random"]) == pytest.approx(100 * rows["random"], abs=0.05)
     epochs = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert sum("epoch/loss" in record for record in epochs) == TINY["EPOCHS"]
+    # The demo's curve: the land-cover kNN at every epoch end (the loss cell draws evals.png).
+    knn = [r["eval/land_cover_knn/top1"] for r in epochs if "eval/land_cover_knn/top1" in r]
+    assert len(knn) == TINY["EPOCHS"] and all(0.0 <= value <= 1.0 for value in knn)
 
 
 def test_the_encoder_section_embeds_maps_and_exports(executed):
