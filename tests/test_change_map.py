@@ -305,3 +305,25 @@ def test_scene_settings_are_checked_before_any_work():
     config.change_map.kind = "records"
     with pytest.raises(config_lib.SettingsError, match=r"change_map\.kind: 'records' maps"):
         config_lib.validate(config)
+
+
+def test_the_scene_picture_leaves_out_pixels_without_data(tmp_path):
+    """Reflectance with NaN as its nodata value: the quicklook of a scene pair's figure reads it as
+    `embed` does (no data, not a NaN to refuse)."""
+    from rasterio.transform import from_origin
+
+    from caco_jax.data import geotiff
+
+    values = np.full((3, 40, 40), 0.2, np.float32)
+    values[:, :10] = np.nan
+    for index, band in enumerate(("B04", "B03", "B02")):
+        with rasterio.open(
+            tmp_path / f"{band}.tif", "w", driver="GTiff", height=40, width=40, count=1,
+            dtype="float32", crs="EPSG:32633", nodata=float("nan"),
+            transform=from_origin(500_000.0, 4_700_000.0, 10.0, 10.0),
+        ) as dst:  # fmt: skip
+            dst.write(values[index], 1)
+    (image,) = geotiff.find_images(str(tmp_path), Normalization.rgb())
+    picture = change_map.quicklook(image, geotiff.image_grid(image), scale="reflectance")
+    assert picture.shape == (40, 40, 3)
+    assert (picture[:10] == 0).all() and (picture[10:] > 0).all()

@@ -325,7 +325,7 @@ def read_tiles(
                     band, window=window, out_shape=shape, resampling=Resampling.bilinear
                 )
                 on_scale = sentinel2.scale_of(values, scale)
-                absent = _nodata(values, dataset.nodata, on_scale)
+                absent = no_data(values, dataset.nodata, on_scale)
                 if index in warped:
                     absent |= dataset.read_masks(band, window=window, out_shape=shape) == 0
                 if absent.any():  # no data is not a value: -9999 or NaN must not be refused
@@ -353,7 +353,7 @@ def read_tiles(
             dataset.close()
 
 
-def _nodata(values: np.ndarray, nodata, scale: str) -> np.ndarray:
+def no_data(values: np.ndarray, nodata, scale: str) -> np.ndarray:
     """Where ``values`` hold no data: the file's nodata value (NaN included), or 0 for Sentinel-2
     digital numbers (their no-data value, which is also what a warp leaves where a band does not
     reach)."""

@@ -752,7 +752,9 @@ def quicklook(image, grid, *, scale="auto", dn_offset=-1.0, max_side: int = 600)
                 resampling=Resampling.average,
             ) as warped:
                 values = warped.read(band)
-        on_scale = sentinel2.scale_of(values, scale)
+            on_scale = sentinel2.scale_of(values, scale)
+            absent = geotiff.no_data(values, dataset.nodata, on_scale)
+        values = np.where(absent, np.zeros((), values.dtype), values)  # as `read_tiles` does
         offset = geotiff.resolve_offset(image, dn_offset) if on_scale == "dn" else 0.0
         channels.append(sentinel2.to_archive_uint8(values, on_scale, offset=offset, name=path))
     picture = np.stack(channels, axis=-1).astype(np.float64)
