@@ -222,7 +222,7 @@ def test_a_run_with_evals_trains_bit_identically_and_resumes_without_duplicate_l
 ):
     """Evaluations of every type on EuroSAT (from `manual_dir`, its download layout) and the
     synthetic land cover and change; then a crash before the last checkpoint, and the run resumed
-    with a stop requested at its last step."""
+    with a stop requested at its last step; then a stop at the step before."""
     manual = tmp_path / "manual"
     manual.mkdir()
     write_eurosat_rgb_zip(manual)
@@ -306,6 +306,26 @@ def test_a_run_with_evals_trains_bit_identically_and_resumes_without_duplicate_l
 
     # The same encoder at the same step (resuming is exact): the same numbers.
     assert without_seconds(again) == without_seconds(found)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        saved_state(tmp_path / "plain", template, 4),
+        saved_state(tmp_path / "evals", template, 4),
+    )
+
+    # A stop at step 3, before the last: that step's evaluations are not run (the checkpoint is
+    # written at once) and the resumed run evaluates at the next scheduled point, step 4.
+    shutil.rmtree(tmp_path / "evals" / "checkpoints" / "4")
+    monkeypatch.setattr(checkpointing.PreemptionGuard, "should_stop", lambda self, step: step == 3)
+    stopped = train.train(with_evals, str(tmp_path / "evals"), source, mesh=mesh)
+    assert (stopped["resumed_from"], stopped["steps"]) == (2, 3)
+    assert eval_steps(read_lines(tmp_path / "evals"), "land_cover_knn") == [1, 2]
+    monkeypatch.setattr(checkpointing.PreemptionGuard, "should_stop", lambda self, step: False)
+    finished = train.train(with_evals, str(tmp_path / "evals"), source, mesh=mesh)
+    assert (finished["resumed_from"], finished["steps"]) == (3, 4)
+    last = read_lines(tmp_path / "evals")
+    assert eval_steps(last, "land_cover_knn") == [1, 2, 4]
+    for name in ("eurosat_knn", "eurosat_probe", "change"):
+        assert eval_steps(last, name) == eval_steps(found, name)
     jax.tree.map(
         np.testing.assert_array_equal,
         saved_state(tmp_path / "plain", template, 4),
