@@ -397,3 +397,69 @@ def test_embeddings_and_change_maps_split_over_two_processes_equal_one_process(t
         [float(r["ratio"]) for r in tables[1]], [float(r["ratio"]) for r in tables[0]], rtol=1e-4
     )
     assert tables[0][7]["changed"] == "True"  # the tile at (32, 64)
+
+
+EVALS_CONFIG = """
+from caco_jax import config as config_lib
+
+
+def get_config():
+    config = config_lib.for_tasks("synthesize", "prepare", "pretrain")
+    config.synthetic.num_locations = 8
+    config.data.num_workers = 1
+    config.model.depth, config.model.width, config.model.embedding_dim = 10, 8, 16
+    config.augment.crop_size = 32
+    config.method.num_negatives = 32
+    config.train.batch_size = 8
+    config.train.epochs = 2
+    config.train.milestones = (1,)
+    # Updates below float32's resolution: the weights stay as initialised, so both layouts
+    # evaluate the same encoder (their training differs in the last bits through the
+    # cross-process all-reduce, and the change labels amplify that within an epoch).
+    config.train.base_learning_rate = 1e-12
+    config.logging.progress_bar = False
+    config.evals.land_cover_knn = dict(
+        type="knn", dataset="land_cover", every_epochs=1, train_examples=24, test_examples=16,
+        batch_size=8,
+    )
+    return config
+"""
+
+
+def test_evaluations_during_pretraining_gather_features_over_two_processes(tmp_path):
+    """`config.evals` in a run of two processes of 2 devices each: the kNN's features are computed
+    on all 4 devices and gathered, and process 0 writes each evaluation's line once, with the
+    numbers of one process holding the 4 devices."""
+    config_file = tmp_path / "evals.py"
+    config_file.write_text(EVALS_CONFIG)
+
+    def run(workdir, processes):
+        port = free_port()
+        command = [sys.executable, "run.py", "--config", str(config_file), "--workdir", workdir]
+        joined = [
+            (f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}")
+            for i in range(processes)
+        ] if processes > 1 else [()]  # fmt: skip
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4 // processes)}
+        started = [
+            subprocess.Popen(
+                [*command, *flags], cwd=ROOT, env=env, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            for flags in joined
+        ]  # fmt: skip
+        finish(started)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        losses = [(x["step"], x.get("loss"), x.get("epoch/loss")) for x in lines if "step" in x]
+        return [x for x in lines if "eval/land_cover_knn/top1" in x], losses
+
+    (single, single_losses), (split, split_losses) = (
+        run(str(tmp_path / "one"), 1),
+        run(str(tmp_path / "two"), 2),
+    )
+    assert split_losses == single_losses  # the same training, so the same encoder evaluated
+    assert [line["step"] for line in split] == [line["step"] for line in single] == [2, 4]
+    for one, two in zip(single, split, strict=True):
+        assert two["eval/land_cover_knn/top1"] == one["eval/land_cover_knn/top1"]
+        assert 0.0 <= one["eval/land_cover_knn/top1"] <= 1.0
