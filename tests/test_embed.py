@@ -273,7 +273,7 @@ def test_pixels_without_data_are_not_values_and_nan_among_the_data_is_refused(tm
     reflectance = np.full((3, 32, 32), 0.2, np.float32)
     reflectance[1, 5, 7] = np.nan  # one NaN in B3
     write_nodata_tif(tmp_path / "nan.tif", reflectance, nodata=None)
-    with pytest.raises(sentinel2.RawValueError, match=r"nan\.tif: 1 NaN values"):
+    with pytest.raises(sentinel2.RawValueError, match=r"nan\.tif \(B3\): 1 NaN values"):
         tiles_of(tmp_path / "nan.tif")
     # NaN as the file's nodata value, or -9999 on the reflectance scale: no data, counted, and
     # not refused as a NaN or a negative value.
@@ -285,6 +285,6 @@ def test_pixels_without_data_are_not_values_and_nan_among_the_data_is_refused(tm
         assert tile.pixels[5, 7, 1] == 0 and (tile.pixels[..., 0] == 51).all()  # 0.2 x 255
     # uint16 digital numbers declared uint8 would wrap modulo 256.
     write_nodata_tif(tmp_path / "dn.tif", np.full((3, 32, 32), 1200, np.uint16), nodata=None)
-    with pytest.raises(sentinel2.RawValueError, match=r"dn\.tif: uint16 values up to 1200 are not"):
+    with pytest.raises(sentinel2.RawValueError, match=r"dn\.tif \(B4\): uint16 values up to 1200"):
         tiles_of(tmp_path / "dn.tif", scale="uint8")
     assert len(tiles_of(tmp_path / "dn.tif")) == 1  # "auto" reads them as digital numbers

@@ -283,6 +283,11 @@ def read_tiles(
     grid = grid or image_grid(image)
     datasets = [rasterio.open(path) for path, _ in image.files]
     opened, warped = list(datasets), set()
+    # What a message about a band's values names: the file, and the band of a multi-band file.
+    names = [
+        path if d.count == 1 else f"{path} ({(d.descriptions or ())[band - 1] or f'band {band}'})"
+        for (path, band), d in zip(image.files, datasets, strict=True)
+    ]
     try:
         for index, dataset in enumerate(datasets):
             path = image.files[index][0]
@@ -315,9 +320,7 @@ def read_tiles(
         for row, cols in _rows(origins):
             left, right = min(cols), max(cols) + size
             channels, missing = [], np.zeros((size, right - left), bool)
-            for index, ((path, band), dataset) in enumerate(
-                zip(image.files, datasets, strict=True)
-            ):
+            for index, ((_, band), dataset) in enumerate(zip(image.files, datasets, strict=True)):
                 fx, fy = dataset.width / grid.width, dataset.height / grid.height
                 window = Window(left * fx, row * fy, (right - left) * fx, size * fy)
                 shape = (size, right - left)
@@ -333,7 +336,7 @@ def read_tiles(
                 missing |= absent
                 offset = resolve_offset(image, dn_offset) if on_scale == "dn" else 0.0
                 channels.append(
-                    sentinel2.to_archive_uint8(values, on_scale, offset=offset, name=path)
+                    sentinel2.to_archive_uint8(values, on_scale, offset=offset, name=names[index])
                 )
             strip = np.stack(channels, axis=-1)
             for col in cols:
