@@ -307,6 +307,27 @@ def test_the_task_table_says_which_process_runs_what(monkeypatch):
     assert calls == ["wait", "prepare", "prepare"]
 
 
+def run_config(config_file, workdir, processes, devices):
+    """run.py with ``config_file`` as ``processes`` processes on localhost (1: a plain run), each
+    with ``devices`` simulated devices; their stdout, once every one exited 0."""
+    port = free_port()
+    command = [sys.executable, "run.py", "--config", str(config_file), "--workdir", workdir]
+    joined = [
+        (f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
+         f"--process_id={i}")
+        for i in range(processes)
+    ] if processes > 1 else [()]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
+    started = [
+        subprocess.Popen(
+            [*command, *flags], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for flags in joined
+    ]  # fmt: skip
+    return finish(started)
+
+
 PRODUCTS_CONFIG = """
 from caco_jax import config as config_lib
 
@@ -354,21 +375,7 @@ def test_embeddings_and_change_maps_split_over_two_processes_equal_one_process(t
     )
 
     def run(workdir, processes):
-        port = free_port()
-        command = [sys.executable, "run.py", "--config", str(config_file), "--workdir", workdir]
-        joined = [
-            (f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}")
-            for i in range(processes)
-        ] if processes > 1 else [()]  # fmt: skip
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}
-        started = [
-            subprocess.Popen(
-                [*command, *flags], cwd=ROOT, env=env, text=True,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )
-            for flags in joined
-        ]  # fmt: skip
-        return finish(started)
+        return run_config(config_file, workdir, processes, devices=2)
 
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run(one, 1)
@@ -434,21 +441,7 @@ def test_evaluations_during_pretraining_gather_features_over_two_processes(tmp_p
     config_file.write_text(EVALS_CONFIG)
 
     def run(workdir, processes):
-        port = free_port()
-        command = [sys.executable, "run.py", "--config", str(config_file), "--workdir", workdir]
-        joined = [
-            (f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}")
-            for i in range(processes)
-        ] if processes > 1 else [()]  # fmt: skip
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4 // processes)}
-        started = [
-            subprocess.Popen(
-                [*command, *flags], cwd=ROOT, env=env, text=True,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )
-            for flags in joined
-        ]  # fmt: skip
-        finish(started)
+        run_config(config_file, workdir, processes, devices=4 // processes)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             lines = [json.loads(line) for line in f]
         losses = [(x["step"], x.get("loss"), x.get("epoch/loss")) for x in lines if "step" in x]
