@@ -3,7 +3,7 @@ flock, refused while held, taken over once its writer is gone.
 
 A second process is stood in for by a second open of the lock file: flock locks belong to an open
 file description, so this process's own second open is refused exactly as another process's
-would be (tests/test_run_twice.py refuses a second run.py process itself)."""
+would be (tests/test_rerun.py refuses a second run.py process itself)."""
 
 import fcntl
 import json

@@ -169,7 +169,10 @@ def test_a_complete_run_trains_nothing_and_says_so(workdir, capsys):
     }
     results = run(SETTINGS, workdir)
     output = capsys.readouterr().out
-    assert "pretrain: complete at checkpoint step 1 (the run asks for 1 steps): nothing to train"
+    assert (
+        "pretrain: complete at checkpoint step 1 (the run asks for 1 steps): nothing to train"
+        in output
+    )
     assert "nothing to train" in output and "no step run now" in output and "nan" not in output
     assert (results["steps"], results["samples_per_s"]) == (1, None)
     assert encoder_files == {  # the export of that step is kept, not rewritten
