@@ -131,6 +131,7 @@ def _workdir_lock(workdir, process):
 
 
 def _run_tasks(settings, workdir, process) -> None:
+    from caco_jax import tasks
     from caco_jax.runtime import multihost, storage
 
     # Every process runs every task as the task table says; only process 0 reports.
@@ -143,7 +144,9 @@ def _run_tasks(settings, workdir, process) -> None:
         start = time.perf_counter()
         report(f"== {name}", flush=True)
         try:
-            results[name] = _run_task(name, settings, workdir, process)
+            results[name] = tasks.run(
+                name, settings, workdir, process_index=process.index, process_count=process.count
+            )
         except BaseException as error:
             if process.count > 1:  # the peers must not wait for this process
                 multihost.exit_after_failure(error)
@@ -152,14 +155,6 @@ def _run_tasks(settings, workdir, process) -> None:
     if process.primary:
         storage.path(workdir.results).write_text(json.dumps(results, indent=2, default=str))
     report(json.dumps(results, indent=2, default=str))
-
-
-def _run_task(name, settings, workdir, process) -> dict:
-    from caco_jax import tasks
-
-    return tasks.run(
-        name, settings, workdir, process_index=process.index, process_count=process.count
-    )
 
 
 def parse_flags(argv):

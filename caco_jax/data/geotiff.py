@@ -440,18 +440,18 @@ def geotiff_tiles(
     images = find_images(source, normalization, bands)
     chosen, first_row = [], 0
     for image in images:
-        origins = tile_grid(image_grid(image), tile, stride)
-        mine, rows = share_rows(origins, share, first_row)
-        chosen.append(mine)
+        grid = image_grid(image)  # once per image: read_tiles reads on it
+        mine, rows = share_rows(tile_grid(grid, tile, stride), share, first_row)
+        chosen.append((grid, mine))
         first_row += rows
     tiles = (
         t
-        for image, origins in zip(images, chosen, strict=True)
+        for image, (grid, origins) in zip(images, chosen, strict=True)
         for t in read_tiles(
-            image, tile=tile, stride=stride, scale=scale, dn_offset=dn_offset, origins=origins
+            image, tile=tile, scale=scale, dn_offset=dn_offset, grid=grid, origins=origins
         )
     )
-    return tiles, sum(map(len, chosen))
+    return tiles, sum(len(origins) for _, origins in chosen)
 
 
 def share_rows(origins, share: tuple[int, int], first_row: int = 0):

@@ -38,8 +38,9 @@ import numpy as np
 
 from caco_jax.data.normalization import Normalization, merge_band_groups
 from caco_jax.evaluators import bigearthnet, change_scoring, common, eurosat, heads, metrics
+from caco_jax.models.heads import l2_normalize
 from caco_jax.pretrain.evals import EvalContext, EvalSpec
-from caco_jax.runtime import inference
+from caco_jax.runtime import inference, multihost
 from caco_jax.sources import synthetic
 
 # solo-learn's max_distance_matrix_size: test rows per chunk x training rows stays below it.
@@ -48,11 +49,6 @@ KNN_CHUNK_ELEMENTS = 5_000_000
 
 # --------------------------------------------------------------------------------------------------
 # The kNN classifier.
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    """torch's F.normalize: x / max(||x||, eps) along the last axis."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -139,13 +135,14 @@ def _rename_keys(error: Exception, spec: EvalSpec) -> Exception:
 
 def _after_process_0(load):
     """``load()`` on process 0 first (it may build records from the download), then on the
-    others, so that no two processes build the same records at once."""
-    if jax.process_count() == 1:
-        return load()
-    from jax.experimental import multihost_utils
-
-    data = load() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("caco_jax evals: records ready")
+    others, so that no two processes build the same records at once. Process 0 reaches the
+    barrier even when its load fails, so the others do not wait for it for ever."""
+    data = None
+    try:
+        if jax.process_index() == 0:
+            data = load()
+    finally:
+        multihost.barrier("caco_jax evals: records ready")
     return load() if data is None else data
 
 

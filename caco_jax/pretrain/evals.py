@@ -244,9 +244,9 @@ class Evaluations:
         due = [s for s in self.specs if s.due(step, self.steps_per_epoch, self.total_steps)]
         if not due or not bool(jax.device_get(state.all_finite)):
             return
+        encoder = self.model.encoder(state.query_params, state.query_stats)
         for spec in due:
             wall, cpu = time.perf_counter(), time.process_time()
-            encoder = self.model.encoder(state.query_params, state.query_stats)
             metrics = self.evaluators[spec.name].evaluate(encoder)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             self.seconds[spec.name] += wall

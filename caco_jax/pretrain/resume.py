@@ -111,7 +111,7 @@ def check(saved: dict | None, settings, *, step: int, where: str) -> tuple[list[
         )
     if not changes:
         return [], ""
-    listed = "; ".join(change.describe() for change in changes)
+    listed = _listed(changes)
     if not settings.train.allow_config_change:
         raise ConfigChangedError(
             f"checkpoint step {step} in {where} was trained with other settings (saved -> now): "

@@ -277,36 +277,6 @@ def from_pretraining(labels_csv, *, seed: int = 0) -> ChangeMap:
     )
 
 
-def compute(
-    source: str,
-    encoder: str,
-    *,
-    kind: str = "archive",
-    builder_config: str = "rgb",
-    batch_size: int = 64,
-    seed: int = 0,
-    cache: str = "",
-    base_url: str = "",
-) -> ChangeMap:
-    """The change map of an archive or records (``kind``) with ``encoder`` (name or export), or
-    of a pretraining run's own estimate (``kind="pretraining"``, ``source`` its workdir), in this
-    process."""
-    if kind == "pretraining":
-        return from_pretraining(Workdir(source).change_labels, seed=seed)
-    if kind not in ("archive", "records"):
-        raise ValueError(f"change_map: kind {kind!r}, expected archive, records or pretraining")
-    embeddings = embed_lib.embed(
-        source,
-        encoder,
-        kind=kind,
-        builder_config=builder_config,
-        batch_size=batch_size,
-        cache=cache,
-        base_url=base_url,
-    )
-    return from_embeddings(embeddings, seed=seed)
-
-
 # ----------------------------------------------------------------------------- two scenes
 
 

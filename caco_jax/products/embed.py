@@ -89,20 +89,6 @@ class Embeddings:
     nodata: np.ndarray  # [N] float32: the fraction of the tile's pixels without data
     footprints: list | None = None  # GeoTIFF tiles: a closed (lon, lat) ring each
 
-    @classmethod
-    def concatenate(cls, parts: Sequence[Embeddings]) -> Embeddings:
-        with_rings = [p.footprints is not None for p in parts if p.ids]
-        rings = all(with_rings) if with_rings else False
-        return cls(
-            ids=[i for p in parts for i in p.ids],
-            embeddings=np.concatenate([p.embeddings for p in parts]),
-            lat=np.concatenate([p.lat for p in parts]),
-            lon=np.concatenate([p.lon for p in parts]),
-            window=np.concatenate([p.window for p in parts]),
-            nodata=np.concatenate([p.nodata for p in parts]),
-            footprints=[r for p in parts for r in p.footprints or ()] if rings else None,
-        )
-
     def table(self):
         """This process's rows as a GeoParquet table: a polygon per GeoTIFF tile (its footprint),
         a point per archive or records acquisition (its location's centre)."""

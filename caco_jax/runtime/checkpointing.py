@@ -149,8 +149,12 @@ class Checkpointer:
             items[DATA_POSITION] = ocp.args.JsonSave(data_position)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config)
-        # An earlier asynchronous save that failed raises here: it is the one named.
-        with self._reporting_save_failures(self._saving if self._saving is not None else step):
+        # An earlier asynchronous save that failed raises here: it is the one named, unless it
+        # is complete (then what fails is this save).
+        earlier = self._saving
+        if earlier is None or earlier in self._complete_steps():
+            earlier = step
+        with self._reporting_save_failures(earlier):
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
             self._saving = step
 
