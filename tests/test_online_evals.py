@@ -3,6 +3,7 @@ computation, the settings and the schedule, and tiny runs: training bit-identica
 evals (EuroSAT read from `manual_dir` in its download layout, the synthetic land cover and change),
 and a resumed run that reruns the evaluations after its checkpoint without duplicate lines."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -182,6 +183,11 @@ def test_bigearthnet_evaluators_score_micro_ap_from_the_download(tmp_path, one_d
     for evaluator in (knn, online.LinearProbeEvaluator(spec, context)):
         (score,) = evaluator.evaluate(encoder).values()
         assert 0.0 < score <= 1.0
+    # A probe batch larger than its 14 training patches: refused when the evaluator is built,
+    # before any training, naming the evaluator's key.
+    too_large = dataclasses.replace(spec, probe_batch_size=16)
+    with pytest.raises(online.EvalInputError, match=r"^config\.evals\.ben\.probe_batch_size: 16 "):
+        online.LinearProbeEvaluator(too_large, context)
 
 
 def write_truth(archive, source):

@@ -40,8 +40,13 @@ from caco_jax.data.normalization import Normalization, merge_band_groups
 from caco_jax.evaluators import bigearthnet, change_scoring, common, eurosat, heads, metrics
 from caco_jax.models.heads import l2_normalize
 from caco_jax.pretrain.evals import EvalContext, EvalSpec
-from caco_jax.runtime import inference, multihost
+from caco_jax.runtime import errors, inference, multihost
 from caco_jax.sources import synthetic
+
+
+class EvalInputError(errors.UserError, ValueError):
+    """Data an evaluator of `config.evals` cannot evaluate on; the message names its key."""
+
 
 # solo-learn's max_distance_matrix_size: test rows per chunk x training rows stays below it.
 KNN_CHUNK_ELEMENTS = 5_000_000
@@ -267,7 +272,7 @@ def _ground_truth(spec: EvalSpec, context: EvalContext) -> dict:
         source.location_id(i) for i in range(len(source)) if source.location_id(i) not in truth
     ]
     if missing:
-        raise ValueError(
+        raise EvalInputError(
             f"config.evals.{spec.name}.dataset: locations {missing[:5]} of the records are not in "
             f"{path} (records of another archive?)"
         )
@@ -399,6 +404,16 @@ def probe_settings(spec: EvalSpec) -> heads.HeadSettings:
 class LinearProbeEvaluator(_Classification):
     """A linear head trained on the cached training features, scored on the test subset."""
 
+    def __init__(self, spec: EvalSpec, context: EvalContext):
+        super().__init__(spec, context)
+        self.head_settings = probe_settings(spec)
+        count = self.data.train_images.shape[0]
+        if spec.probe_batch_size > count:  # before training, not at the first evaluation
+            raise EvalInputError(
+                f"config.evals.{spec.name}.probe_batch_size: {spec.probe_batch_size} is more "
+                f"than the {count} training examples of its subset"
+            )
+
     def evaluate(self, encoder) -> dict[str, float]:
         train, test = self._features(encoder)
         data = self.data
@@ -408,7 +423,7 @@ class LinearProbeEvaluator(_Classification):
             np.asarray(data.train_targets, np.float32) if data.multilabel else data.train_targets,
             num_outputs=data.num_classes,
             loss_fn=loss,
-            settings=probe_settings(self.spec),
+            settings=self.head_settings,
             seed=self.spec.seed,
             description=f"eval {self.spec.name}",
         )
@@ -433,7 +448,7 @@ def load_change(spec: EvalSpec, context: EvalContext) -> ChangeLocations:
         if counts.min() >= 1 and counts.max() >= 2:
             usable.append(location)
     if not usable:
-        raise ValueError(
+        raise EvalInputError(
             f"config.evals.{spec.name}: no location has both windows and two acquisitions in one"
         )
     chosen = subset(np.asarray(usable), spec.test_examples, np.random.default_rng(spec.seed))
