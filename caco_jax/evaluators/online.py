@@ -14,8 +14,10 @@ every process computes the same numbers.
   at 60 % and 80 % of them, SeCo's schedule shape), scored on the test subset.
 - `ChangeAucEvaluator`: per location of the synthetic archive, the features' mean distance between
   its early and late acquisitions (d_lt) over their mean distance within a window (d_st): the
-  ROC AUC of d_lt / d_st (``ratio_auc``, CACo's statistic on pooled features) and of d_lt alone
-  (``long_term_auc``) against the ground truth's changed flag.
+  ROC AUC of d_lt / d_st (``ratio_auc``, a pooled-feature analogue of CACo's ratio) and of d_lt
+  alone (``long_term_auc``) against the ground truth's changed flag. The change maps
+  (`products.change_map.location_statistics`) take d_lt between the two windows' mean features
+  instead: both rank the same way when a window's features are tight, not in general.
 
 Datasets: ``land_cover`` and ``change`` read the pretraining records themselves and the synthetic
 archive's ground truth (`sources.synthetic`); their input is the pretraining input (the run's
