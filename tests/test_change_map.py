@@ -327,3 +327,25 @@ def test_the_scene_picture_leaves_out_pixels_without_data(tmp_path):
     picture = change_map.quicklook(image, geotiff.image_grid(image), scale="reflectance")
     assert picture.shape == (40, 40, 3)
     assert (picture[:10] == 0).all() and (picture[10:] > 0).all()
+
+
+def test_the_scene_picture_of_a_multiband_file_is_in_colour(tmp_path):
+    """The bands of a multi-band GeoTIFF come from the encoder's input, not its file name: the
+    picture shows B4, B3, B2 as red, green and blue, not its first band in grey."""
+    from rasterio.transform import from_origin
+
+    values = np.zeros((3, 64, 64), np.uint16)
+    values[:, :, :32] = 500  # dark on the left; red on the right
+    values[:, :, 32:] = np.array([3000, 1500, 1200], np.uint16)[:, None, None]
+    with rasterio.open(
+        tmp_path / "scene.tif", "w", driver="GTiff", height=64, width=64, count=3,
+        dtype="uint16", crs="EPSG:32633", transform=from_origin(500_000.0, 4_700_000.0, 10.0, 10.0),
+    ) as dst:  # fmt: skip
+        dst.write(values)
+    pair = change_map.ScenePair.find(
+        str(tmp_path / "scene.tif"), str(tmp_path / "scene.tif"), Normalization.rgb()
+    )
+    assert pair.bands == ("B4", "B3", "B2")
+    picture = change_map.quicklook(pair.before, pair.grid, bands=pair.bands, dn_offset=0.0)
+    red, green, blue = picture[0, 40]
+    assert red > green > blue

@@ -287,6 +287,7 @@ class ScenePair:
     before: geotiff.Image
     after: geotiff.Image
     grid: geotiff.Grid
+    bands: tuple[str, ...] = ()  # the encoder's, in the order of each image's files
 
     @classmethod
     def find(cls, before: str, after: str, normalization, bands=()) -> ScenePair:
@@ -299,7 +300,7 @@ class ScenePair:
                     f"change_map.{name} must be one scene"
                 )
             images.append(found[0])
-        return cls(images[0], images[1], geotiff.image_grid(images[0]))
+        return cls(images[0], images[1], geotiff.image_grid(images[0]), tuple(normalization.bands))
 
 
 @dataclasses.dataclass
@@ -695,10 +696,13 @@ def map_figure(result: ChangeMap, *, land_mask: bool = True, cells: int = 400):
     return figure
 
 
-def quicklook(image, grid, *, scale="auto", dn_offset=-1.0, max_side: int = 600) -> np.ndarray:
+def quicklook(
+    image, grid, *, bands=(), scale="auto", dn_offset=-1.0, max_side: int = 600
+) -> np.ndarray:
     """An [h, w, 3] uint8 picture of ``image`` on ``grid``, at most ``max_side`` px: its B4, B3,
     B2 bands where it has them (else its first band in grey), each stretched between its 2nd and
-    98th percentiles."""
+    98th percentiles. ``bands`` names the image's files in order (the encoder's bands); without
+    them the bands are read from the file names."""
     import rasterio
     from affine import Affine
     from rasterio.enums import Resampling
@@ -707,7 +711,7 @@ def quicklook(image, grid, *, scale="auto", dn_offset=-1.0, max_side: int = 600)
     factor = max(1, math.ceil(max(grid.width, grid.height) / max_side))
     width, height = math.ceil(grid.width / factor), math.ceil(grid.height / factor)
     transform = grid.transform @ Affine.scale(grid.width / width, grid.height / height)
-    names = [geotiff.band_name(os.path.basename(path)) for path, _ in image.files]
+    names = list(bands) or [geotiff.band_name(os.path.basename(p)) for p, _ in image.files]
     order = [names.index(b) for b in ("B4", "B3", "B2") if b in names]
     chosen = [image.files[i] for i in order] if len(order) == 3 else [image.files[0]] * 3
     channels = []
@@ -742,7 +746,8 @@ def scene_figure(result: SceneChange, *, scale="auto", dn_offsets=(-1.0, -1.0)):
         (("before", pair.before, dn_offsets[0]), ("after", pair.after, dn_offsets[1]))
     ):
         axes = figure.add_subplot(1, 3, index + 1)
-        axes.imshow(quicklook(image, pair.grid, scale=scale, dn_offset=offset), extent=extent)
+        picture = quicklook(image, pair.grid, bands=pair.bands, scale=scale, dn_offset=offset)
+        axes.imshow(picture, extent=extent)
         name = image.name if len(image.name) <= 48 else f"...{image.name[-45:]}"
         axes.set_title(f"{title}: {name}", fontsize=9)
     axes = figure.add_subplot(1, 3, 3)

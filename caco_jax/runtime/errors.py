@@ -98,12 +98,7 @@ def is_expected(error: BaseException) -> bool:
 
 def disk_full(error: BaseException) -> bool:
     """True when ``error`` or one of its causes says the disk (or the file size limit) is full."""
-    for link in _chain(error):
-        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return True
-        if any(marker in str(link) for marker in _DISK_FULL):
-            return True
-    return False
+    return any(_says_disk_full(link) for link in _chain(error))
 
 
 def one_line(error: BaseException) -> str:
